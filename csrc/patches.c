@@ -1,0 +1,46 @@
+#include "patches.h"
+
+#include <stdint.h>
+#include <string.h>
+
+// The four small parameters travel packed in the op's userdata pointer, so nothing needs freeing.
+#define FIELD(packed, i) ((int) (((uintptr_t) (packed) >> (8 * (i))) & 0xff))
+
+static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const struct ggml_tensor * x = dst->src[0];
+    const int kh = FIELD(userdata, 0), kw = FIELD(userdata, 1), stride = FIELD(userdata, 2), pad = FIELD(userdata, 3);
+    const int64_t C = x->ne[0], W = x->ne[1], H = x->ne[2];
+    const int64_t OW = dst->ne[1], OH = dst->ne[2];
+    const int64_t K = (int64_t) kh * kw * C, k_pad = dst->ne[0];
+    const int64_t nrows = OW * OH * dst->ne[3];
+    const int64_t per_thread = (nrows + nth - 1) / nth;
+    const int64_t first = per_thread * ith;
+    const int64_t last = first + per_thread < nrows ? first + per_thread : nrows;
+
+    for (int64_t row = first; row < last; ++row) {
+        const int64_t ox = row % OW, oy = (row / OW) % OH, n = row / (OW * OH);
+        float * out = (float *) ((char *) dst->data + row * dst->nb[1]);
+        for (int ky = 0; ky < kh; ++ky) {
+            const int64_t iy = oy * stride - pad + ky;
+            for (int kx = 0; kx < kw; ++kx, out += C) {
+                const int64_t ix = ox * stride - pad + kx;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
+                    memset(out, 0, C * sizeof(float));
+                } else {
+                    memcpy(out, (const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3], C * sizeof(float));
+                }
+            }
+        }
+        if (k_pad > K) memset(out, 0, (k_pad - K) * sizeof(float));
+    }
+}
+
+struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
+                                    int kh, int kw, int stride, int pad, int64_t k_pad) {
+    const int64_t OW = (x->ne[1] + 2 * pad - kw) / stride + 1;
+    const int64_t OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
+    const uintptr_t packed = (uintptr_t) kh | (uintptr_t) kw << 8 | (uintptr_t) stride << 16 | (uintptr_t) pad << 24;
+    struct ggml_tensor * args[1] = { x };
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, k_pad, OW, OH, x->ne[3], args, 1, gather_patches_run,
+                          GGML_N_TASKS_MAX, (void *) packed);
+}

@@ -1,0 +1,118 @@
+"""Build-time only: declares the C functions pyggml_resnet calls and emits the cffi extension's C source.
+
+cffi's out-of-line API mode compiles these declarations against ggml's real headers, so a wrong
+prototype fails the build instead of corrupting memory at run time. CMake runs this file
+(`python _ffi_build.py OUT.c`) and compiles the result together with ggml and csrc/.
+The cdef is curated: only what the package uses, and nothing here knows about ResNet.
+"""
+
+import sys
+
+import cffi
+
+CDEF = r"""
+enum ggml_type { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_BF16, ... };
+enum ggml_op_pool { GGML_OP_POOL_MAX, GGML_OP_POOL_AVG, ... };
+enum ggml_status { GGML_STATUS_SUCCESS, ... };
+
+struct ggml_tensor {
+    enum ggml_type type;
+    int64_t ne[4];
+    size_t nb[4];
+    void * data;
+    ...;
+};
+struct ggml_init_params { size_t mem_size; void * mem_buffer; bool no_alloc; };
+struct ggml_context;
+struct ggml_cgraph;
+typedef struct ggml_backend * ggml_backend_t;
+typedef struct ggml_backend_buffer * ggml_backend_buffer_t;
+typedef struct ggml_backend_buffer_type * ggml_backend_buffer_type_t;
+typedef struct ggml_gallocr * ggml_gallocr_t;
+
+/* contexts, tensors, graphs */
+struct ggml_context * ggml_init(struct ggml_init_params params);
+void ggml_free(struct ggml_context * ctx);
+size_t ggml_tensor_overhead(void);
+size_t ggml_graph_overhead_custom(size_t size, bool grads);
+int64_t ggml_blck_size(enum ggml_type type);
+size_t ggml_type_size(enum ggml_type type);
+size_t ggml_nbytes(const struct ggml_tensor * tensor);
+bool ggml_is_contiguous(const struct ggml_tensor * tensor);
+struct ggml_tensor * ggml_new_tensor_4d(struct ggml_context * ctx, enum ggml_type type,
+                                        int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3);
+struct ggml_tensor * ggml_set_name(struct ggml_tensor * tensor, const char * name);
+void ggml_set_input(struct ggml_tensor * tensor);
+void ggml_set_output(struct ggml_tensor * tensor);
+struct ggml_cgraph * ggml_new_graph_custom(struct ggml_context * ctx, size_t size, bool grads);
+void ggml_build_forward_expand(struct ggml_cgraph * cgraph, struct ggml_tensor * tensor);
+int ggml_graph_n_nodes(struct ggml_cgraph * cgraph);
+
+/* operations */
+struct ggml_tensor * ggml_add(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+struct ggml_tensor * ggml_sub(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+struct ggml_tensor * ggml_mul(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+struct ggml_tensor * ggml_div(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+struct ggml_tensor * ggml_sqrt(struct ggml_context * ctx, struct ggml_tensor * a);
+struct ggml_tensor * ggml_relu(struct ggml_context * ctx, struct ggml_tensor * a);
+struct ggml_tensor * ggml_relu_inplace(struct ggml_context * ctx, struct ggml_tensor * a);
+struct ggml_tensor * ggml_scale_bias(struct ggml_context * ctx, struct ggml_tensor * a, float s, float b);
+struct ggml_tensor * ggml_soft_max(struct ggml_context * ctx, struct ggml_tensor * a);
+struct ggml_tensor * ggml_mean(struct ggml_context * ctx, struct ggml_tensor * a);
+struct ggml_tensor * ggml_mul_mat(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+struct ggml_tensor * ggml_cont(struct ggml_context * ctx, struct ggml_tensor * a);
+struct ggml_tensor * ggml_cpy(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+struct ggml_tensor * ggml_permute(struct ggml_context * ctx, struct ggml_tensor * a,
+                                  int axis0, int axis1, int axis2, int axis3);
+struct ggml_tensor * ggml_reshape_4d(struct ggml_context * ctx, struct ggml_tensor * a,
+                                     int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3);
+struct ggml_tensor * ggml_view_4d(struct ggml_context * ctx, struct ggml_tensor * a,
+                                  int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                                  size_t nb1, size_t nb2, size_t nb3, size_t offset);
+struct ggml_tensor * ggml_concat(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b, int dim);
+struct ggml_tensor * ggml_pad_ext(struct ggml_context * ctx, struct ggml_tensor * a,
+                                  int lp0, int rp0, int lp1, int rp1, int lp2, int rp2, int lp3, int rp3);
+struct ggml_tensor * ggml_im2col(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b,
+                                 int s0, int s1, int p0, int p1, int d0, int d1, bool is_2D,
+                                 enum ggml_type dst_type);
+struct ggml_tensor * ggml_pool_2d(struct ggml_context * ctx, struct ggml_tensor * a, enum ggml_op_pool op,
+                                  int k0, int k1, int s0, int s1, float p0, float p1);
+
+/* backends and allocation */
+ggml_backend_t ggml_backend_cpu_init(void);
+void ggml_backend_cpu_set_n_threads(ggml_backend_t backend_cpu, int n_threads);
+void ggml_backend_free(ggml_backend_t backend);
+ggml_backend_buffer_type_t ggml_backend_get_default_buffer_type(ggml_backend_t backend);
+ggml_backend_buffer_t ggml_backend_alloc_ctx_tensors(struct ggml_context * ctx, ggml_backend_t backend);
+size_t ggml_backend_buffer_get_size(ggml_backend_buffer_t buffer);
+void ggml_backend_buffer_free(ggml_backend_buffer_t buffer);
+void ggml_backend_tensor_set(struct ggml_tensor * tensor, const void * data, size_t offset, size_t size);
+void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
+enum ggml_status ggml_backend_graph_compute(ggml_backend_t backend, struct ggml_cgraph * cgraph);
+ggml_gallocr_t ggml_gallocr_new(ggml_backend_buffer_type_t buft);
+void ggml_gallocr_free(ggml_gallocr_t galloc);
+bool ggml_gallocr_alloc_graph(ggml_gallocr_t galloc, struct ggml_cgraph * graph);
+size_t ggml_gallocr_get_buffer_size(ggml_gallocr_t galloc, int buffer_id);
+
+/* csrc/ */
+struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor * v,
+                                  struct ggml_tensor * like, int channel_dim);
+struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
+                                    int kh, int kw, int stride, int pad, int64_t k_pad);
+"""
+
+SOURCE = r"""
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "batch_repeat.h"
+#include "patches.h"
+"""
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("pyggml_resnet._ggml", SOURCE)
+
+if __name__ == "__main__":
+    ffibuilder.emit_c_code(sys.argv[1])

@@ -1,0 +1,543 @@
+"""A thin, safe Python layer over the cffi binding to ggml.
+
+It owns every native lifetime (backends, weight buffers, graphs) and is the only module that touches
+cffi pointers. ggml reports a bad argument by calling abort(), which would kill the interpreter, so each
+function here checks shapes, types and sizes first and raises `InputError` instead.
+Shapes use ggml's order: `ne[0]` is the fastest-varying dimension (NumPy's last axis), always 4 of them.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from ._ggml import ffi, lib
+from .errors import InputError
+
+
+class Type(enum.IntEnum):
+    """The tensor types this package stores weights and activations in."""
+
+    F32 = lib.GGML_TYPE_F32
+    F16 = lib.GGML_TYPE_F16
+    BF16 = lib.GGML_TYPE_BF16
+    Q8_0 = lib.GGML_TYPE_Q8_0
+
+    @property
+    def block_size(self) -> int:
+        """Elements per block along ne[0] (1 for float types)."""
+        return lib.ggml_blck_size(self)
+
+    @property
+    def block_bytes(self) -> int:
+        return lib.ggml_type_size(self)
+
+    def row_bytes(self, n: int) -> int:
+        return n // self.block_size * self.block_bytes
+
+    @classmethod
+    def parse(cls, name: "str | Type") -> "Type":
+        if isinstance(name, cls):
+            return name
+        try:
+            return cls[str(name).upper()]
+        except KeyError:
+            raise InputError(f"unknown tensor type {name!r}; expected one of "
+                             f"{', '.join(t.name.lower() for t in cls)}") from None
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _shape4(ne) -> tuple[int, int, int, int]:
+    ne = tuple(int(n) for n in ne)
+    if not 1 <= len(ne) <= 4:
+        raise InputError(f"a tensor has 1 to 4 dimensions, got {len(ne)}")
+    if any(n <= 0 for n in ne):
+        raise InputError(f"every dimension must be positive, got {ne}")
+    return ne + (1,) * (4 - len(ne))
+
+
+def _alive(handle, what: str):
+    if handle is None or handle == ffi.NULL:
+        raise InputError(f"this {what} has been closed")
+    return handle
+
+
+class Tensor:
+    """A ggml tensor; its memory belongs to the Weights or Graph that made it."""
+
+    __slots__ = ("_ptr", "_owner", "__weakref__")
+
+    def __init__(self, ptr, owner):
+        if ptr == ffi.NULL:
+            raise InputError("ggml could not create the tensor (out of context memory)")
+        self._ptr = ptr
+        self._owner = owner
+
+    @property
+    def ne(self) -> tuple[int, int, int, int]:
+        return tuple(self._ptr.ne)
+
+    @property
+    def nb(self) -> tuple[int, int, int, int]:
+        return tuple(self._ptr.nb)
+
+    @property
+    def type(self) -> Type:
+        return Type(self._ptr.type)
+
+    @property
+    def nbytes(self) -> int:
+        return lib.ggml_nbytes(self._ptr)
+
+    @property
+    def is_contiguous(self) -> bool:
+        return bool(lib.ggml_is_contiguous(self._ptr))
+
+    def __repr__(self):
+        return f"Tensor({self.type.name}, ne={self.ne})"
+
+
+def _numpy_dtype(t: Type):
+    # bf16 and q8_0 have no NumPy dtype: they travel as their raw bytes.
+    return {Type.F32: np.float32, Type.F16: np.float16, Type.BF16: np.uint16, Type.Q8_0: np.uint8}[t]
+
+
+def _host_bytes(tensor: Tensor, array) -> np.ndarray:
+    """Checks that `array` holds exactly this tensor's bytes, in NumPy's order (the reverse of ne)."""
+    array = np.ascontiguousarray(array)
+    want = _numpy_dtype(tensor.type)
+    if array.dtype != want:
+        raise InputError(f"a {tensor.type.name} tensor takes {np.dtype(want).name} data, got {array.dtype}")
+    if array.nbytes != tensor.nbytes:
+        raise InputError(f"{tensor!r} holds {tensor.nbytes} bytes, the array has {array.nbytes} "
+                         f"(shape {array.shape})")
+    if tensor.type in (Type.F32, Type.F16, Type.BF16):
+        expected = tuple(reversed(tensor.ne))
+        squeezed = tuple(n for n in array.shape if n != 1)
+        if squeezed != tuple(n for n in expected if n != 1):
+            raise InputError(f"{tensor!r} takes an array of shape {expected}, got {array.shape}")
+    return array
+
+
+class Backend:
+    """ggml's CPU backend with its thread count."""
+
+    def __init__(self, threads: int | None = None):
+        self._lock = threading.Lock()
+        ptr = lib.ggml_backend_cpu_init()
+        if ptr == ffi.NULL:
+            raise MemoryError("ggml could not start its CPU backend")
+        self._ptr = ptr
+        self._finalizer = weakref.finalize(self, lib.ggml_backend_free, ptr)
+        self.threads = default_threads() if threads is None else threads
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 512:
+            raise InputError(f"threads must be an integer from 1 to 512, got {n!r}")
+        lib.ggml_backend_cpu_set_n_threads(_alive(self._ptr, "backend"), n)
+        self._threads = n
+
+    def close(self):
+        self._ptr = None
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Weights:
+    """Named constant tensors allocated together in one backend buffer."""
+
+    def __init__(self, backend: Backend, specs: dict[str, tuple[Type | str, tuple[int, ...]]]):
+        """`specs` maps each name to (type, ne); call `set` for every tensor before computing with it."""
+        if not specs:
+            raise InputError("Weights needs at least one tensor")
+        checked = {}
+        for name, (ttype, ne) in specs.items():
+            ttype, ne = Type.parse(ttype), _shape4(ne)
+            if ne[0] % ttype.block_size:
+                raise InputError(f"{name}: ne[0]={ne[0]} is not a multiple of {ttype.name}'s block size "
+                                 f"{ttype.block_size}")
+            checked[name] = (ttype, ne)
+        ctx = lib.ggml_init({"mem_size": lib.ggml_tensor_overhead() * len(checked) + 1024,
+                             "mem_buffer": ffi.NULL, "no_alloc": True})
+        if ctx == ffi.NULL:
+            raise MemoryError("ggml_init failed")
+        self._ctx = ctx
+        self._natives = [ctx, ffi.NULL]  # what the finalizer frees: context and buffer
+        self._finalizer = weakref.finalize(self, Weights._free, self._natives)
+        self._tensors = {}
+        for name, (ttype, ne) in checked.items():
+            t = Tensor(lib.ggml_new_tensor_4d(ctx, ttype, *ne), self)
+            lib.ggml_set_name(t._ptr, name.encode()[:63])
+            self._tensors[name] = t
+        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, _alive(backend._ptr, "backend"))
+        if buffer == ffi.NULL:
+            self.close()
+            raise MemoryError("could not allocate the weights' buffer")
+        self._natives[1] = buffer
+
+    @staticmethod
+    def _free(natives):
+        ctx, buffer = natives
+        if buffer != ffi.NULL:
+            lib.ggml_backend_buffer_free(buffer)
+        lib.ggml_free(ctx)
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no weight named {name!r}") from None
+
+    def __contains__(self, name):
+        return name in self._tensors
+
+    @property
+    def nbytes(self) -> int:
+        return lib.ggml_backend_buffer_get_size(self._natives[1]) if self._ctx is not None else 0
+
+    def set(self, name: str, array):
+        t = self[name]
+        array = _host_bytes(t, array)
+        _alive(self._ctx, "weight set")
+        lib.ggml_backend_tensor_set(t._ptr, ffi.from_buffer(array), 0, t.nbytes)
+
+    def close(self):
+        self._ctx = None
+        self._tensors = {}
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Graph:
+    """Builds a compute graph from ggml operations, allocates it once, and computes it on demand.
+
+    Build with the op methods, then `finalize(outputs)`; afterwards `set` inputs, `compute`, `get` results.
+    """
+
+    def __init__(self, backend: Backend, max_nodes: int = 2048):
+        if not isinstance(max_nodes, int) or max_nodes < 16:
+            raise InputError(f"max_nodes must be an integer >= 16, got {max_nodes!r}")
+        self._backend = backend
+        self._max_nodes = max_nodes
+        # Every node may add a view or two: leave room for twice as many tensors as nodes.
+        size = lib.ggml_tensor_overhead() * max_nodes * 3 + lib.ggml_graph_overhead_custom(max_nodes, False)
+        ctx = lib.ggml_init({"mem_size": size, "mem_buffer": ffi.NULL, "no_alloc": True})
+        if ctx == ffi.NULL:
+            raise MemoryError("ggml_init failed")
+        self._ctx = ctx
+        self._n_tensors = 0
+        self._graph = lib.ggml_new_graph_custom(ctx, max_nodes, False)
+        self._natives = [ctx, ffi.NULL]  # what the finalizer frees: context and graph allocator
+        self._finalizer = weakref.finalize(self, Graph._free, self._natives)
+        self._inputs: list[Tensor] = []
+        self._weights: set = set()  # the Weights whose tensors this graph reads
+        self._finalized = False
+
+    @staticmethod
+    def _free(natives):
+        ctx, galloc = natives
+        if galloc != ffi.NULL:
+            lib.ggml_gallocr_free(galloc)
+        lib.ggml_free(ctx)
+
+    # -- building ----------------------------------------------------------------------------------------
+
+    def _new(self, ptr) -> Tensor:
+        self._n_tensors += 1
+        return Tensor(ptr, self)
+
+    def _building(self, *sources):
+        """Checks the graph can grow and that every source tensor is usable; returns the context."""
+        for t in sources:
+            if not isinstance(t, Tensor):
+                raise InputError(f"expected a Tensor, got {type(t).__name__}")
+            if t._owner is not self:
+                if not isinstance(t._owner, Weights) or t._owner._ctx is None:
+                    raise InputError(f"{t!r} belongs to another graph or to closed weights")
+                self._weights.add(t._owner)
+        if self._ctx is None:
+            raise InputError("this graph has been closed")
+        if self._finalized:
+            raise InputError("this graph is finalized: build a new one to add operations")
+        if self._n_tensors + 4 > self._max_nodes * 3:
+            raise InputError(f"graph too large for max_nodes={self._max_nodes}")
+        return self._ctx
+
+    @staticmethod
+    def _need_f32(*tensors: Tensor, op: str):
+        for t in tensors:
+            if t.type != Type.F32:
+                raise InputError(f"{op} takes f32 tensors, got {t!r}")
+
+    @staticmethod
+    def _need_contiguous(t: Tensor, op: str):
+        if not t.is_contiguous:
+            raise InputError(f"{op} needs a contiguous tensor: call cont() first ({t!r})")
+
+    def input(self, name: str, ne, ttype: Type | str = Type.F32) -> Tensor:
+        """A tensor whose data is given by `set` before each `compute`."""
+        ctx = self._building()
+        t = self._new(lib.ggml_new_tensor_4d(ctx, Type.parse(ttype), *_shape4(ne)))
+        lib.ggml_set_name(t._ptr, name.encode()[:63])
+        lib.ggml_set_input(t._ptr)
+        self._inputs.append(t)
+        return t
+
+    def _binary(self, fn, op, a: Tensor, b: Tensor) -> Tensor:
+        ctx = self._building(a, b)
+        self._need_f32(a, b, op=op)
+        if any(x % y for x, y in zip(a.ne, b.ne)):
+            raise InputError(f"{op}: cannot broadcast {b!r} onto {a!r}")
+        return self._new(fn(ctx, a._ptr, b._ptr))
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        """a + b, with b broadcast (repeated) along any dimension that divides a's."""
+        return self._binary(lib.ggml_add, "add", a, b)
+
+    def sub(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(lib.ggml_sub, "sub", a, b)
+
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(lib.ggml_mul, "mul", a, b)
+
+    def div(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(lib.ggml_div, "div", a, b)
+
+    def _unary(self, fn, op, a: Tensor) -> Tensor:
+        ctx = self._building(a)
+        self._need_f32(a, op=op)
+        self._need_contiguous(a, op)
+        return self._new(fn(ctx, a._ptr))
+
+    def relu(self, a: Tensor, inplace: bool = False) -> Tensor:
+        return self._unary(lib.ggml_relu_inplace if inplace else lib.ggml_relu, "relu", a)
+
+    def sqrt(self, a: Tensor) -> Tensor:
+        return self._unary(lib.ggml_sqrt, "sqrt", a)
+
+    def softmax(self, a: Tensor) -> Tensor:
+        """Softmax along ne[0]."""
+        return self._unary(lib.ggml_soft_max, "softmax", a)
+
+    def mean(self, a: Tensor) -> Tensor:
+        """Mean along ne[0]: [n0, n1, n2, n3] -> [1, n1, n2, n3]."""
+        return self._unary(lib.ggml_mean, "mean", a)
+
+    def scale_bias(self, a: Tensor, scale: float, bias: float) -> Tensor:
+        """a * scale + bias."""
+        ctx = self._building(a)
+        self._need_f32(a, op="scale_bias")
+        self._need_contiguous(a, "scale_bias")
+        return self._new(lib.ggml_scale_bias(ctx, a._ptr, float(scale), float(bias)))
+
+    def mul_mat(self, w: Tensor, x: Tensor) -> Tensor:
+        """w [K, M, ...] and x [K, N, ...] -> f32 [M, N, ...]: every column of x times every row of w."""
+        ctx = self._building(w, x)
+        self._need_f32(x, op="mul_mat")
+        if w.ne[0] != x.ne[0] or x.ne[2] % w.ne[2] or x.ne[3] % w.ne[3]:
+            raise InputError(f"mul_mat: {w!r} and {x!r} do not fit (ne[0] must match)")
+        if w.nb[0] > w.nb[1]:
+            raise InputError(f"mul_mat: the first operand must not be transposed ({w!r})")
+        return self._new(lib.ggml_mul_mat(ctx, w._ptr, x._ptr))
+
+    def cont(self, a: Tensor) -> Tensor:
+        """A contiguous copy of a (possibly strided) view."""
+        ctx = self._building(a)
+        return self._new(lib.ggml_cont(ctx, a._ptr))
+
+    def permute(self, a: Tensor, axes) -> Tensor:
+        """A view in which a's dimension i becomes dimension axes[i] (ggml_permute's convention)."""
+        ctx = self._building(a)
+        axes = tuple(int(i) for i in axes)
+        if sorted(axes) != [0, 1, 2, 3]:
+            raise InputError(f"permute takes a permutation of (0, 1, 2, 3), got {axes}")
+        return self._new(lib.ggml_permute(ctx, a._ptr, *axes))
+
+    def reshape(self, a: Tensor, ne) -> Tensor:
+        ctx = self._building(a)
+        ne = _shape4(ne)
+        self._need_contiguous(a, "reshape")
+        if np.prod(ne) != np.prod(a.ne):
+            raise InputError(f"reshape: {a!r} has {np.prod(a.ne)} elements, {ne} has {np.prod(ne)}")
+        return self._new(lib.ggml_reshape_4d(ctx, a._ptr, *ne))
+
+    def view(self, a: Tensor, ne, nb, offset: int = 0) -> Tensor:
+        """A strided view of a: shape ne, byte strides nb = (nb1, nb2, nb3), starting `offset` bytes in."""
+        ctx = self._building(a)
+        ne = _shape4(ne)
+        nb = tuple(int(n) for n in nb)
+        if len(nb) != 3 or any(n <= 0 for n in nb) or offset < 0:
+            raise InputError(f"view: need three positive strides and offset >= 0, got {nb}, {offset}")
+        if a.type != Type.F32:
+            raise InputError(f"view: only f32 tensors, got {a!r}")
+        last = offset + 4 * (ne[0] - 1) + sum((n - 1) * s for n, s in zip(ne[1:], nb)) + 4
+        if last > a.nbytes or offset + 4 * int(np.prod(ne)) > a.nbytes:
+            raise InputError(f"view: ne={ne} nb={nb} offset={offset} reaches past the end of {a!r}")
+        return self._new(lib.ggml_view_4d(ctx, a._ptr, *ne, *nb, offset))
+
+    def pool_2d(self, a: Tensor, op: str, kernel: int, stride: int, padding: int) -> Tensor:
+        """Max or average pooling over ne[0] (width) and ne[1] (height) of a [W, H, C, N] tensor.
+
+        "max" ignores padded cells, as PyTorch does; "avg" counts them (count_include_pad=True).
+        """
+        ctx = self._building(a)
+        self._need_f32(a, op="pool_2d")
+        self._need_contiguous(a, "pool_2d")
+        ops = {"max": lib.GGML_OP_POOL_MAX, "avg": lib.GGML_OP_POOL_AVG}
+        if op not in ops:
+            raise InputError(f"pool_2d: op must be 'max' or 'avg', got {op!r}")
+        for what, v, lo in (("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise InputError(f"pool_2d: {what} must be an integer >= {lo}, got {v!r}")
+        if 2 * padding > kernel or a.ne[0] + 2 * padding < kernel or a.ne[1] + 2 * padding < kernel:
+            raise InputError(f"pool_2d: kernel {kernel} with padding {padding} does not fit {a!r}")
+        return self._new(lib.ggml_pool_2d(ctx, a._ptr, ops[op], kernel, kernel, stride, stride,
+                                          float(padding), float(padding)))
+
+    def im2col(self, x: Tensor, kernel: tuple[int, int], stride: int, padding: int) -> Tensor:
+        """Patches of a [W, H, C, N] f32 tensor as f32 [C*KH*KW, OW, OH, N] (kx fastest, then ky, then c).
+
+        Always f32 output: ggml_conv_2d would round the patches to f16.
+        """
+        ctx = self._building(x)
+        self._need_f32(x, op="im2col")
+        self._need_contiguous(x, "im2col")
+        kh, kw = kernel
+        self._check_window(x.ne[0], x.ne[1], kh, kw, stride, padding, "im2col")
+        shape = self._new(lib.ggml_new_tensor_4d(ctx, Type.F32, kw, kh, x.ne[2], 1))
+        return self._new(lib.ggml_im2col(ctx, shape._ptr, x._ptr, stride, stride, padding, padding,
+                                         1, 1, True, Type.F32))
+
+    def gather_patches(self, x: Tensor, kernel: int, stride: int, padding: int, k_pad: int = 0) -> Tensor:
+        """Patches of a channel-fastest [C, W, H, N] f32 tensor as [K, OW, OH, N], K = kernel*kernel*C
+        ordered (ky, kx, c) with c fastest, zero-padded to k_pad rows when k_pad > K (csrc/patches.c)."""
+        ctx = self._building(x)
+        self._need_f32(x, op="gather_patches")
+        self._need_contiguous(x, "gather_patches")
+        self._check_window(x.ne[1], x.ne[2], kernel, kernel, stride, padding, "gather_patches")
+        if max(kernel, stride, padding) > 255:
+            raise InputError("gather_patches: kernel, stride and padding must be below 256")
+        k = kernel * kernel * x.ne[0]
+        return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, max(k, int(k_pad))))
+
+    @staticmethod
+    def _check_window(w, h, kh, kw, stride, padding, op):
+        for what, v, lo in (("kernel", kh, 1), ("kernel", kw, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise InputError(f"{op}: {what} must be an integer >= {lo}, got {v!r}")
+        if w + 2 * padding < kw or h + 2 * padding < kh:
+            raise InputError(f"{op}: a {kh}x{kw} window with padding {padding} does not fit a {w}x{h} input")
+
+    def batch_repeat(self, v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
+        """The per-channel vector v ([C]) expanded to like's shape along its dimension channel_dim
+        (csrc/batch_repeat.c): what lets BatchNorm be plain element-wise sub/div/mul/add."""
+        ctx = self._building(v, like)
+        self._need_f32(v, like, op="batch_repeat")
+        self._need_contiguous(v, "batch_repeat")
+        if channel_dim not in (0, 1, 2, 3):
+            raise InputError(f"batch_repeat: channel_dim must be 0..3, got {channel_dim!r}")
+        if v.ne[1:] != (1, 1, 1) or v.ne[0] != like.ne[channel_dim]:
+            raise InputError(f"batch_repeat: {v!r} must be [{like.ne[channel_dim]}] to match dimension "
+                             f"{channel_dim} of {like!r}")
+        return self._new(lib.batch_repeat(ctx, v._ptr, like._ptr, channel_dim))
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    def finalize(self, *outputs: Tensor) -> "Graph":
+        """Adds `outputs` and everything they depend on to the graph and allocates its memory once."""
+        ctx = self._building()
+        if not outputs:
+            raise InputError("finalize needs at least one output tensor")
+        for t in outputs:
+            if t._owner is not self:
+                raise InputError(f"{t!r} does not belong to this graph")
+            lib.ggml_set_output(t._ptr)
+            lib.ggml_build_forward_expand(self._graph, t._ptr)
+            if lib.ggml_graph_n_nodes(self._graph) >= self._max_nodes:
+                raise InputError(f"graph needs more than max_nodes={self._max_nodes} nodes")
+        galloc = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(self._backend._ptr))
+        self._natives[1] = galloc
+        if not lib.ggml_gallocr_alloc_graph(galloc, self._graph):
+            raise MemoryError("could not allocate the graph's compute buffer")
+        self._finalized = True
+        return self
+
+    @property
+    def n_nodes(self) -> int:
+        return lib.ggml_graph_n_nodes(self._graph)
+
+    @property
+    def compute_bytes(self) -> int:
+        return lib.ggml_gallocr_get_buffer_size(self._natives[1], 0) if self._finalized else 0
+
+    def _ready(self):
+        if self._ctx is None:
+            raise InputError("this graph has been closed")
+        if not self._finalized:
+            raise InputError("call finalize() before computing")
+
+    def set(self, tensor: Tensor, array):
+        self._ready()
+        if tensor._owner is not self or tensor not in self._inputs:
+            raise InputError(f"{tensor!r} is not an input of this graph")
+        array = _host_bytes(tensor, array)
+        lib.ggml_backend_tensor_set(tensor._ptr, ffi.from_buffer(array), 0, tensor.nbytes)
+
+    def compute(self):
+        """Runs the graph. Inputs must be set again before each call: ggml reuses their memory."""
+        self._ready()
+        if any(w._ctx is None for w in self._weights):
+            raise InputError("the weights this graph reads have been closed")
+        with self._backend._lock:
+            status = lib.ggml_backend_graph_compute(_alive(self._backend._ptr, "backend"), self._graph)
+        if status != lib.GGML_STATUS_SUCCESS:
+            raise RuntimeError(f"ggml graph compute failed with status {status}")
+
+    def get(self, tensor: Tensor) -> np.ndarray:
+        """A fresh NumPy array (shape: reversed ne) holding the f32 tensor's current data."""
+        self._ready()
+        if tensor._owner is not self:
+            raise InputError(f"{tensor!r} does not belong to this graph")
+        self._need_f32(tensor, op="get")
+        self._need_contiguous(tensor, "get")
+        out = np.empty(tuple(reversed(tensor.ne)), dtype=np.float32)
+        lib.ggml_backend_tensor_get(tensor._ptr, ffi.from_buffer(out, require_writable=True), 0, tensor.nbytes)
+        return out
+
+    def close(self):
+        self._ctx = None
+        self._inputs = []
+        self._weights = set()
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

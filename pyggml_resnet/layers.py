@@ -1,0 +1,96 @@
+"""Neural-network layers as ggml graphs over channel-fastest activations.
+
+Activations are ggml [C, W, H, N] (NumPy NHWC): with the channel fastest, a 1x1 convolution is a
+single ggml_mul_mat, a k x k convolution is one mul_mat over gathered patches, and per-channel vectors
+broadcast along rows, which ggml vectorises. Each layer comes in two halves that must agree on the
+weight layout: a `*_weight` function arranges host arrays before upload, and a graph function uses them.
+Everything stays f32 unless the caller stores weights in a reduced type: no F16 im2col on the exact path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ggml import Graph, Tensor
+
+# ggml's fast matmul path (llamafile sgemm) wants K to be a multiple of 16 (f32) or 32 (bf16, q8_0).
+K_ALIGN = 32
+
+
+def conv_weight(w: np.ndarray) -> np.ndarray:
+    """PyTorch [OC, IC, KH, KW] -> the 2-D [OC, K] matrix `conv2d` multiplies by.
+
+    K runs over (ky, kx, c) with c fastest, the order `gather_patches` emits, zero-padded to a multiple of
+    K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147, needs it).
+    """
+    oc, ic, kh, kw = w.shape
+    m = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(oc, kh * kw * ic)
+    if kh * kw > 1 and m.shape[1] % K_ALIGN:
+        m = np.pad(m, ((0, 0), (0, K_ALIGN - m.shape[1] % K_ALIGN)))
+    return m
+
+
+def fold_batchnorm(w: np.ndarray, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Folds an inference BatchNorm into the preceding bias-free convolution: returns (weight, bias).
+
+    Computed in float64 and rounded once to float32, so folding adds no error beyond f32 rounding.
+    """
+    scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+    folded = w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))
+    bias = beta.astype(np.float64) - mean.astype(np.float64) * scale
+    return folded.astype(np.float32), bias.astype(np.float32)
+
+
+def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int) -> Tensor:
+    """Convolution without bias: x [C, W, H, N], w from `conv_weight` as ggml [K, OC] -> [OC, OW, OH, N]."""
+    if kernel == 1 and padding == 0:
+        if stride > 1:
+            c, width, height, n = x.ne
+            ow, oh = (width - 1) // stride + 1, (height - 1) // stride + 1
+            x = g.cont(g.view(x, (c, ow, oh, n), (x.nb[1] * stride, x.nb[2] * stride, x.nb[3])))
+        return g.mul_mat(w, x)
+    patches = g.gather_patches(x, kernel, stride, padding, k_pad=w.ne[0])
+    return g.mul_mat(w, patches)
+
+
+def bias_add(g: Graph, x: Tensor, bias: Tensor) -> Tensor:
+    """x [C, ...] + bias [C]: a per-channel vector broadcast along rows."""
+    return g.add(x, bias)
+
+
+def batchnorm(g: Graph, x: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
+    """Inference BatchNorm written out as PyTorch defines it, (x - mean) / sqrt(var + eps) * gamma + beta,
+    with each per-channel vector expanded to x's shape by `batch_repeat` (the design document's method)."""
+    std = g.sqrt(g.scale_bias(var, 1.0, eps))
+    y = g.sub(x, g.batch_repeat(mean, x, 0))
+    y = g.div(y, g.batch_repeat(std, y, 0))
+    y = g.mul(y, g.batch_repeat(gamma, y, 0))
+    return g.add(y, g.batch_repeat(beta, y, 0))
+
+
+def max_pool(g: Graph, x: Tensor, *, kernel: int, stride: int, padding: int) -> Tensor:
+    """Max pooling of [C, W, H, N]; ggml's pool works on [W, H, C, N], hence the two transposes."""
+    whcn = g.cont(g.permute(x, (2, 0, 1, 3)))
+    pooled = g.pool_2d(whcn, "max", kernel, stride, padding)
+    return g.cont(g.permute(pooled, (1, 2, 0, 3)))
+
+
+def global_avg_pool(g: Graph, x: Tensor) -> Tensor:
+    """[C, W, H, N] -> [C, N], the mean over all pixels of each channel."""
+    c, width, height, n = x.ne
+    pixels_first = g.reshape(g.cont(g.permute(x, (2, 0, 1, 3))), (width * height, c, n, 1))
+    return g.reshape(g.mean(pixels_first), (c, n))
+
+
+def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """x [IN, N] times a PyTorch Linear weight [OUT, IN] (ggml [IN, OUT]) plus bias -> [OUT, N]."""
+    return g.add(g.mul_mat(w, x), b)
+
+
+def nchw_to_channels_fastest(g: Graph, x: Tensor) -> Tensor:
+    """A NumPy NCHW input (ggml [W, H, C, N]) -> [C, W, H, N]."""
+    return g.cont(g.permute(x, (1, 2, 0, 3)))
+
+
+def channels_fastest_to_nchw(g: Graph, x: Tensor) -> Tensor:
+    return g.cont(g.permute(x, (2, 0, 1, 3)))

@@ -1,0 +1,214 @@
+"""Small ggml graphs built through the Python layer, compared with torch.nn.functional in f32.
+
+Tolerances: each output element is a sum of at most a few thousand f32 products. ggml and PyTorch add
+them in different orders (different blockings, FMA or not), so results differ by a few units in the last
+place of the largest partial sums: relative to the output's scale that is ~1e-7 * sqrt(K). We assert a max
+abs error of 2e-6 * max|reference| (K <= 1152 here), well below anything a real bug produces (>1e-3), and
+exact equality where no arithmetic happens (pooling max, relu, layout moves).
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyggml_resnet import layers
+from pyggml_resnet.errors import Error, InputError
+from pyggml_resnet.ggml import Backend, Graph, Type, Weights
+
+RTOL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def backend():
+    with Backend(threads=2) as b:
+        yield b
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def assert_close(got, want, rtol=RTOL):
+    want = np.asarray(want, dtype=np.float32)
+    assert got.shape == want.shape
+    scale = max(float(np.abs(want).max()), 1e-30)
+    err = float(np.abs(got - want).max())
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def run(backend, weights: dict, build, x_nchw, spatial=True):
+    """Runs `build(g, x_channel_fastest, w)` on an NCHW input; returns its output as NCHW, or as [N, C]
+    when it is not `spatial`."""
+    weights = weights or {"unused": np.zeros(1, np.float32)}  # Weights holds at least one tensor
+    specs = {k: (Type.F32, tuple(reversed(v.shape))) for k, v in weights.items()}
+    with Weights(backend, specs) as w, Graph(backend) as g:
+        for k, v in weights.items():
+            w.set(k, v)
+        x = g.input("x", tuple(reversed(x_nchw.shape)))
+        y = build(g, layers.nchw_to_channels_fastest(g, x), w)
+        if spatial:
+            y = layers.channels_fastest_to_nchw(g, y)
+        g.finalize(y)
+        g.set(x, x_nchw)
+        g.compute()
+        out = g.get(y)
+    return out if spatial else out.reshape(y.ne[1], y.ne[0])
+
+
+CONV_CASES = [
+    # (N, IC, H, W, OC, kernel, stride, padding)
+    (1, 16, 9, 7, 32, 1, 1, 0),
+    (3, 16, 9, 7, 32, 1, 2, 0),
+    (2, 8, 11, 13, 24, 3, 1, 1),
+    (3, 8, 11, 13, 24, 3, 2, 1),
+    (1, 128, 14, 14, 64, 3, 1, 1),
+    (2, 3, 33, 29, 16, 7, 2, 3),
+]
+
+
+@pytest.mark.parametrize("n,ic,h,w,oc,k,s,p", CONV_CASES)
+def test_conv2d(backend, n, ic, h, w, oc, k, s, p):
+    x, wt = rand(n, ic, h, w, seed=1), rand(oc, ic, k, k, seed=2) / np.float32(np.sqrt(ic * k * k))
+    want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy()
+    got = run(backend, {"w": layers.conv_weight(wt)},
+              lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p), x)
+    assert_close(got, want)
+
+
+def test_conv_weight_pads_k_for_the_fast_path():
+    assert layers.conv_weight(rand(64, 3, 7, 7)).shape == (64, 160)
+    assert layers.conv_weight(rand(64, 64, 3, 3)).shape == (64, 576)
+    assert layers.conv_weight(rand(64, 3, 1, 1)).shape == (64, 3)
+
+
+def bn_params(c, seed):
+    r = np.random.default_rng(seed)
+    return dict(mean=r.normal(0, 1, c).astype(np.float32), var=r.uniform(0.05, 3, c).astype(np.float32),
+                gamma=r.normal(1, 0.3, c).astype(np.float32), beta=r.normal(0, 0.5, c).astype(np.float32))
+
+
+def torch_bn(x, p, eps=1e-5):
+    t = {k: torch.from_numpy(v) for k, v in p.items()}
+    return F.batch_norm(torch.from_numpy(x), t["mean"], t["var"], t["gamma"], t["beta"], False, 0.0, eps).numpy()
+
+
+@pytest.mark.parametrize("n,c,h,w", [(1, 16, 5, 7), (3, 24, 6, 4)])
+def test_batchnorm_explicit_matches_torch(backend, n, c, h, w):
+    x, p = rand(n, c, h, w, seed=3) * 2 + 0.5, bn_params(c, 4)
+    got = run(backend, p, lambda g, xc, W: layers.batchnorm(g, xc, W["mean"], W["var"], W["gamma"],
+                                                             W["beta"], 1e-5), x)
+    assert_close(got, torch_bn(x, p))
+
+
+@pytest.mark.parametrize("k,s,p", [(1, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_conv_with_folded_batchnorm_matches_conv_then_bn(backend, k, s, p):
+    n, ic, oc = 2, 16, 24
+    x, wt, bn = rand(n, ic, 10, 9, seed=5), rand(oc, ic, k, k, seed=6) / np.float32(np.sqrt(ic * k * k)), bn_params(oc, 7)
+    want = torch_bn(F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy(), bn)
+    wf, bf = layers.fold_batchnorm(wt, bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5)
+    got = run(backend, {"w": layers.conv_weight(wf), "b": bf},
+              lambda g, xc, W: layers.bias_add(g, layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p),
+                                               W["b"]), x)
+    assert_close(got, want, rtol=4e-6)  # folding rounds the scaled weights once more
+
+
+def test_max_pool_3_2_1_is_exact(backend):
+    x = rand(2, 8, 13, 10, seed=8)
+    want = F.max_pool2d(torch.from_numpy(x), 3, 2, 1).numpy()
+    got = run(backend, {}, lambda g, xc, W: layers.max_pool(g, xc, kernel=3, stride=2, padding=1), x)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_relu_and_residual_add(backend):
+    x = rand(3, 8, 5, 6, seed=9)
+    want = F.relu(torch.from_numpy(x) + torch.from_numpy(x) * 0.5).numpy()
+    got = run(backend, {}, lambda g, xc, W: g.relu(g.add(xc, g.scale_bias(xc, 0.5, 0.0))), x)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_global_avg_pool_and_linear_and_softmax(backend):
+    n, c, classes = 3, 64, 10
+    x, wt, b = rand(n, c, 7, 5, seed=10), rand(classes, c, seed=11) / np.float32(8), rand(classes, seed=12)
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(x), 1).flatten(1)
+    logits = F.linear(pooled, torch.from_numpy(wt), torch.from_numpy(b))
+    got_pool = run(backend, {}, lambda g, xc, W: layers.global_avg_pool(g, xc), x, spatial=False)
+    assert_close(got_pool, pooled.numpy())
+    got_logits = run(backend, {"w": wt, "b": b},
+                     lambda g, xc, W: layers.linear(g, layers.global_avg_pool(g, xc), W["w"], W["b"]), x,
+                     spatial=False)
+    assert_close(got_logits, logits.numpy())
+    got_probs = run(backend, {"w": wt, "b": b}, lambda g, xc, W: g.softmax(
+        layers.linear(g, layers.global_avg_pool(g, xc), W["w"], W["b"])), x, spatial=False)
+    assert_close(got_probs, torch.softmax(logits, 1).numpy())
+
+
+@pytest.mark.parametrize("layout,dim", [("cwhn", 0), ("whcn", 2)])
+def test_batch_repeat_expands_along_the_channel_dimension(backend, layout, dim):
+    v = np.arange(1, 6, dtype=np.float32)
+    ne = (5, 3, 4, 2) if dim == 0 else (3, 4, 5, 2)
+    with Weights(backend, {"v": (Type.F32, (5,))}) as w, Graph(backend) as g:
+        w.set("v", v)
+        like = g.input("like", ne)
+        y = g.batch_repeat(w["v"], like, dim)
+        g.finalize(y)
+        g.compute()
+        out = g.get(y)  # NumPy order: reversed ne
+    want = np.broadcast_to(v.reshape([-1 if i == 3 - dim else 1 for i in range(4)]), out.shape)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_bad_calls_raise_our_errors_and_the_process_lives(backend):
+    with Graph(backend) as g:
+        a, b = g.input("a", (4, 3)), g.input("b", (5, 3))
+        with pytest.raises(InputError, match="broadcast"):
+            g.add(a, b)
+        with pytest.raises(InputError, match="do not fit"):
+            g.mul_mat(a, b)
+        with pytest.raises(InputError, match="positive"):
+            g.input("z", (0, 3))
+        with pytest.raises(InputError, match="positive"):
+            g.input("neg", (4, -1))
+        with pytest.raises(InputError, match="permutation"):
+            g.permute(a, (0, 0, 1, 2))
+        with pytest.raises(InputError, match="elements"):
+            g.reshape(a, (5, 5))
+        with pytest.raises(InputError, match="past the end"):
+            g.view(a, (4, 4), (16, 64, 64))
+        with pytest.raises(InputError, match="does not fit"):
+            g.gather_patches(g.input("img", (3, 2, 2, 1)), 7, 2, 0)
+        with pytest.raises(InputError, match="must be"):
+            g.batch_repeat(g.input("v", (3,)), a, 0)
+        with pytest.raises(InputError, match="Tensor"):
+            g.relu(np.zeros(3))
+        with pytest.raises(InputError, match="finalize"):
+            g.compute()
+        y = g.relu(a)
+        g.finalize(y)
+        with pytest.raises(InputError, match="float32"):
+            g.set(a, np.zeros((3, 4), dtype=np.float64))
+        with pytest.raises(InputError, match="bytes"):
+            g.set(a, np.zeros((3, 5), dtype=np.float32))
+        with pytest.raises(InputError, match="finalized"):
+            g.relu(a)
+    with pytest.raises(InputError, match="closed"):
+        g.compute()
+    with pytest.raises(InputError, match="unknown tensor type"):
+        Weights(backend, {"w": ("f64", (4,))})
+    with pytest.raises(InputError, match="block size"):
+        Weights(backend, {"w": ("q8_0", (30, 2))})
+    with pytest.raises(InputError, match="threads"):
+        Backend(threads=0)
+    assert issubclass(InputError, Error) and issubclass(InputError, ValueError)
+
+
+def test_a_graph_refuses_to_run_on_closed_weights(backend):
+    w = Weights(backend, {"w": (Type.F32, (4, 4))})
+    w.set("w", np.eye(4, dtype=np.float32))
+    g = Graph(backend)
+    x = g.input("x", (4, 1))
+    g.finalize(g.mul_mat(w["w"], x))
+    w.close()
+    with pytest.raises(InputError, match="closed"):
+        g.compute()
+    g.close()
