@@ -1,0 +1,209 @@
+"""Turn user images into the float32 arrays a torchvision ImageNet classifier eats.
+
+``preprocess`` reproduces, with Pillow and numpy only, the classic torchvision
+evaluation pipeline applied to a PIL image::
+
+    Compose([Resize(256), CenterCrop(224), ToTensor(),
+             Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+
+including torchvision's size arithmetic (truncating ``int()`` for the long
+side, banker's ``round()`` for the crop offset, zero padding when the image is
+smaller than the crop).  The resize itself is Pillow's, exactly as torchvision
+does for PIL input, so it is always antialiased.
+
+Mode conversion follows ``Image.open(path).convert("RGB")`` except where that
+is lossy in a way that matters for real photos:
+
+* palette images with transparency go through RGBA (what Pillow asks for);
+* 16-bit greyscale (``I;16*``) keeps the high byte (value // 256), so the full
+  16-bit range maps onto 0..255; ``I`` (32-bit, which Pillow uses for some
+  16-bit files) is clipped to 0..65535 and scaled the same way.  A plain
+  ``convert("RGB")`` would clip every value above 255 to white;
+* float images (``F``) are taken to be in [0, 1] and scaled to 0..255.
+
+Alpha is dropped, not composited (again like ``convert("RGB")``), and EXIF
+orientation is not applied, because torchvision applies neither.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision's pil_modes_mapping for the modes we support.
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def load_image(img: ImageLike) -> Image.Image:
+    """Return ``img`` (a path, PIL image, or uint8 HxW / HxWx3 array) as a decoded RGB PIL image.
+
+    Raises InputError for missing, empty, corrupt, truncated or oversized files
+    (Pillow's ``Image.MAX_IMAGE_PIXELS`` guard) and for unusable arrays.
+    """
+    if isinstance(img, (str, os.PathLike)):
+        path = os.fspath(img)
+        return _to_rgb(_open(path), path)
+    if isinstance(img, Image.Image):
+        try:
+            img.load()  # a lazily opened image may still fail to decode here
+        except Exception as e:
+            raise InputError(f"PIL image: cannot decode: {e}") from e
+        return _to_rgb(img, "PIL image")
+    if isinstance(img, np.ndarray):
+        return _from_array(img)
+    raise InputError(f"expected a path, PIL image or numpy array, got {type(img).__name__}")
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        # Opening the file ourselves closes it even for multi-frame formats,
+        # which Pillow would otherwise keep open after load().
+        with open(path, "rb") as f, warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an
+            # image that big is refused like the ones Pillow refuses outright.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(f)
+            im.load()  # decode now, so truncated or corrupt data fails here
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(
+            f"{path}: image too large, refused as a possible decompression bomb ({e}); "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from e
+    except Image.UnidentifiedImageError:
+        what = "empty file" if os.path.getsize(path) == 0 else "not an image format Pillow can read"
+        raise InputError(f"{path}: {what}") from None
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, ... on bad data
+        raise InputError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    return im
+
+
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    if im.width < 1 or im.height < 1:
+        raise InputError(f"{name}: image has no pixels (size {im.width}x{im.height})")
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "PA" or (mode == "P" and "transparency" in im.info):
+        # Pillow warns on P+transparency -> RGB and asks for RGBA first.
+        return im.convert("RGBA").convert("RGB")
+    if mode.startswith("I;16"):
+        grey = np.asarray(im) >> 8  # keep the high byte: 0..65535 -> 0..255
+    elif mode == "I":
+        grey = np.clip(np.asarray(im), 0, 65535) >> 8  # assume 16-bit data, as Pillow gives for some files
+    elif mode == "F":
+        grey = np.rint(np.clip(np.nan_to_num(np.asarray(im)), 0.0, 1.0) * 255.0)  # assume [0, 1]
+    else:
+        try:
+            return im.convert("RGB")
+        except ValueError as e:
+            raise InputError(f"{name}: cannot convert mode {mode!r} to RGB: {e}") from e
+    return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.dtype != np.uint8:
+        raise InputError(f"image array: dtype must be uint8, got {a.dtype}")
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise InputError(f"image array: shape must be (H, W) or (H, W, 3), got {a.shape}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise InputError(f"image array: image has no pixels (shape {a.shape})")
+    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+
+
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision ``Resize(size)``: shorter side -> size.
+
+    Same arithmetic as torchvision's ``_compute_resized_output_size``: the long
+    side is truncated, not rounded, and a square image counts as "width is short".
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _center_crop(x: np.ndarray, crop: int) -> np.ndarray:
+    """torchvision ``CenterCrop(crop)`` on an HxWxC array."""
+    h, w = x.shape[:2]
+    if crop > h or crop > w:
+        # torchvision zero-pads first; the odd pixel goes to the bottom/right.
+        dh, dw = max(crop - h, 0), max(crop - w, 0)
+        x = np.pad(x, ((dh // 2, (dh + 1) // 2), (dw // 2, (dw + 1) // 2), (0, 0)))
+        h, w = x.shape[:2]
+    # Python's round() rounds halves to even: an excess of 33 gives offset 16.
+    top = int(round((h - crop) / 2.0))
+    left = int(round((w - crop) / 2.0))
+    return x[top : top + crop, left : left + crop]
+
+
+def preprocess(
+    img: ImageLike,
+    *,
+    resize: int | None = 256,
+    crop: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """Return ``img`` as a C-contiguous float32 array of shape (3, crop, crop).
+
+    Resize the shorter side to ``resize`` (``None`` skips resizing), center-crop
+    to ``crop``, scale to [0, 1] and normalize per channel, as torchvision does.
+    ``interpolation`` is "bilinear", "bicubic" or "nearest".
+    """
+    if interpolation not in _RESAMPLE:
+        raise InputError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+    if resize is not None and (not isinstance(resize, int) or resize < 1):
+        raise InputError(f"resize must be a positive int or None, got {resize!r}")
+    if not isinstance(crop, int) or crop < 1:
+        raise InputError(f"crop must be a positive int, got {crop!r}")
+    mean32 = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    std32 = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    if mean32.shape != (3, 1, 1) or std32.shape != (3, 1, 1) or not np.all(std32 != 0):
+        raise InputError("mean and std must each hold 3 numbers, std nonzero")
+
+    im = load_image(img)
+    if resize is not None:
+        size = _resized_size(im.width, im.height, resize)
+        if size != im.size:  # torchvision returns the image untouched if already that size
+            im = im.resize(size, _RESAMPLE[interpolation])
+    x = _center_crop(np.asarray(im, dtype=np.uint8), crop)
+    # ToTensor: HWC uint8 -> CHW float32 / 255; Normalize: subtract, then divide, in float32.
+    x = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
+    x -= mean32
+    x /= std32
+    return x
+
+
+def preprocess_batch(
+    imgs: Iterable[ImageLike],
+    *,
+    resize: int | None = 256,
+    crop: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """``preprocess`` each image; return a float32 array of shape (N, 3, crop, crop)."""
+    kwargs = dict(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
+    arrays = [preprocess(img, **kwargs) for img in imgs]
+    if not arrays:
+        return np.empty((0, 3, crop, crop), dtype=np.float32)
+    return np.stack(arrays)
