@@ -113,6 +113,24 @@ def _numpy_dtype(t: Type):
     return {Type.F32: np.float32, Type.F16: np.float16, Type.BF16: np.uint16, Type.Q8_0: np.uint8}[t]
 
 
+def encode(array: np.ndarray, ttype: Type) -> np.ndarray:
+    """A float32 array rounded to `ttype`, as the NumPy data `Weights.set` takes for that type.
+
+    Rows (the last axis) of a Q8_0 array must be a multiple of 32 long.
+    """
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if ttype == Type.F32:
+        return array
+    if ttype == Type.F16:
+        return array.astype(np.float16)
+    if ttype == Type.Q8_0 and array.shape[-1] % ttype.block_size:
+        raise InputError(f"q8_0 rows must be a multiple of {ttype.block_size} long, got {array.shape}")
+    import gguf  # its quantizers are NumPy code; imported only when weights are reduced
+
+    raw = gguf.quants.quantize(array, gguf.GGMLQuantizationType(int(ttype)))
+    return raw.view(np.uint16) if ttype == Type.BF16 else raw
+
+
 def _host_bytes(tensor: Tensor, array) -> np.ndarray:
     """Checks that `array` holds exactly this tensor's bytes, in NumPy's order (the reverse of ne)."""
     array = np.ascontiguousarray(array)

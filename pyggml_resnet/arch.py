@@ -1,0 +1,139 @@
+"""The torchvision ResNet family: one config per depth, its tensor names and shapes, and our GGUF keys.
+
+Both ends of the data flow use this module: the converter checks a checkpoint against `expected_tensors`
+before writing a GGUF file, and the loader checks the file against it again before building a graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ModelFormatError
+
+GGUF_ARCH = "resnet"  # general.architecture
+
+
+class Key:
+    """GGUF metadata keys written by the converter and read by the loader."""
+
+    ARCH = "general.architecture"
+    NAME = "general.name"
+    DEPTH = "resnet.depth"
+    BLOCK = "resnet.block"  # "basic" or "bottleneck"
+    LAYERS = "resnet.layers"  # blocks per stage, e.g. [3, 4, 23, 3]
+    WIDTH = "resnet.width_per_group"  # 64 for every torchvision ResNet we support
+    NUM_CLASSES = "resnet.num_classes"
+    BN_EPS = "resnet.batchnorm_eps"
+    LABELS = "resnet.class_labels"
+    WEIGHTS = "resnet.weights"  # e.g. "IMAGENET1K_V2", or "custom"
+    RESIZE = "resnet.preprocess.resize"
+    CROP = "resnet.preprocess.crop"
+    MEAN = "resnet.preprocess.mean"
+    STD = "resnet.preprocess.std"
+    INTERPOLATION = "resnet.preprocess.interpolation"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the weights were trained to see: torchvision's ImageNet eval transforms."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    depth: int
+    block: str  # "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3, 1x1)
+    layers: tuple[int, int, int, int]
+
+    @property
+    def name(self) -> str:
+        return f"resnet{self.depth}"
+
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block == "bottleneck" else 1
+
+    @property
+    def feature_dim(self) -> int:
+        return 512 * self.expansion
+
+    @property
+    def convs_per_block(self) -> int:
+        return 3 if self.block == "bottleneck" else 2
+
+
+CONFIGS = {
+    18: ResNetConfig(18, "basic", (2, 2, 2, 2)),
+    34: ResNetConfig(34, "basic", (3, 4, 6, 3)),
+    50: ResNetConfig(50, "bottleneck", (3, 4, 6, 3)),
+    101: ResNetConfig(101, "bottleneck", (3, 4, 23, 3)),
+    152: ResNetConfig(152, "bottleneck", (3, 8, 36, 3)),
+}
+BY_NAME = {c.name: c for c in CONFIGS.values()}
+
+
+def config_for(block: str, layers) -> ResNetConfig:
+    """The config with this block type and per-stage block counts, or ModelFormatError."""
+    layers = tuple(int(n) for n in layers)
+    for c in CONFIGS.values():
+        if c.block == block and c.layers == layers:
+            return c
+    raise ModelFormatError(f"no torchvision ResNet has {block} blocks {list(layers)}; known: "
+                           + ", ".join(f"{c.name} {c.block} {list(c.layers)}" for c in CONFIGS.values()))
+
+
+def _bn(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.{p}": (channels,) for p in ("weight", "bias", "running_mean", "running_var")}
+
+
+def block_names(cfg: ResNetConfig):
+    """(stage index 1..4, block index, prefix, in_channels, width, stride, has_downsample) for each block."""
+    in_ch = 64
+    for stage, n_blocks in enumerate(cfg.layers, start=1):
+        width = 64 * 2 ** (stage - 1)
+        out_ch = width * cfg.expansion
+        for b in range(n_blocks):
+            stride = 2 if stage > 1 and b == 0 else 1
+            yield stage, b, f"layer{stage}.{b}", in_ch, width, stride, b == 0 and (stride != 1 or in_ch != out_ch)
+            in_ch = out_ch
+
+
+def expected_tensors(cfg: ResNetConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Every inference tensor of torchvision's ResNet state_dict (num_batches_tracked left out), in
+    state_dict order, with its PyTorch shape."""
+    t: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
+    for _, _, prefix, in_ch, width, _, down in block_names(cfg):
+        out_ch = width * cfg.expansion
+        if cfg.block == "bottleneck":
+            convs = [(in_ch, width, 1), (width, width, 3), (width, out_ch, 1)]
+        else:
+            convs = [(in_ch, width, 3), (width, width, 3)]
+        for i, (ci, co, k) in enumerate(convs, start=1):
+            t[f"{prefix}.conv{i}.weight"] = (co, ci, k, k)
+            t.update(_bn(f"{prefix}.bn{i}", co))
+        if down:
+            t[f"{prefix}.downsample.0.weight"] = (out_ch, in_ch, 1, 1)
+            t.update(_bn(f"{prefix}.downsample.1", out_ch))
+    t["fc.weight"] = (num_classes, cfg.feature_dim)
+    t["fc.bias"] = (num_classes,)
+    return t
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]]) -> tuple[ResNetConfig, int]:
+    """The (config, num_classes) a state_dict's tensor names and shapes describe. Raises ModelFormatError."""
+    block = "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic"
+    layers = []
+    for stage in range(1, 5):
+        n = 0
+        while f"layer{stage}.{n}.conv1.weight" in shapes:
+            n += 1
+        layers.append(n)
+    fc = shapes.get("fc.weight")
+    if fc is None or len(fc) != 2:
+        raise ModelFormatError("the checkpoint has no 2-D fc.weight: is it a torchvision ResNet?")
+    return config_for(block, layers), int(fc[0])

@@ -1,0 +1,208 @@
+"""The user-facing model: load a GGUF file once, then classify images or compute logits and features."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import loader, resnet
+from .errors import InputError
+from .ggml import Backend, Graph, Type
+from .preprocess import load_image, preprocess
+
+MAX_BATCH = 16  # larger inputs run in chunks of this many images, reusing one graph
+MAX_SIDE = 4096  # larger images would need gigabytes of activations
+_GRAPH_CACHE = 4  # compiled graphs kept per model (one per input shape in use)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of a classification result."""
+
+    label: str
+    index: int
+    prob: float
+
+
+class Model:
+    """A ResNet held in ggml memory. Use `pyggml_resnet.load` to make one.
+
+    Calls are thread-safe: they are serialised, since each computation already uses every thread given
+    to it. `close()` (or leaving a `with` block) frees the native memory; later calls raise InputError.
+    """
+
+    def __init__(self, model_file: loader.ModelFile, *, threads: int | None = None,
+                 batchnorm: str = "folded", dtype: str | None = None):
+        if batchnorm not in resnet.BATCHNORM_MODES:
+            raise InputError(f"batchnorm must be one of {resnet.BATCHNORM_MODES}, got {batchnorm!r}")
+        self.dtype = Type.parse(dtype or model_file.dtype).name.lower()
+        self.config = model_file.config
+        self.num_classes = model_file.num_classes
+        self.labels = model_file.labels
+        self.preprocessing = model_file.preprocessing
+        self.weights_name = model_file.weights_name
+        self.batchnorm = batchnorm
+        self.path = model_file.path
+        self._eps = model_file.eps
+        self._lock = threading.RLock()
+        self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
+        self._backend = Backend(threads)
+        try:
+            self._weights = resnet.upload_weights(self._backend, model_file, batchnorm, Type.parse(self.dtype))
+        except BaseException:
+            self._backend.close()
+            raise
+
+    def __repr__(self):
+        return (f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} "
+                f"classes={self.num_classes} threads={self.threads}>")
+
+    @property
+    def threads(self) -> int:
+        return self._backend.threads
+
+    @threads.setter
+    def threads(self, n: int):
+        with self._lock:
+            self._backend.threads = n
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.feature_dim
+
+    # -- inference ---------------------------------------------------------------------------------------
+
+    def logits(self, x) -> np.ndarray:
+        """Float32 NCHW images (already preprocessed) -> (N, num_classes) float32 logits."""
+        return self._run(x, "logits")
+
+    def features(self, x) -> np.ndarray:
+        """Float32 NCHW images -> (N, feature_dim) pooled embeddings: the input of the final fc layer."""
+        return self._run(x, "features")
+
+    def probabilities(self, x) -> np.ndarray:
+        """Float32 NCHW images -> (N, num_classes) softmax probabilities."""
+        return self._run(x, "probs")
+
+    def stages(self, x) -> dict[str, np.ndarray]:
+        """Every stage's output for NCHW images, as NCHW arrays: "stem" (after the max pool),
+        "layer1".."layer4", then "features" and "logits". For debugging and layer-by-layer checks."""
+        x = self._check_input(x)
+        with self._lock:
+            graph, out = self._graph(x.shape, stages=True)
+            graph.set(out["image"], x)
+            graph.compute()
+            result = {}
+            for name in resnet.STAGES:
+                result[name] = graph.get(out[name]).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+            for name in ("features", "logits"):
+                result[name] = graph.get(out[name]).reshape(x.shape[0], -1)
+        return result
+
+    def classify(self, img, top_k: int = 5):
+        """Top-k predictions for an image (path, PIL image, HxWx3 uint8 array), sorted by probability.
+
+        A list or tuple of images runs as one batch and gives a list of prediction lists.
+        """
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
+            raise InputError(f"top_k must be an integer from 1 to {self.num_classes}, got {top_k!r}")
+        single = not isinstance(img, (list, tuple))
+        images = [img] if single else list(img)
+        pre = self.preprocessing
+        batch = np.stack([preprocess(load_image(i), resize=pre.resize, crop=pre.crop, mean=pre.mean,
+                                     std=pre.std, interpolation=pre.interpolation) for i in images]) \
+            if images else np.zeros((0, 3, pre.crop, pre.crop), np.float32)
+        probs = self.probabilities(batch)
+        results = []
+        for p in probs:
+            top = np.argsort(-p, kind="stable")[:top_k]
+            results.append([Prediction(self.labels[i], int(i), float(p[i])) for i in top])
+        return results[0] if single else results
+
+    def _check_input(self, x) -> np.ndarray:
+        if self._backend is None:
+            raise InputError("this model has been closed")
+        try:
+            arr = np.asarray(x)
+        except Exception as e:
+            raise InputError(f"cannot use {type(x).__name__} as an image batch: {e}") from None
+        if arr.dtype.kind not in "fiu":
+            raise InputError(f"images must be a real-valued numeric array, got dtype {arr.dtype}")
+        if arr.ndim != 4 or arr.shape[1] != 3:
+            raise InputError(f"images must have shape (N, 3, H, W), got {arr.shape}")
+        h, w = arr.shape[2:]
+        if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+            raise InputError(f"image height and width must be 1..{MAX_SIDE}, got {h}x{w}")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def _run(self, x, output: str) -> np.ndarray:
+        x = self._check_input(x)
+        width = self.feature_dim if output == "features" else self.num_classes
+        result = np.empty((x.shape[0], width), np.float32)
+        with self._lock:
+            for start in range(0, x.shape[0], MAX_BATCH):
+                chunk = x[start:start + MAX_BATCH]
+                graph, out = self._graph(chunk.shape)
+                graph.set(out["image"], chunk)
+                graph.compute()
+                result[start:start + len(chunk)] = graph.get(out[output]).reshape(len(chunk), width)
+        return result
+
+    def _graph(self, shape, stages: bool = False) -> tuple[Graph, dict]:
+        """The compiled graph for this input shape, built on first use and kept for reuse."""
+        n, _, h, w = shape
+        key = (n, h, w, stages)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        graph = Graph(self._backend, max_nodes=resnet.max_nodes(self.config))
+        try:
+            out = resnet.build(graph, self._weights, self.config, self._eps, self.batchnorm, n, h, w)
+            names = resnet.STAGES + ("features", "logits") if stages else ("features", "logits", "probs")
+            graph.finalize(*(out[k] for k in names))
+        except BaseException:
+            graph.close()
+            raise
+        self._graphs[key] = (graph, out)
+        if len(self._graphs) > _GRAPH_CACHE:
+            self._graphs.popitem(last=False)[1][0].close()
+        return graph, out
+
+    # -- lifetime ----------------------------------------------------------------------------------------
+
+    def close(self):
+        """Frees the model's native memory. Safe to call twice."""
+        with self._lock:
+            for graph, _ in self._graphs.values():
+                graph.close()
+            self._graphs.clear()
+            if self._backend is not None:
+                self._weights.close()
+                self._backend.close()
+                self._backend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str = "folded",
+         dtype: str | None = None) -> Model:
+    """Loads a GGUF model file written by `python -m pyggml_resnet.convert`.
+
+    threads: CPU threads per computation (default: every CPU this process may use).
+    batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
+    dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
+    Raises ModelFormatError for a malformed file, InputError for bad arguments.
+    """
+    if batchnorm not in resnet.BATCHNORM_MODES:
+        raise InputError(f"batchnorm must be one of {resnet.BATCHNORM_MODES}, got {batchnorm!r}")
+    if dtype is not None:
+        Type.parse(dtype)
+    return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype)

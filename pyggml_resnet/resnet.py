@@ -1,0 +1,110 @@
+"""The ResNet forward pass as one ggml graph, and the weight arrangement that graph reads.
+
+The graph follows torchvision's resnet.py: stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool), four stages of
+basic or bottleneck blocks (stride on the first 3x3 conv, a 1x1 downsample on the shortcut where the shape
+changes), global average pool, fc. BatchNorm is either folded into each convolution ("folded", the fast
+default) or written out element-wise over `batch_repeat`ed vectors ("explicit", the design document's
+method with PyTorch's eps). Both are exact to f32 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import arch, layers
+from .arch import ResNetConfig
+from .ggml import Graph, Tensor, Type, Weights, encode
+from .loader import ModelFile
+
+BATCHNORM_MODES = ("folded", "explicit")
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def convolutions(cfg: ResNetConfig):
+    """(conv weight name, its BatchNorm's prefix, kernel, stride, padding) for every conv, in graph order."""
+    yield "conv1.weight", "bn1", 7, 2, 3
+    for _, _, prefix, _, _, stride, down in arch.block_names(cfg):
+        if cfg.block == "bottleneck":
+            shapes = [(1, 1, 0), (3, stride, 1), (1, 1, 0)]
+        else:
+            shapes = [(3, stride, 1), (3, 1, 1)]
+        for i, (k, s, p) in enumerate(shapes, start=1):
+            yield f"{prefix}.conv{i}.weight", f"{prefix}.bn{i}", k, s, p
+        if down:
+            yield f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1", 1, stride, 0
+
+
+def _matrix_type(wtype: Type, k: int) -> Type:
+    # A row length that does not fill whole blocks cannot be stored quantized: keep those weights f32.
+    return wtype if k % wtype.block_size == 0 else Type.F32
+
+
+def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weights:
+    """The model's tensors arranged for `build`, rounded to `wtype` where reduced, in one backend buffer."""
+    t = mf.tensors
+    host: dict[str, tuple[Type, np.ndarray]] = {}
+    for conv, bn, *_ in convolutions(mf.config):
+        w = t[conv]
+        if batchnorm == "folded":
+            w, bias = layers.fold_batchnorm(w, t[f"{bn}.weight"], t[f"{bn}.bias"], t[f"{bn}.running_mean"],
+                                            t[f"{bn}.running_var"], mf.eps)
+            host[f"{bn}.folded_bias"] = (Type.F32, bias)
+        else:
+            for p in ("weight", "bias", "running_mean", "running_var"):
+                host[f"{bn}.{p}"] = (Type.F32, t[f"{bn}.{p}"])
+        m = layers.conv_weight(w)
+        host[conv] = (_matrix_type(wtype, m.shape[1]), m)
+    host["fc.weight"] = (_matrix_type(wtype, t["fc.weight"].shape[1]), t["fc.weight"])
+    host["fc.bias"] = (Type.F32, t["fc.bias"])
+
+    weights = Weights(backend, {name: (ty, tuple(reversed(a.shape))) for name, (ty, a) in host.items()})
+    try:
+        for name, (ty, a) in host.items():
+            weights.set(name, encode(a, ty))
+    except BaseException:
+        weights.close()
+        raise
+    return weights
+
+
+def max_nodes(cfg: ResNetConfig) -> int:
+    # At most 16 graph nodes per convolution (explicit BatchNorm is the larger), plus the stem and head.
+    n_convs = sum(1 for _ in convolutions(cfg))
+    return 16 * n_convs + 64
+
+
+def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
+          batch: int, height: int, width: int) -> dict[str, Tensor]:
+    """Adds the forward pass to `g`. Returns the input ("image", ggml [W, H, 3, N]) and the outputs:
+    "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]), "logits" and "probs" ([classes, N])."""
+    kernel_of = {conv: (k, s, p) for conv, _, k, s, p in convolutions(cfg)}
+
+    def conv_bn(x: Tensor, conv: str, bn: str, relu: bool) -> Tensor:
+        k, s, p = kernel_of[conv]
+        y = layers.conv2d(g, x, w[conv], kernel=k, stride=s, padding=p)
+        if batchnorm == "folded":
+            y = layers.bias_add(g, y, w[f"{bn}.folded_bias"])
+        else:
+            y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
+                                 w[f"{bn}.bias"], eps)
+        return g.relu(y) if relu else y
+
+    out: dict[str, Tensor] = {}
+    image = g.input("image", (width, height, 3, batch))
+    out["image"] = image
+    x = conv_bn(layers.nchw_to_channels_fastest(g, image), "conv1.weight", "bn1", relu=True)
+    x = out["stem"] = layers.max_pool(g, x, kernel=3, stride=2, padding=1)
+    n_convs = cfg.convs_per_block
+    for stage, index, prefix, _, _, _, down in arch.block_names(cfg):
+        shortcut = x
+        for i in range(1, n_convs + 1):
+            x = conv_bn(x, f"{prefix}.conv{i}.weight", f"{prefix}.bn{i}", relu=i < n_convs)
+        if down:
+            shortcut = conv_bn(shortcut, f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1", relu=False)
+        x = g.relu(g.add(x, shortcut))
+        if index == cfg.layers[stage - 1] - 1:
+            out[f"layer{stage}"] = x
+    out["features"] = layers.global_avg_pool(g, x)
+    out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"])
+    out["probs"] = g.softmax(out["logits"])
+    return out
