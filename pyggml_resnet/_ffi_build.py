@@ -20,6 +20,7 @@ struct ggml_tensor {
     int64_t ne[4];
     size_t nb[4];
     void * data;
+    struct ggml_tensor * view_src;
     ...;
 };
 struct ggml_init_params { size_t mem_size; void * mem_buffer; bool no_alloc; };
@@ -50,6 +51,7 @@ int ggml_graph_n_nodes(struct ggml_cgraph * cgraph);
 
 /* operations */
 struct ggml_tensor * ggml_add(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+struct ggml_tensor * ggml_add_inplace(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
 struct ggml_tensor * ggml_sub(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
 struct ggml_tensor * ggml_mul(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
 struct ggml_tensor * ggml_div(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
@@ -99,6 +101,9 @@ struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor 
                                   struct ggml_tensor * like, int channel_dim);
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
                                     int kh, int kw, int stride, int pad, int64_t k_pad);
+struct ggml_tensor * winograd_weight(struct ggml_context * ctx, struct ggml_tensor * w, int64_t channels);
+struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
+struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
 """
 
 SOURCE = r"""
@@ -108,6 +113,7 @@ SOURCE = r"""
 #include "ggml-cpu.h"
 #include "batch_repeat.h"
 #include "patches.h"
+#include "winograd.h"
 """
 
 ffibuilder = cffi.FFI()

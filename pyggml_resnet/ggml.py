@@ -85,26 +85,35 @@ class Tensor:
         self._owner = owner
 
     @property
+    def _live(self):
+        """The native tensor, or InputError once its Weights or Graph is closed (its memory is gone)."""
+        if self._owner._ctx is None:
+            raise InputError("this tensor's weights or graph has been closed")
+        return self._ptr
+
+    @property
     def ne(self) -> tuple[int, int, int, int]:
-        return tuple(self._ptr.ne)
+        return tuple(self._live.ne)
 
     @property
     def nb(self) -> tuple[int, int, int, int]:
-        return tuple(self._ptr.nb)
+        return tuple(self._live.nb)
 
     @property
     def type(self) -> Type:
-        return Type(self._ptr.type)
+        return Type(self._live.type)
 
     @property
     def nbytes(self) -> int:
-        return lib.ggml_nbytes(self._ptr)
+        return lib.ggml_nbytes(self._live)
 
     @property
     def is_contiguous(self) -> bool:
-        return bool(lib.ggml_is_contiguous(self._ptr))
+        return bool(lib.ggml_is_contiguous(self._live))
 
     def __repr__(self):
+        if self._owner._ctx is None:
+            return "Tensor(<closed>)"
         return f"Tensor({self.type.name}, ne={self.ne})"
 
 
@@ -286,9 +295,17 @@ class Graph:
 
     # -- building ----------------------------------------------------------------------------------------
 
-    def _new(self, ptr) -> Tensor:
+    def _new(self, ptr, node: bool = True) -> Tensor:
         self._n_tensors += 1
-        return Tensor(ptr, self)
+        t = Tensor(ptr, self)
+        if node:
+            # Appending each operation as it is built keeps the graph in construction order. Expanding only
+            # the outputs at the end would order it depth-first, and schedule every weight-only operation
+            # (a weight transform) first, keeping all of their results alive at once.
+            if lib.ggml_graph_n_nodes(self._graph) + 1 >= self._max_nodes:
+                raise InputError(f"graph needs more than max_nodes={self._max_nodes} nodes")
+            lib.ggml_build_forward_expand(self._graph, ptr)
+        return t
 
     def _building(self, *sources):
         """Checks the graph can grow and that every source tensor is usable; returns the context."""
@@ -321,7 +338,7 @@ class Graph:
     def input(self, name: str, ne, ttype: Type | str = Type.F32) -> Tensor:
         """A tensor whose data is given by `set` before each `compute`."""
         ctx = self._building()
-        t = self._new(lib.ggml_new_tensor_4d(ctx, Type.parse(ttype), *_shape4(ne)))
+        t = self._new(lib.ggml_new_tensor_4d(ctx, Type.parse(ttype), *_shape4(ne)), node=False)
         lib.ggml_set_name(t._ptr, name.encode()[:63])
         lib.ggml_set_input(t._ptr)
         self._inputs.append(t)
@@ -334,9 +351,10 @@ class Graph:
             raise InputError(f"{op}: cannot broadcast {b!r} onto {a!r}")
         return self._new(fn(ctx, a._ptr, b._ptr))
 
-    def add(self, a: Tensor, b: Tensor) -> Tensor:
-        """a + b, with b broadcast (repeated) along any dimension that divides a's."""
-        return self._binary(lib.ggml_add, "add", a, b)
+    def add(self, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+        """a + b, with b broadcast (repeated) along any dimension that divides a's. `inplace` writes the
+        result over a: only for an `a` that nothing else reads afterwards."""
+        return self._binary(lib.ggml_add_inplace if inplace else lib.ggml_add, "add", a, b)
 
     def sub(self, a: Tensor, b: Tensor) -> Tensor:
         return self._binary(lib.ggml_sub, "sub", a, b)
@@ -354,6 +372,7 @@ class Graph:
         return self._new(fn(ctx, a._ptr))
 
     def relu(self, a: Tensor, inplace: bool = False) -> Tensor:
+        """max(a, 0); `inplace` as for `add`."""
         return self._unary(lib.ggml_relu_inplace if inplace else lib.ggml_relu, "relu", a)
 
     def sqrt(self, a: Tensor) -> Tensor:
@@ -448,7 +467,7 @@ class Graph:
         self._need_contiguous(x, "im2col")
         kh, kw = kernel
         self._check_window(x.ne[0], x.ne[1], kh, kw, stride, padding, "im2col")
-        shape = self._new(lib.ggml_new_tensor_4d(ctx, Type.F32, kw, kh, x.ne[2], 1))
+        shape = self._new(lib.ggml_new_tensor_4d(ctx, Type.F32, kw, kh, x.ne[2], 1), node=False)  # shape only
         return self._new(lib.ggml_im2col(ctx, shape._ptr, x._ptr, stride, stride, padding, padding,
                                          1, 1, True, Type.F32))
 
@@ -463,6 +482,35 @@ class Graph:
             raise InputError("gather_patches: kernel, stride and padding must be below 256")
         k = kernel * kernel * x.ne[0]
         return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, max(k, int(k_pad))))
+
+    def winograd_input(self, x: Tensor) -> Tensor:
+        """Winograd F(2x2,3x3) input transform of a channel-fastest [C, W, H, N] f32 tensor, padding 1:
+        [C, T, 16, 1] for T = N*ceil(H/2)*ceil(W/2) tiles (csrc/winograd.c)."""
+        ctx = self._building(x)
+        self._need_f32(x, op="winograd_input")
+        self._need_contiguous(x, "winograd_input")
+        return self._new(lib.winograd_input(ctx, x._ptr))
+
+    def winograd_weight(self, w: Tensor, in_channels: int) -> Tensor:
+        """Winograd F(2x2,3x3) weight transform G g G^T of 3x3 kernels stored as [9*IC, OC] (ky, kx, c with
+        c fastest; rows may be zero-padded beyond 9*IC): -> [IC, OC, 16, 1], to mul_mat with winograd_input."""
+        ctx = self._building(w)
+        self._need_f32(w, op="winograd_weight")
+        self._need_contiguous(w, "winograd_weight")
+        if not 9 * in_channels <= w.ne[0] or w.ne[2:] != (1, 1) or in_channels < 1:
+            raise InputError(f"winograd_weight: {w!r} must be [9*{in_channels} (or padded), OC]")
+        return self._new(lib.winograd_weight(ctx, w._ptr, in_channels))
+
+    def winograd_output(self, m: Tensor, like: Tensor) -> Tensor:
+        """Winograd F(2x2,3x3) output transform: m [OC, T, 16, 1] (for winograd_input(like)) -> [OC, W, H, N]."""
+        ctx = self._building(m, like)
+        self._need_f32(m, like, op="winograd_output")
+        self._need_contiguous(m, "winograd_output")
+        _, width, height, n = like.ne
+        tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
+        if m.ne[1:] != (tiles, 16, 1):
+            raise InputError(f"winograd_output: {m!r} must be [OC, {tiles}, 16, 1] for {like!r}")
+        return self._new(lib.winograd_output(ctx, m._ptr, like._ptr))
 
     @staticmethod
     def _check_window(w, h, kh, kw, stride, padding, op):
@@ -495,10 +543,12 @@ class Graph:
         for t in outputs:
             if t._owner is not self:
                 raise InputError(f"{t!r} does not belong to this graph")
-            lib.ggml_set_output(t._ptr)
-            lib.ggml_build_forward_expand(self._graph, t._ptr)
-            if lib.ggml_graph_n_nodes(self._graph) >= self._max_nodes:
-                raise InputError(f"graph needs more than max_nodes={self._max_nodes} nodes")
+            # The allocator may reuse a view's memory unless the tensor that owns the memory is an output too.
+            ptr = t._ptr
+            while ptr != ffi.NULL:
+                lib.ggml_set_output(ptr)
+                ptr = ptr.view_src
+            lib.ggml_build_forward_expand(self._graph, t._ptr)  # already there unless it is an input
         galloc = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(self._backend._ptr))
         self._natives[1] = galloc
         if not lib.ggml_gallocr_alloc_graph(galloc, self._graph):

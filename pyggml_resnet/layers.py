@@ -11,38 +11,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ggml import Graph, Tensor
+from .ggml import Graph, Tensor, Type
 
 # ggml's fast matmul path (llamafile sgemm) wants K to be a multiple of 16 (f32) or 32 (bf16, q8_0).
 K_ALIGN = 32
 
 
+def uses_winograd(kernel: int, stride: int, padding: int, wtype: Type) -> bool:
+    """3x3 stride-1 convolutions with f32 weights run as Winograd F(2x2,3x3): 16 multiplies per 2x2 outputs
+    instead of 36. (Reduced-precision weights keep the direct path: their error is already the larger.)"""
+    return (kernel, stride, padding) == (3, 1, 1) and wtype == Type.F32
+
+
+def conv_weight_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The [OC, K] shape `conv_weight` gives a PyTorch [OC, IC, KH, KW] weight."""
+    oc, ic, kh, kw = shape
+    k = kh * kw * ic
+    if kh * kw > 1 and k % K_ALIGN:
+        k += K_ALIGN - k % K_ALIGN
+    return oc, k
+
+
 def conv_weight(w: np.ndarray) -> np.ndarray:
     """PyTorch [OC, IC, KH, KW] -> the 2-D [OC, K] matrix `conv2d` multiplies by.
 
-    K runs over (ky, kx, c) with c fastest, the order `gather_patches` emits, zero-padded to a multiple of
-    K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147, needs it).
+    K runs over (ky, kx, c) with c fastest, the order `gather_patches` emits (and the Winograd weight
+    transform reads), zero-padded to a multiple of K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147).
     """
     oc, ic, kh, kw = w.shape
     m = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(oc, kh * kw * ic)
-    if kh * kw > 1 and m.shape[1] % K_ALIGN:
-        m = np.pad(m, ((0, 0), (0, K_ALIGN - m.shape[1] % K_ALIGN)))
-    return m
+    k = conv_weight_shape(w.shape)[1]
+    return np.pad(m, ((0, 0), (0, k - m.shape[1]))) if k > m.shape[1] else m
 
 
-def fold_batchnorm(w: np.ndarray, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Folds an inference BatchNorm into the preceding bias-free convolution: returns (weight, bias).
+def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """An inference BatchNorm as y = x * scale + bias per channel: folding it into the preceding bias-free
+    convolution multiplies each output channel's weights (a row of `conv_weight`) by scale and adds bias.
 
-    Computed in float64 and rounded once to float32, so folding adds no error beyond f32 rounding.
+    Computed in float64 and rounded once; scaling the weights is then one float32 multiply each.
     """
     scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
-    folded = w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))
     bias = beta.astype(np.float64) - mean.astype(np.float64) * scale
-    return folded.astype(np.float32), bias.astype(np.float32)
+    return scale.astype(np.float32), bias.astype(np.float32)
 
 
 def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int) -> Tensor:
     """Convolution without bias: x [C, W, H, N], w from `conv_weight` as ggml [K, OC] -> [OC, OW, OH, N]."""
+    if uses_winograd(kernel, stride, padding, w.type):
+        # The weights are transformed in the graph, each call: it costs a few percent of the products it
+        # saves, and storing them transformed would take 16/9 of the memory.
+        u = g.winograd_weight(w, x.ne[0])
+        return g.winograd_output(g.mul_mat(u, g.winograd_input(x)), x)
     if kernel == 1 and padding == 0:
         if stride > 1:
             c, width, height, n = x.ne
@@ -53,9 +72,9 @@ def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding:
     return g.mul_mat(w, patches)
 
 
-def bias_add(g: Graph, x: Tensor, bias: Tensor) -> Tensor:
+def bias_add(g: Graph, x: Tensor, bias: Tensor, inplace: bool = False) -> Tensor:
     """x [C, ...] + bias [C]: a per-channel vector broadcast along rows."""
-    return g.add(x, bias)
+    return g.add(x, bias, inplace=inplace)
 
 
 def batchnorm(g: Graph, x: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:

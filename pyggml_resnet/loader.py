@@ -2,7 +2,7 @@
 
 Like ggml's examples/mnist: one file, dispatch on `general.architecture`, every tensor's type and shape
 checked against what the architecture expects. Anything wrong raises ModelFormatError; nothing from the
-file reaches ggml unchecked. Weights come back as float32 NumPy arrays in PyTorch's shapes.
+file reaches ggml unchecked. Weights are read one at a time, as float32 NumPy arrays in PyTorch's shapes.
 """
 
 from __future__ import annotations
@@ -24,9 +24,21 @@ _REDUCED_OK = ("f16", "bf16", "q8_0")  # allowed for conv and fc weights only
 _MAX_CLASSES = 1_000_000
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one checked tensor lies in the file and how to decode it."""
+
+    shape: tuple[int, ...]  # PyTorch's shape
+    kind: str  # "f32", "f16", "bf16" or "q8_0"
+    offset: int  # absolute, in bytes
+    n_bytes: int
+    row: int  # elements per stored row (the stored ggml ne[0])
+
+
 @dataclass
 class ModelFile:
-    """What a GGUF model file holds, validated."""
+    """What a GGUF model file holds, validated. Tensor data is read on demand, one tensor at a time, so
+    loading never holds a second copy of the whole model in memory."""
 
     path: Path
     config: ResNetConfig
@@ -36,7 +48,35 @@ class ModelFile:
     preprocessing: Preprocessing
     weights_name: str
     dtype: str  # the type the conv and fc weights are stored in
-    tensors: dict[str, np.ndarray] = field(repr=False)  # float32, PyTorch shapes
+    infos: dict[str, TensorInfo] = field(repr=False)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
+        return {name: self.tensor(name) for name in self.infos}
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor's values as float32 in its PyTorch shape. Raises ModelFormatError for a short read
+        (the file changed since it was checked) or NaN/infinite values."""
+        info = self.infos[name]
+        raw = np.empty(info.n_bytes, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(memoryview(raw)) != info.n_bytes:
+                raise ModelFormatError(f"{self.path}: tensor {name!r} is cut short (file truncated?)")
+        if info.kind == "f32":
+            values = raw.view(np.float32)
+        elif info.kind == "f16":
+            values = raw.view(np.float16).astype(np.float32)
+        else:
+            import gguf
+
+            qtype = gguf.GGMLQuantizationType[info.kind.upper()]
+            block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            values = gguf.quants.dequantize(raw.reshape(-1, info.row // block * block_bytes), qtype)
+        values = values.reshape(info.shape).astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            raise ModelFormatError(f"{self.path}: tensor {name!r} contains NaN or infinite values")
+        return values
 
 
 def _reader(path: Path):
@@ -109,36 +149,29 @@ def _metadata(reader) -> tuple[ResNetConfig, int, tuple[str, ...], float, Prepro
     return cfg, num_classes, labels, eps, pre, weights_name
 
 
-def _tensor(t, expected: tuple[int, ...], size: int) -> tuple[np.ndarray, str]:
-    """One tensor's data as float32 in its PyTorch shape, after checking its type, shape and extent."""
+def _tensor_info(t, expected: tuple[int, ...], size: int) -> TensorInfo:
+    """Checks one tensor's type, shape and extent in the file, without reading its data."""
     import gguf
 
     name = t.name
     kind = _TYPES.get(int(t.tensor_type))
     if kind is None:
         raise ModelFormatError(f"tensor {name!r} has unsupported type code {int(t.tensor_type)}")
-    is_vector = len(expected) == 1
-    if kind != "f32" and is_vector:
+    if kind != "f32" and len(expected) == 1:
         raise ModelFormatError(f"tensor {name!r} must be f32, got {kind}")
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims in ggml order
     flat = (expected[0], int(np.prod(expected[1:]))) if len(expected) == 4 else None
     if shape != expected and not (kind == "q8_0" and shape == flat):
         raise ModelFormatError(f"tensor {name!r} has shape {shape}, expected {expected}")
-    if int(t.data_offset) + int(t.n_bytes) > size:
+    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(t.tensor_type))]
+    row = shape[-1]
+    if row % block:
+        raise ModelFormatError(f"tensor {name!r}: rows of {row} do not fill {kind} blocks of {block}")
+    n_bytes = int(np.prod(shape)) // block * block_bytes
+    offset = int(t.data_offset)
+    if int(t.n_bytes) != n_bytes or offset < 0 or offset + n_bytes > size:
         raise ModelFormatError(f"tensor {name!r} extends past the end of the file (truncated?)")
-    data = t.data
-    if kind == "f32":
-        values = np.array(data, dtype=np.float32)
-    elif kind == "f16":
-        values = np.asarray(data).view(np.float16).astype(np.float32)
-    else:
-        values = gguf.quants.dequantize(np.asarray(data), t.tensor_type).astype(np.float32)
-    if values.size != int(np.prod(expected)):
-        raise ModelFormatError(f"tensor {name!r} holds {values.size} values, expected {int(np.prod(expected))}")
-    values = values.reshape(expected)
-    if not np.isfinite(values).all():
-        raise ModelFormatError(f"tensor {name!r} contains NaN or infinite values")
-    return values, kind
+    return TensorInfo(expected, kind, offset, n_bytes, row)
 
 
 def read(path: str | os.PathLike) -> ModelFile:
@@ -158,11 +191,8 @@ def read(path: str | os.PathLike) -> ModelFile:
             raise ModelFormatError(f"{path}: tensors do not match {cfg.name}: missing {missing[:5]}, "
                                    f"unexpected {extra[:5]}" + (" (and duplicates)" if len(found) != len(
                                        reader.tensors) else ""))
-        tensors, kinds = {}, set()
-        for name, shape in expected.items():
-            tensors[name], kind = _tensor(found[name], shape, size)
-            if len(shape) > 1:
-                kinds.add(kind)
+        infos = {name: _tensor_info(found[name], shape, size) for name, shape in expected.items()}
+        kinds = {i.kind for i in infos.values() if len(i.shape) > 1}
         dtype = "q8_0" if "q8_0" in kinds else next(iter(kinds - {"f32"}), "f32")
         if len(kinds - {"f32", dtype}):
             raise ModelFormatError(f"{path}: weights mix types {sorted(kinds)}")
@@ -170,4 +200,4 @@ def read(path: str | os.PathLike) -> ModelFile:
         raise ModelFormatError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     finally:
         del reader  # drops the memory map
-    return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, dtype, tensors)
+    return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, dtype, infos)

@@ -9,8 +9,6 @@ method with PyTorch's eps). Both are exact to f32 rounding.
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import arch, layers
 from .arch import ResNetConfig
 from .ggml import Graph, Tensor, Type, Weights, encode
@@ -40,27 +38,37 @@ def _matrix_type(wtype: Type, k: int) -> Type:
 
 
 def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weights:
-    """The model's tensors arranged for `build`, rounded to `wtype` where reduced, in one backend buffer."""
-    t = mf.tensors
-    host: dict[str, tuple[Type, np.ndarray]] = {}
-    for conv, bn, *_ in convolutions(mf.config):
-        w = t[conv]
-        if batchnorm == "folded":
-            w, bias = layers.fold_batchnorm(w, t[f"{bn}.weight"], t[f"{bn}.bias"], t[f"{bn}.running_mean"],
-                                            t[f"{bn}.running_var"], mf.eps)
-            host[f"{bn}.folded_bias"] = (Type.F32, bias)
-        else:
-            for p in ("weight", "bias", "running_mean", "running_var"):
-                host[f"{bn}.{p}"] = (Type.F32, t[f"{bn}.{p}"])
-        m = layers.conv_weight(w)
-        host[conv] = (_matrix_type(wtype, m.shape[1]), m)
-    host["fc.weight"] = (_matrix_type(wtype, t["fc.weight"].shape[1]), t["fc.weight"])
-    host["fc.bias"] = (Type.F32, t["fc.bias"])
+    """The model's tensors arranged for `build`, rounded to `wtype` where reduced, in one backend buffer.
 
-    weights = Weights(backend, {name: (ty, tuple(reversed(a.shape))) for name, (ty, a) in host.items()})
+    Tensors stream from the file one convolution at a time, so loading holds one model-sized copy: ggml's.
+    """
+    plan: dict[str, tuple[Type, tuple[int, ...]]] = {}  # name -> (type, host shape), in upload order
+    for conv, bn, *_ in convolutions(mf.config):
+        oc, k = layers.conv_weight_shape(mf.infos[conv].shape)
+        plan[conv] = (_matrix_type(wtype, k), (oc, k))
+        vectors = ("folded_bias",) if batchnorm == "folded" else ("weight", "bias", "running_mean", "running_var")
+        for p in vectors:
+            plan[f"{bn}.{p}"] = (Type.F32, (oc,))
+    fc = mf.infos["fc.weight"].shape
+    plan["fc.weight"] = (_matrix_type(wtype, fc[1]), fc)
+    plan["fc.bias"] = (Type.F32, (fc[0],))
+
+    weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
     try:
-        for name, (ty, a) in host.items():
-            weights.set(name, encode(a, ty))
+        for conv, bn, *_ in convolutions(mf.config):
+            m = layers.conv_weight(mf.tensor(conv))
+            bn_values = {p: mf.tensor(f"{bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
+            if batchnorm == "folded":
+                scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
+                                                          bn_values["running_mean"], bn_values["running_var"], mf.eps)
+                m *= scale[:, None]  # in place: the largest weights are never copied twice
+                weights.set(f"{bn}.folded_bias", bias)
+            else:
+                for p, v in bn_values.items():
+                    weights.set(f"{bn}.{p}", v)
+            weights.set(conv, encode(m, plan[conv][0]))
+        weights.set("fc.weight", encode(mf.tensor("fc.weight"), plan["fc.weight"][0]))
+        weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()
         raise
@@ -68,9 +76,9 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weigh
 
 
 def max_nodes(cfg: ResNetConfig) -> int:
-    # At most 16 graph nodes per convolution (explicit BatchNorm is the larger), plus the stem and head.
+    # At most 18 graph nodes per convolution (explicit BatchNorm is the larger), plus the stem and head.
     n_convs = sum(1 for _ in convolutions(cfg))
-    return 16 * n_convs + 64
+    return 18 * n_convs + 64
 
 
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
@@ -81,13 +89,15 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
 
     def conv_bn(x: Tensor, conv: str, bn: str, relu: bool) -> Tensor:
         k, s, p = kernel_of[conv]
+        # The convolution's result is read by nothing else, so the ops after it may overwrite it in place,
+        # which keeps the compute buffer small.
         y = layers.conv2d(g, x, w[conv], kernel=k, stride=s, padding=p)
         if batchnorm == "folded":
-            y = layers.bias_add(g, y, w[f"{bn}.folded_bias"])
+            y = layers.bias_add(g, y, w[f"{bn}.folded_bias"], inplace=True)
         else:
             y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
                                  w[f"{bn}.bias"], eps)
-        return g.relu(y) if relu else y
+        return g.relu(y, inplace=True) if relu else y
 
     out: dict[str, Tensor] = {}
     image = g.input("image", (width, height, 3, batch))
@@ -101,7 +111,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
             x = conv_bn(x, f"{prefix}.conv{i}.weight", f"{prefix}.bn{i}", relu=i < n_convs)
         if down:
             shortcut = conv_bn(shortcut, f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1", relu=False)
-        x = g.relu(g.add(x, shortcut))
+        x = g.relu(g.add(x, shortcut, inplace=True), inplace=True)
         if index == cfg.layers[stage - 1] - 1:
             out[f"layer{stage}"] = x
     out["features"] = layers.global_avg_pool(g, x)

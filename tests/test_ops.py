@@ -53,7 +53,7 @@ def run(backend, weights: dict, build, x_nchw, spatial=True):
         g.set(x, x_nchw)
         g.compute()
         out = g.get(y)
-    return out if spatial else out.reshape(y.ne[1], y.ne[0])
+        return out if spatial else out.reshape(y.ne[1], y.ne[0])
 
 
 CONV_CASES = [
@@ -63,6 +63,8 @@ CONV_CASES = [
     (2, 8, 11, 13, 24, 3, 1, 1),
     (3, 8, 11, 13, 24, 3, 2, 1),
     (1, 128, 14, 14, 64, 3, 1, 1),
+    (2, 32, 1, 1, 16, 3, 1, 1),
+    (1, 64, 7, 7, 64, 3, 1, 1),
     (2, 3, 33, 29, 16, 7, 2, 3),
 ]
 
@@ -106,8 +108,8 @@ def test_conv_with_folded_batchnorm_matches_conv_then_bn(backend, k, s, p):
     n, ic, oc = 2, 16, 24
     x, wt, bn = rand(n, ic, 10, 9, seed=5), rand(oc, ic, k, k, seed=6) / np.float32(np.sqrt(ic * k * k)), bn_params(oc, 7)
     want = torch_bn(F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy(), bn)
-    wf, bf = layers.fold_batchnorm(wt, bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5)
-    got = run(backend, {"w": layers.conv_weight(wf), "b": bf},
+    scale, bias = layers.batchnorm_scale_bias(bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5)
+    got = run(backend, {"w": layers.conv_weight(wt) * scale[:, None], "b": bias},
               lambda g, xc, W: layers.bias_add(g, layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p),
                                                W["b"]), x)
     assert_close(got, want, rtol=4e-6)  # folding rounds the scaled weights once more
