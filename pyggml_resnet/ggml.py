@@ -157,7 +157,20 @@ def _host_bytes(tensor: Tensor, array) -> np.ndarray:
     return array
 
 
-class Backend:
+class _Closable:
+    """`with` support for the native objects below: leaving the block calls close()."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Backend(_Closable):
     """ggml's CPU backend with its thread count."""
 
     def __init__(self, threads: int | None = None):
@@ -184,14 +197,8 @@ class Backend:
         self._ptr = None
         self._finalizer()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Weights:
+class Weights(_Closable):
     """Named constant tensors allocated together in one backend buffer."""
 
     def __init__(self, backend: Backend, specs: dict[str, tuple[Type | str, tuple[int, ...]]]):
@@ -254,14 +261,8 @@ class Weights:
         self._tensors = {}
         self._finalizer()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Graph:
+class Graph(_Closable):
     """Builds a compute graph from ggml operations, allocates it once, and computes it on demand.
 
     Build with the op methods, then `finalize(outputs)`; afterwards `set` inputs, `compute`, `get` results.
@@ -603,9 +604,3 @@ class Graph:
         self._inputs = []
         self._weights = set()
         self._finalizer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
