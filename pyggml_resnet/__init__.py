@@ -7,10 +7,11 @@
 """
 
 from .errors import Error, InputError, ModelFormatError
+from .hub import DownloadError, from_pretrained
 from .model import Model, Prediction, load
 from .preprocess import load_image, preprocess
 
 __version__ = "0.1.0"
 
-__all__ = ["Error", "InputError", "ModelFormatError", "Model", "Prediction", "load", "load_image",
-           "preprocess", "__version__"]
+__all__ = ["Error", "InputError", "ModelFormatError", "DownloadError", "Model", "Prediction", "load",
+           "from_pretrained", "load_image", "preprocess", "__version__"]

@@ -11,16 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import Error
+from .errors import Error, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def _open_model(spec: str, threads: int | None, dtype: str | None):
-    """--model takes a GGUF path or the name of a pretrained model (downloaded and converted once)."""
+    """--model takes a GGUF path or the name of a pretrained model (downloaded and converted once).
+
+    Anything that exists, ends in .gguf or contains a path separator is a path, so a mistyped path gets
+    "no model file" rather than "unknown pretrained model"."""
     from . import load
 
-    if os.path.exists(spec) or spec.endswith(".gguf"):
+    if os.path.exists(spec) or spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec:
         return load(spec, threads=threads, dtype=dtype)
     from . import hub
 
@@ -56,22 +59,31 @@ def _print_stage_shapes(model, shape) -> None:
 
 
 def _classify(args) -> int:
-    from tqdm import tqdm
-
-    from .preprocess import load_image, preprocess
-
     paths = _image_paths(args.images)
     if not paths:
         print("error: no images found", file=sys.stderr)
         return 1
     model = _open_model(args.model, args.threads, args.dtype)
+    try:
+        return _classify_paths(model, args, paths)
+    finally:
+        model.close()
+
+
+def _classify_paths(model, args, paths: list[Path]) -> int:
+    from tqdm import tqdm
+
+    from .preprocess import load_image, preprocess
+
     pre = model.preprocessing
+    if args.top_k > model.num_classes:
+        raise InputError(f"--top-k {args.top_k} is more than the model's {model.num_classes} classes")
     if args.verbose:
         print(model)
         _print_stage_shapes(model, (1, 3, pre.crop, pre.crop))
 
     out = open(args.out, "w", newline="", encoding="utf-8") if args.out else None
-    writer = csv.writer(out) if out and not args.out.endswith(".jsonl") else None
+    writer = csv.writer(out) if out and not args.out.lower().endswith(".jsonl") else None
     if writer:
         writer.writerow(["path", "labels", "indices", "probs"])
     failures = 0
@@ -96,11 +108,13 @@ def _classify(args) -> int:
         bar.close()
         if out:
             out.close()
-        model.close()
+    if failures == len(paths):
+        print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
+        return 1
     if args.out:
         print(f"wrote {len(paths) - failures} results to {args.out}"
               + (f"; skipped {failures} unreadable file(s)" if failures else ""), file=sys.stderr)
-    return 0 if failures < len(paths) else 1
+    return 0
 
 
 def _emit(args, writer, out, path, top) -> None:
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (Error, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,242 @@
+"""The command line: `pyggml-resnet classify` on files and folders, its output formats and its errors.
+
+Most runs call `pyggml_resnet.cli.main` in-process; a few run `python -m pyggml_resnet` and the installed
+`pyggml-resnet` script, to check the real process (exit codes, one-line errors, same output). Every
+result is compared with `Model.classify` on the same files. Runs use one thread: the test machine may be
+shared, and ggml's worker threads spin.
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pyggml_resnet
+from pyggml_resnet import cli, hub
+
+LINE = re.compile(r"^  top\[(\d+)\]=(\d\.\d{6}) index = (\d+) label = (.+)$")
+READABLE = ["a.jpg", "b.png", "deep16.png", "gray.png", "palette.gif", "rgba.png", "sub/c.jpeg"]
+UNREADABLE = ["empty.png", "fake.jpg", "truncated.jpg"]
+PROB_TOL = 2e-6  # printed with 6 decimals; batches of different sizes differ by ~1e-9
+
+
+@pytest.fixture(scope="module")
+def model_path(model_files):
+    return str(model_files(18)[2])  # a seeded resnet18 with 1000 ImageNet labels
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Images of every kind the CLI meets in a real folder, and three files that are not images."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "a.jpg", quality=90)
+    Image.fromarray(rgb[::-1]).save(root / "b.png")
+    Image.fromarray(rgb[..., 1]).save(root / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), "RGBA").save(root / "rgba.png")
+    Image.fromarray((rng.random((50, 70)) * 65535).astype(np.uint16)).save(root / "deep16.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.gif")
+    (root / "sub").mkdir()
+    Image.fromarray(rgb[:, ::-1].copy()).save(root / "sub" / "c.jpeg")
+    (root / "notes.txt").write_text("no image suffix: not even looked at")
+    (root / "fake.jpg").write_text("a text file with an image suffix")
+    (root / "empty.png").write_bytes(b"")
+    jpeg = (root / "a.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    assert Image.open(root / "deep16.png").mode.startswith("I")  # really 16-bit
+    assert Image.open(root / "palette.gif").mode == "P"
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(model_path, folder):
+    """{path: top-5 Predictions} from Model.classify, for every readable file."""
+    with pyggml_resnet.load(model_path, threads=1) as model:
+        paths = [str(folder / name) for name in READABLE]
+        return dict(zip(paths, model.classify(paths, top_k=5)))
+
+
+def run_main(capsys, *args):
+    rc = cli.main(["classify", *map(str, args), "--threads", "1"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_process(command, *args, env=None):
+    return subprocess.run([*command, "classify", *map(str, args), "--threads", "1"], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def parse_text(out: str) -> dict[str, list[tuple[str, int, float]]]:
+    """The text format: a path line, then one `  top[i]=P index = N label = NAME` line per class."""
+    results, current = {}, None
+    for line in out.splitlines():
+        m = LINE.match(line)
+        if m:
+            assert int(m.group(1)) == len(results[current])
+            results[current].append((m.group(4), int(m.group(3)), float(m.group(2))))
+        else:
+            current = line
+            results[current] = []
+    return results
+
+
+def assert_matches(got: dict, expected: dict, top_k: int = 5):
+    assert sorted(got) == sorted(expected)
+    for path, rows in got.items():
+        want = expected[path][:top_k]
+        assert [(r[0], r[1]) for r in rows] == [(p.label, p.index) for p in want], path
+        np.testing.assert_allclose([r[2] for r in rows], [p.prob for p in want], rtol=0, atol=PROB_TOL)
+
+
+def read_csv(path) -> dict:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "labels", "indices", "probs"]
+    return {r[0]: list(zip(r[1].split("|"), map(int, r[2].split("|")), map(float, r[3].split("|"))))
+            for r in rows[1:]}
+
+
+def read_jsonl(path) -> dict:
+    results = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        results[row["path"]] = list(zip(row["labels"], row["indices"], row["probs"]))
+    return results
+
+
+# -- one file ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 3])
+def test_text_output(capsys, model_path, folder, expected, top_k):
+    image = str(folder / "a.jpg")
+    rc, out, err = run_main(capsys, image, "--model", model_path, *(["--top-k", top_k] if top_k else []))
+    assert rc == 0 and err == ""
+    got = parse_text(out)
+    assert list(got) == [image] and len(got[image]) == (top_k or 5)
+    assert_matches(got, {image: expected[image]}, top_k or 5)
+
+
+def test_json_output(capsys, model_path, folder, expected):
+    images = [str(folder / "b.png"), str(folder / "sub" / "c.jpeg")]
+    rc, out, err = run_main(capsys, *images, "--model", model_path, "--json", "--top-k", 2)
+    assert rc == 0 and err == ""
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in rows] == images and all(set(r) == {"path", "labels", "indices", "probs"}
+                                                       for r in rows)
+    assert_matches({r["path"]: list(zip(r["labels"], r["indices"], r["probs"])) for r in rows},
+                   {p: expected[p] for p in images}, 2)
+
+
+def test_verbose_prints_stage_shapes(capsys, model_path, folder):
+    rc, out, _ = run_main(capsys, folder / "a.jpg", "--model", model_path, "--verbose", "--top-k", 1)
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("<Model resnet18 f32")
+    assert lines[1:10] == [  # ggml order: W x H x C x N
+        "model.input     shape:  224 x  224 x    3 x   1",
+        "model.maxpool   shape:   56 x   56 x   64 x   1",
+        "model.layer1    shape:   56 x   56 x   64 x   1",
+        "model.layer2    shape:   28 x   28 x  128 x   1",
+        "model.layer3    shape:   14 x   14 x  256 x   1",
+        "model.layer4    shape:    7 x    7 x  512 x   1",
+        "model.avgpool   shape:  512 x    1 x    1 x   1",
+        "model.fc        shape: 1000 x    1 x    1 x   1",
+        str(folder / "a.jpg"),
+    ]
+    assert LINE.match(lines[10]) and len(lines) == 11
+
+
+# -- folders -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_folder_to_file(capsys, model_path, folder, expected, tmp_path, suffix):
+    results = tmp_path / f"results{suffix}"
+    rc, out, err = run_main(capsys, folder, "--model", model_path, "--out", results)
+    assert rc == 0 and out == ""
+    got = read_csv(results) if suffix == ".csv" else read_jsonl(results)
+    assert_matches(got, expected)  # one row per readable image, sub/ included, notes.txt not looked at
+    skipped = [line for line in err.splitlines() if line.startswith("skipped: ")]
+    assert sorted(Path(line.split()[1].rstrip(":")).name for line in skipped) == UNREADABLE
+    assert f"wrote 7 results to {results}; skipped 3 unreadable file(s)" in err
+
+
+def test_batch_size_does_not_change_results(capsys, model_path, folder, tmp_path):
+    default, small = tmp_path / "default.jsonl", tmp_path / "small.jsonl"
+    assert run_main(capsys, folder, "--model", model_path, "--out", default)[0] == 0
+    assert run_main(capsys, folder, "--model", model_path, "--out", small, "--batch-size", 2)[0] == 0
+    a, b = read_jsonl(default), read_jsonl(small)
+    assert list(a) == list(b)  # same rows in the same order
+    for path in a:
+        assert [r[:2] for r in a[path]] == [r[:2] for r in b[path]]
+        np.testing.assert_allclose([r[2] for r in a[path]], [r[2] for r in b[path]], rtol=0, atol=PROB_TOL)
+
+
+def test_nothing_readable(capsys, model_path, folder, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in UNREADABLE:
+        shutil.copy(folder / name, bad / name)
+    rc, out, err = run_main(capsys, bad, "--model", model_path)
+    assert rc == 1 and out == ""
+    assert err.count("skipped: ") == 3 and "error: none of the 3 image file(s) could be read" in err
+    rc, _, err = run_main(capsys, tmp_path / "no-images-here", "--model", model_path)  # a missing file
+    assert rc == 1 and "no such file" in err
+    (tmp_path / "empty-dir").mkdir()
+    rc, _, err = run_main(capsys, tmp_path / "empty-dir", "--model", model_path)
+    assert rc == 1 and err == "error: no images found\n"
+
+
+def test_bad_top_k(capsys, model_path, folder):
+    rc, out, err = run_main(capsys, folder / "a.jpg", "--model", model_path, "--top-k", 1001)
+    assert rc == 1 and out == "" and err == "error: --top-k 1001 is more than the model's 1000 classes\n"
+    with pytest.raises(SystemExit) as info:
+        run_main(capsys, folder / "a.jpg", "--model", model_path, "--top-k", 0)
+    assert info.value.code == 2
+
+
+# -- real processes ----------------------------------------------------------------------------------------
+
+
+def test_module_and_console_script_agree(capsys, model_path, folder):
+    args = (folder / "a.jpg", folder / "gray.png", "--model", model_path, "--top-k", 3)
+    module = run_process([sys.executable, "-m", "pyggml_resnet"], *args)
+    assert module.returncode == 0 and module.stderr == ""
+    rc, out, _ = run_main(capsys, *args)
+    assert rc == 0 and module.stdout == out
+    script = shutil.which("pyggml-resnet", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the pyggml-resnet console script is not installed beside this python")
+    installed = run_process([script], *args)
+    assert (installed.returncode, installed.stdout, installed.stderr) == (0, module.stdout, "")
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/dir/model.gguf", "missing.gguf", "vgg16"])
+def test_bad_model_is_one_line_error(folder, model):
+    result = run_process([sys.executable, "-m", "pyggml_resnet"], folder / "a.jpg", "--model", model)
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert (model if model != "vgg16" else "unknown pretrained model 'vgg16'") in result.stderr
+
+
+def test_pretrained_name_uses_the_cache(capsys, model_path, folder, expected, tmp_path, monkeypatch):
+    """--model resnet18 goes through hub.from_pretrained; with the GGUF already cached, no network."""
+    monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path))
+    cached = hub.cached_path("resnet18")
+    shutil.copy(model_path, cached)
+    monkeypatch.setattr(hub, "_download", lambda *a, **k: pytest.fail("no download expected"))
+    image = str(folder / "a.jpg")
+    rc, out, err = run_main(capsys, image, "--model", "resnet18")
+    assert rc == 0 and err == ""
+    assert_matches(parse_text(out), {image: expected[image]})
