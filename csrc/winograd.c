@@ -10,38 +10,6 @@ static void thread_range(int64_t n, int ith, int nth, int64_t * first, int64_t *
     *last = *first + per_thread < n ? *first + per_thread : n;
 }
 
-static void winograd_weight_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
-    const struct ggml_tensor * w = dst->src[0];
-    const int64_t C = dst->ne[0], OC = dst->ne[1];
-    int64_t first, last;
-    thread_range(OC, ith, nth, &first, &last);
-
-    for (int64_t oc = first; oc < last; ++oc) {
-        const float * g = (const float *) ((const char *) w->data + oc * w->nb[1]);
-        float * out[16];
-        for (int k = 0; k < 16; ++k) out[k] = (float *) ((char *) dst->data + oc * dst->nb[1] + k * dst->nb[2]);
-        for (int64_t c = 0; c < C; ++c) {
-            // t = G g (4x3), then u = t G^T (4x4); G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
-            float t[12];
-            for (int j = 0; j < 3; ++j) {
-                const float g0 = g[(0 * 3 + j) * C + c], g1 = g[(1 * 3 + j) * C + c], g2 = g[(2 * 3 + j) * C + c];
-                t[0 + j] = g0;
-                t[3 + j] = 0.5f * (g0 + g1 + g2);
-                t[6 + j] = 0.5f * (g0 - g1 + g2);
-                t[9 + j] = g2;
-            }
-            for (int i = 0; i < 4; ++i) {
-                const float t0 = t[3 * i], t1 = t[3 * i + 1], t2 = t[3 * i + 2];
-                out[4 * i + 0][c] = t0;
-                out[4 * i + 1][c] = 0.5f * (t0 + t1 + t2);
-                out[4 * i + 2][c] = 0.5f * (t0 - t1 + t2);
-                out[4 * i + 3][c] = t2;
-            }
-        }
-    }
-}
-
 static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * x = dst->src[0];
@@ -118,12 +86,6 @@ static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void
             }
         }
     }
-}
-
-struct ggml_tensor * winograd_weight(struct ggml_context * ctx, struct ggml_tensor * w, int64_t channels) {
-    struct ggml_tensor * args[1] = { w };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, channels, w->ne[1], 16, 1, args, 1, winograd_weight_run,
-                          GGML_N_TASKS_MAX, NULL);
 }
 
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x) {

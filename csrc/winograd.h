@@ -9,11 +9,6 @@
 extern "C" {
 #endif
 
-// w: contiguous f32 [K, OC], K >= 9 * channels, each row one 3x3 kernel as (ky, kx, c) with c fastest (then
-// padding). Returns f32 [channels, OC, 16, 1]: the 16 values G g G^T of each kernel, the weights of the 16
-// matrix products.
-struct ggml_tensor * winograd_weight(struct ggml_context * ctx, struct ggml_tensor * w, int64_t channels);
-
 // x: contiguous f32 [C, W, H, N]. Returns f32 [C, T, 16, 1], T = N * ceil(H/2) * ceil(W/2) tiles: for each
 // 4x4 input window (zero-padded by one pixel, as a padding-1 convolution sees it) the 16 values B^T d B.
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);

@@ -101,7 +101,6 @@ struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor 
                                   struct ggml_tensor * like, int channel_dim);
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
                                     int kh, int kw, int stride, int pad, int64_t k_pad);
-struct ggml_tensor * winograd_weight(struct ggml_context * ctx, struct ggml_tensor * w, int64_t channels);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
 """

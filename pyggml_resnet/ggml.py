@@ -492,16 +492,6 @@ class Graph(_Closable):
         self._need_contiguous(x, "winograd_input")
         return self._new(lib.winograd_input(ctx, x._ptr))
 
-    def winograd_weight(self, w: Tensor, in_channels: int) -> Tensor:
-        """Winograd F(2x2,3x3) weight transform G g G^T of 3x3 kernels stored as [9*IC, OC] (ky, kx, c with
-        c fastest; rows may be zero-padded beyond 9*IC): -> [IC, OC, 16, 1], to mul_mat with winograd_input."""
-        ctx = self._building(w)
-        self._need_f32(w, op="winograd_weight")
-        self._need_contiguous(w, "winograd_weight")
-        if not 9 * in_channels <= w.ne[0] or w.ne[2:] != (1, 1) or in_channels < 1:
-            raise InputError(f"winograd_weight: {w!r} must be [9*{in_channels} (or padded), OC]")
-        return self._new(lib.winograd_weight(ctx, w._ptr, in_channels))
-
     def winograd_output(self, m: Tensor, like: Tensor) -> Tensor:
         """Winograd F(2x2,3x3) output transform: m [OC, T, 16, 1] (for winograd_input(like)) -> [OC, W, H, N]."""
         ctx = self._building(m, like)

@@ -17,28 +17,40 @@ from .ggml import Graph, Tensor, Type
 K_ALIGN = 32
 
 
-def uses_winograd(kernel: int, stride: int, padding: int, wtype: Type) -> bool:
+# Winograd F(2x2,3x3) weight transform G (the input and output transforms are in csrc/winograd.c).
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+WINOGRAD_MAX_CHANNELS = 1 << 30
+
+
+def uses_winograd(shape: tuple[int, ...], stride: int, padding: int, wtype: Type) -> bool:
     """3x3 stride-1 convolutions with f32 weights run as Winograd F(2x2,3x3): 16 multiplies per 2x2 outputs
     instead of 36. (Reduced-precision weights keep the direct path: their error is already the larger.)"""
-    return (kernel, stride, padding) == (3, 1, 1) and wtype == Type.F32
-
-
-def conv_weight_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The [OC, K] shape `conv_weight` gives a PyTorch [OC, IC, KH, KW] weight."""
     oc, ic, kh, kw = shape
+    return (kh, kw, stride, padding) == (3, 3, 1, 1) and wtype == Type.F32 and ic <= WINOGRAD_MAX_CHANNELS
+
+
+def conv_weight_shape(shape: tuple[int, ...], winograd: bool = False) -> tuple[int, ...]:
+    """The shape `conv_weight` gives a PyTorch [OC, IC, KH, KW] weight."""
+    oc, ic, kh, kw = shape
+    if winograd:
+        return 16, oc, ic
     k = kh * kw * ic
     if kh * kw > 1 and k % K_ALIGN:
         k += K_ALIGN - k % K_ALIGN
     return oc, k
 
 
-def conv_weight(w: np.ndarray) -> np.ndarray:
-    """PyTorch [OC, IC, KH, KW] -> the 2-D [OC, K] matrix `conv2d` multiplies by.
+def conv_weight(w: np.ndarray, winograd: bool = False) -> np.ndarray:
+    """PyTorch [OC, IC, KH, KW] -> the weight array `conv2d` multiplies by.
 
-    K runs over (ky, kx, c) with c fastest, the order `gather_patches` emits (and the Winograd weight
-    transform reads), zero-padded to a multiple of K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147).
+    Direct: a 2-D [OC, K] matrix, K running over (ky, kx, c) with c fastest (the order `gather_patches`
+    emits), zero-padded to a multiple of K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147).
+    Winograd: [16, OC, IC], G w G^T for each of the 16 tile positions, in float64 and rounded once.
     """
     oc, ic, kh, kw = w.shape
+    if winograd:
+        u = _WINOGRAD_G @ w.astype(np.float64) @ _WINOGRAD_G.T  # [OC, IC, 4, 4]
+        return np.ascontiguousarray(u.reshape(oc, ic, 16).transpose(2, 0, 1), dtype=np.float32)
     m = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(oc, kh * kw * ic)
     k = conv_weight_shape(w.shape)[1]
     return np.pad(m, ((0, 0), (0, k - m.shape[1]))) if k > m.shape[1] else m
@@ -56,12 +68,10 @@ def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray
 
 
 def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int) -> Tensor:
-    """Convolution without bias: x [C, W, H, N], w from `conv_weight` as ggml [K, OC] -> [OC, OW, OH, N]."""
-    if uses_winograd(kernel, stride, padding, w.type):
-        # The weights are transformed in the graph, each call: it costs a few percent of the products it
-        # saves, and storing them transformed would take 16/9 of the memory.
-        u = g.winograd_weight(w, x.ne[0])
-        return g.winograd_output(g.mul_mat(u, g.winograd_input(x)), x)
+    """Convolution without bias: x [C, W, H, N], w from `conv_weight` (ggml [K, OC], or [IC, OC, 16] for
+    Winograd) -> [OC, OW, OH, N]."""
+    if w.ne[2] == 16:  # weights from conv_weight(..., winograd=True)
+        return g.winograd_output(g.mul_mat(w, g.winograd_input(x)), x)
     if kernel == 1 and padding == 0:
         if stride > 1:
             c, width, height, n = x.ne

@@ -43,9 +43,14 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weigh
     Tensors stream from the file one convolution at a time, so loading holds one model-sized copy: ggml's.
     """
     plan: dict[str, tuple[Type, tuple[int, ...]]] = {}  # name -> (type, host shape), in upload order
-    for conv, bn, *_ in convolutions(mf.config):
-        oc, k = layers.conv_weight_shape(mf.infos[conv].shape)
-        plan[conv] = (_matrix_type(wtype, k), (oc, k))
+    winograd = set()
+    for conv, bn, _, stride, padding in convolutions(mf.config):
+        shape = mf.infos[conv].shape
+        if layers.uses_winograd(shape, stride, padding, wtype):
+            winograd.add(conv)
+        host_shape = layers.conv_weight_shape(shape, conv in winograd)
+        oc = shape[0]
+        plan[conv] = (_matrix_type(wtype, host_shape[-1]), host_shape)
         vectors = ("folded_bias",) if batchnorm == "folded" else ("weight", "bias", "running_mean", "running_var")
         for p in vectors:
             plan[f"{bn}.{p}"] = (Type.F32, (oc,))
@@ -56,12 +61,12 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weigh
     weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
     try:
         for conv, bn, *_ in convolutions(mf.config):
-            m = layers.conv_weight(mf.tensor(conv))
+            m = layers.conv_weight(mf.tensor(conv), conv in winograd)
             bn_values = {p: mf.tensor(f"{bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
             if batchnorm == "folded":
                 scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
                                                           bn_values["running_mean"], bn_values["running_var"], mf.eps)
-                m *= scale[:, None]  # in place: the largest weights are never copied twice
+                m *= scale[:, None]  # in place (rows are output channels in both layouts)
                 weights.set(f"{bn}.folded_bias", bias)
             else:
                 for p, v in bn_values.items():
