@@ -19,7 +19,8 @@ K_ALIGN = 32
 
 # Winograd F(2x2,3x3) weight transform G (the input and output transforms are in csrc/winograd.c).
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-WINOGRAD_MAX_CHANNELS = 1 << 30
+# Above this many input channels the transformed weights cost more memory than the speed they buy.
+WINOGRAD_MAX_CHANNELS = 128
 
 
 def uses_winograd(shape: tuple[int, ...], stride: int, padding: int, wtype: Type) -> bool:

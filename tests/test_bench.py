@@ -1,0 +1,95 @@
+"""The benchmark's FLOP counter and one tiny end-to-end run. Nothing here looks at timings: the machine
+running the tests may be shared and slow, so only structure and correctness are asserted."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyggml_resnet import bench
+from pyggml_resnet.arch import BY_NAME
+
+
+def _out(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+def torchvision_macs(block: str, layers, size: int = 224, num_classes: int = 1000) -> int:
+    """Multiply-accumulates of torchvision's ResNet, written out block by block from its conv shapes
+    (independently of arch.py/resnet.py, which the counter under test walks)."""
+    h = _out(size, 7, 2, 3)
+    macs = 64 * 3 * 7 * 7 * h * h  # stem conv
+    h = _out(h, 3, 2, 1)  # max pool
+    expansion = 4 if block == "bottleneck" else 1
+    cin = 64
+    for stage, n in enumerate(layers):
+        width = 64 * 2 ** stage
+        cout = width * expansion
+        for b in range(n):
+            stride = 2 if stage > 0 and b == 0 else 1
+            ho = _out(h, 3, stride, 1)
+            if block == "bottleneck":
+                macs += cin * width * h * h  # 1x1, at the input resolution
+                macs += width * width * 9 * ho * ho  # 3x3, strided
+                macs += width * cout * ho * ho  # 1x1 expansion
+            else:
+                macs += cin * width * 9 * ho * ho + width * width * 9 * ho * ho
+            if stride != 1 or cin != cout:
+                macs += cin * cout * ho * ho  # 1x1 strided shortcut
+            cin, h = cout, ho
+    return macs + cin * num_classes  # fc
+
+
+@pytest.mark.parametrize("name, block, layers, gmacs", [
+    ("resnet18", "basic", (2, 2, 2, 2), 1.8),
+    ("resnet50", "bottleneck", (3, 4, 6, 3), 4.1),
+    ("resnet101", "bottleneck", (3, 4, 23, 3), 7.8),
+])
+def test_flops_are_twice_the_macs(name, block, layers, gmacs):
+    expected = 2 * torchvision_macs(block, layers)
+    assert bench.flops_per_image(name) == expected
+    assert bench.flops_per_image(BY_NAME[name], 224, 224, num_classes=1000) == expected
+    assert expected / 2e9 == pytest.approx(gmacs, abs=0.05)  # the figures everyone quotes
+
+
+def test_flops_follow_input_size_and_classes():
+    assert bench.flops_per_image("resnet50", 160, num_classes=10) == 2 * torchvision_macs(
+        "bottleneck", (3, 4, 6, 3), size=160, num_classes=10)
+
+
+def test_end_to_end_ggml_against_torch(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "tmp.json"
+    proc = subprocess.run([sys.executable, "-m", "pyggml_resnet", "bench", "--arch", "resnet18", "--batch", "1",
+                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "torch", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert {"model", "settings", "machine", "engines", "correctness", "results", "cold_start", "notes"} <= set(report)
+    assert report["model"]["arch"] == "resnet18"
+    assert report["model"]["flops_per_image"] == 2 * torchvision_macs("basic", (2, 2, 2, 2))
+    assert set(report["engines"]) == {"ggml-f32", "torch"}
+    assert all(e["status"] == "ok" and e["peak_rss_kib"] > 0 for e in report["engines"].values())
+
+    check = {c["engine"]: c for c in report["correctness"]}
+    assert check["ggml-f32"]["reference"] == "torch"
+    # The bench's own PyTorch forward and ggml agree to f32 rounding on the same random weights.
+    assert check["ggml-f32"]["rel_l2_error"] < 1e-5
+    assert check["ggml-f32"]["top1_agrees"]
+
+    rows = {(r["engine"], r["batch"]) for r in report["results"]}
+    assert rows == {("ggml-f32", 1), ("torch", 1)}
+    for r in report["results"]:
+        assert len(r["samples_ms_per_image"]) == 1
+        assert r["min_ms_per_image"] <= r["median_ms_per_image"] <= r["max_ms_per_image"]
+        assert r["gflops"] > 0
+    cold = {c["engine"]: c for c in report["cold_start"]}
+    assert set(cold) == {"ggml-f32", "torch"}
+    for c in cold.values():
+        parts = c["import_s"] + c["load_s"] + c["first_inference_s"]
+        assert c["total_s"] == pytest.approx(parts) and min(c["import_s"], c["load_s"], c["first_inference_s"]) > 0
+    assert report["machine"]["versions"]["ggml"]
+    assert "ggml-f32" in proc.stdout and "cold start" in proc.stdout
+    # Temporary files are cleaned up: only the JSON is left behind in the working directory.
+    assert [p.name for p in tmp_path.iterdir()] == ["tmp.json"]
