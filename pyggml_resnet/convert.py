@@ -42,6 +42,8 @@ import re
 import struct
 import sys
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -105,14 +107,37 @@ def _load_torch(path: Path) -> dict[str, np.ndarray]:
         import torch  # only needed here: converting a .bin, or running models, works without it
     except ImportError as e:
         raise Error("reading a PyTorch checkpoint needs torch: pip install 'pyggml-resnet[convert]'") from e
+    _check_zip_size(path)
     try:
         # weights_only: a pickle may name any Python callable, so unpickling an untrusted file would
         # run code. Only tensors and plain containers are allowed through.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of any pickle protocol but 2, before refusing or not
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (not a zip), KeyError/EOFError (garbage), ...
         raise ModelFormatError(f"{path} is not a weights-only PyTorch checkpoint "
                                f"(nor a legacy ggml .bin): {_torch_load_reason(e)}") from e
     return _state_dict_arrays(_unwrap_state_dict(obj, path), path, torch)
+
+
+def _data_budget(path: Path) -> int:
+    """The most bytes of float32 data a checkpoint file of this size may expand to: 2x for an f16 checkpoint,
+    4x for an fp8 one, and room for small files."""
+    return 4 * os.path.getsize(path) + (64 << 20)
+
+
+def _check_zip_size(path: Path) -> None:
+    """Refuses a zip checkpoint whose records would inflate far beyond the file (a zip bomb): torch.save
+    stores records uncompressed, but torch.load also inflates deflated ones, allocating the size the zip
+    claims before checking anything else."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(info.file_size for info in z.infolist())
+    except Exception:  # not a zip, or one Python cannot read: torch.load says why
+        return
+    if total > _data_budget(path):
+        raise ModelFormatError(f"{path}: its zip records expand to {total} bytes from a "
+                               f"{os.path.getsize(path)}-byte file (a zip bomb?)")
 
 
 def _torch_load_reason(e: Exception) -> str:
@@ -140,9 +165,19 @@ def _unwrap_state_dict(obj, path: Path) -> Mapping:
 
 
 def _state_dict_arrays(sd: Mapping, path: Path, torch) -> dict[str, np.ndarray]:
-    state = {}
+    """{name: float32 array}, every tensor checked before any is copied.
+
+    A checkpoint states each tensor's size and strides separately from the data it stores, so a 2 KB file
+    can hold a "tensor" of a billion elements that all view one stored float (a stride-0 `expand`, which
+    torch.save writes as it is). Copying that out would take gigabytes, so a tensor must fit in its own
+    storage, and all of them together in a few times the file's size, before anything is converted."""
+    tensors = []
+    budget = _data_budget(path)
     for name, value in sd.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(name, str):
+            raise ModelFormatError(f"{path}: a state_dict is keyed by tensor names, not by {type(name).__name__} "
+                                   f"keys like {name!r:.60}")
+        if not isinstance(value, torch.Tensor):
             raise ModelFormatError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
         if name.endswith(_NUM_BATCHES_TRACKED):
             continue
@@ -150,8 +185,26 @@ def _state_dict_arrays(sd: Mapping, path: Path, torch) -> dict[str, np.ndarray]:
         if not value.is_floating_point():
             raise ModelFormatError(f"{path}: {name} has dtype {value.dtype}, expected a floating-point tensor")
         try:
+            stored = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+            dense = value.layout == torch.strided
+        except Exception as e:  # sparse, nested or otherwise exotic tensors
+            raise ModelFormatError(f"{path}: {name} cannot be read as a dense array: {e}") from e
+        if not dense:
+            raise ModelFormatError(f"{path}: {name} is a {value.layout} tensor, not a dense one")
+        if value.numel() * value.element_size() > stored:
+            raise ModelFormatError(f"{path}: {name} has shape {tuple(value.shape)} but its storage holds only "
+                                   f"{max(stored, 0) // value.element_size()} values (an expanded or "
+                                   "overlapping view, not a weight)")
+        budget -= 4 * value.numel()
+        if budget < 0:
+            raise ModelFormatError(f"{path}: its tensors hold far more values than the file's size allows "
+                                   "(views sharing one storage?)")
+        tensors.append((name, value))
+    state = {}
+    for name, value in tensors:
+        try:
             state[name] = value.detach().to(torch.float32).contiguous().numpy()
-        except Exception as e:  # sparse or otherwise exotic tensors
+        except Exception as e:  # meta tensors and other exotic ones
             raise ModelFormatError(f"{path}: {name} cannot be read as a dense array: {e}") from e
     return state
 

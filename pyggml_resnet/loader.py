@@ -3,12 +3,23 @@
 Like ggml's examples/mnist: one file, dispatch on `general.architecture`, every tensor's type and shape
 checked against what the architecture expects. Anything wrong raises ModelFormatError; nothing from the
 file reaches ggml unchecked. Weights are read one at a time, as float32 NumPy arrays in PyTorch's shapes.
+
+The header, metadata and tensor table are parsed here, in pure Python, not with `gguf.GGUFReader`. On hostile
+input that reader loops and allocates without bound (a 149-byte file claiming a 2**40-item array grows it by
+~150 MB/s until the machine runs out of memory; a 48 MB file of two million empty tensor entries keeps it
+busy for more than 30 s), recurses on nested arrays, and reads through a memory map, which turns a file
+truncated while it is being read into SIGBUS, killing the process. This parser checks every count and length against the bytes left in the file and
+against fixed limits (`_MAX_*`) before using it, reads with plain `read()` calls, and keeps only the keys
+the loader uses, so whatever a file holds, reading it costs a bounded amount of memory and time, and a bad
+one raises ModelFormatError.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +31,33 @@ from .errors import ModelFormatError
 
 # Tensor types a model file may hold, by GGUF type code: what `convert --dtype` writes.
 _TYPES = {0: "f32", 1: "f16", 30: "bf16", 8: "q8_0"}
+_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34)}  # (elements, bytes) per block
 _REDUCED_OK = ("f16", "bf16", "q8_0")  # allowed for conv and fc weights only
 _MAX_CLASSES = 1_000_000
+
+# The parser's limits. A valid ResNet file is far below each (resnet152: 777 tensors, 16 keys, ~24 KB of
+# metadata, mostly ImageNet's labels); they bound what a hostile file can make the parser do.
+_GGUF_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)  # the same layout; version 1 had 32-bit counts
+_MAX_META_BYTES = 64 << 20  # header + metadata + tensor table (a million labels of ~40 bytes fit)
+_MAX_KV = 4096
+_MAX_TENSORS = 4096
+_MAX_ARRAY = 1 << 20  # items in one metadata array (>= _MAX_CLASSES labels)
+_MAX_KEY_BYTES = 1024
+_MAX_STRING_BYTES = 1 << 20  # one metadata string
+_MAX_NAME_BYTES = 63  # ggml's own limit on tensor names (GGML_MAX_NAME - 1)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_DEFAULT_ALIGNMENT = 32
+_FIRST_READ = 1 << 16  # bytes read to parse the header; doubled while the tables need more
+
+# GGUF metadata value types: code -> (name, struct format; None for STRING and ARRAY).
+_UINT32, _STRING, _ARRAY = 4, 8, 9
+_VALUE_TYPES = {0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"), 4: ("UINT32", "I"),
+                5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"), 8: ("STRING", None),
+                9: ("ARRAY", None), 10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d")}
+_INT_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})
+_FLOAT_TYPES = frozenset({6, 12})
+_KEPT_KEYS = frozenset(v for k, v in vars(Key).items() if k.isupper()) | {"general.alignment"}
 
 
 @dataclass(frozen=True)
@@ -49,155 +85,354 @@ class ModelFile:
     weights_name: str
     dtype: str  # the type the conv and fc weights are stored in
     infos: dict[str, TensorInfo] = field(repr=False)
+    identity: tuple = field(default=(), repr=False)  # (device, inode, size, mtime) of the file checked
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
         return {name: self.tensor(name) for name in self.infos}
 
     def tensor(self, name: str) -> np.ndarray:
-        """The tensor's values as float32 in its PyTorch shape. Raises ModelFormatError for a short read
-        (the file changed since it was checked) or NaN/infinite values."""
+        """The tensor's values as float32 in its PyTorch shape. Raises ModelFormatError if the file changed
+        since it was checked (replaced, rewritten, truncated), and for NaN or infinite values or negative
+        BatchNorm variances."""
         info = self.infos[name]
         raw = np.empty(info.n_bytes, np.uint8)
         with open(self.path, "rb") as f:
+            if self.identity and _identity(os.fstat(f.fileno())) != self.identity:
+                raise ModelFormatError(f"{self.path}: the file changed after it was checked")
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.n_bytes:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} is cut short (file truncated?)")
-        if info.kind == "f32":
-            values = raw.view(np.float32)
-        elif info.kind == "f16":
-            values = raw.view(np.float16).astype(np.float32)
-        else:
-            import gguf
-
-            qtype = gguf.GGMLQuantizationType[info.kind.upper()]
-            block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-            values = gguf.quants.dequantize(raw.reshape(-1, info.row // block * block_bytes), qtype)
-        values = values.reshape(info.shape).astype(np.float32, copy=False)
+        values = _decode(raw, info.kind).reshape(info.shape)
         if not np.isfinite(values).all():
             raise ModelFormatError(f"{self.path}: tensor {name!r} contains NaN or infinite values")
+        if name.endswith(".running_var") and (values < 0).any():
+            raise ModelFormatError(f"{self.path}: tensor {name!r} holds negative variances")
         return values
 
 
-def _reader(path: Path):
-    import gguf  # imported here: it is the slowest import of the package and only loading needs it
+def _decode(raw: np.ndarray, kind: str) -> np.ndarray:
+    """Stored bytes -> flat float32 values (bf16 and q8_0 through gguf's own dequantizers)."""
+    if kind == "f32":
+        return raw.view("<f4").astype(np.float32, copy=False)
+    if kind == "f16":
+        return raw.view("<f2").astype(np.float32)
+    import gguf
 
-    try:
-        return gguf.GGUFReader(path, "r")
-    except MemoryError:
-        raise
-    except Exception as e:  # gguf raises ValueError, struct errors, IndexError... on malformed files
-        raise ModelFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    return gguf.quants.dequantize(raw.reshape(-1, block_bytes), qtype).astype(np.float32, copy=False).reshape(-1)
 
 
-def _field(reader, key: str, kind: type, *, required: bool = True):
-    f = reader.fields.get(key)
-    if f is None:
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The GGUF container: header, metadata, tensor table
+
+
+class _NeedMore(Exception):
+    """The parse ran past the bytes read so far (but not past the end of the file)."""
+
+
+@dataclass(frozen=True)
+class _RawTensor:
+    name: str
+    ne: tuple[int, ...]  # ggml order
+    type_code: int
+    offset: int  # relative to the data section
+
+
+@dataclass
+class _Container:
+    fields: dict  # key -> (type, value); type is a code, or (ARRAY, item code) with a tuple value
+    tensors: list[_RawTensor]
+    data_start: int
+    alignment: int
+
+
+class _Cursor:
+    """Reads little-endian values from a file whose first len(buf) bytes are in buf. Every length is checked
+    against the bytes left in the file before anything is read or allocated for it."""
+
+    def __init__(self, buf: bytes, size: int):
+        self.buf, self.size, self.pos = buf, size, 0
+
+    def take(self, n: int, what: str) -> int:
+        """Claims the next n bytes; returns where they start."""
+        start = self.pos
+        if n > self.size - start:
+            raise ModelFormatError(f"the file ends inside {what} (at byte {start}, {n} bytes needed, "
+                                   f"{self.size - start} left; truncated?)")
+        if start + n > _MAX_META_BYTES:
+            raise ModelFormatError(f"the header, metadata and tensor table are larger than {_MAX_META_BYTES} "
+                                   f"bytes (reached at {what})")
+        if start + n > len(self.buf):
+            raise _NeedMore
+        self.pos = start + n
+        return start
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        return struct.unpack_from("<" + fmt, self.buf, self.take(struct.calcsize("<" + fmt), what))
+
+    def u32(self, what: str) -> int:
+        return self.unpack("I", what)[0]
+
+    def u64(self, what: str) -> int:
+        return self.unpack("Q", what)[0]
+
+    def string(self, what: str, limit: int, keep: bool = True) -> str | None:
+        n = self.u64(f"the length of {what}")
+        if n > limit:
+            raise ModelFormatError(f"{what} claims {n} bytes, more than the {limit} allowed")
+        start = self.take(n, what)
+        if not keep:
+            return None
+        try:
+            return self.buf[start:start + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelFormatError(f"{what} is not valid UTF-8") from None
+
+
+def _value(c: _Cursor, type_code: int, what: str, keep: bool):
+    """(type, value) of one metadata value; value is None unless kept."""
+    if type_code not in _VALUE_TYPES:
+        raise ModelFormatError(f"{what} has unknown value type {type_code}")
+    if type_code == _STRING:
+        return type_code, c.string(what, _MAX_STRING_BYTES, keep)
+    if type_code != _ARRAY:
+        value = c.unpack(_VALUE_TYPES[type_code][1], what)[0]
+        return type_code, (value if keep else None)
+    item_type = c.u32(f"the item type of {what}")
+    count = c.u64(f"the length of {what}")
+    if item_type == _ARRAY:
+        raise ModelFormatError(f"{what} is an array of arrays, which no model key is")
+    if item_type not in _VALUE_TYPES:
+        raise ModelFormatError(f"{what} is an array of unknown value type {item_type}")
+    if count > _MAX_ARRAY:
+        raise ModelFormatError(f"{what} claims {count} items, more than the {_MAX_ARRAY} allowed")
+    if item_type == _STRING:
+        if count * 8 > c.size - c.pos:  # each string takes at least its 8-byte length
+            raise ModelFormatError(f"{what} claims {count} strings, more than the rest of the file can hold "
+                                   "(truncated?)")
+        items = [c.string(f"item {i} of {what}", _MAX_STRING_BYTES, keep) for i in range(count)]
+    else:
+        fmt = _VALUE_TYPES[item_type][1]
+        start = c.take(count * struct.calcsize("<" + fmt), f"the {count} items of {what}")
+        items = struct.unpack_from(f"<{count}{fmt}", c.buf, start) if keep else ()
+    return (_ARRAY, item_type), (tuple(items) if keep else None)
+
+
+def _parse(c: _Cursor) -> _Container:
+    start = c.take(4, "the magic number")
+    magic = bytes(c.buf[start:start + 4])
+    if magic != _GGUF_MAGIC:
+        raise ModelFormatError(f"not a GGUF file (it starts with {magic!r}, not {_GGUF_MAGIC!r})")
+    version = c.u32("the version")
+    if version not in _VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if swapped in _VERSIONS:
+            raise ModelFormatError(f"a big-endian GGUF file (version {swapped}): only little-endian is supported")
+        raise ModelFormatError(f"GGUF version {version} is not supported (only {' and '.join(map(str, _VERSIONS))})")
+    n_tensors = c.u64("the tensor count")
+    n_kv = c.u64("the metadata count")
+    if n_tensors > _MAX_TENSORS:
+        raise ModelFormatError(f"the header claims {n_tensors} tensors, more than the {_MAX_TENSORS} allowed")
+    if n_kv > _MAX_KV:
+        raise ModelFormatError(f"the header claims {n_kv} metadata keys, more than the {_MAX_KV} allowed")
+
+    fields = {}
+    for i in range(n_kv):
+        key = c.string(f"the name of metadata key {i}", _MAX_KEY_BYTES)
+        if key in fields:
+            raise ModelFormatError(f"metadata key {key!r} appears twice")
+        type_code = c.u32(f"the type of metadata key {key!r}")
+        fields[key] = _value(c, type_code, f"metadata key {key!r}", keep=key in _KEPT_KEYS)
+
+    tensors = []
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor {i}", _MAX_NAME_BYTES)
+        n_dims = c.u32(f"the dimension count of tensor {name!r}")
+        if n_dims > _MAX_DIMS:
+            raise ModelFormatError(f"tensor {name!r} claims {n_dims} dimensions, more than ggml's {_MAX_DIMS}")
+        ne = c.unpack(f"{n_dims}Q", f"the dimensions of tensor {name!r}")
+        type_code, offset = c.unpack("IQ", f"the type and offset of tensor {name!r}")
+        tensors.append(_RawTensor(name, ne, type_code, offset))
+
+    alignment = _DEFAULT_ALIGNMENT
+    if "general.alignment" in fields:
+        kind, alignment = fields["general.alignment"]
+        if kind != _UINT32:
+            raise ModelFormatError(f"general.alignment must be a UINT32 power of two, got {_type_name(kind)}")
+        if not (alignment > 0 and alignment & (alignment - 1) == 0):
+            raise ModelFormatError(f"general.alignment must be a UINT32 power of two, got {alignment}")
+    data_start = c.pos + -c.pos % alignment
+    return _Container(fields, tensors, data_start, alignment)
+
+
+def _read_container(path: Path, size: int) -> _Container:
+    """Parses the header, metadata and tensor table, reading only as much of the file as they take."""
+    n = min(size, _FIRST_READ)
+    with open(path, "rb") as f:
+        while True:
+            f.seek(0)
+            buf = f.read(n)
+            if len(buf) != n:
+                raise ModelFormatError(f"{path}: the file shrank while it was read")
+            try:
+                return _parse(_Cursor(buf, size))
+            except _NeedMore:
+                n = min(size, 2 * n, _MAX_META_BYTES)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The metadata
+
+
+def _type_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return f"ARRAY[{_VALUE_TYPES[kind[1]][0]}]"
+    return _VALUE_TYPES[kind][0]
+
+
+def _get(fields, key: str, allowed, what: str, *, array: bool = False, required: bool = True):
+    """The value of `key`: a scalar or string whose type code is in `allowed`, or with `array`, a tuple
+    whose item type code is in `allowed`."""
+    if key not in fields:
         if required:
             raise ModelFormatError(f"missing metadata key {key!r}")
         return None
-    try:
-        if kind is str:
-            return bytes(f.parts[f.data[0]]).decode("utf-8")
-        if kind is list:
-            values = [f.parts[i] for i in f.data]
-            if values and isinstance(values[0], np.ndarray) and values[0].dtype == np.uint8:
-                return [bytes(v).decode("utf-8") for v in values]
-            return [v.item() for v in values]
-        value = f.parts[f.data[0]]
-        return kind(value.item() if hasattr(value, "item") else value[0])
-    except (IndexError, ValueError, UnicodeDecodeError, TypeError) as e:
-        raise ModelFormatError(f"metadata key {key!r} has an unexpected value ({e})") from None
+    kind, value = fields[key]
+    ok = isinstance(kind, tuple) and kind[1] in allowed if array else not isinstance(kind, tuple) and kind in allowed
+    if not ok:
+        raise ModelFormatError(f"metadata key {key!r} must be {what}, got {_type_name(kind)}")
+    return value
+
+
+def _string(fields, key, required=True):
+    return _get(fields, key, frozenset({_STRING}), "a STRING", required=required)
+
+
+def _integer(fields, key):
+    return _get(fields, key, _INT_TYPES, "an integer")
+
+
+def _float(fields, key):
+    return _get(fields, key, _FLOAT_TYPES, "a FLOAT32 or FLOAT64")
+
+
+def _array(fields, key, item_types, what):
+    return list(_get(fields, key, item_types, f"an ARRAY of {what}", array=True))
 
 
 def _positive_int(value, key: str, limit: int) -> int:
-    if not isinstance(value, (int, np.integer)) or not 0 < value <= limit:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value <= limit:
         raise ModelFormatError(f"metadata {key!r} must be an integer in 1..{limit}, got {value!r}")
     return int(value)
 
 
-def _metadata(reader) -> tuple[ResNetConfig, int, tuple[str, ...], float, Preprocessing, str]:
-    architecture = _field(reader, Key.ARCH, str)
+def _metadata(fields) -> tuple[ResNetConfig, int, tuple[str, ...], float, Preprocessing, str]:
+    architecture = _string(fields, Key.ARCH)
     if architecture != arch.GGUF_ARCH:
-        raise ModelFormatError(f"general.architecture is {architecture!r}, expected {arch.GGUF_ARCH!r}")
-    block = _field(reader, Key.BLOCK, str)
-    layers = _field(reader, Key.LAYERS, list)
+        raise ModelFormatError(f"general.architecture is {architecture[:100]!r}, expected {arch.GGUF_ARCH!r}")
+    block = _string(fields, Key.BLOCK)
+    if block not in ("basic", "bottleneck"):
+        raise ModelFormatError(f"{Key.BLOCK} is {block[:100]!r}, expected 'basic' or 'bottleneck'")
+    layers = _array(fields, Key.LAYERS, _INT_TYPES, "integers")
     if len(layers) != 4:
-        raise ModelFormatError(f"{Key.LAYERS} must list 4 stages, got {layers!r}")
+        raise ModelFormatError(f"{Key.LAYERS} must list 4 stages, got {layers[:8]!r}"
+                               + (f" ({len(layers)} items)" if len(layers) > 8 else ""))
     cfg = arch.config_for(block, layers)
-    depth = _field(reader, Key.DEPTH, int)
+    depth = _integer(fields, Key.DEPTH)
     if depth != cfg.depth:
         raise ModelFormatError(f"{Key.DEPTH} is {depth} but the blocks describe {cfg.name}")
-    num_classes = _positive_int(_field(reader, Key.NUM_CLASSES, int), Key.NUM_CLASSES, _MAX_CLASSES)
-    labels = tuple(_field(reader, Key.LABELS, list))
-    if len(labels) != num_classes or not all(isinstance(s, str) for s in labels):
+    num_classes = _positive_int(_integer(fields, Key.NUM_CLASSES), Key.NUM_CLASSES, _MAX_CLASSES)
+    labels = tuple(_array(fields, Key.LABELS, frozenset({_STRING}), "strings"))
+    if len(labels) != num_classes:
         raise ModelFormatError(f"{Key.LABELS} must hold {num_classes} strings, got {len(labels)}")
-    eps = _field(reader, Key.BN_EPS, float)
+    eps = _float(fields, Key.BN_EPS)
     if not (math.isfinite(eps) and 0 < eps < 1):
         raise ModelFormatError(f"{Key.BN_EPS} must be in (0, 1), got {eps!r}")
-    mean, std = _field(reader, Key.MEAN, list), _field(reader, Key.STD, list)
+    mean = _array(fields, Key.MEAN, _FLOAT_TYPES, "floats")
+    std = _array(fields, Key.STD, _FLOAT_TYPES, "floats")
     if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
-        raise ModelFormatError(f"preprocessing mean/std must be 3 finite numbers (std > 0), got {mean}, {std}")
-    interpolation = _field(reader, Key.INTERPOLATION, str)
+        raise ModelFormatError(f"preprocessing mean/std must be 3 finite numbers (std > 0), got "
+                               f"{mean[:8]}, {std[:8]}")
+    interpolation = _string(fields, Key.INTERPOLATION)
     if interpolation not in ("bilinear", "bicubic", "nearest"):
-        raise ModelFormatError(f"unknown interpolation {interpolation!r}")
-    pre = Preprocessing(resize=_positive_int(_field(reader, Key.RESIZE, int), Key.RESIZE, 8192),
-                        crop=_positive_int(_field(reader, Key.CROP, int), Key.CROP, 8192),
+        raise ModelFormatError(f"unknown interpolation {interpolation[:100]!r}")
+    pre = Preprocessing(resize=_positive_int(_integer(fields, Key.RESIZE), Key.RESIZE, 8192),
+                        crop=_positive_int(_integer(fields, Key.CROP), Key.CROP, 8192),
                         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
                         interpolation=interpolation)
-    weights_name = _field(reader, Key.WEIGHTS, str, required=False) or "custom"
+    weights_name = _string(fields, Key.WEIGHTS, required=False) or "custom"
     return cfg, num_classes, labels, eps, pre, weights_name
 
 
-def _tensor_info(t, expected: tuple[int, ...], size: int) -> TensorInfo:
+def _tensor_info(t: _RawTensor, expected: tuple[int, ...], data_start: int, alignment: int,
+                 size: int) -> TensorInfo:
     """Checks one tensor's type, shape and extent in the file, without reading its data."""
-    import gguf
-
     name = t.name
-    kind = _TYPES.get(int(t.tensor_type))
+    kind = _TYPES.get(t.type_code)
     if kind is None:
-        raise ModelFormatError(f"tensor {name!r} has unsupported type code {int(t.tensor_type)}")
+        raise ModelFormatError(f"tensor {name!r} has unsupported type code {t.type_code}")
     if kind != "f32" and len(expected) == 1:
         raise ModelFormatError(f"tensor {name!r} must be f32, got {kind}")
-    shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims in ggml order
-    flat = (expected[0], int(np.prod(expected[1:]))) if len(expected) == 4 else None
+    shape = tuple(reversed(t.ne))  # GGUF lists dims in ggml order
+    flat = (expected[0], math.prod(expected[1:])) if len(expected) == 4 else None
     if shape != expected and not (kind == "q8_0" and shape == flat):
         raise ModelFormatError(f"tensor {name!r} has shape {shape}, expected {expected}")
-    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(t.tensor_type))]
+    block, block_bytes = _BLOCKS[kind]
     row = shape[-1]
     if row % block:
         raise ModelFormatError(f"tensor {name!r}: rows of {row} do not fill {kind} blocks of {block}")
-    n_bytes = int(np.prod(shape)) // block * block_bytes
-    offset = int(t.data_offset)
-    if int(t.n_bytes) != n_bytes or offset < 0 or offset + n_bytes > size:
+    n_bytes = math.prod(shape) // block * block_bytes
+    if t.offset % alignment:
+        raise ModelFormatError(f"tensor {name!r} has offset {t.offset}, not a multiple of the alignment {alignment}")
+    offset = data_start + t.offset
+    if offset + n_bytes > size:
         raise ModelFormatError(f"tensor {name!r} extends past the end of the file (truncated?)")
     return TensorInfo(expected, kind, offset, n_bytes, row)
 
 
 def read(path: str | os.PathLike) -> ModelFile:
-    """Reads and validates a model file. Raises ModelFormatError, or OSError if it cannot be opened."""
+    """Reads and validates a model file.
+
+    Raises FileNotFoundError if nothing is at `path`, IsADirectoryError for a directory, another OSError
+    if it cannot be read, and ModelFormatError for anything else that is not a valid ResNet GGUF file
+    (including special files such as FIFOs and devices)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    size = path.stat().st_size
-    reader = _reader(path)
+    st = os.stat(path)  # FileNotFoundError, PermissionError, ...
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path} is a directory, not a model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFormatError(f"{path} is not a regular file")
+    size = st.st_size
     try:
-        cfg, num_classes, labels, eps, pre, weights_name = _metadata(reader)
+        container = _read_container(path, size)
+        cfg, num_classes, labels, eps, pre, weights_name = _metadata(container.fields)
         expected = arch.expected_tensors(cfg, num_classes)
-        found = {t.name: t for t in reader.tensors}
+        found = {t.name: t for t in container.tensors}
         missing = [n for n in expected if n not in found]
         extra = [n for n in found if n not in expected]
-        if missing or extra or len(found) != len(reader.tensors):
-            raise ModelFormatError(f"{path}: tensors do not match {cfg.name}: missing {missing[:5]}, "
-                                   f"unexpected {extra[:5]}" + (" (and duplicates)" if len(found) != len(
-                                       reader.tensors) else ""))
-        infos = {name: _tensor_info(found[name], shape, size) for name, shape in expected.items()}
+        twice = sorted({t.name for t in container.tensors if found[t.name] is not t})
+        if missing or extra or twice:
+            problems = [f"{what} {names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                        for what, names in (("missing", missing), ("unexpected", extra), ("listed twice", twice))
+                        if names]
+            raise ModelFormatError(f"tensors do not match {cfg.name} with {num_classes} classes: "
+                                   + "; ".join(problems))
+        infos = {name: _tensor_info(found[name], shape, container.data_start, container.alignment, size)
+                 for name, shape in expected.items()}
+        spans = sorted((i.offset, i.offset + i.n_bytes, n) for n, i in infos.items())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ModelFormatError(f"the data of tensors {a!r} and {b!r} overlap")
         kinds = {i.kind for i in infos.values() if len(i.shape) > 1}
         dtype = "q8_0" if "q8_0" in kinds else next(iter(kinds - {"f32"}), "f32")
         if len(kinds - {"f32", dtype}):
-            raise ModelFormatError(f"{path}: weights mix types {sorted(kinds)}")
+            raise ModelFormatError(f"weights mix types {sorted(kinds)}")
     except ModelFormatError as e:
         raise ModelFormatError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
-    finally:
-        del reader  # drops the memory map
-    return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, dtype, infos)
+    return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, dtype, infos, _identity(st))

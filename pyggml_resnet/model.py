@@ -15,7 +15,10 @@ from .ggml import Backend, Graph, Type
 from .preprocess import load_image, preprocess
 
 MAX_BATCH = 16  # larger inputs run in chunks of this many images, reusing one graph
-MAX_SIDE = 4096  # larger images would need gigabytes of activations
+MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
+# A graph's compute buffer takes ~248 bytes per input pixel (any depth), so a chunk holds at most this many
+# pixels (~190 MiB): 16 images of 224x224, 4 of 448x448, one of anything larger.
+MAX_CHUNK_PIXELS = MAX_BATCH * 224 * 224
 _GRAPH_CACHE = 4  # compiled graphs kept per model (one per input shape in use)
 
 
@@ -31,8 +34,10 @@ class Prediction:
 class Model:
     """A ResNet held in ggml memory. Use `pyggml_resnet.load` to make one.
 
-    Calls are thread-safe: they are serialised, since each computation already uses every thread given
-    to it. `close()` (or leaving a `with` block) frees the native memory; later calls raise InputError.
+    Calls are thread-safe: they are serialised by a lock, since each computation already uses every
+    thread given to it, and the cached graphs (and ggml's CPU backend) hold per-call state that two
+    computations must not share. `close()` (or leaving a `with` block) frees the native memory; later
+    calls raise InputError. A model that is garbage-collected without `close()` is freed as well.
     """
 
     def __init__(self, model_file: loader.ModelFile, *, threads: int | None = None,
@@ -58,17 +63,28 @@ class Model:
             raise
 
     def __repr__(self):
-        return (f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} "
-                f"classes={self.num_classes} threads={self.threads}>")
+        backend = self._backend
+        state = "closed" if backend is None else f"threads={backend.threads}"
+        return f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} classes={self.num_classes} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._backend is None
+
+    def _open_backend(self) -> Backend:
+        backend = self._backend
+        if backend is None:
+            raise InputError("this model has been closed")
+        return backend
 
     @property
     def threads(self) -> int:
-        return self._backend.threads
+        return self._open_backend().threads
 
     @threads.setter
     def threads(self, n: int):
         with self._lock:
-            self._backend.threads = n
+            self._open_backend().threads = n
 
     @property
     def feature_dim(self) -> int:
@@ -90,9 +106,18 @@ class Model:
 
     def stages(self, x) -> dict[str, np.ndarray]:
         """Every stage's output for NCHW images, as NCHW arrays: "stem" (after the max pool),
-        "layer1".."layer4", then "features" and "logits". For debugging and layer-by-layer checks."""
+        "layer1".."layer4", then "features" and "logits". For debugging and layer-by-layer checks.
+        The whole batch runs as one graph, so it may hold at most MAX_SIDE**2 pixels in all."""
         x = self._check_input(x)
+        n, _, h, w = x.shape
+        if n * h * w > MAX_SIDE * MAX_SIDE:
+            raise InputError(f"stages runs a batch as one graph: at most {MAX_SIDE * MAX_SIDE} pixels in all, "
+                             f"got {n} images of {h}x{w}")
+        if n == 0:
+            return self._empty_stages(h, w)
+        x = self._chunk(x, 0, n)
         with self._lock:
+            self._open_backend()
             graph, out = self._graph(x.shape, stages=True)
             graph.set(out["image"], x)
             graph.compute()
@@ -100,7 +125,21 @@ class Model:
             for name in resnet.STAGES:
                 result[name] = graph.get(out[name]).transpose(0, 3, 1, 2)  # NHWC -> NCHW
             for name in ("features", "logits"):
-                result[name] = graph.get(out[name]).reshape(x.shape[0], -1)
+                result[name] = graph.get(out[name]).reshape(n, -1)
+        return result
+
+    def _empty_stages(self, h: int, w: int) -> dict[str, np.ndarray]:
+        """What `stages` gives for an empty batch: each stage's (0, C, H, W), as PyTorch's shapes."""
+        def down(n):  # a 3x3/2 pool or conv with padding 1, and the 7x7/2 stem with padding 3: ceil(n / 2)
+            return (n - 1) // 2 + 1
+        h, w = down(down(h)), down(down(w))  # stem conv, max pool
+        result = {"stem": np.zeros((0, 64, h, w), np.float32)}
+        for stage in range(1, 5):
+            if stage > 1:
+                h, w = down(h), down(w)
+            result[f"layer{stage}"] = np.zeros((0, 64 * 2 ** (stage - 1) * self.config.expansion, h, w), np.float32)
+        result["features"] = np.zeros((0, self.feature_dim), np.float32)
+        result["logits"] = np.zeros((0, self.num_classes), np.float32)
         return result
 
     def classify(self, img, top_k: int = 5):
@@ -108,6 +147,7 @@ class Model:
 
         A list or tuple of images runs as one batch and gives a list of prediction lists.
         """
+        self._open_backend()
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
             raise InputError(f"top_k must be an integer from 1 to {self.num_classes}, got {top_k!r}")
         single = not isinstance(img, (list, tuple))
@@ -124,8 +164,11 @@ class Model:
         return results[0] if single else results
 
     def _check_input(self, x) -> np.ndarray:
-        if self._backend is None:
-            raise InputError("this model has been closed")
+        """x as an (N, 3, H, W) array of real numbers, not yet copied: `_chunk` converts it a chunk at a time.
+
+        Integer and float arrays of any width are accepted (and rounded to float32); bool, complex, object
+        and string arrays are refused, as are sides outside 1..MAX_SIDE. N may be 0."""
+        self._open_backend()
         try:
             arr = np.asarray(x)
         except Exception as e:
@@ -137,15 +180,29 @@ class Model:
         h, w = arr.shape[2:]
         if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
             raise InputError(f"image height and width must be 1..{MAX_SIDE}, got {h}x{w}")
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return arr
+
+    @staticmethod
+    def _chunk(arr: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Images start..stop of a checked batch as contiguous float32, refusing NaN and infinite values
+        (a float64 value beyond float32's range becomes infinite and is refused too)."""
+        with np.errstate(over="ignore"):  # overflow gives inf, refused just below
+            chunk = np.ascontiguousarray(arr[start:stop], dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))[0])
+            raise InputError(f"image {bad} of the batch contains NaN or infinite values")
+        return chunk
 
     def _run(self, x, output: str) -> np.ndarray:
         x = self._check_input(x)
+        n, _, h, w = x.shape
         width = self.feature_dim if output == "features" else self.num_classes
-        result = np.empty((x.shape[0], width), np.float32)
-        with self._lock:
-            for start in range(0, x.shape[0], MAX_BATCH):
-                chunk = x[start:start + MAX_BATCH]
+        result = np.empty((n, width), np.float32)
+        step = max(1, min(MAX_BATCH, MAX_CHUNK_PIXELS // (h * w)))
+        for start in range(0, n, step):
+            chunk = self._chunk(x, start, start + step)
+            with self._lock:
+                self._open_backend()  # closed by another thread since the check?
                 graph, out = self._graph(chunk.shape)
                 graph.set(out["image"], chunk)
                 graph.compute()
