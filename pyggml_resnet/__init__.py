@@ -9,7 +9,7 @@
 from .errors import Error, InputError, ModelFormatError
 from .hub import DownloadError, from_pretrained
 from .model import Model, Prediction, load
-from .preprocess import load_image, preprocess
+from .transforms import load_image, preprocess
 
 __version__ = "0.1.0"
 

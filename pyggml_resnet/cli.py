@@ -73,7 +73,6 @@ def _classify(args) -> int:
 def _classify_paths(model, args, paths: list[Path]) -> int:
     from tqdm import tqdm
 
-    from .preprocess import load_image, preprocess
 
     pre = model.preprocessing
     if args.top_k > model.num_classes:
@@ -93,8 +92,7 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
             batch, arrays = [], []
             for p in paths[start:start + args.batch_size]:
                 try:
-                    arrays.append(preprocess(load_image(p), resize=pre.resize, crop=pre.crop, mean=pre.mean,
-                                             std=pre.std, interpolation=pre.interpolation))
+                    arrays.append(model.preprocess(p))
                     batch.append(p)
                 except Error as e:
                     failures += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -9,10 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import loader, resnet
+from . import loader, resnet, transforms
 from .errors import InputError
 from .ggml import Backend, Graph, Type
-from .preprocess import load_image, preprocess
 
 MAX_BATCH = 16  # larger inputs run in chunks of this many images, reusing one graph
 MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
@@ -142,6 +142,11 @@ class Model:
         result["logits"] = np.zeros((0, self.num_classes), np.float32)
         return result
 
+    def preprocess(self, img) -> np.ndarray:
+        """An image (path, PIL image, HxWx3 uint8 array) as the float32 (3, crop, crop) array this model's
+        weights expect: torchvision's transforms with the preprocessing recorded in the model file."""
+        return transforms.preprocess(img, **dataclasses.asdict(self.preprocessing))
+
     def classify(self, img, top_k: int = 5):
         """Top-k predictions for an image (path, PIL image, HxWx3 uint8 array), sorted by probability.
 
@@ -152,10 +157,8 @@ class Model:
             raise InputError(f"top_k must be an integer from 1 to {self.num_classes}, got {top_k!r}")
         single = not isinstance(img, (list, tuple))
         images = [img] if single else list(img)
-        pre = self.preprocessing
-        batch = np.stack([preprocess(load_image(i), resize=pre.resize, crop=pre.crop, mean=pre.mean,
-                                     std=pre.std, interpolation=pre.interpolation) for i in images]) \
-            if images else np.zeros((0, 3, pre.crop, pre.crop), np.float32)
+        crop = self.preprocessing.crop
+        batch = np.stack([self.preprocess(i) for i in images]) if images else np.zeros((0, 3, crop, crop), np.float32)
         probs = self.probabilities(batch)
         results = []
         for p in probs:

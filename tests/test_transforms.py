@@ -1,4 +1,4 @@
-"""pyggml_resnet.preprocess against torchvision's ImageNet eval transforms, rewritten here with torch ops.
+"""pyggml_resnet.transforms (exported as pyggml_resnet.preprocess) against torchvision's ImageNet eval transforms, rewritten here with torch ops.
 
 The reference resizes with Pillow, because that is what torchvision's Resize
 does to a PIL image (torch's interpolate is a different, non-PIL filter); the
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from pyggml_resnet import labels, preprocess as pp
+from pyggml_resnet import labels, transforms as pp
 from pyggml_resnet.errors import InputError
 
 MEAN = (0.485, 0.456, 0.406)
