@@ -121,7 +121,9 @@ def _decode(raw: np.ndarray, kind: str) -> np.ndarray:
 
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
-    return gguf.quants.dequantize(raw.reshape(-1, block_bytes), qtype).astype(np.float32, copy=False).reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):  # an Inf scale times 0 gives NaN: the caller refuses it
+        values = gguf.quants.dequantize(raw.reshape(-1, block_bytes), qtype)
+    return values.astype(np.float32, copy=False).reshape(-1)
 
 
 def _identity(st: os.stat_result) -> tuple:
