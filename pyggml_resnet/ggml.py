@@ -130,6 +130,10 @@ def encode(array: np.ndarray, ttype: Type) -> np.ndarray:
     array = np.ascontiguousarray(array, dtype=np.float32)
     if ttype == Type.F32:
         return array
+    # Beyond these, f16 (and q8_0's f16 block scales) would round to infinity: refuse rather than give NaNs.
+    limit = {Type.F16: 65504.0, Type.Q8_0: 65504.0 * 127}.get(ttype)
+    if limit is not None and array.size and float(np.abs(array).max()) > limit:
+        raise InputError(f"weights up to {float(np.abs(array).max()):.3g} do not fit {ttype.name.lower()}")
     if ttype == Type.F16:
         return array.astype(np.float16)
     if ttype == Type.Q8_0 and array.shape[-1] % ttype.block_size:

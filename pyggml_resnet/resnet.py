@@ -9,8 +9,11 @@ method with PyTorch's eps). Both are exact to f32 rounding.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import arch, layers
 from .arch import ResNetConfig
+from .errors import ModelFormatError
 from .ggml import Graph, Tensor, Type, Weights, encode
 from .loader import ModelFile
 
@@ -67,6 +70,8 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weigh
                 scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
                                                           bn_values["running_mean"], bn_values["running_var"], mf.eps)
                 m *= scale[:, None]  # in place (rows are output channels in both layouts)
+                if not (np.isfinite(m).all() and np.isfinite(bias).all()):  # a near-zero variance
+                    raise ModelFormatError(f"{mf.path}: folding {bn} into {conv} overflows float32")
                 weights.set(f"{bn}.folded_bias", bias)
             else:
                 for p, v in bn_values.items():

@@ -16,16 +16,16 @@ class ModelFiles:
         self.cache = {}
 
     def __call__(self, depth: int, num_classes: int = 1000, dtype: str = "f32"):
-        key = (depth, num_classes, dtype)
-        if key not in self.cache:
+        if (depth, num_classes) not in self.cache:  # the model and its checkpoint serve every dtype
             ref = make_model(depth, seed=depth, num_classes=num_classes)
             pth = self.root / f"resnet{depth}-{num_classes}.pth"
-            if not pth.exists():
-                torch.save(ref.state_dict(), pth)
-            gguf_path = self.root / f"resnet{depth}-{num_classes}-{dtype}.gguf"
+            torch.save(ref.state_dict(), pth)
+            self.cache[depth, num_classes] = (ref, pth)
+        ref, pth = self.cache[depth, num_classes]
+        gguf_path = self.root / f"resnet{depth}-{num_classes}-{dtype}.gguf"
+        if not gguf_path.exists():
             convert.convert(pth, gguf_path, dtype=dtype, progress=False)
-            self.cache[key] = (ref, pth, gguf_path)
-        return self.cache[key]
+        return ref, pth, gguf_path
 
 
 @pytest.fixture(scope="session")
