@@ -19,15 +19,12 @@ K_ALIGN = 32
 
 # Winograd F(2x2,3x3) weight transform G (the input and output transforms are in csrc/winograd.c).
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-# Above this many input channels the transformed weights cost more memory than the speed they buy.
-WINOGRAD_MAX_CHANNELS = 128
 
 
-def uses_winograd(shape: tuple[int, ...], stride: int, padding: int, wtype: Type) -> bool:
-    """3x3 stride-1 convolutions with f32 weights run as Winograd F(2x2,3x3): 16 multiplies per 2x2 outputs
-    instead of 36. (Reduced-precision weights keep the direct path: their error is already the larger.)"""
-    oc, ic, kh, kw = shape
-    return (kh, kw, stride, padding) == (3, 3, 1, 1) and wtype == Type.F32 and ic <= WINOGRAD_MAX_CHANNELS
+def winograd_applies(shape: tuple[int, ...], stride: int, padding: int, wtype: Type) -> bool:
+    """Whether a conv can run as Winograd F(2x2,3x3) (16 multiplies per 2x2 outputs instead of 36): 3x3,
+    stride 1, padding 1, f32 weights (reduced-precision weights keep the direct path)."""
+    return (shape[2], shape[3], stride, padding) == (3, 3, 1, 1) and wtype == Type.F32
 
 
 def conv_weight_shape(shape: tuple[int, ...], winograd: bool = False) -> tuple[int, ...]:

@@ -40,8 +40,9 @@ def _matrix_type(wtype: Type, k: int) -> Type:
     return wtype if k % wtype.block_size == 0 else Type.F32
 
 
-def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weights:
+def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, winograd: bool = False) -> Weights:
     """The model's tensors arranged for `build`, rounded to `wtype` where reduced, in one backend buffer.
+    With `winograd`, every conv that can runs as Winograd F(2x2,3x3) (its weights stored transformed).
 
     Tensors stream from the file one convolution at a time, so loading holds one model-sized copy: ggml's.
     """
@@ -49,7 +50,7 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type) -> Weigh
     winograd = set()
     for conv, bn, _, stride, padding in convolutions(mf.config):
         shape = mf.infos[conv].shape
-        if layers.uses_winograd(shape, stride, padding, wtype):
+        if winograd and layers.winograd_applies(shape, stride, padding, wtype):
             winograd.add(conv)
         host_shape = layers.conv_weight_shape(shape, conv in winograd)
         oc = shape[0]

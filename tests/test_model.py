@@ -138,3 +138,14 @@ def test_resnet101_is_as_close_to_float64_as_pytorch_f32(resnet101):
         ours = model.stages(x)
     for name in ("layer3", "layer4", "logits"):
         assert rel_l2(ours[name], exact[name]) <= rel_l2(torch32[name], exact[name]), name
+
+
+def test_winograd_option_matches_pytorch(model_files):
+    """load(winograd=True) runs 3x3 stride-1 convs as Winograd F(2x2,3x3): same bound as the direct path."""
+    ref, _, path = model_files(50, num_classes=10)
+    x = images(2, size=96, seed=9)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    for batchnorm in ("folded", "explicit"):
+        with pyggml_resnet.load(path, threads=2, batchnorm=batchnorm, winograd=True) as model:
+            assert rel_l2(model.logits(x), want) <= BOUND

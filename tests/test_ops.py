@@ -73,7 +73,7 @@ CONV_CASES = [
 def test_conv2d(backend, n, ic, h, w, oc, k, s, p):
     x, wt = rand(n, ic, h, w, seed=1), rand(oc, ic, k, k, seed=2) / np.float32(np.sqrt(ic * k * k))
     want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy()
-    paths = [False, True] if layers.uses_winograd(wt.shape, s, p, Type.F32) else [False]
+    paths = [False, True] if layers.winograd_applies(wt.shape, s, p, Type.F32) else [False]
     for winograd in paths:  # both the direct (patches) path and Winograd F(2x2,3x3)
         got = run(backend, {"w": layers.conv_weight(wt, winograd)},
                   lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p), x)
