@@ -88,6 +88,12 @@ class Model:
             self._open_backend().threads = n
 
     @property
+    def weights_bytes(self) -> int:
+        """Native memory held by the model's weights (compute buffers come on top, per input shape)."""
+        self._open_backend()
+        return self._weights.nbytes
+
+    @property
     def feature_dim(self) -> int:
         return self.config.feature_dim
 

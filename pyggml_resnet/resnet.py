@@ -47,12 +47,12 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, winograd
     Tensors stream from the file one convolution at a time, so loading holds one model-sized copy: ggml's.
     """
     plan: dict[str, tuple[Type, tuple[int, ...]]] = {}  # name -> (type, host shape), in upload order
-    winograd = set()
+    winograd_convs = set()
     for conv, bn, _, stride, padding in convolutions(mf.config):
         shape = mf.infos[conv].shape
         if winograd and layers.winograd_applies(shape, stride, padding, wtype):
-            winograd.add(conv)
-        host_shape = layers.conv_weight_shape(shape, conv in winograd)
+            winograd_convs.add(conv)
+        host_shape = layers.conv_weight_shape(shape, conv in winograd_convs)
         oc = shape[0]
         plan[conv] = (_matrix_type(wtype, host_shape[-1]), host_shape)
         vectors = ("folded_bias",) if batchnorm == "folded" else ("weight", "bias", "running_mean", "running_var")
@@ -65,7 +65,7 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, winograd
     weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
     try:
         for conv, bn, *_ in convolutions(mf.config):
-            m = layers.conv_weight(mf.tensor(conv), conv in winograd)
+            m = layers.conv_weight(mf.tensor(conv), conv in winograd_convs)
             bn_values = {p: mf.tensor(f"{bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
             if batchnorm == "folded":
                 scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],

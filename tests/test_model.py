@@ -146,6 +146,9 @@ def test_winograd_option_matches_pytorch(model_files):
     x = images(2, size=96, seed=9)
     with torch.no_grad():
         want = ref(torch.from_numpy(x)).numpy()
+    with pyggml_resnet.load(path, threads=2) as direct:
+        direct_bytes = direct.weights_bytes
     for batchnorm in ("folded", "explicit"):
         with pyggml_resnet.load(path, threads=2, batchnorm=batchnorm, winograd=True) as model:
+            assert model.weights_bytes > direct_bytes  # 16 transformed values per 3x3 kernel instead of 9
             assert rel_l2(model.logits(x), want) <= BOUND
