@@ -2,15 +2,16 @@
 
 #include <stdint.h>
 
+#include "thread_range.h"
+
 // Runs on every ggml worker thread: thread `ith` of `nth` fills its share of the rows (ne1*ne2*ne3 of them).
 static void batch_repeat_fill(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int channel_dim = (int) (intptr_t) userdata;
     const float * v = (const float *) dst->src[0]->data;
     const int64_t ne0 = dst->ne[0], ne1 = dst->ne[1], ne2 = dst->ne[2];
     const int64_t nrows = ne1 * ne2 * dst->ne[3];
-    const int64_t per_thread = (nrows + nth - 1) / nth;
-    const int64_t first = per_thread * ith;
-    const int64_t last = first + per_thread < nrows ? first + per_thread : nrows;
+    int64_t first, last;
+    thread_range(nrows, ith, nth, &first, &last);
 
     for (int64_t row = first; row < last; ++row) {
         const int64_t i1 = row % ne1, i2 = (row / ne1) % ne2, i3 = row / (ne1 * ne2);

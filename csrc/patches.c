@@ -3,6 +3,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "thread_range.h"
+
 // The four small parameters travel packed in the op's userdata pointer, so nothing needs freeing.
 #define FIELD(packed, i) ((int) (((uintptr_t) (packed) >> (8 * (i))) & 0xff))
 
@@ -13,9 +15,8 @@ static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void 
     const int64_t OW = dst->ne[1], OH = dst->ne[2];
     const int64_t K = (int64_t) kh * kw * C, k_pad = dst->ne[0];
     const int64_t nrows = OW * OH * dst->ne[3];
-    const int64_t per_thread = (nrows + nth - 1) / nth;
-    const int64_t first = per_thread * ith;
-    const int64_t last = first + per_thread < nrows ? first + per_thread : nrows;
+    int64_t first, last;
+    thread_range(nrows, ith, nth, &first, &last);
 
     for (int64_t row = first; row < last; ++row) {
         const int64_t ox = row % OW, oy = (row / OW) % OH, n = row / (OW * OH);

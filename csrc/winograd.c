@@ -3,12 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
-// Tiles are split evenly across ggml's worker threads.
-static void thread_range(int64_t n, int ith, int nth, int64_t * first, int64_t * last) {
-    const int64_t per_thread = (n + nth - 1) / nth;
-    *first = per_thread * ith;
-    *last = *first + per_thread < n ? *first + per_thread : n;
-}
+#include "thread_range.h"
 
 static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
@@ -190,20 +190,3 @@ def preprocess(
     x -= mean32
     x /= std32
     return x
-
-
-def preprocess_batch(
-    imgs: Iterable[ImageLike],
-    *,
-    resize: int | None = 256,
-    crop: int = 224,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bilinear",
-) -> np.ndarray:
-    """``preprocess`` each image; return a float32 array of shape (N, 3, crop, crop)."""
-    kwargs = dict(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
-    arrays = [preprocess(img, **kwargs) for img in imgs]
-    if not arrays:
-        return np.empty((0, 3, crop, crop), dtype=np.float32)
-    return np.stack(arrays)

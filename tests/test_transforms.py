@@ -203,15 +203,6 @@ def test_wide_int_and_float_modes():
     np.testing.assert_array_equal(np.asarray(pp.load_image(be))[0, :, 0], [0x12, 0xFF])
 
 
-def test_batch():
-    imgs = [make("RGB", *s, seed=i)[1] for i, s in enumerate(SIZES)]
-    got = pp.preprocess_batch(imgs, crop=200)
-    assert got.shape == (len(imgs), 3, 200, 200) and got.dtype == np.float32 and got.flags.c_contiguous
-    for g, img in zip(got, imgs):
-        np.testing.assert_array_equal(g, pp.preprocess(img, crop=200))
-    assert pp.preprocess_batch([]).shape == (0, 3, 224, 224)
-
-
 # --- bad input ----------------------------------------------------------------
 
 
