@@ -144,21 +144,15 @@ def random_state(cfg, num_classes: int = 1000, seed: int = SEED) -> dict:
 # arithmetic (conv, BatchNorm in eval mode, in-place ReLU, adaptive average pool, linear) is the same.
 
 
-def torch_resnet(state_keys_shapes: dict):
-    """An nn.Module identical to torchvision's ResNet for a state dict ({name: shape}), on the meta
-    device: fill it with `load_state_dict(state, assign=True)`."""
+def torch_resnet(block: str, layers, num_classes: int):
+    """An nn.Module identical to torchvision's ResNet with `block` ("basic"/"bottleneck") blocks per stage
+    as `layers`, on the meta device: fill it with `load_state_dict(state, assign=True)`. The parent passes
+    the config (from arch) on the command line: this process must not import the package."""
     import torch
     from torch import nn
     from torch.nn import functional as F
 
-    bottleneck = "layer1.0.conv3.weight" in state_keys_shapes
-    layers = []
-    for stage in range(1, 5):
-        n = 0
-        while f"layer{stage}.{n}.conv1.weight" in state_keys_shapes:
-            n += 1
-        layers.append(n)
-    num_classes = state_keys_shapes["fc.weight"][0]
+    bottleneck = block == "bottleneck"
     expansion = 4 if bottleneck else 1
 
     class Block(nn.Module):
@@ -230,17 +224,18 @@ def _engine_import(engine: str):
     return onnxruntime
 
 
-def _engine_load(engine: str, mod, path: str, threads: int, dtype: str):
+def _engine_load(engine: str, mod, a):
     """Loads the model (the "load" phase); returns run(x: NCHW float32 array) -> logits array."""
+    path, threads = a.path, a.threads
     if engine == "ggml":
-        model = mod.load(path, threads=threads, dtype=dtype)
+        model = mod.load(path, threads=threads, dtype=a.dtype)
         return model.logits
     if engine == "torch":
         torch = mod
         torch.set_num_threads(threads)
         # mmap + assign: no copy of the weights and no random init, PyTorch's cheapest standard way in.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        model = torch_resnet({k: tuple(v.shape) for k, v in state.items()})
+        model = torch_resnet(a.block, a.layers, a.classes)
         model.load_state_dict(state, assign=True)
 
         def run(x):
@@ -283,7 +278,7 @@ def _worker(a, proto) -> int:
 
     mod = _engine_import(a.engine)
     t = time.perf_counter()
-    run = _engine_load(a.engine, mod, a.path, a.threads, a.dtype)
+    run = _engine_load(a.engine, mod, a)
     load_s = time.perf_counter() - t
     inputs = {b: _input(b, a.size, INPUT_SEED + b) for b in a.batches}
     per_iter = {}
@@ -318,7 +313,7 @@ def _cold(a, proto) -> int:
     # subtract the moment it started this process.
     mod = _engine_import(a.engine)
     t_import = time.monotonic()
-    run = _engine_load(a.engine, mod, a.path, a.threads, a.dtype)
+    run = _engine_load(a.engine, mod, a)
     t_load = time.monotonic()
     run(_input(1, a.size, REFERENCE_SEED))
     t_first = time.monotonic()
@@ -337,7 +332,7 @@ def _prepare(a, proto) -> int:
     for name in tensors:  # torchvision's BatchNorm has a step counter that inference never reads
         if name.endswith(".running_var"):
             state[name[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
-    model = torch_resnet({k: tuple(v.shape) for k, v in state.items()})
+    model = torch_resnet(a.block, a.layers, a.classes)
     model.load_state_dict(state, assign=True)  # strict: the module is torchvision's, name for name
     torch.save(model.state_dict(), os.path.join(a.out, "model.pth"))
     if a.onnx:
@@ -368,6 +363,9 @@ def _child_main(argv) -> int:
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1])
     p.add_argument("--out", default=".")
     p.add_argument("--onnx", action="store_true")
+    p.add_argument("--block", required=True)  # the model's config, for the torch engine
+    p.add_argument("--layers", type=lambda s: [int(v) for v in s.split(",")], required=True)
+    p.add_argument("--classes", type=int, required=True)
     a = p.parse_args(argv)
     proto = _protocol_stream()
     try:
@@ -378,9 +376,10 @@ def _child_main(argv) -> int:
         return 1
 
 
-def _child_command(mode: str, engine: str, path, **options) -> list[str]:
+def _child_command(mode: str, engine: str, path, cfg, num_classes: int, **options) -> list[str]:
     cmd = [sys.executable, "-c", _LAUNCH.format(path=os.path.abspath(__file__)), mode, "--engine", engine,
-           "--path", str(path)]
+           "--path", str(path), "--block", cfg.block, "--layers", ",".join(map(str, cfg.layers)),
+           "--classes", str(num_classes)]
     for key, value in options.items():
         if value is True:
             cmd.append(f"--{key}")
@@ -644,7 +643,8 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
         _progress("writing the weights for PyTorch" + (" and exporting ONNX" if want_ort else "") + " ...", end=" ")
         t = time.perf_counter()
         try:
-            _run_child(_child_command("prepare", "torch", gguf_path, out=tmp, onnx=want_ort, size=size),
+            _run_child(_child_command("prepare", "torch", gguf_path, cfg, num_classes, out=tmp, onnx=want_ort,
+                                      size=size),
                        os.path.join(tmp, "prepare.log"), PREPARE_TIMEOUT)
             paths["torch"] = os.path.join(tmp, "model.pth")
             if want_ort:
@@ -676,7 +676,7 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
     # Start the workers one by one, each loading and warming up alone.
     for name, (engine, dt, path) in rows.items():
         _progress(f"starting {name} ...", end=" ")
-        w = workers[name] = Worker(name, _child_command("worker", engine, path, threads=args.threads, dtype=dt,
+        w = workers[name] = Worker(name, _child_command("worker", engine, path, cfg, num_classes, threads=args.threads, dtype=dt,
                                                          size=size, batches=args.batch),
                                    os.path.join(tmp, f"{name}.log"))
         try:
@@ -746,7 +746,7 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
         _progress(f"cold start {name} ...", end=" ")
         entry = {"engine": name}
         try:
-            msg, t0 = _run_child(_child_command("cold", engine, path, threads=args.threads, dtype=dt, size=size),
+            msg, t0 = _run_child(_child_command("cold", engine, path, cfg, num_classes, threads=args.threads, dtype=dt, size=size),
                                  os.path.join(tmp, f"{name}-cold.log"), COLD_TIMEOUT)
             entry.update(import_s=msg["import_end"] - t0, load_s=msg["load_end"] - msg["import_end"],
                          first_inference_s=msg["first_end"] - msg["load_end"], total_s=msg["first_end"] - t0)

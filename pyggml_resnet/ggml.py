@@ -161,6 +161,14 @@ def _host_bytes(tensor: Tensor, array) -> np.ndarray:
     return array
 
 
+def _free_natives(natives, free_second):
+    """Finalizer of Weights and Graph: their context, and the buffer or allocator made after it (if any)."""
+    ctx, second = natives
+    if second != ffi.NULL:
+        free_second(second)
+    lib.ggml_free(ctx)
+
+
 class _Closable:
     """`with` support for the native objects below: leaving the block calls close()."""
 
@@ -222,7 +230,7 @@ class Weights(_Closable):
             raise MemoryError("ggml_init failed")
         self._ctx = ctx
         self._natives = [ctx, ffi.NULL]  # what the finalizer frees: context and buffer
-        self._finalizer = weakref.finalize(self, Weights._free, self._natives)
+        self._finalizer = weakref.finalize(self, _free_natives, self._natives, lib.ggml_backend_buffer_free)
         self._tensors = {}
         for name, (ttype, ne) in checked.items():
             t = Tensor(lib.ggml_new_tensor_4d(ctx, ttype, *ne), self)
@@ -233,13 +241,6 @@ class Weights(_Closable):
             self.close()
             raise MemoryError("could not allocate the weights' buffer")
         self._natives[1] = buffer
-
-    @staticmethod
-    def _free(natives):
-        ctx, buffer = natives
-        if buffer != ffi.NULL:
-            lib.ggml_backend_buffer_free(buffer)
-        lib.ggml_free(ctx)
 
     def __getitem__(self, name: str) -> Tensor:
         try:
@@ -286,17 +287,10 @@ class Graph(_Closable):
         self._n_tensors = 0
         self._graph = lib.ggml_new_graph_custom(ctx, max_nodes, False)
         self._natives = [ctx, ffi.NULL]  # what the finalizer frees: context and graph allocator
-        self._finalizer = weakref.finalize(self, Graph._free, self._natives)
+        self._finalizer = weakref.finalize(self, _free_natives, self._natives, lib.ggml_gallocr_free)
         self._inputs: list[Tensor] = []
         self._weights: set = set()  # the Weights whose tensors this graph reads
         self._finalized = False
-
-    @staticmethod
-    def _free(natives):
-        ctx, galloc = natives
-        if galloc != ffi.NULL:
-            lib.ggml_gallocr_free(galloc)
-        lib.ggml_free(ctx)
 
     # -- building ----------------------------------------------------------------------------------------
 
@@ -532,7 +526,7 @@ class Graph(_Closable):
 
     def finalize(self, *outputs: Tensor) -> "Graph":
         """Adds `outputs` and everything they depend on to the graph and allocates its memory once."""
-        ctx = self._building()
+        self._building()
         if not outputs:
             raise InputError("finalize needs at least one output tensor")
         for t in outputs:
