@@ -100,7 +100,7 @@ size_t ggml_gallocr_get_buffer_size(ggml_gallocr_t galloc, int buffer_id);
 struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor * v,
                                   struct ggml_tensor * like, int channel_dim);
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
-                                    int kh, int kw, int stride, int pad, int64_t k_pad);
+                                    int kh, int kw, int stride, int pad, int64_t k_pad, enum ggml_type type);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
 """

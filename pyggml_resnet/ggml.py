@@ -393,9 +393,11 @@ class Graph(_Closable):
         return self._new(lib.ggml_scale_bias(ctx, a._ptr, float(scale), float(bias)))
 
     def mul_mat(self, w: Tensor, x: Tensor) -> Tensor:
-        """w [K, M, ...] and x [K, N, ...] -> f32 [M, N, ...]: every column of x times every row of w."""
+        """w [K, M, ...] and x [K, N, ...] -> f32 [M, N, ...]: every column of x times every row of w.
+        x is f32, or bf16 when w is (ggml would round an f32 x to bf16 for that product anyway)."""
         ctx = self._building(w, x)
-        self._need_f32(x, op="mul_mat")
+        if not (x.type == Type.BF16 and w.type == Type.BF16):
+            self._need_f32(x, op="mul_mat")
         if w.ne[0] != x.ne[0] or x.ne[2] % w.ne[2] or x.ne[3] % w.ne[3]:
             raise InputError(f"mul_mat: {w!r} and {x!r} do not fit (ne[0] must match)")
         if w.nb[0] > w.nb[1]:
@@ -470,17 +472,22 @@ class Graph(_Closable):
         return self._new(lib.ggml_im2col(ctx, shape._ptr, x._ptr, stride, stride, padding, padding,
                                          1, 1, True, Type.F32))
 
-    def gather_patches(self, x: Tensor, kernel: int, stride: int, padding: int, k_pad: int = 0) -> Tensor:
+    def gather_patches(self, x: Tensor, kernel: int, stride: int, padding: int, k_pad: int = 0,
+                       ttype: Type | str = Type.F32) -> Tensor:
         """Patches of a channel-fastest [C, W, H, N] f32 tensor as [K, OW, OH, N], K = kernel*kernel*C
-        ordered (ky, kx, c) with c fastest, zero-padded to k_pad rows when k_pad > K (csrc/patches.c)."""
+        ordered (ky, kx, c) with c fastest, zero-padded to k_pad rows when k_pad > K (csrc/patches.c).
+        ttype F32 copies; BF16 rounds as ggml does for a bf16 matmul's input (to nearest even)."""
         ctx = self._building(x)
+        ttype = Type.parse(ttype)
+        if ttype not in (Type.F32, Type.BF16):
+            raise InputError(f"gather_patches: ttype must be F32 or BF16, got {ttype.name}")
         self._need_f32(x, op="gather_patches")
         self._need_contiguous(x, "gather_patches")
         self._check_window(x.ne[1], x.ne[2], kernel, kernel, stride, padding, "gather_patches")
         if max(kernel, stride, padding) > 255:
             raise InputError("gather_patches: kernel, stride and padding must be below 256")
         k = kernel * kernel * x.ne[0]
-        return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, max(k, int(k_pad))))
+        return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, max(k, int(k_pad)), ttype))
 
     def winograd_input(self, x: Tensor) -> Tensor:
         """Winograd F(2x2,3x3) input transform of a channel-fastest [C, W, H, N] f32 tensor, padding 1:

@@ -152,3 +152,34 @@ def test_winograd_option_matches_pytorch(model_files):
         with pyggml_resnet.load(path, threads=2, batchnorm=batchnorm, winograd=True) as model:
             assert model.weights_bytes > direct_bytes  # 16 transformed values per 3x3 kernel instead of 9
             assert rel_l2(model.logits(x), want) <= BOUND
+
+
+def _rounded_reference(ref, dtype):
+    """The reference with the rounding a reduced-precision ggml model does: conv and fc weights, and each
+    conv's and fc's input, rounded to `dtype` (round to nearest even), everything else f32."""
+    m = copy.deepcopy(ref)
+    for mod in m.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            mod.weight.data = mod.weight.data.to(dtype).float()
+            mod.register_forward_pre_hook(lambda _, inputs: (inputs[0].to(dtype).float(),))
+    return m
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_reduced_precision_rounds_as_pytorch_does(model_files, dtype):
+    """load(dtype=...) rounds weights and matmul inputs like torch's .to(dtype): the stem (the first conv and
+    its BatchNorm) matches a PyTorch reference that rounds the same way to f32 accuracy, while differing
+    from the f32 reference by the precision's error. Deeper layers amplify single rounding flips, so the
+    logits are held to the documented precision error instead."""
+    ref, _, path = model_files(50, num_classes=10)
+    x = images(2, size=96, seed=9)
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    with torch.no_grad():
+        rounded = {k: v.numpy() for k, v in reference_stages(_rounded_reference(ref, torch_dtype),
+                                                              torch.from_numpy(x)).items()}
+        exact = {k: v.numpy() for k, v in reference_stages(ref, torch.from_numpy(x)).items()}
+    with pyggml_resnet.load(path, threads=2, dtype=dtype, batchnorm="explicit") as model:
+        got = model.stages(x)
+    assert rel_l2(got["stem"], rounded["stem"]) <= BOUND
+    assert rel_l2(got["stem"], exact["stem"]) >= 1e-4  # the rounding did happen
+    assert rel_l2(got["logits"], exact["logits"]) <= {"bf16": 5e-2, "f16": 1e-2}[dtype]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pyggml_resnet import layers
 from pyggml_resnet.errors import Error, InputError
-from pyggml_resnet.ggml import Backend, Graph, Type, Weights
+from pyggml_resnet.ggml import Backend, Graph, Type, Weights, encode
 
 RTOL = 2e-6
 
@@ -78,6 +78,45 @@ def test_conv2d(backend, n, ic, h, w, oc, k, s, p):
         got = run(backend, {"w": layers.conv_weight(wt, winograd)},
                   lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p), x)
         assert_close(got, want)
+
+
+def _bf16_cases(rng, n):
+    """f32 values that probe bf16 rounding: exact ties (both parities), just either side of a tie, huge and
+    tiny values, zeros of both signs; the rest random. No subnormals (the bf16 dot product flushes them)
+    and nothing that rounds to infinity (the identity's zeros would make NaNs of it)."""
+    bits = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    bits[: n // 2] &= np.uint32(0x0FFFFFFF)  # keep half well inside the finite range
+    bits[: n // 8] = (bits[: n // 8] & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # ties
+    bits[n // 8: n // 4] = (bits[n // 8: n // 4] & np.uint32(0xFFFF0000)) | rng.choice(
+        np.array([0x7FFF, 0x8001, 0xFFFF, 0x0001], np.uint32), n // 4 - n // 8)
+    x = bits.view(np.float32).copy()
+    x[~np.isfinite(x) | (np.abs(x) > 1e38) | (np.abs(x) < 2e-38)] = 1.5
+    x[:4] = [0.0, -0.0, 3.0e38, -2.0e-38]
+    return x
+
+
+@pytest.mark.parametrize("k,s,p", [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_bf16_patches_round_as_ggml_and_torch_do(backend, k, s, p):
+    """The gather's bf16 output must be what ggml's own conversion of an f32 matmul input gives (bit for
+    bit) and what torch's round-to-nearest-even gives."""
+    c, h, w = 64, 5, 6
+    x = _bf16_cases(np.random.default_rng(k * 10 + s), c * h * w).reshape(1, h, w, c).transpose(0, 3, 1, 2)
+    kk = k * k * c
+    eye = np.eye(kk, dtype=np.float32)
+    with Weights(backend, {"eye": ("bf16", (kk, kk))}) as wt, Graph(backend) as g:
+        wt.set("eye", encode(eye, Type.BF16))
+        xi = g.input("x", (w, h, c, 1))
+        xc = layers.nchw_to_channels_fastest(g, xi)
+        ours = g.mul_mat(wt["eye"], g.gather_patches(xc, k, s, p, ttype=Type.BF16))
+        ggmls = g.mul_mat(wt["eye"], g.gather_patches(xc, k, s, p))  # f32: ggml rounds it for the product
+        g.finalize(ours, ggmls)
+        g.set(xi, np.ascontiguousarray(x))
+        g.compute()
+        got, theirs = g.get(ours).reshape(-1, kk), g.get(ggmls).reshape(-1, kk)
+    want = F.unfold(torch.from_numpy(x).to(torch.bfloat16).float(), k, padding=p, stride=s)  # [1, c*k*k, L]
+    want = want.reshape(c, k * k, -1).permute(2, 1, 0).reshape(-1, kk).numpy()  # rows (ky, kx, c), c fastest
+    assert np.array_equal(got.view(np.uint32), theirs.view(np.uint32))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_conv_weight_pads_k_for_the_fast_path():
@@ -181,6 +220,10 @@ def test_bad_calls_raise_our_errors_and_the_process_lives(backend):
             g.view(a, (4, 4), (16, 64, 64))
         with pytest.raises(InputError, match="does not fit"):
             g.gather_patches(g.input("img", (3, 2, 2, 1)), 7, 2, 0)
+        with pytest.raises(InputError, match="F32 or BF16"):
+            g.gather_patches(g.input("img2", (3, 2, 2, 1)), 1, 1, 0, ttype="f16")
+        with pytest.raises(InputError, match="f32 tensors"):  # a bf16 input only goes with bf16 weights
+            g.mul_mat(a, g.gather_patches(a, 1, 1, 0, ttype="bf16"))
         with pytest.raises(InputError, match="must be"):
             g.batch_repeat(g.input("v", (3,)), a, 0)
         with pytest.raises(InputError, match="Tensor"):
