@@ -61,8 +61,16 @@ SWITCH_PAUSE = 0.05  # s between engines: lets the last one's spinning worker th
 # Runs this file as a standalone module in a child process: `import pyggml_resnet` would otherwise be
 # paid for (time and RSS) by the torch and ONNX Runtime processes too. The name differs from
 # "pyggml_resnet.bench", but the bytecode cache is shared (it is keyed by the file's path).
-_LAUNCH = ("import importlib.util as u, sys; s = u.spec_from_file_location('pyggml_resnet_bench', {path!r}); "
+_LAUNCH = ("import importlib.util as u; s = u.spec_from_file_location('pyggml_resnet_bench', {path!r}); "
            "m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m._child_main(sys.argv[1:]))")
+
+
+def _python_c(code: str) -> list[str]:
+    """`python -c code`, with the directory that holds this package first on sys.path. `-c` puts the working
+    directory there, where a source checkout's pyggml_resnet (without its built extension) would shadow the
+    installed package the parent runs from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [sys.executable, "-c", f"import sys; sys.path[0] = {root!r}; {code}"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -377,9 +385,9 @@ def _child_main(argv) -> int:
 
 
 def _child_command(mode: str, engine: str, path, cfg, num_classes: int, **options) -> list[str]:
-    cmd = [sys.executable, "-c", _LAUNCH.format(path=os.path.abspath(__file__)), mode, "--engine", engine,
-           "--path", str(path), "--block", cfg.block, "--layers", ",".join(map(str, cfg.layers)),
-           "--classes", str(num_classes)]
+    cmd = _python_c(_LAUNCH.format(path=os.path.abspath(__file__)))
+    cmd += [mode, "--engine", engine, "--path", str(path), "--block", cfg.block,
+            "--layers", ",".join(map(str, cfg.layers)), "--classes", str(num_classes)]
     for key, value in options.items():
         if value is True:
             cmd.append(f"--{key}")

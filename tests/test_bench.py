@@ -2,6 +2,7 @@
 running the tests may be shared and slow, so only structure and correctness are asserted."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,14 @@ def test_flops_are_twice_the_macs(name, block, layers, gmacs):
 def test_flops_follow_input_size_and_classes():
     assert bench.flops_per_image("resnet50", 160, num_classes=10) == 2 * torchvision_macs(
         "bottleneck", (3, 4, 6, 3), size=160, num_classes=10)
+
+
+def test_workers_import_the_package_the_parent_runs_from(tmp_path):
+    """Not whatever pyggml_resnet sits in their working directory (a source checkout without its built
+    extension, when the README's main job runs there after a non-editable install)."""
+    probe = subprocess.run(bench._python_c("print(sys.path[0])"), cwd=tmp_path, capture_output=True, text=True,
+                           check=True)
+    assert probe.stdout.strip() == os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
 
 
 def test_end_to_end_ggml_against_torch(tmp_path):
