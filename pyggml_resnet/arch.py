@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from .errors import ModelFormatError
 
 GGUF_ARCH = "resnet"  # general.architecture
+DTYPES = ("f32", "f16", "bf16", "q8_0")  # the types a file may store conv and fc weights in
 
 
 class Key:

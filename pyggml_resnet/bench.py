@@ -42,6 +42,7 @@ import platform
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,6 @@ import time
 import traceback
 
 ENGINES = ("ggml", "torch", "onnxruntime")
-GGML_DTYPES = ("f32", "f16", "bf16", "q8_0")
 SEED = 0  # of the random model's weights
 INPUT_SEED = 1000  # + batch size: the timed inputs, identical in every engine
 REFERENCE_SEED = 1  # the one image whose logits every engine must agree on
@@ -516,13 +516,9 @@ def _progress(text: str, end: str = "\n") -> None:
 
 
 def _parse_args(argv):
-    from pyggml_resnet.arch import BY_NAME
-
-    def positive(text):
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-        return value
+    from pyggml_resnet.arch import BY_NAME, DTYPES
+    from pyggml_resnet.cli import positive
+    from pyggml_resnet.ggml import default_threads
 
     p = argparse.ArgumentParser(prog="pyggml-resnet bench",
                                 description="Time ggml against PyTorch eager and ONNX Runtime on the same "
@@ -538,7 +534,7 @@ def _parse_args(argv):
     p.add_argument("--iters", type=positive, default=3,
                    help="timed iterations per engine per round at batch 1, about ITERS/BATCH for larger "
                         "batches (default: 3)")
-    p.add_argument("--dtype", nargs="+", choices=GGML_DTYPES, default=["f32"],
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["f32"],
                    help="ggml weight types, one engine row each (default: f32)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run (default: all; missing ones are skipped)")
@@ -548,15 +544,8 @@ def _parse_args(argv):
     a.dtype = list(dict.fromkeys(a.dtype))
     a.engines = list(dict.fromkeys(a.engines))
     if a.threads is None:
-        a.threads = _available_cpus()
+        a.threads = default_threads()
     return a
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _interrupt(signum, frame):
@@ -602,6 +591,7 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
     import numpy as np
 
     from pyggml_resnet import arch, convert, loader
+    from pyggml_resnet.ggml import default_threads
 
     notes: list[str] = []
 
@@ -612,7 +602,7 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
     # Other work on the machine shows up as spread between min and max; say so up front.
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if load_avg is not None and load_avg >= 1:
-        note(f"the machine is busy (1-minute load average {load_avg:.1f} on {_available_cpus()} CPUs before "
+        note(f"the machine is busy (1-minute load average {load_avg:.1f} on {default_threads()} CPUs before "
              "starting): expect noisy timings; the min columns suffer least")
 
     # The model: a GGUF file for ggml, and the same weights for the others.
@@ -772,12 +762,13 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
     # Summaries.
     results = []
     for b in args.batch:
-        torch_med = _median(samples.get("torch", {}).get(b, []))
+        torch_s = samples.get("torch", {}).get(b)
+        torch_med = statistics.median(torch_s) if torch_s else None
         for name in rows:
             s = samples[name][b]
             if not s:
                 continue
-            med = _median(s)
+            med = statistics.median(s)
             results.append({"engine": name, "batch": b, "median_ms_per_image": med * 1e3,
                             "min_ms_per_image": min(s) * 1e3, "max_ms_per_image": max(s) * 1e3,
                             "ratio_to_torch": med / torch_med if torch_med else None,
@@ -806,14 +797,6 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
     return 0 if ok else 1
 
 
-def _median(values):
-    if not values:
-        return None
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
-
-
 # --------------------------------------------------------------------------------------------------------
 # The machine and the report
 
@@ -825,26 +808,6 @@ def _dist_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def ggml_version() -> str | None:
-    """The version compiled into our extension (ggml_version() is exported, though not in the cffi
-    binding), else the vendored source's CMakeLists.txt."""
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        so = importlib.util.find_spec("pyggml_resnet._ggml").origin
-        fn = ctypes.CDLL(so).ggml_version
-        fn.restype = ctypes.c_char_p
-        return fn().decode()
-    with contextlib.suppress(OSError):
-        import re
-
-        cmake = os.path.join(os.path.dirname(__file__), os.pardir, "vendor", "ggml", "CMakeLists.txt")
-        text = open(cmake, encoding="utf-8").read()
-        parts = [re.search(rf"set\(GGML_VERSION_{p} (\d+)\)", text).group(1) for p in ("MAJOR", "MINOR", "PATCH")]
-        return ".".join(parts)
-    return None
 
 
 def machine_info() -> dict:
@@ -861,13 +824,13 @@ def machine_info() -> dict:
     # The instruction sets that decide which kernels the engines can use.
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
                        "asimd", "sve") if f in flags]
-    from pyggml_resnet import __version__
+    from pyggml_resnet import __version__, ggml
 
-    return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": _available_cpus(), "isa": isa,
+    return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": ggml.default_threads(), "isa": isa,
             "os": platform.platform(),
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "torch": _dist_version("torch"), "onnxruntime": _dist_version("onnxruntime"),
-                         "ggml": ggml_version(), "pyggml-resnet": __version__, "gguf": _dist_version("gguf")}}
+                         "ggml": ggml.version(), "pyggml-resnet": __version__, "gguf": _dist_version("gguf")}}
 
 
 def _fmt(value, spec: str, width: int) -> str:

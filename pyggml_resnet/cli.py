@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arch import DTYPES
 from .errors import Error, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -131,7 +132,8 @@ def _emit(args, writer, out, path, top) -> None:
             print(f"  top[{rank}]={prob:.6f} index = {index} label = {label}")
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -145,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify images, files or folders")
     c.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     c.add_argument("--model", required=True, help="a .gguf file, or a pretrained name such as resnet101")
-    c.add_argument("--top-k", type=_positive, default=5)
-    c.add_argument("--threads", type=_positive, default=None, help="default: every CPU available")
-    c.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+    c.add_argument("--top-k", type=positive, default=5)
+    c.add_argument("--threads", type=positive, default=None, help="default: every CPU available")
+    c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight type at load (default: as stored)")
-    c.add_argument("--batch-size", type=_positive, default=16)
+    c.add_argument("--batch-size", type=positive, default=16)
     c.add_argument("--json", action="store_true", help="print one JSON object per image")
     c.add_argument("--out", help="write results to a .csv or .jsonl file, with a progress bar")
     c.add_argument("--verbose", action="store_true", help="also print each stage's output shape")

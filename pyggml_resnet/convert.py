@@ -51,13 +51,13 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .arch import (BY_NAME, CONFIGS, GGUF_ARCH, Key, Preprocessing, ResNetConfig, expected_tensors,
+from .arch import (BY_NAME, CONFIGS, DTYPES as ARCH_DTYPES, GGUF_ARCH, Key, Preprocessing, ResNetConfig, expected_tensors,
                    infer_config)
 from .errors import Error, InputError, ModelFormatError
 from .labels import imagenet_labels
 
 Q = gguf.GGMLQuantizationType
-DTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+DTYPES = {name: Q[name.upper()] for name in ARCH_DTYPES}  # name -> the gguf type written
 Q8_0_BLOCK = 32
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which every torchvision ResNet uses
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # what preprocess.preprocess accepts

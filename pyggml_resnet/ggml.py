@@ -50,6 +50,11 @@ class Type(enum.IntEnum):
                              f"{', '.join(t.name.lower() for t in cls)}") from None
 
 
+def version() -> str:
+    """The version of the ggml compiled into the extension."""
+    return ffi.string(lib.ggml_version()).decode()
+
+
 def default_threads() -> int:
     """The CPUs this process may run on."""
     try:

@@ -27,12 +27,11 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arch import BY_NAME, Preprocessing
+from .arch import BY_NAME, DTYPES, Preprocessing
 from .errors import Error, InputError, ModelFormatError
 
 TIMEOUT = 30.0  # seconds: to connect, and for each read of the download (not for the whole transfer)
 CHUNK = 1 << 20  # bytes per read while streaming
-DTYPES = ("f32", "f16", "bf16", "q8_0")  # what convert --dtype writes
 ENV_CACHE = "PYGGML_RESNET_CACHE"
 HASH_REGEX = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's check_hash convention: "resnet18-f37072fd.pth"
 

@@ -334,14 +334,6 @@ HOSTILE_KV = {
 }
 
 
-@pytest.mark.parametrize("case", list(HOSTILE_KV))
-def test_hostile_metadata_encoding(corpus, tmp_path, case):
-    edit, match = HOSTILE_KV[case]
-    g = corpus()
-    edit(g)
-    refused(write(tmp_path, g, sparse=True), match)
-
-
 def test_more_strings_than_the_file_can_hold(corpus, tmp_path):
     g = corpus()
     g.set(Key.LABELS, T.ARRAY, Raw(struct.pack("<IQ", T.STRING, 2**20)))
@@ -522,9 +514,14 @@ HOSTILE_TI = {
 }
 
 
-@pytest.mark.parametrize("case", list(HOSTILE_TI))
-def test_bad_tensor_entry(corpus, tmp_path, case):
-    edit, match = HOSTILE_TI[case]
+HOSTILE_HEADER = {**HOSTILE_KV, **HOSTILE_TI}
+assert len(HOSTILE_HEADER) == len(HOSTILE_KV) + len(HOSTILE_TI)  # no case shadows another
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADER))
+def test_hostile_header_entry(corpus, tmp_path, case):
+    """Each edit of the metadata (HOSTILE_KV) or of the tensor table (HOSTILE_TI) is refused, with its message."""
+    edit, match = HOSTILE_HEADER[case]
     g = corpus()
     edit(g)
     refused(write(tmp_path, g, sparse=True), match)
