@@ -118,8 +118,8 @@ def random_state(cfg, num_classes: int = 1000, seed: int = SEED) -> dict:
     """A torchvision-shaped state dict of seeded random weights whose activations keep a sane scale.
 
     He (fan-in) convolutions with BatchNorm near identity keep every layer's output around unit scale, and
-    each block's last BatchNorm has a small gain, as trained ResNets do, so 33 residual additions do not
-    blow the scale up. No value comes near the denormal range, which would slow some engines and not
+    each block's last BatchNorm has a small gain, as trained ResNets do, so the residual additions (one per
+    block) do not blow the scale up. No value comes near the denormal range, which would slow some engines and not
     others. The fc layer gives logits of order 1, so top-1 is a meaningful comparison."""
     import numpy as np
 
@@ -407,8 +407,7 @@ class WorkerError(Exception):
 class Worker:
     """A long-lived engine process and its JSON-lines pipe, with a timeout on every answer."""
 
-    def __init__(self, name: str, cmd: list[str], log_path: str):
-        self.name = name
+    def __init__(self, cmd: list[str], log_path: str):
         self.log_path = log_path
         self._log = open(log_path, "wb")
         # A session of its own: Ctrl-C reaches only the parent, which then ends every worker itself.
@@ -659,7 +658,7 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
         if engine == "ggml":
             for dt in args.dtype:
                 rows[f"ggml-{dt}"] = ("ggml", dt, gguf_path)
-        elif (engine == "torch" and want_torch) or (engine == "onnxruntime" and want_ort):
+        elif engine in paths:  # prepared for PyTorch / ONNX Runtime
             rows[engine] = (engine, "f32", paths[engine])
 
     status = {name: {"engine": e, "dtype": dt, "status": "ok", "error": None} for name, (e, dt, _) in rows.items()}
@@ -674,7 +673,7 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
     # Start the workers one by one, each loading and warming up alone.
     for name, (engine, dt, path) in rows.items():
         _progress(f"starting {name} ...", end=" ")
-        w = workers[name] = Worker(name, _child_command("worker", engine, path, cfg, num_classes, threads=args.threads, dtype=dt,
+        w = workers[name] = Worker(_child_command("worker", engine, path, cfg, num_classes, threads=args.threads, dtype=dt,
                                                          size=size, batches=args.batch),
                                    os.path.join(tmp, f"{name}.log"))
         try:
@@ -700,8 +699,8 @@ def _bench_in(args, tmp: str, workers: dict) -> int:
     # The reference is an exact f32 engine where there is one: PyTorch first, as the others imitate it.
     ref = next((n for n in ("torch", "ggml-f32", "onnxruntime") if n in logits), next(iter(logits), None))
     correctness = []
+    r = logits.get(ref)
     for name, z in logits.items():
-        r = logits[ref]
         entry = {"engine": name, "reference": ref,
                  "rel_l2_error": float(np.linalg.norm(z - r) / max(np.linalg.norm(r), 1e-30)),
                  "top1": int(np.argmax(z)), "top1_agrees": bool(np.argmax(z) == np.argmax(r))}

@@ -74,7 +74,6 @@ def _classify(args) -> int:
 def _classify_paths(model, args, paths: list[Path]) -> int:
     from tqdm import tqdm
 
-
     pre = model.preprocessing
     if args.top_k > model.num_classes:
         raise InputError(f"--top-k {args.top_k} is more than the model's {model.num_classes} classes")
@@ -90,8 +89,9 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
     bar = tqdm(total=len(paths), unit="img", disable=not args.out, file=sys.stderr)
     try:
         for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start:start + args.batch_size]
             batch, arrays = [], []
-            for p in paths[start:start + args.batch_size]:
+            for p in chunk:
                 try:
                     arrays.append(model.preprocess(p))
                     batch.append(p)
@@ -102,7 +102,7 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
             for p, pr in zip(batch, probs):
                 top = np.argsort(-pr, kind="stable")[:args.top_k]
                 _emit(args, writer, out, p, [(model.labels[i], int(i), float(pr[i])) for i in top])
-            bar.update(len(paths[start:start + args.batch_size]))
+            bar.update(len(chunk))
     finally:
         bar.close()
         if out:
