@@ -37,7 +37,6 @@ void ggml_free(struct ggml_context * ctx);
 size_t ggml_tensor_overhead(void);
 size_t ggml_graph_overhead_custom(size_t size, bool grads);
 int64_t ggml_blck_size(enum ggml_type type);
-size_t ggml_type_size(enum ggml_type type);
 size_t ggml_nbytes(const struct ggml_tensor * tensor);
 bool ggml_is_contiguous(const struct ggml_tensor * tensor);
 struct ggml_tensor * ggml_new_tensor_4d(struct ggml_context * ctx, enum ggml_type type,
@@ -64,20 +63,10 @@ struct ggml_tensor * ggml_mean(struct ggml_context * ctx, struct ggml_tensor * a
 const char * ggml_version(void);
 struct ggml_tensor * ggml_mul_mat(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
 struct ggml_tensor * ggml_cont(struct ggml_context * ctx, struct ggml_tensor * a);
-struct ggml_tensor * ggml_cpy(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
 struct ggml_tensor * ggml_permute(struct ggml_context * ctx, struct ggml_tensor * a,
                                   int axis0, int axis1, int axis2, int axis3);
 struct ggml_tensor * ggml_reshape_4d(struct ggml_context * ctx, struct ggml_tensor * a,
                                      int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3);
-struct ggml_tensor * ggml_view_4d(struct ggml_context * ctx, struct ggml_tensor * a,
-                                  int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
-                                  size_t nb1, size_t nb2, size_t nb3, size_t offset);
-struct ggml_tensor * ggml_concat(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b, int dim);
-struct ggml_tensor * ggml_pad_ext(struct ggml_context * ctx, struct ggml_tensor * a,
-                                  int lp0, int rp0, int lp1, int rp1, int lp2, int rp2, int lp3, int rp3);
-struct ggml_tensor * ggml_im2col(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b,
-                                 int s0, int s1, int p0, int p1, int d0, int d1, bool is_2D,
-                                 enum ggml_type dst_type);
 struct ggml_tensor * ggml_pool_2d(struct ggml_context * ctx, struct ggml_tensor * a, enum ggml_op_pool op,
                                   int k0, int k1, int s0, int s1, float p0, float p1);
 
@@ -95,7 +84,6 @@ enum ggml_status ggml_backend_graph_compute(ggml_backend_t backend, struct ggml_
 ggml_gallocr_t ggml_gallocr_new(ggml_backend_buffer_type_t buft);
 void ggml_gallocr_free(ggml_gallocr_t galloc);
 bool ggml_gallocr_alloc_graph(ggml_gallocr_t galloc, struct ggml_cgraph * graph);
-size_t ggml_gallocr_get_buffer_size(ggml_gallocr_t galloc, int buffer_id);
 
 /* csrc/ */
 struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor * v,

@@ -32,13 +32,6 @@ class Type(enum.IntEnum):
         """Elements per block along ne[0] (1 for float types)."""
         return lib.ggml_blck_size(self)
 
-    @property
-    def block_bytes(self) -> int:
-        return lib.ggml_type_size(self)
-
-    def row_bytes(self, n: int) -> int:
-        return n // self.block_size * self.block_bytes
-
     @classmethod
     def parse(cls, name: "str | Type") -> "Type":
         if isinstance(name, cls):
@@ -72,6 +65,10 @@ def _shape4(ne) -> tuple[int, int, int, int]:
     return ne + (1,) * (4 - len(ne))
 
 
+def _set_name(ptr, name: str):
+    lib.ggml_set_name(ptr, name.encode()[:63])  # ggml keeps 63 bytes of a name
+
+
 def _alive(handle, what: str):
     if handle is None or handle == ffi.NULL:
         raise InputError(f"this {what} has been closed")
@@ -81,11 +78,11 @@ def _alive(handle, what: str):
 class Tensor:
     """A ggml tensor; its memory belongs to the Weights or Graph that made it."""
 
-    __slots__ = ("_ptr", "_owner", "__weakref__")
+    __slots__ = ("_ptr", "_owner")
 
     def __init__(self, ptr, owner):
-        if ptr == ffi.NULL:
-            raise InputError("ggml could not create the tensor (out of context memory)")
+        # ptr is never NULL: ggml aborts rather than return no tensor when its context is full, which is
+        # why Weights sizes its context for its tensors and Graph._building refuses to outgrow its own.
         self._ptr = ptr
         self._owner = owner
 
@@ -175,7 +172,7 @@ def _free_natives(natives, free_second):
 
 
 class _Closable:
-    """`with` support for the native objects below: leaving the block calls close()."""
+    """`with` support for the native objects below and for model.Model: leaving the block calls close()."""
 
     def close(self):
         raise NotImplementedError
@@ -239,7 +236,7 @@ class Weights(_Closable):
         self._tensors = {}
         for name, (ttype, ne) in checked.items():
             t = Tensor(lib.ggml_new_tensor_4d(ctx, ttype, *ne), self)
-            lib.ggml_set_name(t._ptr, name.encode()[:63])
+            _set_name(t._ptr, name)
             self._tensors[name] = t
         buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, _alive(backend._ptr, "backend"))
         if buffer == ffi.NULL:
@@ -252,9 +249,6 @@ class Weights(_Closable):
             return self._tensors[name]
         except KeyError:
             raise KeyError(f"no weight named {name!r}") from None
-
-    def __contains__(self, name):
-        return name in self._tensors
 
     @property
     def nbytes(self) -> int:
@@ -283,7 +277,8 @@ class Graph(_Closable):
             raise InputError(f"max_nodes must be an integer >= 16, got {max_nodes!r}")
         self._backend = backend
         self._max_nodes = max_nodes
-        # Every node may add a view or two: leave room for twice as many tensors as nodes.
+        # Room for three tensors per node: every tensor made here is a node except the inputs (not counted
+        # against max_nodes), so this is ample; `_building` refuses to grow past it.
         size = lib.ggml_tensor_overhead() * max_nodes * 3 + lib.ggml_graph_overhead_custom(max_nodes, False)
         ctx = lib.ggml_init({"mem_size": size, "mem_buffer": ffi.NULL, "no_alloc": True})
         if ctx == ffi.NULL:
@@ -324,6 +319,7 @@ class Graph(_Closable):
             raise InputError("this graph has been closed")
         if self._finalized:
             raise InputError("this graph is finalized: build a new one to add operations")
+        # ggml would abort the process on a full context: refuse before that.
         if self._n_tensors + 4 > self._max_nodes * 3:
             raise InputError(f"graph too large for max_nodes={self._max_nodes}")
         return self._ctx
@@ -343,7 +339,7 @@ class Graph(_Closable):
         """A tensor whose data is given by `set` before each `compute`."""
         ctx = self._building()
         t = self._new(lib.ggml_new_tensor_4d(ctx, Type.parse(ttype), *_shape4(ne)), node=False)
-        lib.ggml_set_name(t._ptr, name.encode()[:63])
+        _set_name(t._ptr, name)
         lib.ggml_set_input(t._ptr)
         self._inputs.append(t)
         return t
@@ -430,20 +426,6 @@ class Graph(_Closable):
             raise InputError(f"reshape: {a!r} has {np.prod(a.ne)} elements, {ne} has {np.prod(ne)}")
         return self._new(lib.ggml_reshape_4d(ctx, a._ptr, *ne))
 
-    def view(self, a: Tensor, ne, nb, offset: int = 0) -> Tensor:
-        """A strided view of a: shape ne, byte strides nb = (nb1, nb2, nb3), starting `offset` bytes in."""
-        ctx = self._building(a)
-        ne = _shape4(ne)
-        nb = tuple(int(n) for n in nb)
-        if len(nb) != 3 or any(n <= 0 for n in nb) or offset < 0:
-            raise InputError(f"view: need three positive strides and offset >= 0, got {nb}, {offset}")
-        if a.type != Type.F32:
-            raise InputError(f"view: only f32 tensors, got {a!r}")
-        last = offset + 4 * (ne[0] - 1) + sum((n - 1) * s for n, s in zip(ne[1:], nb)) + 4
-        if last > a.nbytes or offset + 4 * int(np.prod(ne)) > a.nbytes:
-            raise InputError(f"view: ne={ne} nb={nb} offset={offset} reaches past the end of {a!r}")
-        return self._new(lib.ggml_view_4d(ctx, a._ptr, *ne, *nb, offset))
-
     def pool_2d(self, a: Tensor, op: str, kernel: int, stride: int, padding: int) -> Tensor:
         """Max or average pooling over ne[0] (width) and ne[1] (height) of a [W, H, C, N] tensor.
 
@@ -463,20 +445,6 @@ class Graph(_Closable):
         return self._new(lib.ggml_pool_2d(ctx, a._ptr, ops[op], kernel, kernel, stride, stride,
                                           float(padding), float(padding)))
 
-    def im2col(self, x: Tensor, kernel: tuple[int, int], stride: int, padding: int) -> Tensor:
-        """Patches of a [W, H, C, N] f32 tensor as f32 [C*KH*KW, OW, OH, N] (kx fastest, then ky, then c).
-
-        Always f32 output: ggml_conv_2d would round the patches to f16.
-        """
-        ctx = self._building(x)
-        self._need_f32(x, op="im2col")
-        self._need_contiguous(x, "im2col")
-        kh, kw = kernel
-        self._check_window(x.ne[0], x.ne[1], kh, kw, stride, padding, "im2col")
-        shape = self._new(lib.ggml_new_tensor_4d(ctx, Type.F32, kw, kh, x.ne[2], 1), node=False)  # shape only
-        return self._new(lib.ggml_im2col(ctx, shape._ptr, x._ptr, stride, stride, padding, padding,
-                                         1, 1, True, Type.F32))
-
     def gather_patches(self, x: Tensor, kernel: int, stride: int, padding: int, k_pad: int = 0,
                        ttype: Type | str = Type.F32) -> Tensor:
         """Patches of a channel-fastest [C, W, H, N] f32 tensor as [K, OW, OH, N], K = kernel*kernel*C
@@ -488,7 +456,7 @@ class Graph(_Closable):
             raise InputError(f"gather_patches: ttype must be F32 or BF16, got {ttype.name}")
         self._need_f32(x, op="gather_patches")
         self._need_contiguous(x, "gather_patches")
-        self._check_window(x.ne[1], x.ne[2], kernel, kernel, stride, padding, "gather_patches")
+        self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gather_patches")
         if max(kernel, stride, padding) > 255:
             raise InputError("gather_patches: kernel, stride and padding must be below 256")
         k = kernel * kernel * x.ne[0]
@@ -514,12 +482,12 @@ class Graph(_Closable):
         return self._new(lib.winograd_output(ctx, m._ptr, like._ptr))
 
     @staticmethod
-    def _check_window(w, h, kh, kw, stride, padding, op):
-        for what, v, lo in (("kernel", kh, 1), ("kernel", kw, 1), ("stride", stride, 1), ("padding", padding, 0)):
+    def _check_window(w, h, kernel, stride, padding, op):
+        for what, v, lo in (("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise InputError(f"{op}: {what} must be an integer >= {lo}, got {v!r}")
-        if w + 2 * padding < kw or h + 2 * padding < kh:
-            raise InputError(f"{op}: a {kh}x{kw} window with padding {padding} does not fit a {w}x{h} input")
+        if w + 2 * padding < kernel or h + 2 * padding < kernel:
+            raise InputError(f"{op}: a {kernel}x{kernel} window with padding {padding} does not fit a {w}x{h} input")
 
     def batch_repeat(self, v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
         """The per-channel vector v ([C]) expanded to like's shape along its dimension channel_dim
@@ -556,14 +524,6 @@ class Graph(_Closable):
             raise MemoryError("could not allocate the graph's compute buffer")
         self._finalized = True
         return self
-
-    @property
-    def n_nodes(self) -> int:
-        return lib.ggml_graph_n_nodes(self._graph)
-
-    @property
-    def compute_bytes(self) -> int:
-        return lib.ggml_gallocr_get_buffer_size(self._natives[1], 0) if self._finalized else 0
 
     def _ready(self):
         if self._ctx is None:

@@ -4,7 +4,8 @@ Activations are ggml [C, W, H, N] (NumPy NHWC): with the channel fastest, a 1x1 
 single ggml_mul_mat, a k x k convolution is one mul_mat over gathered patches, and per-channel vectors
 broadcast along rows, which ggml vectorises. Each layer comes in two halves that must agree on the
 weight layout: a `*_weight` function arranges host arrays before upload, and a graph function uses them.
-Everything stays f32 unless the caller stores weights in a reduced type: no F16 im2col on the exact path.
+Everything stays f32 unless the caller stores weights in a reduced type: patches are gathered in f32 (bf16
+for bf16 weights), not by ggml_conv_2d's im2col, which rounds them to f16.
 """
 
 from __future__ import annotations
@@ -95,15 +96,14 @@ def batchnorm(g: Graph, x: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, bet
 
 def max_pool(g: Graph, x: Tensor, *, kernel: int, stride: int, padding: int) -> Tensor:
     """Max pooling of [C, W, H, N]; ggml's pool works on [W, H, C, N], hence the two transposes."""
-    whcn = g.cont(g.permute(x, (2, 0, 1, 3)))
-    pooled = g.pool_2d(whcn, "max", kernel, stride, padding)
-    return g.cont(g.permute(pooled, (1, 2, 0, 3)))
+    pooled = g.pool_2d(channels_fastest_to_nchw(g, x), "max", kernel, stride, padding)
+    return nchw_to_channels_fastest(g, pooled)
 
 
 def global_avg_pool(g: Graph, x: Tensor) -> Tensor:
     """[C, W, H, N] -> [C, N], the mean over all pixels of each channel."""
     c, width, height, n = x.ne
-    pixels_first = g.reshape(g.cont(g.permute(x, (2, 0, 1, 3))), (width * height, c, n, 1))
+    pixels_first = g.reshape(channels_fastest_to_nchw(g, x), (width * height, c, n, 1))
     return g.reshape(g.mean(pixels_first), (c, n))
 
 
@@ -118,4 +118,5 @@ def nchw_to_channels_fastest(g: Graph, x: Tensor) -> Tensor:
 
 
 def channels_fastest_to_nchw(g: Graph, x: Tensor) -> Tensor:
+    """[C, W, H, N] -> ggml [W, H, C, N] (NumPy NCHW): the layout ggml's pool works on."""
     return g.cont(g.permute(x, (2, 0, 1, 3)))

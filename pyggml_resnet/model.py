@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import loader, resnet, transforms
+from . import arch, loader, resnet, transforms
 from .errors import InputError
-from .ggml import Backend, Graph, Type
+from .ggml import Backend, Graph, Type, _Closable
 
 MAX_BATCH = 16  # larger inputs run in chunks of this many images, reusing one graph
 MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
@@ -31,7 +31,7 @@ class Prediction:
     prob: float
 
 
-class Model:
+class Model(_Closable):
     """A ResNet held in ggml memory. Use `pyggml_resnet.load` to make one.
 
     Calls are thread-safe: they are serialised by a lock, since each computation already uses every
@@ -42,9 +42,9 @@ class Model:
 
     def __init__(self, model_file: loader.ModelFile, *, threads: int | None = None,
                  batchnorm: str = "folded", dtype: str | None = None, winograd: bool = False):
-        if batchnorm not in resnet.BATCHNORM_MODES:
-            raise InputError(f"batchnorm must be one of {resnet.BATCHNORM_MODES}, got {batchnorm!r}")
-        self.dtype = Type.parse(dtype or model_file.dtype).name.lower()
+        resnet.check_batchnorm(batchnorm)
+        wtype = Type.parse(dtype or model_file.dtype)
+        self.dtype = wtype.name.lower()
         self.config = model_file.config
         self.num_classes = model_file.num_classes
         self.labels = model_file.labels
@@ -57,8 +57,7 @@ class Model:
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
         self._backend = Backend(threads)
         try:
-            self._weights = resnet.upload_weights(self._backend, model_file, batchnorm, Type.parse(self.dtype),
-                                                  winograd=bool(winograd))
+            self._weights = resnet.upload_weights(self._backend, model_file, batchnorm, wtype, winograd=bool(winograd))
         except BaseException:
             self._backend.close()
             raise
@@ -140,11 +139,12 @@ class Model:
         def down(n):  # a 3x3/2 pool or conv with padding 1, and the 7x7/2 stem with padding 3: ceil(n / 2)
             return (n - 1) // 2 + 1
         h, w = down(down(h)), down(down(w))  # stem conv, max pool
-        result = {"stem": np.zeros((0, 64, h, w), np.float32)}
-        for stage in range(1, 5):
-            if stage > 1:
+        blocks = list(arch.block_names(self.config))
+        result = {"stem": np.zeros((0, blocks[0][3], h, w), np.float32)}  # layer1.0's in_channels
+        for stage, _, _, _, width, stride, _ in blocks:
+            if stride > 1:
                 h, w = down(h), down(w)
-            result[f"layer{stage}"] = np.zeros((0, 64 * 2 ** (stage - 1) * self.config.expansion, h, w), np.float32)
+            result[f"layer{stage}"] = np.zeros((0, width * self.config.expansion, h, w), np.float32)
         result["features"] = np.zeros((0, self.feature_dim), np.float32)
         result["logits"] = np.zeros((0, self.num_classes), np.float32)
         return result
@@ -252,12 +252,6 @@ class Model:
                 self._backend.close()
                 self._backend = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str = "folded",
          dtype: str | None = None, winograd: bool = False) -> Model:
@@ -270,8 +264,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
         exact, but those weights take 16/9 of the memory (+54 MB for ResNet-101).
     Raises ModelFormatError for a malformed file, InputError for bad arguments.
     """
-    if batchnorm not in resnet.BATCHNORM_MODES:
-        raise InputError(f"batchnorm must be one of {resnet.BATCHNORM_MODES}, got {batchnorm!r}")
+    resnet.check_batchnorm(batchnorm)
     if dtype is not None:
         Type.parse(dtype)
     return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype, winograd=winograd)

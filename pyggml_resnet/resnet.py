@@ -13,12 +13,18 @@ import numpy as np
 
 from . import arch, layers
 from .arch import ResNetConfig
-from .errors import ModelFormatError
+from .errors import InputError, ModelFormatError
 from .ggml import Graph, Tensor, Type, Weights, encode
 from .loader import ModelFile
 
 BATCHNORM_MODES = ("folded", "explicit")
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def check_batchnorm(mode) -> None:
+    """InputError unless `mode` is one of BATCHNORM_MODES."""
+    if mode not in BATCHNORM_MODES:
+        raise InputError(f"batchnorm must be one of {BATCHNORM_MODES}, got {mode!r}")
 
 
 def convolutions(cfg: ResNetConfig):
