@@ -6,12 +6,17 @@ before writing a GGUF file, and the loader checks the file against it again befo
 
 from __future__ import annotations
 
+import math
+import reprlib
+import struct
 from dataclasses import dataclass
 
 from .errors import ModelFormatError
 
 GGUF_ARCH = "resnet"  # general.architecture
 DTYPES = ("f32", "f16", "bf16", "q8_0")  # the types a file may store conv and fc weights in
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # the resize filters `transforms.preprocess` implements
+MAX_IMAGE_SIZE = 8192  # the largest resize or crop a model file may record
 
 
 class Key:
@@ -43,6 +48,33 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+
+    def problem(self, *, keys: bool = False) -> str | None:
+        """Why these settings cannot be used, or None: resize and crop must be integers in
+        1..MAX_IMAGE_SIZE, mean and std 3 numbers each, finite as float32 (how a file stores them) and std > 0
+        there, interpolation one of INTERPOLATIONS.
+        The one check the converter, the loader and `transforms.preprocess` apply, each raising its own
+        error. `keys` names resize and crop by their metadata keys, for messages about a file."""
+        for name, key, value in (("resize", Key.RESIZE, self.resize), ("crop", Key.CROP, self.crop)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_IMAGE_SIZE:
+                what = f"metadata {key!r}" if keys else name
+                return f"{what} must be an integer in 1..{MAX_IMAGE_SIZE}, got {value!r}"
+        try:
+            mean, std = [_float32(v) for v in self.mean], [_float32(v) for v in self.std]
+        except (TypeError, ValueError, OverflowError):
+            mean = std = []
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            return (f"preprocessing mean/std must be 3 finite numbers (std > 0), got {reprlib.repr(self.mean)}, "
+                    f"{reprlib.repr(self.std)}")
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
+            return (f"unknown interpolation {reprlib.repr(self.interpolation)}; expected one of "
+                    + ", ".join(INTERPOLATIONS))
+        return None
+
+
+def _float32(v) -> float:
+    """v rounded to float32 (OverflowError beyond its range)."""
+    return struct.unpack("<f", struct.pack("<f", float(v)))[0]
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,6 @@ Q = gguf.GGMLQuantizationType
 DTYPES = {name: Q[name.upper()] for name in ARCH_DTYPES}  # name -> the gguf type written
 Q8_0_BLOCK = 32
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which every torchvision ResNet uses
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # what preprocess.preprocess accepts
 
 # Largest |value| each narrow type can hold. For q8_0 the limit is on the per-block scale max/127, which
 # is stored as f16.
@@ -81,11 +80,15 @@ def load_checkpoint(path, arch: str | None = None) -> dict[str, np.ndarray]:
     `check_state`; ``arch`` ("resnet101", ...) additionally requires that architecture, and is how a legacy
     ``.bin`` can be read without guessing. Raises ModelFormatError, or OSError if the file cannot be read.
     """
+    return _load_checked(path, arch)[0]
+
+
+def _load_checked(path, arch: str | None) -> tuple[dict[str, np.ndarray], ResNetConfig, int]:
+    """`load_checkpoint`'s state_dict, and the (config, num_classes) `check_state` found in it."""
     path = Path(path)
     cfg = _config_named(arch)
     state = _load_legacy_bin(path, cfg) if _is_legacy_bin(path) else _load_torch(path)
-    check_state(state, arch)
-    return state
+    return (state, *check_state(state, arch))
 
 
 def _config_named(name: str | None) -> ResNetConfig | None:
@@ -428,14 +431,14 @@ def _labels_for(num_classes: int, labels: Sequence[str] | None) -> list[str]:
     return labels
 
 
-def _check_preprocessing(p: Preprocessing) -> None:
-    ok_sizes = all(isinstance(v, int) and 1 <= v < 2**32 for v in (p.resize, p.crop))
-    if not ok_sizes:
-        raise InputError(f"resize and crop must be positive integers, got {p.resize!r} and {p.crop!r}")
-    if p.interpolation not in INTERPOLATIONS:
-        raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {p.interpolation!r}")
-    if len(p.mean) != 3 or len(p.std) != 3 or not all(s > 0 for s in p.std):
-        raise InputError(f"mean and std must be 3 numbers each, std positive; got {p.mean} and {p.std}")
+def _check_options(dtype: str, weights: str, preprocessing: Preprocessing) -> None:
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not weights:
+        raise InputError("weights must be a non-empty name, e.g. 'custom' or 'IMAGENET1K_V2'")
+    problem = preprocessing.problem()  # the loader's own check: what it would refuse is never written
+    if problem:
+        raise InputError(problem)
 
 
 def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Preprocessing) -> None:
@@ -463,14 +466,20 @@ def write_gguf(state: Mapping[str, np.ndarray], out_path, *, dtype: str = "f32",
 
     ``dtype`` picks how conv and fc weights are stored (see the module docstring), ``arch`` requires that
     architecture, ``weights`` names the weights (e.g. "IMAGENET1K_V2"), ``labels`` are the class names (default:
-    ImageNet's for 1000 classes, else "class_0", ...). Raises ModelFormatError or InputError before creating
-    anything; the output appears only once complete."""
-    if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not weights:
-        raise InputError("weights must be a non-empty name, e.g. 'custom' or 'IMAGENET1K_V2'")
-    _check_preprocessing(preprocessing)
+    ImageNet's for 1000 classes, else "class_0", ...).
+
+    Bad options (InputError) and a state_dict `check_state` refuses (ModelFormatError) are raised before
+    anything is created. A weight too large for ``dtype`` (ModelFormatError) or a failing write (OSError) is
+    raised while writing, after the temporary file is deleted: the output appears only once complete, and a
+    file already at ``out_path`` is left as it was."""
+    _check_options(dtype, weights, preprocessing)
     cfg, num_classes = check_state(state, arch)
+    return _write(state, cfg, num_classes, out_path, dtype, weights, preprocessing, labels, progress)
+
+
+def _write(state: Mapping[str, np.ndarray], cfg: ResNetConfig, num_classes: int, out_path, dtype: str,
+           weights: str, preprocessing: Preprocessing, labels: Sequence[str] | None, progress: bool) -> Path:
+    """`write_gguf` for a state_dict `check_state` passed as (cfg, num_classes), with checked options."""
     labels = _labels_for(num_classes, labels)
     out = _check_output_path(out_path)
     plan = [_storage(name, shape, dtype) for name, shape in expected_tensors(cfg, num_classes).items()]
@@ -542,9 +551,16 @@ def convert(checkpoint, out_path, *, dtype: str = "f32", arch: str | None = None
             preprocessing: Preprocessing = Preprocessing(), labels: Sequence[str] | None = None,
             progress: bool = True) -> Path:
     """`load_checkpoint` then `write_gguf`: checkpoint file -> GGUF file. Returns the output path."""
-    state = load_checkpoint(checkpoint, arch)
-    return write_gguf(state, out_path, dtype=dtype, arch=arch, weights=weights, preprocessing=preprocessing,
-                      labels=labels, progress=progress)
+    return _convert(checkpoint, out_path, dtype, arch, weights, preprocessing, labels, progress)[0]
+
+
+def _convert(checkpoint, out_path, dtype, arch, weights, preprocessing, labels,
+             progress) -> tuple[Path, dict[str, np.ndarray], ResNetConfig, int]:
+    """`convert`, checking the state_dict once; also returns it and its (config, num_classes)."""
+    state, cfg, num_classes = _load_checked(checkpoint, arch)
+    _check_options(dtype, weights, preprocessing)
+    out = _write(state, cfg, num_classes, out_path, dtype, weights, preprocessing, labels, progress)
+    return out, state, cfg, num_classes
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -571,8 +587,7 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-def _summary(out: Path, state: Mapping[str, np.ndarray], dtype: str) -> str:
-    cfg, num_classes = infer_config({n: v.shape for n, v in state.items()})
+def _summary(out: Path, state: Mapping[str, np.ndarray], cfg: ResNetConfig, num_classes: int, dtype: str) -> str:
     # Learnable parameters, as torchvision counts them: the BatchNorm running statistics are buffers.
     params = sum(v.size for n, v in state.items() if not n.endswith((".running_mean", ".running_var")))
     mb = out.stat().st_size / 1e6
@@ -584,16 +599,15 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     preprocessing = dataclasses.replace(Preprocessing(), resize=args.resize, crop=args.crop)
     try:
-        state = load_checkpoint(args.checkpoint, args.arch)
-        out = write_gguf(state, args.output, dtype=args.dtype, arch=args.arch, weights=args.weights,
-                         preprocessing=preprocessing, progress=True)
+        out, state, cfg, num_classes = _convert(args.checkpoint, args.output, args.dtype, args.arch, args.weights,
+                                                preprocessing, None, True)
     except (Error, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130
-    print(_summary(out, state, args.dtype))
+    print(_summary(out, state, cfg, num_classes, args.dtype))
     return 0
 
 

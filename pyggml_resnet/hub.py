@@ -88,8 +88,7 @@ class Source:
         """The cached GGUF's name without ".{dtype}.gguf": architecture, weights, and a tag for the file
         downloaded (the hash prefix in the URL's file name, as in resnet18-f37072fd.pth, else a hash of the
         URL)."""
-        m = HASH_REGEX.search(_url_filename(self.url))
-        tag = m.group(1) if m else hashlib.sha256(self.url.encode()).hexdigest()[:12]
+        tag = _url_hash_prefix(self.url) or hashlib.sha256(self.url.encode()).hexdigest()[:12]
         return f"{self.arch}.{_safe(self.weights)}.{tag}"
 
 
@@ -174,8 +173,7 @@ def from_pretrained(name: str, *, url: str | None = None, sha256: str | None = N
     from .model import load
 
     _check_dtype(dtype)
-    if batchnorm not in resnet.BATCHNORM_MODES:
-        raise InputError(f"batchnorm must be one of {resnet.BATCHNORM_MODES}, got {batchnorm!r}")
+    resnet.check_batchnorm(batchnorm)  # before any download
     if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
         raise InputError(f"sha256 must be 64 hex digits, got {sha256!r}")
     source = resolve(name, url)
@@ -237,6 +235,12 @@ def _url_filename(url: str) -> str:
     return os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint"
 
 
+def _url_hash_prefix(url: str) -> str | None:
+    """The SHA-256 prefix in the URL's file name (torch.hub's convention: resnet18-f37072fd.pth), or None."""
+    m = HASH_REGEX.search(_url_filename(url))
+    return m.group(1) if m else None
+
+
 def _safe(text: str) -> str:
     """`text` usable in a file name on any OS."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text).strip(".") or "_"
@@ -290,7 +294,7 @@ def _verify(url: str, actual: str, sha256: str | None) -> None:
             raise DownloadError(f"{url}: SHA-256 mismatch: expected {sha256.lower()}, got {actual}. "
                                 "The download was deleted; retry, or check the URL and the checksum")
         return
-    m = HASH_REGEX.search(_url_filename(url))
-    if m and not actual.startswith(m.group(1)):
-        raise DownloadError(f"{url}: SHA-256 mismatch: the file name says it starts with {m.group(1)}, "
-                            f"got {actual[:len(m.group(1))]}. The download was deleted; retry, or check the URL")
+    prefix = _url_hash_prefix(url)
+    if prefix and not actual.startswith(prefix):
+        raise DownloadError(f"{url}: SHA-256 mismatch: the file name says it starts with {prefix}, "
+                            f"got {actual[:len(prefix)]}. The download was deleted; retry, or check the URL")

@@ -32,7 +32,6 @@ from .errors import ModelFormatError
 # Tensor types a model file may hold, by GGUF type code: what `convert --dtype` writes.
 _TYPES = {0: "f32", 1: "f16", 30: "bf16", 8: "q8_0"}
 _BLOCKS = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34)}  # (elements, bytes) per block
-_REDUCED_OK = ("f16", "bf16", "q8_0")  # allowed for conv and fc weights only
 _MAX_CLASSES = 1_000_000
 
 # The parser's limits. A valid ResNet file is far below each (resnet152: 777 tensors, 16 keys, ~24 KB of
@@ -68,7 +67,6 @@ class TensorInfo:
     kind: str  # "f32", "f16", "bf16" or "q8_0"
     offset: int  # absolute, in bytes
     n_bytes: int
-    row: int  # elements per stored row (the stored ggml ne[0])
 
 
 @dataclass
@@ -85,7 +83,7 @@ class ModelFile:
     weights_name: str
     dtype: str  # the type the conv and fc weights are stored in
     infos: dict[str, TensorInfo] = field(repr=False)
-    identity: tuple = field(default=(), repr=False)  # (device, inode, size, mtime) of the file checked
+    identity: tuple = field(repr=False)  # (device, inode, size, mtime) of the file checked
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
@@ -98,7 +96,7 @@ class ModelFile:
         info = self.infos[name]
         raw = np.empty(info.n_bytes, np.uint8)
         with open(self.path, "rb") as f:
-            if self.identity and _identity(os.fstat(f.fileno())) != self.identity:
+            if _identity(os.fstat(f.fileno())) != self.identity:
                 raise ModelFormatError(f"{self.path}: the file changed after it was checked")
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.n_bytes:
@@ -120,9 +118,8 @@ def _decode(raw: np.ndarray, kind: str) -> np.ndarray:
     import gguf
 
     qtype = gguf.GGMLQuantizationType[kind.upper()]
-    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     with np.errstate(invalid="ignore", over="ignore"):  # an Inf scale times 0 gives NaN: the caller refuses it
-        values = gguf.quants.dequantize(raw.reshape(-1, block_bytes), qtype)
+        values = gguf.quants.dequantize(raw.reshape(-1, _BLOCKS[kind][1]), qtype)
     return values.astype(np.float32, copy=False).reshape(-1)
 
 
@@ -328,10 +325,10 @@ def _array(fields, key, item_types, what):
     return list(_get(fields, key, item_types, f"an ARRAY of {what}", array=True))
 
 
-def _positive_int(value, key: str, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value <= limit:
+def _positive_int(value: int, key: str, limit: int) -> int:
+    if not 0 < value <= limit:
         raise ModelFormatError(f"metadata {key!r} must be an integer in 1..{limit}, got {value!r}")
-    return int(value)
+    return value
 
 
 def _metadata(fields) -> tuple[ResNetConfig, int, tuple[str, ...], float, Preprocessing, str]:
@@ -356,18 +353,13 @@ def _metadata(fields) -> tuple[ResNetConfig, int, tuple[str, ...], float, Prepro
     eps = _float(fields, Key.BN_EPS)
     if not (math.isfinite(eps) and 0 < eps < 1):
         raise ModelFormatError(f"{Key.BN_EPS} must be in (0, 1), got {eps!r}")
-    mean = _array(fields, Key.MEAN, _FLOAT_TYPES, "floats")
-    std = _array(fields, Key.STD, _FLOAT_TYPES, "floats")
-    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
-        raise ModelFormatError(f"preprocessing mean/std must be 3 finite numbers (std > 0), got "
-                               f"{mean[:8]}, {std[:8]}")
-    interpolation = _string(fields, Key.INTERPOLATION)
-    if interpolation not in ("bilinear", "bicubic", "nearest"):
-        raise ModelFormatError(f"unknown interpolation {interpolation[:100]!r}")
-    pre = Preprocessing(resize=_positive_int(_integer(fields, Key.RESIZE), Key.RESIZE, 8192),
-                        crop=_positive_int(_integer(fields, Key.CROP), Key.CROP, 8192),
-                        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                        interpolation=interpolation)
+    pre = Preprocessing(resize=_integer(fields, Key.RESIZE), crop=_integer(fields, Key.CROP),
+                        mean=tuple(_array(fields, Key.MEAN, _FLOAT_TYPES, "floats")),
+                        std=tuple(_array(fields, Key.STD, _FLOAT_TYPES, "floats")),
+                        interpolation=_string(fields, Key.INTERPOLATION))
+    problem = pre.problem(keys=True)
+    if problem:
+        raise ModelFormatError(problem)
     weights_name = _string(fields, Key.WEIGHTS, required=False) or "custom"
     return cfg, num_classes, labels, eps, pre, weights_name
 
@@ -386,16 +378,15 @@ def _tensor_info(t: _RawTensor, expected: tuple[int, ...], data_start: int, alig
     if shape != expected and not (kind == "q8_0" and shape == flat):
         raise ModelFormatError(f"tensor {name!r} has shape {shape}, expected {expected}")
     block, block_bytes = _BLOCKS[kind]
-    row = shape[-1]
-    if row % block:
-        raise ModelFormatError(f"tensor {name!r}: rows of {row} do not fill {kind} blocks of {block}")
+    if shape[-1] % block:
+        raise ModelFormatError(f"tensor {name!r}: rows of {shape[-1]} do not fill {kind} blocks of {block}")
     n_bytes = math.prod(shape) // block * block_bytes
     if t.offset % alignment:
         raise ModelFormatError(f"tensor {name!r} has offset {t.offset}, not a multiple of the alignment {alignment}")
     offset = data_start + t.offset
     if offset + n_bytes > size:
         raise ModelFormatError(f"tensor {name!r} extends past the end of the file (truncated?)")
-    return TensorInfo(expected, kind, offset, n_bytes, row)
+    return TensorInfo(expected, kind, offset, n_bytes)
 
 
 def read(path: str | os.PathLike) -> ModelFile:

@@ -35,12 +35,14 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from .arch import INTERPOLATIONS, Preprocessing
 from .errors import InputError
 
 ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+_DEFAULT = Preprocessing()  # torchvision's classic ImageNet evaluation transforms
+IMAGENET_MEAN = _DEFAULT.mean
+IMAGENET_STD = _DEFAULT.std
 
 # torchvision's pil_modes_mapping for the modes we support.
 _RESAMPLE = {
@@ -48,6 +50,7 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
+assert set(_RESAMPLE) == set(INTERPOLATIONS)
 
 
 def load_image(img: ImageLike) -> Image.Image:
@@ -156,28 +159,25 @@ def _center_crop(x: np.ndarray, crop: int) -> np.ndarray:
 def preprocess(
     img: ImageLike,
     *,
-    resize: int | None = 256,
-    crop: int = 224,
+    resize: int | None = _DEFAULT.resize,
+    crop: int = _DEFAULT.crop,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bilinear",
+    interpolation: str = _DEFAULT.interpolation,
 ) -> np.ndarray:
     """Return ``img`` as a C-contiguous float32 array of shape (3, crop, crop).
 
     Resize the shorter side to ``resize`` (``None`` skips resizing), center-crop
     to ``crop``, scale to [0, 1] and normalize per channel, as torchvision does.
-    ``interpolation`` is "bilinear", "bicubic" or "nearest".
+    ``interpolation`` is "bilinear", "bicubic" or "nearest". The settings must be
+    ones a model file may record (`arch.Preprocessing.problem`), else InputError.
     """
-    if interpolation not in _RESAMPLE:
-        raise InputError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
-    if resize is not None and (not isinstance(resize, int) or resize < 1):
-        raise InputError(f"resize must be a positive int or None, got {resize!r}")
-    if not isinstance(crop, int) or crop < 1:
-        raise InputError(f"crop must be a positive int, got {crop!r}")
-    mean32 = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-    std32 = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-    if mean32.shape != (3, 1, 1) or std32.shape != (3, 1, 1) or not np.all(std32 != 0):
-        raise InputError("mean and std must each hold 3 numbers, std nonzero")
+    # resize=None skips resizing: any valid size stands in for it in the check.
+    problem = Preprocessing(_DEFAULT.resize if resize is None else resize, crop, mean, std, interpolation).problem()
+    if problem:
+        raise InputError(problem)
+    mean32 = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std32 = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     im = load_image(img)
     if resize is not None:

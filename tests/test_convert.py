@@ -185,6 +185,15 @@ def test_bad_options_refused(ckpt_dir, tmp_path, kwargs, match):
     assert dir_listing(tmp_path) == []
 
 
+def test_preprocessing_the_loader_refuses_is_not_written(ckpt_dir, tmp_path, capsys, monkeypatch):
+    """--resize 10000 fits the file's UINT32 but not the loader's 1..8192: refused before any file is made."""
+    monkeypatch.setattr(cv, "_atomic_output", lambda out: pytest.fail(f"{out} was about to be written"))
+    assert cv.main([str(ckpt_dir / "r18.pth"), str(tmp_path / "m.gguf"), "--resize", "10000"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: resize must be an integer in 1..8192, got 10000"), err
+    assert dir_listing(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # f16, bf16, q8_0
 
