@@ -51,19 +51,15 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .arch import (BY_NAME, CONFIGS, DTYPES as ARCH_DTYPES, GGUF_ARCH, Key, Preprocessing, ResNetConfig, expected_tensors,
-                   infer_config)
+from .arch import (BY_NAME, CONFIGS, DTYPES as ARCH_DTYPES, GGUF_ARCH, Key, Preprocessing, ResNetConfig,
+                   expected_tensors, infer_config)
 from .errors import Error, InputError, ModelFormatError
+from .ggml import MAX_ABS, Type
 from .labels import imagenet_labels
 
 Q = gguf.GGMLQuantizationType
 DTYPES = {name: Q[name.upper()] for name in ARCH_DTYPES}  # name -> the gguf type written
-Q8_0_BLOCK = 32
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which every torchvision ResNet uses
-
-# Largest |value| each narrow type can hold. For q8_0 the limit is on the per-block scale max/127, which
-# is stored as f16.
-_MAX_ABS = {Q.F16: 65504.0, Q.BF16: 3.38e38, Q.Q8_0: 65504.0 * 127}
 
 LEGACY_MAGIC = 0x67676D6C  # "ggml" as a little-endian int32: the first 4 bytes of a legacy .bin
 _NUM_BATCHES_TRACKED = "num_batches_tracked"
@@ -402,7 +398,7 @@ def _storage(name: str, shape: tuple[int, ...], dtype: str) -> _Stored:
     # q8_0 blocks run along the last PyTorch axis: flatten a conv to (OC, IC*KH*KW) so a block never
     # straddles two output channels, and keep f32 where that row does not split into whole blocks.
     row = math.prod(shape[1:])
-    if row % Q8_0_BLOCK:
+    if row % Type.Q8_0.block_size:
         return _Stored(name, shape, Q.F32)
     return _Stored(name, (shape[0], row), Q.Q8_0)
 
@@ -410,7 +406,7 @@ def _storage(name: str, shape: tuple[int, ...], dtype: str) -> _Stored:
 def _encode(value: np.ndarray, stored: _Stored) -> np.ndarray:
     """`value` in the bytes (or numpy dtype) GGUF stores for `stored`."""
     value = np.ascontiguousarray(value, dtype=np.float32).reshape(stored.shape)
-    limit = _MAX_ABS.get(stored.qtype)
+    limit = MAX_ABS.get(Type[stored.qtype.name])
     if limit is not None and value.size and float(np.abs(value).max()) > limit:
         raise ModelFormatError(f"{stored.name} has values up to {float(np.abs(value).max()):g}, too large for "
                                f"{stored.qtype.name}; convert with --dtype f32")

@@ -124,6 +124,11 @@ def _numpy_dtype(t: Type):
     return {Type.F32: np.float32, Type.F16: np.float16, Type.BF16: np.uint16, Type.Q8_0: np.uint8}[t]
 
 
+# Largest |value| each reduced type holds: beyond it a value would round to infinity (for q8_0, its block
+# scale max/127, stored as f16, would).
+MAX_ABS = {Type.F16: 65504.0, Type.BF16: 3.38e38, Type.Q8_0: 65504.0 * 127}
+
+
 def encode(array: np.ndarray, ttype: Type) -> np.ndarray:
     """A float32 array rounded to `ttype`, as the NumPy data `Weights.set` takes for that type.
 
@@ -132,8 +137,7 @@ def encode(array: np.ndarray, ttype: Type) -> np.ndarray:
     array = np.ascontiguousarray(array, dtype=np.float32)
     if ttype == Type.F32:
         return array
-    # Beyond these, f16 (and q8_0's f16 block scales) would round to infinity: refuse rather than give NaNs.
-    limit = {Type.F16: 65504.0, Type.Q8_0: 65504.0 * 127}.get(ttype)
+    limit = MAX_ABS.get(ttype)  # refuse rather than give infinities
     if limit is not None and array.size and float(np.abs(array).max()) > limit:
         raise InputError(f"weights up to {float(np.abs(array).max()):.3g} do not fit {ttype.name.lower()}")
     if ttype == Type.F16:
