@@ -27,18 +27,28 @@ def check_batchnorm(mode) -> None:
         raise InputError(f"batchnorm must be one of {BATCHNORM_MODES}, got {mode!r}")
 
 
+# A conv: (weight name, its BatchNorm's prefix, kernel, stride, padding).
+STEM_CONV = ("conv1.weight", "bn1", 7, 2, 3)
+
+
+def block_convs(cfg: ResNetConfig, prefix: str, stride: int, down: bool):
+    """One block's convs: those of its main path in order, and its downsample conv (None without one)."""
+    if cfg.block == "bottleneck":
+        shapes = [(1, 1, 0), (3, stride, 1), (1, 1, 0)]
+    else:
+        shapes = [(3, stride, 1), (3, 1, 1)]
+    main = [(f"{prefix}.conv{i}.weight", f"{prefix}.bn{i}", k, s, p) for i, (k, s, p) in enumerate(shapes, start=1)]
+    return main, ((f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1", 1, stride, 0) if down else None)
+
+
 def convolutions(cfg: ResNetConfig):
-    """(conv weight name, its BatchNorm's prefix, kernel, stride, padding) for every conv, in graph order."""
-    yield "conv1.weight", "bn1", 7, 2, 3
+    """Every conv, in graph order."""
+    yield STEM_CONV
     for _, _, prefix, _, _, stride, down in arch.block_names(cfg):
-        if cfg.block == "bottleneck":
-            shapes = [(1, 1, 0), (3, stride, 1), (1, 1, 0)]
-        else:
-            shapes = [(3, stride, 1), (3, 1, 1)]
-        for i, (k, s, p) in enumerate(shapes, start=1):
-            yield f"{prefix}.conv{i}.weight", f"{prefix}.bn{i}", k, s, p
-        if down:
-            yield f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1", 1, stride, 0
+        main, shortcut = block_convs(cfg, prefix, stride, down)
+        yield from main
+        if shortcut:
+            yield shortcut
 
 
 def _matrix_type(wtype: Type, k: int) -> Type:
@@ -102,10 +112,8 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
           batch: int, height: int, width: int) -> dict[str, Tensor]:
     """Adds the forward pass to `g`. Returns the input ("image", ggml [W, H, 3, N]) and the outputs:
     "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]), "logits" and "probs" ([classes, N])."""
-    kernel_of = {conv: (k, s, p) for conv, _, k, s, p in convolutions(cfg)}
-
-    def conv_bn(x: Tensor, conv: str, bn: str, relu: bool) -> Tensor:
-        k, s, p = kernel_of[conv]
+    def conv_bn(x: Tensor, spec: tuple, relu: bool) -> Tensor:
+        conv, bn, k, s, p = spec
         # The convolution's result is read by nothing else, so the ops after it may overwrite it in place,
         # which keeps the compute buffer small.
         y = layers.conv2d(g, x, w[conv], kernel=k, stride=s, padding=p)
@@ -119,15 +127,15 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
     out: dict[str, Tensor] = {}
     image = g.input("image", (width, height, 3, batch))
     out["image"] = image
-    x = conv_bn(layers.nchw_to_channels_fastest(g, image), "conv1.weight", "bn1", relu=True)
+    x = conv_bn(layers.nchw_to_channels_fastest(g, image), STEM_CONV, relu=True)
     x = out["stem"] = layers.max_pool(g, x, kernel=3, stride=2, padding=1)
-    n_convs = cfg.convs_per_block
-    for stage, index, prefix, _, _, _, down in arch.block_names(cfg):
+    for stage, index, prefix, _, _, stride, down in arch.block_names(cfg):
+        main, down_conv = block_convs(cfg, prefix, stride, down)
         shortcut = x
-        for i in range(1, n_convs + 1):
-            x = conv_bn(x, f"{prefix}.conv{i}.weight", f"{prefix}.bn{i}", relu=i < n_convs)
-        if down:
-            shortcut = conv_bn(shortcut, f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1", relu=False)
+        for i, spec in enumerate(main):
+            x = conv_bn(x, spec, relu=i < len(main) - 1)  # the last one's ReLU comes after the residual add
+        if down_conv:
+            shortcut = conv_bn(shortcut, down_conv, relu=False)
         x = g.relu(g.add(x, shortcut, inplace=True), inplace=True)
         if index == cfg.layers[stage - 1] - 1:
             out[f"layer{stage}"] = x
