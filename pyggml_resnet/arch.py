@@ -95,10 +95,6 @@ class ResNetConfig:
     def feature_dim(self) -> int:
         return 512 * self.expansion
 
-    @property
-    def convs_per_block(self) -> int:
-        return 3 if self.block == "bottleneck" else 2
-
 
 CONFIGS = {
     18: ResNetConfig(18, "basic", (2, 2, 2, 2)),
@@ -124,34 +120,91 @@ def _bn(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
     return {f"{prefix}.{p}": (channels,) for p in ("weight", "bias", "running_mean", "running_var")}
 
 
+@dataclass(frozen=True)
+class Conv:
+    """One bias-free convolution and the BatchNorm after it."""
+
+    name: str  # its weight's state_dict name, e.g. "layer1.0.conv2.weight"
+    bn: str  # its BatchNorm's prefix, e.g. "layer1.0.bn2"
+    in_ch: int
+    out_ch: int
+    kernel: int  # square
+    stride: int
+    padding: int
+    groups: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """PyTorch's weight shape: [out_ch, in_ch / groups, kernel, kernel]."""
+        return self.out_ch, self.in_ch // self.groups, self.kernel, self.kernel
+
+    def out_size(self, n: int) -> int:
+        """The output side for an input side of n."""
+        return (n + 2 * self.padding - self.kernel) // self.stride + 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual block: its place, its channels and whether its shortcut has a downsample conv."""
+
+    stage: int  # 1..4
+    index: int  # within the stage
+    prefix: str  # e.g. "layer3.0"
+    in_ch: int
+    width: int  # channels of the inner convs
+    out_ch: int
+    stride: int  # of the block's strided conv and its downsample
+    downsample: bool
+
+
+STEM = Conv("conv1.weight", "bn1", 3, 64, 7, 2, 3)
+
+
 def block_names(cfg: ResNetConfig):
-    """(stage index 1..4, block index, prefix, in_channels, width, stride, has_downsample) for each block."""
-    in_ch = 64
+    """Every block of the network, in order, as a `Block`."""
+    in_ch = STEM.out_ch
     for stage, n_blocks in enumerate(cfg.layers, start=1):
         width = 64 * 2 ** (stage - 1)
         out_ch = width * cfg.expansion
         for b in range(n_blocks):
             stride = 2 if stage > 1 and b == 0 else 1
-            yield stage, b, f"layer{stage}.{b}", in_ch, width, stride, b == 0 and (stride != 1 or in_ch != out_ch)
+            down = b == 0 and (stride != 1 or in_ch != out_ch)
+            yield Block(stage, b, f"layer{stage}.{b}", in_ch, width, out_ch, stride, down)
             in_ch = out_ch
+
+
+def block_convs(cfg: ResNetConfig, block: Block) -> tuple[list[Conv], Conv | None]:
+    """The one list of a block's convs: those of its main path in order, and its downsample conv (None
+    without one). torchvision (V1.5) puts a bottleneck's stride on its 3x3 conv."""
+    b = block
+    if cfg.block == "bottleneck":
+        shapes = [(b.in_ch, b.width, 1, 1, 0), (b.width, b.width, 3, b.stride, 1), (b.width, b.out_ch, 1, 1, 0)]
+    else:
+        shapes = [(b.in_ch, b.width, 3, b.stride, 1), (b.width, b.out_ch, 3, 1, 1)]
+    main = [Conv(f"{b.prefix}.conv{i}.weight", f"{b.prefix}.bn{i}", *shape) for i, shape in enumerate(shapes, start=1)]
+    down = None
+    if b.downsample:
+        down = Conv(f"{b.prefix}.downsample.0.weight", f"{b.prefix}.downsample.1", b.in_ch, b.out_ch, 1, b.stride, 0)
+    return main, down
+
+
+def convolutions(cfg: ResNetConfig):
+    """Every conv, in graph order: the stem, then each block's main path and downsample."""
+    yield STEM
+    for block in block_names(cfg):
+        main, down = block_convs(cfg, block)
+        yield from main
+        if down:
+            yield down
 
 
 def expected_tensors(cfg: ResNetConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
     """Every inference tensor of torchvision's ResNet state_dict (num_batches_tracked left out), in
     state_dict order, with its PyTorch shape."""
-    t: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
-    for _, _, prefix, in_ch, width, _, down in block_names(cfg):
-        out_ch = width * cfg.expansion
-        if cfg.block == "bottleneck":
-            convs = [(in_ch, width, 1), (width, width, 3), (width, out_ch, 1)]
-        else:
-            convs = [(in_ch, width, 3), (width, width, 3)]
-        for i, (ci, co, k) in enumerate(convs, start=1):
-            t[f"{prefix}.conv{i}.weight"] = (co, ci, k, k)
-            t.update(_bn(f"{prefix}.bn{i}", co))
-        if down:
-            t[f"{prefix}.downsample.0.weight"] = (out_ch, in_ch, 1, 1)
-            t.update(_bn(f"{prefix}.downsample.1", out_ch))
+    t: dict[str, tuple[int, ...]] = {}
+    for conv in convolutions(cfg):
+        t[conv.name] = conv.shape
+        t.update(_bn(conv.bn, conv.out_ch))
     t["fc.weight"] = (num_classes, cfg.feature_dim)
     t["fc.bias"] = (num_classes,)
     return t

@@ -82,30 +82,25 @@ def flops_per_image(cfg, height: int = 224, width: int | None = None, num_classe
 
     `cfg` is an `arch.ResNetConfig` or a name such as "resnet101". BatchNorm, ReLU, the residual adds and
     pooling are left out, as in the usual quoted figures (ResNet-50: 4.1 GMACs, ResNet-101: 7.8)."""
-    from pyggml_resnet import arch, resnet
+    from pyggml_resnet import arch
 
     if isinstance(cfg, str):
         cfg = arch.BY_NAME[cfg]
     width = height if width is None else width
-    shapes = arch.expected_tensors(cfg, num_classes)
 
-    def out(n, k, s, p):
-        return (n + 2 * p - k) // s + 1
+    def conv_macs(conv, size):  # (MACs, output size) of one conv on an input of `size`
+        out = (conv.out_size(size[0]), conv.out_size(size[1]))
+        return math.prod(conv.shape) * out[0] * out[1], out
 
-    size = block_in = (height, width)  # the running activation size, and the current block's input size
-    macs = 0
-    for name, _, k, s, p in resnet.convolutions(cfg):
-        oc, ic, kh, kw = shapes[name]
-        downsample = ".downsample." in name
-        if name.endswith(".conv1.weight") and name != "conv1.weight":
-            block_in = size  # a block starts
-        src = block_in if downsample else size  # the shortcut convolves the block's input
-        oh, ow = out(src[0], k, s, p), out(src[1], k, s, p)
-        macs += oc * ic * kh * kw * oh * ow
-        if not downsample:
-            size = (oh, ow)
-        if name == "conv1.weight":
-            size = (out(oh, 3, 2, 1), out(ow, 3, 2, 1))  # the stem's 3x3/2 max pool
+    macs, size = conv_macs(arch.STEM, (height, width))
+    size = tuple((n - 1) // 2 + 1 for n in size)  # the stem's 3x3/2 max pool, padding 1
+    for block in arch.block_names(cfg):
+        main, down = arch.block_convs(cfg, block)
+        if down:  # the shortcut convolves the block's input
+            macs += conv_macs(down, size)[0]
+        for conv in main:
+            m, size = conv_macs(conv, size)
+            macs += m
     macs += cfg.feature_dim * num_classes
     return 2 * macs
 
@@ -126,7 +121,7 @@ def random_state(cfg, num_classes: int = 1000, seed: int = SEED) -> dict:
     from pyggml_resnet import arch
 
     rng = np.random.default_rng(seed)
-    last_bn = {f"{prefix}.bn{cfg.convs_per_block}" for _, _, prefix, *_ in arch.block_names(cfg)}
+    last_bn = {arch.block_convs(cfg, block)[0][-1].bn for block in arch.block_names(cfg)}
     state = {}
     for name, shape in arch.expected_tensors(cfg, num_classes).items():
         if len(shape) == 4:  # conv

@@ -139,12 +139,11 @@ class Model(_Closable):
         def down(n):  # a 3x3/2 pool or conv with padding 1, and the 7x7/2 stem with padding 3: ceil(n / 2)
             return (n - 1) // 2 + 1
         h, w = down(down(h)), down(down(w))  # stem conv, max pool
-        blocks = list(arch.block_names(self.config))
-        result = {"stem": np.zeros((0, blocks[0][3], h, w), np.float32)}  # layer1.0's in_channels
-        for stage, _, _, _, width, stride, _ in blocks:
-            if stride > 1:
+        result = {"stem": np.zeros((0, arch.STEM.out_ch, h, w), np.float32)}
+        for block in arch.block_names(self.config):
+            if block.stride > 1:
                 h, w = down(h), down(w)
-            result[f"layer{stage}"] = np.zeros((0, width * self.config.expansion, h, w), np.float32)
+            result[f"layer{block.stage}"] = np.zeros((0, block.out_ch, h, w), np.float32)
         result["features"] = np.zeros((0, self.feature_dim), np.float32)
         result["logits"] = np.zeros((0, self.num_classes), np.float32)
         return result

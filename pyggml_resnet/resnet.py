@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import arch, layers
-from .arch import ResNetConfig
+from .arch import Conv, ResNetConfig, convolutions
 from .errors import InputError, ModelFormatError
 from .ggml import Graph, Tensor, Type, Weights, encode
 from .loader import ModelFile
@@ -25,30 +25,6 @@ def check_batchnorm(mode) -> None:
     """InputError unless `mode` is one of BATCHNORM_MODES."""
     if mode not in BATCHNORM_MODES:
         raise InputError(f"batchnorm must be one of {BATCHNORM_MODES}, got {mode!r}")
-
-
-# A conv: (weight name, its BatchNorm's prefix, kernel, stride, padding).
-STEM_CONV = ("conv1.weight", "bn1", 7, 2, 3)
-
-
-def block_convs(cfg: ResNetConfig, prefix: str, stride: int, down: bool):
-    """One block's convs: those of its main path in order, and its downsample conv (None without one)."""
-    if cfg.block == "bottleneck":
-        shapes = [(1, 1, 0), (3, stride, 1), (1, 1, 0)]
-    else:
-        shapes = [(3, stride, 1), (3, 1, 1)]
-    main = [(f"{prefix}.conv{i}.weight", f"{prefix}.bn{i}", k, s, p) for i, (k, s, p) in enumerate(shapes, start=1)]
-    return main, ((f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1", 1, stride, 0) if down else None)
-
-
-def convolutions(cfg: ResNetConfig):
-    """Every conv, in graph order."""
-    yield STEM_CONV
-    for _, _, prefix, _, _, stride, down in arch.block_names(cfg):
-        main, shortcut = block_convs(cfg, prefix, stride, down)
-        yield from main
-        if shortcut:
-            yield shortcut
 
 
 def _matrix_type(wtype: Type, k: int) -> Type:
@@ -64,36 +40,35 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, winograd
     """
     plan: dict[str, tuple[Type, tuple[int, ...]]] = {}  # name -> (type, host shape), in upload order
     winograd_convs = set()
-    for conv, bn, _, stride, padding in convolutions(mf.config):
-        shape = mf.infos[conv].shape
-        if winograd and layers.winograd_applies(shape, stride, padding, wtype):
-            winograd_convs.add(conv)
-        host_shape = layers.conv_weight_shape(shape, conv in winograd_convs)
-        oc = shape[0]
-        plan[conv] = (_matrix_type(wtype, host_shape[-1]), host_shape)
+    for conv in convolutions(mf.config):
+        shape = mf.infos[conv.name].shape
+        if winograd and layers.winograd_applies(shape, conv.stride, conv.padding, wtype):
+            winograd_convs.add(conv.name)
+        host_shape = layers.conv_weight_shape(shape, conv.name in winograd_convs)
+        plan[conv.name] = (_matrix_type(wtype, host_shape[-1]), host_shape)
         vectors = ("folded_bias",) if batchnorm == "folded" else ("weight", "bias", "running_mean", "running_var")
         for p in vectors:
-            plan[f"{bn}.{p}"] = (Type.F32, (oc,))
+            plan[f"{conv.bn}.{p}"] = (Type.F32, (conv.out_ch,))
     fc = mf.infos["fc.weight"].shape
     plan["fc.weight"] = (_matrix_type(wtype, fc[1]), fc)
     plan["fc.bias"] = (Type.F32, (fc[0],))
 
     weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
     try:
-        for conv, bn, *_ in convolutions(mf.config):
-            m = layers.conv_weight(mf.tensor(conv), conv in winograd_convs)
-            bn_values = {p: mf.tensor(f"{bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
+        for conv in convolutions(mf.config):
+            m = layers.conv_weight(mf.tensor(conv.name), conv.name in winograd_convs)
+            bn_values = {p: mf.tensor(f"{conv.bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
             if batchnorm == "folded":
                 scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
                                                           bn_values["running_mean"], bn_values["running_var"], mf.eps)
                 m *= scale[:, None]  # in place (rows are output channels in both layouts)
                 if not (np.isfinite(m).all() and np.isfinite(bias).all()):  # a near-zero variance
-                    raise ModelFormatError(f"{mf.path}: folding {bn} into {conv} overflows float32")
-                weights.set(f"{bn}.folded_bias", bias)
+                    raise ModelFormatError(f"{mf.path}: folding {conv.bn} into {conv.name} overflows float32")
+                weights.set(f"{conv.bn}.folded_bias", bias)
             else:
                 for p, v in bn_values.items():
-                    weights.set(f"{bn}.{p}", v)
-            weights.set(conv, encode(m, plan[conv][0]))
+                    weights.set(f"{conv.bn}.{p}", v)
+            weights.set(conv.name, encode(m, plan[conv.name][0]))
         weights.set("fc.weight", encode(mf.tensor("fc.weight"), plan["fc.weight"][0]))
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
@@ -112,11 +87,11 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
           batch: int, height: int, width: int) -> dict[str, Tensor]:
     """Adds the forward pass to `g`. Returns the input ("image", ggml [W, H, 3, N]) and the outputs:
     "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]), "logits" and "probs" ([classes, N])."""
-    def conv_bn(x: Tensor, spec: tuple, relu: bool) -> Tensor:
-        conv, bn, k, s, p = spec
+    def conv_bn(x: Tensor, conv: Conv, relu: bool) -> Tensor:
+        bn = conv.bn
         # The convolution's result is read by nothing else, so the ops after it may overwrite it in place,
         # which keeps the compute buffer small.
-        y = layers.conv2d(g, x, w[conv], kernel=k, stride=s, padding=p)
+        y = layers.conv2d(g, x, w[conv.name], kernel=conv.kernel, stride=conv.stride, padding=conv.padding)
         if batchnorm == "folded":
             y = layers.bias_add(g, y, w[f"{bn}.folded_bias"], inplace=True)
         else:
@@ -127,18 +102,18 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
     out: dict[str, Tensor] = {}
     image = g.input("image", (width, height, 3, batch))
     out["image"] = image
-    x = conv_bn(layers.nchw_to_channels_fastest(g, image), STEM_CONV, relu=True)
+    x = conv_bn(layers.nchw_to_channels_fastest(g, image), arch.STEM, relu=True)
     x = out["stem"] = layers.max_pool(g, x, kernel=3, stride=2, padding=1)
-    for stage, index, prefix, _, _, stride, down in arch.block_names(cfg):
-        main, down_conv = block_convs(cfg, prefix, stride, down)
+    for block in arch.block_names(cfg):
+        main, down_conv = arch.block_convs(cfg, block)
         shortcut = x
-        for i, spec in enumerate(main):
-            x = conv_bn(x, spec, relu=i < len(main) - 1)  # the last one's ReLU comes after the residual add
+        for i, conv in enumerate(main):
+            x = conv_bn(x, conv, relu=i < len(main) - 1)  # the last one's ReLU comes after the residual add
         if down_conv:
             shortcut = conv_bn(shortcut, down_conv, relu=False)
         x = g.relu(g.add(x, shortcut, inplace=True), inplace=True)
-        if index == cfg.layers[stage - 1] - 1:
-            out[f"layer{stage}"] = x
+        if block.index == cfg.layers[block.stage - 1] - 1:
+            out[f"layer{block.stage}"] = x
     out["features"] = layers.global_avg_pool(g, x)
     out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"])
     out["probs"] = g.softmax(out["logits"])
