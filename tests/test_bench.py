@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
+import pyggml_resnet
 from pyggml_resnet import bench
 from pyggml_resnet.arch import BY_NAME
+from pyggml_resnet.bench import procs
 
 
 def _out(n, k, s, p):
@@ -62,9 +64,9 @@ def test_flops_follow_input_size_and_classes():
 def test_workers_import_the_package_the_parent_runs_from(tmp_path):
     """Not whatever pyggml_resnet sits in their working directory (a source checkout without its built
     extension, when the README's main job runs there after a non-editable install)."""
-    probe = subprocess.run(bench._python_c("print(sys.path[0])"), cwd=tmp_path, capture_output=True, text=True,
+    probe = subprocess.run(procs.python_c("print(sys.path[0])"), cwd=tmp_path, capture_output=True, text=True,
                            check=True)
-    assert probe.stdout.strip() == os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
+    assert probe.stdout.strip() == os.path.dirname(os.path.dirname(os.path.abspath(pyggml_resnet.__file__)))
 
 
 def test_end_to_end_ggml_against_torch(tmp_path):

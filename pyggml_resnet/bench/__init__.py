@@ -1,0 +1,32 @@
+"""Benchmark: ggml against PyTorch eager (and ONNX Runtime) on the same ResNet weights, same CPU threads.
+
+    pyggml-resnet bench [--model M.gguf | --arch resnet101] [--batch 1 8] [--threads N] [--rounds R]
+                        [--iters K] [--dtype f32 bf16 ...] [--engines ggml torch onnxruntime] [--json OUT]
+
+Without --model a seeded random model is made with NumPy and written as GGUF, so a fresh machine needs no
+torch and no download; torch and onnxruntime are then optional engines, skipped with a note if missing.
+
+How the numbers are made fair:
+
+* Each engine runs in its own fresh process, so its peak RSS is its own and no engine's import, threads or
+  allocator state touches another's. The ggml process never imports torch. Worker processes load
+  `child.py` directly (`procs._LAUNCH`), not through the `pyggml_resnet` package, so the torch and ONNX
+  Runtime processes carry nothing of ours but that module's standard-library imports.
+* Workers are started and warmed up one after the other, then wait idle while another one runs. The timed
+  part is interleaved: each round runs every engine in turn (in rotating order) for every batch size, so
+  slow drift of a shared machine (other load, clocks, heat) spreads over all engines instead of biasing
+  whichever ran last. Every sample is one full forward of a batch, timed with perf_counter in the worker.
+* Correctness is checked in the same run on the same weights: every engine's logits for one fixed image,
+  as a relative L2 error against PyTorch.
+* Cold start is measured in one more fresh process per engine, from just before `python` starts to the
+  first logits of one image, after the timed rounds (so every engine's libraries are in the page cache).
+  PyTorch loads a `.pth` state dict the way a careful user would (mmap, meta-device model, assign=True).
+
+The modules: `child` (the worker processes and their PyTorch ResNet), `procs` (starting and talking to
+them), `workload` (FLOPs, the random model), `run` (the phases of a run), `report` (the machine, the text).
+"""
+
+from .run import main
+from .workload import flops_per_image, random_state
+
+__all__ = ["flops_per_image", "main", "random_state"]

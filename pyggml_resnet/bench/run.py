@@ -1,0 +1,356 @@
+"""`pyggml-resnet bench`: the run, phase by phase, each phase a function over one `Run`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import arch, convert, loader
+from ..arch import ResNetConfig
+from ..cli import positive
+from ..arch import DTYPES
+from ..errors import Error
+from ..ggml import default_threads
+from .child import ENGINES, iterations
+from .procs import Worker, WorkerError, child_command, run_child
+from .report import format_report, machine_info
+from .workload import SEED, flops_per_image, random_state
+
+READY_TIMEOUT = 900.0  # s for a worker to import, load and warm up (resnet152 at batch 16 on few cores)
+COLD_TIMEOUT = 600.0
+PREPARE_TIMEOUT = 900.0
+SWITCH_PAUSE = 0.05  # s between engines: lets the last one's spinning worker threads (OpenMP, ORT) go idle
+
+
+@dataclass
+class Run:
+    """What the phases share: the settings, the model, the engine rows and their state so far."""
+
+    args: argparse.Namespace
+    tmp: str  # the run's temporary directory
+    cfg: ResNetConfig | None = None
+    num_classes: int = 1000
+    size: int = 224  # the input's side
+    gguf_path: str = ""
+    source: str = ""  # where the weights came from, for the report
+    rows: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name -> (engine, dtype, model path)
+    status: dict[str, dict] = field(default_factory=dict)  # name -> the report's "engines" entry
+    workers: dict[str, Worker] = field(default_factory=dict)  # the rows whose worker is running
+    est: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {batch: s per iteration}
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        _progress(f"note: {text}")
+
+    def fail(self, name: str, err, inline: bool = False) -> None:
+        """Marks a row failed and stops its worker."""
+        self.status[name].update(status="failed", error=str(err))
+        _progress(" (failed)" if inline else f"\n{name} failed: {err}", end="" if inline else "\n")
+        if name in self.workers:
+            self.workers.pop(name).stop()
+
+    def command(self, mode: str, engine: str, path: str, **options) -> list[str]:
+        return child_command(mode, engine, path, self.cfg, self.num_classes, size=self.size, **options)
+
+    def timeout(self, name: str, batch: int, iters: int) -> float:
+        return 60 + 10 * iters * self.est.get(name, {}).get(batch, 10.0)
+
+
+def _progress(text: str, end: str = "\n") -> None:
+    print(text, end=end, file=sys.stderr, flush=True)
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pyggml-resnet bench",
+                                description="Time ggml against PyTorch eager and ONNX Runtime on the same "
+                                            "ResNet weights, each engine in its own process, and check that "
+                                            "they agree.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a GGUF model file (default: a seeded random model of --arch)")
+    src.add_argument("--arch", choices=list(arch.BY_NAME), default="resnet101",
+                     help="architecture of the random model (default: resnet101)")
+    p.add_argument("--batch", type=positive, nargs="+", default=[1], help="batch sizes (default: 1)")
+    p.add_argument("--threads", type=positive, default=None, help="CPU threads per engine (default: all available)")
+    p.add_argument("--rounds", type=positive, default=5, help="interleaved rounds (default: 5)")
+    p.add_argument("--iters", type=positive, default=3,
+                   help="timed iterations per engine per round at batch 1, about ITERS/BATCH for larger "
+                        "batches (default: 3)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["f32"],
+                   help="ggml weight types, one engine row each (default: f32)")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                   help="engines to run (default: all; missing ones are skipped)")
+    p.add_argument("--json", default="bench-results.json", help="results file (default: bench-results.json)")
+    a = p.parse_args(argv)
+    a.batch = list(dict.fromkeys(a.batch))
+    a.dtype = list(dict.fromkeys(a.dtype))
+    a.engines = list(dict.fromkeys(a.engines))
+    if a.threads is None:
+        a.threads = default_threads()
+    return a
+
+
+def _interrupt(signum, frame):
+    # SIGTERM unwinds like Ctrl-C, so the workers are killed and the temporary files removed.
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _bench(args)
+    except KeyboardInterrupt:
+        _progress("\ninterrupted")
+        return 130
+    except (Error, OSError) as e:
+        _progress(f"error: {e}")
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _bench(args) -> int:
+    run = Run(args, tempfile.mkdtemp(prefix="pyggml-bench-"))
+    try:
+        return _phases(run)
+    finally:
+        for w in run.workers.values():
+            w.stop()
+        shutil.rmtree(run.tmp, ignore_errors=True)
+
+
+def _phases(run: Run) -> int:
+    # Other work on the machine shows up as spread between min and max; say so up front.
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_avg is not None and load_avg >= 1:
+        run.note(f"the machine is busy (1-minute load average {load_avg:.1f} on {default_threads()} CPUs before "
+                 "starting): expect noisy timings; the min columns suffer least")
+    make_model(run)
+    flops = flops_per_image(run.cfg, run.size, run.size, run.num_classes)
+    engine_rows(run, prepare_references(run, *available_engines(run)))
+    start_workers(run)
+    correctness = check_correctness(run)
+    samples = timed_rounds(run)
+    stop_workers(run)
+    cold = cold_starts(run)
+    a = run.args
+    report = {
+        "model": {"arch": run.cfg.name, "source": run.source, "num_classes": run.num_classes,
+                  "input": [3, run.size, run.size], "flops_per_image": flops},
+        "settings": {"batches": a.batch, "threads": a.threads, "rounds": a.rounds,
+                     "iters": {str(b): iterations(a.iters, b) for b in a.batch},
+                     "engines": list(run.rows), "ggml_dtypes": a.dtype},
+        "machine": {**machine_info(), "load_average_at_start": load_avg},
+        "engines": run.status,
+        "correctness": correctness,
+        "results": summarize(run, samples, flops),
+        "cold_start": cold,
+        "notes": run.notes,
+    }
+    print(format_report(report))
+    with open(a.json, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    _progress(f"wrote {a.json}")
+    return 0 if run.rows and all(s["status"] == "ok" for s in run.status.values()) else 1
+
+
+def make_model(run: Run) -> None:
+    """The model: the GGUF file given, or a seeded random one written to the run's directory."""
+    if run.args.model:
+        mf = loader.read(run.args.model)  # validates the file before any worker starts
+        run.cfg, run.num_classes, run.size = mf.config, mf.num_classes, mf.preprocessing.crop
+        run.gguf_path = run.args.model
+        run.source = f"{os.path.abspath(run.args.model)} ({mf.weights_name}, stored {mf.dtype})"
+        return
+    run.cfg = arch.BY_NAME[run.args.arch]
+    _progress(f"making a random {run.cfg.name} (seed {SEED}) ...", end=" ")
+    t = time.perf_counter()
+    run.gguf_path = os.path.join(run.tmp, f"{run.cfg.name}-random.gguf")
+    convert.write_gguf(random_state(run.cfg, run.num_classes), run.gguf_path, dtype="f32", progress=False,
+                       weights=f"random-seed-{SEED}")
+    _progress(f"{time.perf_counter() - t:.1f} s")
+    run.source = f"random weights (NumPy seed {SEED})"
+
+
+def available_engines(run: Run) -> tuple[bool, bool]:
+    """Whether PyTorch and ONNX Runtime are wanted and can run here (a note says why not)."""
+    want_torch, want_ort = "torch" in run.args.engines, "onnxruntime" in run.args.engines
+    if (want_torch or want_ort) and importlib.util.find_spec("torch") is None:
+        run.note("torch is not installed: skipping PyTorch" + (" and ONNX Runtime (the ONNX model is exported "
+                                                                 "from PyTorch)" if want_ort else ""))
+        return False, False
+    if want_ort and importlib.util.find_spec("onnxruntime") is None:
+        run.note("onnxruntime is not installed (pip install onnxruntime onnx): skipping ONNX Runtime")
+        want_ort = False
+    if want_ort and importlib.util.find_spec("onnx") is None:
+        run.note("onnx is not installed (pip install onnx), torch cannot export: skipping ONNX Runtime")
+        want_ort = False
+    return want_torch, want_ort
+
+
+def prepare_references(run: Run, want_torch: bool, want_ort: bool) -> dict[str, str]:
+    """The .pth (and .onnx) files of the same weights, made in one child process: {engine: path}."""
+    if not (want_torch or want_ort):
+        return {}
+    _progress("writing the weights for PyTorch" + (" and exporting ONNX" if want_ort else "") + " ...", end=" ")
+    t = time.perf_counter()
+    try:
+        run_child(run.command("prepare", "torch", run.gguf_path, out=run.tmp, onnx=want_ort),
+                  os.path.join(run.tmp, "prepare.log"), PREPARE_TIMEOUT)
+    except WorkerError as e:
+        _progress("failed")
+        run.note(f"preparing the PyTorch/ONNX models failed, skipping them: {e}")
+        return {}
+    _progress(f"{time.perf_counter() - t:.1f} s")
+    paths = {"torch": os.path.join(run.tmp, "model.pth")}
+    if want_ort:
+        paths["onnxruntime"] = os.path.join(run.tmp, "model.onnx")
+    return paths
+
+
+def engine_rows(run: Run, paths: dict[str, str]) -> None:
+    """One row per ggml dtype, and one per other engine prepared."""
+    for engine in run.args.engines:
+        if engine == "ggml":
+            for dt in run.args.dtype:
+                run.rows[f"ggml-{dt}"] = ("ggml", dt, run.gguf_path)
+        elif engine in paths:
+            run.rows[engine] = (engine, "f32", paths[engine])
+    run.status = {name: {"engine": e, "dtype": dt, "status": "ok", "error": None}
+                  for name, (e, dt, _) in run.rows.items()}
+
+
+def start_workers(run: Run) -> None:
+    """Starts the workers one by one, each loading and warming up alone."""
+    for name, (engine, dt, path) in run.rows.items():
+        _progress(f"starting {name} ...", end=" ")
+        w = run.workers[name] = Worker(run.command("worker", engine, path, threads=run.args.threads, dtype=dt,
+                                                   batches=run.args.batch), os.path.join(run.tmp, f"{name}.log"))
+        try:
+            ready = w.receive(READY_TIMEOUT)
+        except WorkerError as e:
+            run.fail(name, e)
+            continue
+        run.est[name] = {int(b): s for b, s in ready["warmup_s"].items()}
+        run.status[name]["load_s_warm"] = ready["load_s"]
+        _progress(f"ready (load {ready['load_s']:.2f} s, " + ", ".join(
+            f"batch {b}: {s * 1e3:.0f} ms" for b, s in run.est[name].items()) + ")")
+
+
+def check_correctness(run: Run) -> list[dict]:
+    """One fixed image through every engine, compared with the reference engine's logits."""
+    logits = {}
+    for name, w in list(run.workers.items()):
+        try:
+            reply = w.request({"cmd": "logits"}, run.timeout(name, 1, 1))
+            logits[name] = np.asarray(reply["logits"], dtype=np.float64)
+        except WorkerError as e:
+            run.fail(name, e)
+    # The reference is an exact f32 engine where there is one: PyTorch first, as the others imitate it.
+    ref = next((n for n in ("torch", "ggml-f32", "onnxruntime") if n in logits), next(iter(logits), None))
+    correctness = []
+    r = logits.get(ref)
+    for name, z in logits.items():
+        entry = {"engine": name, "reference": ref,
+                 "rel_l2_error": float(np.linalg.norm(z - r) / max(np.linalg.norm(r), 1e-30)),
+                 "top1": int(np.argmax(z)), "top1_agrees": bool(np.argmax(z) == np.argmax(r))}
+        correctness.append(entry)
+        run.status[name].update(rel_l2_error=entry["rel_l2_error"], top1_agrees=entry["top1_agrees"])
+    return correctness
+
+
+def timed_rounds(run: Run) -> dict[str, dict[int, list[float]]]:
+    """Interleaved rounds, the engines in rotating order: {name: {batch: [seconds per image, ...]}}."""
+    a = run.args
+    samples = {name: {b: [] for b in a.batch} for name in run.rows}
+    for r in range(a.rounds if run.workers else 0):
+        order = list(run.workers)
+        order = order[r % len(order):] + order[:r % len(order)]
+        _progress(f"round {r + 1}/{a.rounds}:", end="")
+        for b in a.batch:
+            iters = iterations(a.iters, b)
+            _progress(f"  batch {b}:", end="")
+            for name in order:
+                if name not in run.workers:
+                    continue
+                time.sleep(SWITCH_PAUSE)
+                _progress(f" {name}", end="")
+                try:
+                    reply = run.workers[name].request({"cmd": "time", "batch": b, "iters": iters},
+                                                      run.timeout(name, b, iters))
+                    samples[name][b] += [t / b for t in reply["times"]]
+                except WorkerError as e:
+                    run.fail(name, e, inline=True)  # the error itself is in the report
+        _progress("")
+    return samples
+
+
+def stop_workers(run: Run) -> None:
+    """Ends every worker, recording its peak RSS."""
+    for name in list(run.workers):
+        try:
+            run.status[name]["peak_rss_kib"] = run.workers[name].request({"cmd": "exit"}, 60)["maxrss_kib"]
+        except WorkerError as e:
+            run.fail(name, e)
+        if name in run.workers:
+            run.workers.pop(name).stop()
+
+
+def cold_starts(run: Run) -> list[dict]:
+    """Each engine from a fresh process to its first logits, with its ratio to PyTorch's."""
+    cold = []
+    for name, (engine, dt, path) in run.rows.items():
+        _progress(f"cold start {name} ...", end=" ")
+        entry = {"engine": name}
+        try:
+            msg, t0 = run_child(run.command("cold", engine, path, threads=run.args.threads, dtype=dt),
+                                os.path.join(run.tmp, f"{name}-cold.log"), COLD_TIMEOUT)
+            entry.update(import_s=msg["import_end"] - t0, load_s=msg["load_end"] - msg["import_end"],
+                         first_inference_s=msg["first_end"] - msg["load_end"], total_s=msg["first_end"] - t0)
+            _progress(f"{entry['total_s']:.2f} s")
+        except WorkerError as e:
+            entry["error"] = str(e)
+            _progress(f"failed: {e}")
+        cold.append(entry)
+    torch_cold = next((c for c in cold if c["engine"] == "torch" and "total_s" in c), None)
+    for c in cold:
+        if torch_cold and "total_s" in c:
+            c["ratio_to_torch"] = c["total_s"] / torch_cold["total_s"]
+            c["load_ratio_to_torch"] = c["load_s"] / torch_cold["load_s"]
+    return cold
+
+
+def summarize(run: Run, samples: dict, flops: int) -> list[dict]:
+    """Per engine and batch: median, min and max time per image, the ratio to PyTorch, GFLOP/s."""
+    results = []
+    for b in run.args.batch:
+        torch_s = samples.get("torch", {}).get(b)
+        torch_med = statistics.median(torch_s) if torch_s else None
+        for name in run.rows:
+            s = samples[name][b]
+            if not s:
+                continue
+            med = statistics.median(s)
+            results.append({"engine": name, "batch": b, "median_ms_per_image": med * 1e3,
+                            "min_ms_per_image": min(s) * 1e3, "max_ms_per_image": max(s) * 1e3,
+                            "ratio_to_torch": med / torch_med if torch_med else None,
+                            "gflops": flops / med / 1e9, "peak_rss_kib": run.status[name].get("peak_rss_kib"),
+                            "samples_ms_per_image": [v * 1e3 for v in s]})
+    return results
