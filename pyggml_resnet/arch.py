@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from .errors import ModelFormatError
 
 GGUF_ARCH = "resnet"  # general.architecture
-DTYPES = ("f32", "f16", "bf16", "q8_0")  # the types a file may store conv and fc weights in
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # the resize filters `transforms.preprocess` implements
 MAX_IMAGE_SIZE = 8192  # the largest resize or crop a model file may record
 

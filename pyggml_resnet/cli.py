@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import DTYPES
+from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

@@ -51,14 +51,11 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .arch import (BY_NAME, CONFIGS, DTYPES as ARCH_DTYPES, GGUF_ARCH, Key, Preprocessing, ResNetConfig,
-                   expected_tensors, infer_config)
+from . import dtypes
+from .arch import BY_NAME, CONFIGS, GGUF_ARCH, Key, Preprocessing, ResNetConfig, expected_tensors, infer_config
 from .errors import Error, InputError, ModelFormatError
-from .ggml import MAX_ABS, Type
 from .labels import imagenet_labels
 
-Q = gguf.GGMLQuantizationType
-DTYPES = {name: Q[name.upper()] for name in ARCH_DTYPES}  # name -> the gguf type written
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which every torchvision ResNet uses
 
 LEGACY_MAGIC = 0x67676D6C  # "ggml" as a little-endian int32: the first 4 bytes of a legacy .bin
@@ -382,38 +379,31 @@ class _Stored:
 
     name: str
     shape: tuple[int, ...]  # PyTorch order, as stored (q8_0 convs are flattened)
-    qtype: gguf.GGMLQuantizationType
+    dtype: dtypes.DType
 
     @property
     def nbytes(self) -> int:
-        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
-        return math.prod(self.shape) // block * type_size
+        return self.dtype.nbytes(math.prod(self.shape))
+
+    def encode(self, value: np.ndarray) -> np.ndarray:
+        """`value` in the bytes (or numpy dtype) GGUF stores for this tensor."""
+        try:
+            return self.dtype.encode(np.reshape(value, self.shape))
+        except InputError as e:  # too large for the type: say which tensor, and what to do
+            raise ModelFormatError(f"{self.name}: {e}; convert with --dtype f32") from None
 
 
 def _storage(name: str, shape: tuple[int, ...], dtype: str) -> _Stored:
     if len(shape) < 2 or dtype == "f32":  # BatchNorm vectors and fc.bias: tiny, and exactness is cheap
-        return _Stored(name, shape, Q.F32)
+        return _Stored(name, shape, dtypes.F32)
     if dtype != "q8_0":
-        return _Stored(name, shape, DTYPES[dtype])
+        return _Stored(name, shape, dtypes.BY_NAME[dtype])
     # q8_0 blocks run along the last PyTorch axis: flatten a conv to (OC, IC*KH*KW) so a block never
     # straddles two output channels, and keep f32 where that row does not split into whole blocks.
     row = math.prod(shape[1:])
-    if row % Type.Q8_0.block_size:
-        return _Stored(name, shape, Q.F32)
-    return _Stored(name, (shape[0], row), Q.Q8_0)
-
-
-def _encode(value: np.ndarray, stored: _Stored) -> np.ndarray:
-    """`value` in the bytes (or numpy dtype) GGUF stores for `stored`."""
-    value = np.ascontiguousarray(value, dtype=np.float32).reshape(stored.shape)
-    limit = MAX_ABS.get(Type[stored.qtype.name])
-    if limit is not None and value.size and float(np.abs(value).max()) > limit:
-        raise ModelFormatError(f"{stored.name} has values up to {float(np.abs(value).max()):g}, too large for "
-                               f"{stored.qtype.name}; convert with --dtype f32")
-    # Every type here encodes runs of consecutive elements (blocks never cross a row), so the (OC, rest)
-    # view gives the same bytes as the stored shape; gguf is ~50x slower on a 3x3 kernel's short last axis.
-    rows = value.reshape(value.shape[0], -1) if value.ndim > 1 else value
-    return gguf.quants.quantize(rows, stored.qtype)
+    if row % dtypes.Q8_0.block_size:
+        return _Stored(name, shape, dtypes.F32)
+    return _Stored(name, (shape[0], row), dtypes.Q8_0)
 
 
 def _labels_for(num_classes: int, labels: Sequence[str] | None) -> list[str]:
@@ -428,8 +418,8 @@ def _labels_for(num_classes: int, labels: Sequence[str] | None) -> list[str]:
 
 
 def _check_options(dtype: str, weights: str, preprocessing: Preprocessing) -> None:
-    if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in dtypes.NAMES:
+        raise InputError(f"dtype must be one of {', '.join(dtypes.NAMES)}, got {dtype!r}")
     if not weights:
         raise InputError("weights must be a non-empty name, e.g. 'custom' or 'IMAGENET1K_V2'")
     problem = preprocessing.problem()  # the loader's own check: what it would refuse is never written
@@ -487,13 +477,14 @@ def _write(state: Mapping[str, np.ndarray], cfg: ResNetConfig, num_classes: int,
             # Declaring every tensor up front lets the writer emit the header, then stream the data one
             # tensor at a time instead of holding a converted copy of the whole model.
             for s in plan:
-                writer.add_tensor_info(s.name, s.shape, np.dtype(np.float32), s.nbytes, raw_dtype=s.qtype)
+                writer.add_tensor_info(s.name, s.shape, np.dtype(np.float32), s.nbytes,
+                                       raw_dtype=gguf.GGMLQuantizationType(s.dtype.code))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for s in tqdm(plan, desc=f"{cfg.name} -> {dtype}", unit="tensor", file=sys.stderr,
                           disable=not progress):
-                writer.write_tensor_data(_encode(state[s.name], s))
+                writer.write_tensor_data(s.encode(state[s.name]))
             writer.flush()
         finally:
             writer.close()
@@ -572,7 +563,7 @@ def _parse_args(argv):
     p.add_argument("output", type=Path, help="GGUF file to write (replaced atomically if it exists)")
     p.add_argument("--arch", choices=list(BY_NAME),
                    help="require this architecture (default: infer it from the checkpoint)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="f32",
+    p.add_argument("--dtype", choices=dtypes.NAMES, default="f32",
                    help="storage type of conv and fc weights (default: f32, exact)")
     p.add_argument("--weights", default="custom", metavar="NAME",
                    help="name of the weights stored as metadata, e.g. IMAGENET1K_V2 (default: custom)")

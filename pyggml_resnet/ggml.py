@@ -15,32 +15,33 @@ import weakref
 
 import numpy as np
 
+from . import dtypes
 from ._ggml import ffi, lib
 from .errors import InputError
 
 
-class Type(enum.IntEnum):
-    """The tensor types this package stores weights and activations in."""
+class _Type(enum.IntEnum):
+    """A tensor type, by its ggml code; its row in `dtypes` says the rest."""
 
-    F32 = lib.GGML_TYPE_F32
-    F16 = lib.GGML_TYPE_F16
-    BF16 = lib.GGML_TYPE_BF16
-    Q8_0 = lib.GGML_TYPE_Q8_0
+    @property
+    def dtype(self) -> dtypes.DType:
+        return dtypes.BY_CODE[self.value]
 
     @property
     def block_size(self) -> int:
         """Elements per block along ne[0] (1 for float types)."""
-        return lib.ggml_blck_size(self)
+        return self.dtype.block_size
 
     @classmethod
-    def parse(cls, name: "str | Type") -> "Type":
-        if isinstance(name, cls):
-            return name
-        try:
-            return cls[str(name).upper()]
-        except KeyError:
-            raise InputError(f"unknown tensor type {name!r}; expected one of "
-                             f"{', '.join(t.name.lower() for t in cls)}") from None
+    def parse(cls, name) -> "Type":
+        """A Type, or the type a name such as "bf16" (any case) or a `dtypes.DType` stands for."""
+        return name if isinstance(name, cls) else cls(dtypes.parse(name).code)
+
+
+# The types this package stores weights and activations in: F32, F16, BF16, Q8_0.
+Type = _Type("Type", {t.name.upper(): t.code for t in dtypes.TYPES})
+if any(getattr(lib, f"GGML_TYPE_{t.name}") != t or lib.ggml_blck_size(t) != t.block_size for t in Type):
+    raise ImportError("pyggml_resnet.dtypes disagrees with the compiled ggml on a type's code or block size")
 
 
 def version() -> str:
@@ -119,41 +120,10 @@ class Tensor:
         return f"Tensor({self.type.name}, ne={self.ne})"
 
 
-def _numpy_dtype(t: Type):
-    # bf16 and q8_0 have no NumPy dtype: they travel as their raw bytes.
-    return {Type.F32: np.float32, Type.F16: np.float16, Type.BF16: np.uint16, Type.Q8_0: np.uint8}[t]
-
-
-# Largest |value| each reduced type holds: beyond it a value would round to infinity (for q8_0, its block
-# scale max/127, stored as f16, would).
-MAX_ABS = {Type.F16: 65504.0, Type.BF16: 3.38e38, Type.Q8_0: 65504.0 * 127}
-
-
-def encode(array: np.ndarray, ttype: Type) -> np.ndarray:
-    """A float32 array rounded to `ttype`, as the NumPy data `Weights.set` takes for that type.
-
-    Rows (the last axis) of a Q8_0 array must be a multiple of 32 long.
-    """
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if ttype == Type.F32:
-        return array
-    limit = MAX_ABS.get(ttype)  # refuse rather than give infinities
-    if limit is not None and array.size and float(np.abs(array).max()) > limit:
-        raise InputError(f"weights up to {float(np.abs(array).max()):.3g} do not fit {ttype.name.lower()}")
-    if ttype == Type.F16:
-        return array.astype(np.float16)
-    if ttype == Type.Q8_0 and array.shape[-1] % ttype.block_size:
-        raise InputError(f"q8_0 rows must be a multiple of {ttype.block_size} long, got {array.shape}")
-    import gguf  # its quantizers are NumPy code; imported only when weights are reduced
-
-    raw = gguf.quants.quantize(array, gguf.GGMLQuantizationType(int(ttype)))
-    return raw.view(np.uint16) if ttype == Type.BF16 else raw
-
-
 def _host_bytes(tensor: Tensor, array) -> np.ndarray:
     """Checks that `array` holds exactly this tensor's bytes, in NumPy's order (the reverse of ne)."""
     array = np.ascontiguousarray(array)
-    want = _numpy_dtype(tensor.type)
+    want = tensor.type.dtype.host
     if array.dtype != want:
         raise InputError(f"a {tensor.type.name} tensor takes {np.dtype(want).name} data, got {array.dtype}")
     if array.nbytes != tensor.nbytes:

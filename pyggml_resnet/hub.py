@@ -27,7 +27,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arch import BY_NAME, DTYPES, Preprocessing
+from .arch import BY_NAME, Preprocessing
+from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError, ModelFormatError
 
 TIMEOUT = 30.0  # seconds: to connect, and for each read of the download (not for the whole transfer)

@@ -25,13 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import arch
+from . import arch, dtypes
 from .arch import Key, Preprocessing, ResNetConfig
 from .errors import ModelFormatError
 
-# Tensor types a model file may hold, by GGUF type code: what `convert --dtype` writes.
-_TYPES = {0: "f32", 1: "f16", 30: "bf16", 8: "q8_0"}
-_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34)}  # (elements, bytes) per block
 _MAX_CLASSES = 1_000_000
 
 # The parser's limits. A valid ResNet file is far below each (resnet152: 777 tensors, 16 keys, ~24 KB of
@@ -101,26 +98,12 @@ class ModelFile:
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.n_bytes:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} is cut short (file truncated?)")
-        values = _decode(raw, info.kind).reshape(info.shape)
+        values = dtypes.BY_NAME[info.kind].decode(raw).reshape(info.shape)
         if not np.isfinite(values).all():
             raise ModelFormatError(f"{self.path}: tensor {name!r} contains NaN or infinite values")
         if name.endswith(".running_var") and (values < 0).any():
             raise ModelFormatError(f"{self.path}: tensor {name!r} holds negative variances")
         return values
-
-
-def _decode(raw: np.ndarray, kind: str) -> np.ndarray:
-    """Stored bytes -> flat float32 values (bf16 and q8_0 through gguf's own dequantizers)."""
-    if kind == "f32":
-        return raw.view("<f4").astype(np.float32, copy=False)
-    if kind == "f16":
-        return raw.view("<f2").astype(np.float32)
-    import gguf
-
-    qtype = gguf.GGMLQuantizationType[kind.upper()]
-    with np.errstate(invalid="ignore", over="ignore"):  # an Inf scale times 0 gives NaN: the caller refuses it
-        values = gguf.quants.dequantize(raw.reshape(-1, _BLOCKS[kind][1]), qtype)
-    return values.astype(np.float32, copy=False).reshape(-1)
 
 
 def _identity(st: os.stat_result) -> tuple:
@@ -368,19 +351,19 @@ def _tensor_info(t: _RawTensor, expected: tuple[int, ...], data_start: int, alig
                  size: int) -> TensorInfo:
     """Checks one tensor's type, shape and extent in the file, without reading its data."""
     name = t.name
-    kind = _TYPES.get(t.type_code)
-    if kind is None:
+    dtype = dtypes.BY_CODE.get(t.type_code)  # the types `convert --dtype` writes
+    if dtype is None:
         raise ModelFormatError(f"tensor {name!r} has unsupported type code {t.type_code}")
+    kind = dtype.name
     if kind != "f32" and len(expected) == 1:
         raise ModelFormatError(f"tensor {name!r} must be f32, got {kind}")
     shape = tuple(reversed(t.ne))  # GGUF lists dims in ggml order
     flat = (expected[0], math.prod(expected[1:])) if len(expected) == 4 else None
     if shape != expected and not (kind == "q8_0" and shape == flat):
         raise ModelFormatError(f"tensor {name!r} has shape {shape}, expected {expected}")
-    block, block_bytes = _BLOCKS[kind]
-    if shape[-1] % block:
-        raise ModelFormatError(f"tensor {name!r}: rows of {shape[-1]} do not fill {kind} blocks of {block}")
-    n_bytes = math.prod(shape) // block * block_bytes
+    if shape[-1] % dtype.block_size:
+        raise ModelFormatError(f"tensor {name!r}: rows of {shape[-1]} do not fill {kind} blocks of {dtype.block_size}")
+    n_bytes = dtype.nbytes(math.prod(shape))
     if t.offset % alignment:
         raise ModelFormatError(f"tensor {name!r} has offset {t.offset}, not a multiple of the alignment {alignment}")
     offset = data_start + t.offset

@@ -14,7 +14,7 @@ import numpy as np
 from . import arch, layers
 from .arch import Conv, ResNetConfig, convolutions
 from .errors import InputError, ModelFormatError
-from .ggml import Graph, Tensor, Type, Weights, encode
+from .ggml import Graph, Tensor, Type, Weights
 from .loader import ModelFile
 
 BATCHNORM_MODES = ("folded", "explicit")
@@ -68,8 +68,8 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, winograd
             else:
                 for p, v in bn_values.items():
                     weights.set(f"{conv.bn}.{p}", v)
-            weights.set(conv.name, encode(m, plan[conv.name][0]))
-        weights.set("fc.weight", encode(mf.tensor("fc.weight"), plan["fc.weight"][0]))
+            weights.set(conv.name, plan[conv.name][0].dtype.encode(m))
+        weights.set("fc.weight", plan["fc.weight"][0].dtype.encode(mf.tensor("fc.weight")))
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pyggml_resnet import layers
 from pyggml_resnet.errors import Error, InputError
-from pyggml_resnet.ggml import Backend, Graph, Type, Weights, encode
+from pyggml_resnet.ggml import Backend, Graph, Type, Weights
 
 RTOL = 2e-6
 
@@ -104,7 +104,7 @@ def test_bf16_patches_round_as_ggml_and_torch_do(backend, k, s, p):
     kk = k * k * c
     eye = np.eye(kk, dtype=np.float32)
     with Weights(backend, {"eye": ("bf16", (kk, kk))}) as wt, Graph(backend) as g:
-        wt.set("eye", encode(eye, Type.BF16))
+        wt.set("eye", Type.BF16.dtype.encode(eye))
         xi = g.input("x", (w, h, c, 1))
         xc = layers.nchw_to_channels_fastest(g, xi)
         ours = g.mul_mat(wt["eye"], g.gather_patches(xc, k, s, p, ttype=Type.BF16))

@@ -19,7 +19,7 @@ import numpy as np
 from .. import arch, convert, loader
 from ..arch import ResNetConfig
 from ..cli import positive
-from ..arch import DTYPES
+from ..dtypes import NAMES as DTYPES
 from ..errors import Error
 from ..ggml import default_threads
 from .child import ENGINES, iterations

@@ -1,0 +1,112 @@
+"""The weight types a model file may store and a model may compute with: one table, in pure NumPy.
+
+For each type: its name, its GGUF/ggml type code, its block (elements and bytes), the largest magnitude it
+holds, and how a float32 array is encoded into its bytes and decoded back. The converter writes with it, the
+loader reads with it, and the binding layer's `ggml.Type` takes its codes from it.
+
+Encoding rounds exactly as `gguf.quants` (and so ggml's reference code) does: bf16 to nearest even with NaN
+kept quiet, q8_0 with a per-32-block f16 scale max|x|/127 and values rounded half away from zero
+(tests/test_ops.py compares the bytes). Decoding is vectorised NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+_Q8_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str  # as users spell it: "f32", "f16", "bf16", "q8_0"
+    code: int  # GGUF's and ggml's type code
+    block_size: int  # elements per block, along a row (the last NumPy axis)
+    block_bytes: int
+    max_abs: float | None  # beyond this a value would round to infinity (None: f32, which holds them all)
+    host: type  # the NumPy dtype of `encode`'s result
+    _encode: Callable[[np.ndarray], np.ndarray]
+    _decode: Callable[[np.ndarray], np.ndarray]
+
+    def nbytes(self, n: int) -> int:
+        """Bytes of n elements (a multiple of block_size)."""
+        return n // self.block_size * self.block_bytes
+
+    def too_large(self, array: np.ndarray) -> float | None:
+        """The largest |value| of a float32 array if it exceeds this type's range, else None."""
+        if self.max_abs is None or not array.size:
+            return None
+        largest = float(np.abs(array).max())
+        return largest if largest > self.max_abs else None
+
+    def encode(self, array) -> np.ndarray:
+        """A float32 array (rows: its last axis, a multiple of block_size long) in this type's bytes: an array
+        of `host` dtype (q8_0: [..., row bytes]). InputError if a value is out of range or a row does not
+        fill whole blocks; the caller names the tensor."""
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        largest = self.too_large(array)
+        if largest is not None:
+            raise InputError(f"values up to {largest:g} do not fit {self.name.upper()}")
+        if array.ndim and array.shape[-1] % self.block_size:
+            raise InputError(f"{self.name} rows must be a multiple of {self.block_size} long, got {array.shape}")
+        return self._encode(array)
+
+    def decode(self, raw: np.ndarray) -> np.ndarray:
+        """Stored bytes (a flat uint8 array) -> flat float32 values."""
+        return self._decode(raw)
+
+
+def _bf16_encode(a: np.ndarray) -> np.ndarray:
+    n = a.view(np.uint32)
+    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)  # quiet NaN
+    return ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16)  # to nearest even
+
+
+def _bf16_decode(raw: np.ndarray) -> np.ndarray:
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def _q8_0_encode(a: np.ndarray) -> np.ndarray:
+    blocks = a.reshape(-1, _Q8_BLOCK)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, 0, 1 / d)
+    x = blocks * inv
+    floored = np.floor(np.abs(x))
+    q = np.sign(x) * (floored + np.floor(2 * (np.abs(x) - floored)))  # round half away from zero
+    raw = np.concatenate([d.astype(np.float16).view(np.uint8), q.astype(np.int8).view(np.uint8)], axis=1)
+    return raw.reshape(*a.shape[:-1], a.shape[-1] // _Q8_BLOCK * (2 + _Q8_BLOCK))
+
+
+def _q8_0_decode(raw: np.ndarray) -> np.ndarray:
+    blocks = raw.reshape(-1, 2 + _Q8_BLOCK)
+    scale = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # an Inf scale times 0 gives NaN: the loader refuses it
+        return (blocks[:, 2:].view(np.int8).astype(np.float32) * scale).reshape(-1)
+
+
+F32 = DType("f32", 0, 1, 4, None, np.float32, lambda a: a, lambda raw: raw.view("<f4").astype(np.float32, copy=False))
+F16 = DType("f16", 1, 1, 2, 65504.0, np.float16, lambda a: a.astype(np.float16),
+            lambda raw: raw.view("<f2").astype(np.float32))
+# bf16 keeps float32's exponent; a q8_0 block's scale max|x|/127 is stored as f16.
+BF16 = DType("bf16", 30, 1, 2, 3.38e38, np.uint16, _bf16_encode, _bf16_decode)
+Q8_0 = DType("q8_0", 8, _Q8_BLOCK, 2 + _Q8_BLOCK, 65504.0 * 127, np.uint8, _q8_0_encode, _q8_0_decode)
+
+TYPES = (F32, F16, BF16, Q8_0)
+BY_NAME = {t.name: t for t in TYPES}
+BY_CODE = {t.code: t for t in TYPES}
+NAMES = tuple(BY_NAME)  # "f32", "f16", "bf16", "q8_0"
+
+
+def parse(name) -> DType:
+    """The type called `name` (any case), or InputError."""
+    if isinstance(name, DType):
+        return name
+    t = BY_NAME.get(str(name).lower())
+    if t is None:
+        raise InputError(f"unknown tensor type {name!r}; expected one of {', '.join(NAMES)}")
+    return t
