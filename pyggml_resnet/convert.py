@@ -27,6 +27,9 @@ Storage types (``--dtype``). BatchNorm vectors and fc.bias are always f32. For t
 
 So a loader must accept a conv weight either 4-D ``(OC, IC, KH, KW)`` or flattened 2-D ``(OC, IC*KH*KW)``.
 
+Reading and writing are separate steps: `read_checkpoint` gives a checked `Checkpoint` (or `Checkpoint.of`
+makes one from arrays), and `write_gguf` writes one; `convert` does both.
+
 The output is written to a temporary file beside it and renamed into place, so a failed or interrupted
 conversion never leaves a partial file behind or touches an existing one.
 """
@@ -66,22 +69,38 @@ _NUM_BATCHES_TRACKED = "num_batches_tracked"
 # Reading checkpoints
 
 
-def load_checkpoint(path, arch: str | None = None) -> dict[str, np.ndarray]:
-    """Read a ``.pth``/``.pt`` checkpoint or a legacy ``.bin`` into {torchvision name: float32 array}.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A torchvision ResNet state_dict that `check_state` passed: what the converter reads, then writes.
+    Make one with `read_checkpoint` (from a file) or `Checkpoint.of` (from arrays)."""
 
-    num_batches_tracked entries are dropped (inference does not use them). The result is checked with
-    `check_state`; ``arch`` ("resnet101", ...) additionally requires that architecture, and is how a legacy
-    ``.bin`` can be read without guessing. Raises ModelFormatError, or OSError if the file cannot be read.
+    state: Mapping[str, np.ndarray]  # {torchvision name: float array}, the inference tensors only
+    config: ResNetConfig
+    num_classes: int
+
+    @classmethod
+    def of(cls, state: Mapping[str, np.ndarray], arch: str | None = None) -> "Checkpoint":
+        """Checks a {torchvision name: float array} state_dict (see `check_state`); `arch` ("resnet101",
+        ...) requires that architecture. Raises ModelFormatError."""
+        return cls(state, *check_state(state, arch))
+
+    @property
+    def parameters(self) -> int:
+        """Learnable parameters, as torchvision counts them: the BatchNorm running statistics are buffers."""
+        return sum(v.size for n, v in self.state.items() if not n.endswith((".running_mean", ".running_var")))
+
+
+def read_checkpoint(path, arch: str | None = None) -> Checkpoint:
+    """Reads a ``.pth``/``.pt`` checkpoint or a legacy ``.bin`` and checks it.
+
+    num_batches_tracked entries are dropped (inference does not use them). ``arch`` ("resnet101", ...)
+    requires that architecture, and is how a legacy ``.bin`` can be read without guessing. Raises
+    ModelFormatError, InputError for an unknown ``arch``, or OSError if the file cannot be read.
     """
-    return _load_checked(path, arch)[0]
-
-
-def _load_checked(path, arch: str | None) -> tuple[dict[str, np.ndarray], ResNetConfig, int]:
-    """`load_checkpoint`'s state_dict, and the (config, num_classes) `check_state` found in it."""
     path = Path(path)
     cfg = _config_named(arch)
     state = _load_legacy_bin(path, cfg) if _is_legacy_bin(path) else _load_torch(path)
-    return (state, *check_state(state, arch))
+    return Checkpoint.of(state, arch)
 
 
 def _config_named(name: str | None) -> ResNetConfig | None:
@@ -445,27 +464,20 @@ def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Prep
     w.add_string(K.INTERPOLATION, p.interpolation)
 
 
-def write_gguf(state: Mapping[str, np.ndarray], out_path, *, dtype: str = "f32", arch: str | None = None,
-               weights: str = "custom", preprocessing: Preprocessing = Preprocessing(),
-               labels: Sequence[str] | None = None, progress: bool = True) -> Path:
-    """Write a checked state_dict ({torchvision name: float array}) as a GGUF model file; return its path.
+def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights: str = "custom",
+               preprocessing: Preprocessing = Preprocessing(), labels: Sequence[str] | None = None,
+               progress: bool = True) -> Path:
+    """Writes a checkpoint as a GGUF model file; returns its path.
 
-    ``dtype`` picks how conv and fc weights are stored (see the module docstring), ``arch`` requires that
-    architecture, ``weights`` names the weights (e.g. "IMAGENET1K_V2"), ``labels`` are the class names (default:
-    ImageNet's for 1000 classes, else "class_0", ...).
+    ``dtype`` picks how conv and fc weights are stored (see the module docstring), ``weights`` names the
+    weights (e.g. "IMAGENET1K_V2"), ``labels`` are the class names (default: ImageNet's for 1000 classes,
+    else "class_0", ...).
 
-    Bad options (InputError) and a state_dict `check_state` refuses (ModelFormatError) are raised before
-    anything is created. A weight too large for ``dtype`` (ModelFormatError) or a failing write (OSError) is
-    raised while writing, after the temporary file is deleted: the output appears only once complete, and a
-    file already at ``out_path`` is left as it was."""
+    Bad options (InputError) are raised before anything is created. A weight too large for ``dtype``
+    (ModelFormatError) or a failing write (OSError) is raised while writing, after the temporary file is
+    deleted: the output appears only once complete, and a file already at ``out_path`` is left as it was."""
     _check_options(dtype, weights, preprocessing)
-    cfg, num_classes = check_state(state, arch)
-    return _write(state, cfg, num_classes, out_path, dtype, weights, preprocessing, labels, progress)
-
-
-def _write(state: Mapping[str, np.ndarray], cfg: ResNetConfig, num_classes: int, out_path, dtype: str,
-           weights: str, preprocessing: Preprocessing, labels: Sequence[str] | None, progress: bool) -> Path:
-    """`write_gguf` for a state_dict `check_state` passed as (cfg, num_classes), with checked options."""
+    cfg, num_classes = checkpoint.config, checkpoint.num_classes
     labels = _labels_for(num_classes, labels)
     out = _check_output_path(out_path)
     plan = [_storage(name, shape, dtype) for name, shape in expected_tensors(cfg, num_classes).items()]
@@ -484,7 +496,7 @@ def _write(state: Mapping[str, np.ndarray], cfg: ResNetConfig, num_classes: int,
             writer.write_ti_data_to_file()
             for s in tqdm(plan, desc=f"{cfg.name} -> {dtype}", unit="tensor", file=sys.stderr,
                           disable=not progress):
-                writer.write_tensor_data(s.encode(state[s.name]))
+                writer.write_tensor_data(s.encode(checkpoint.state[s.name]))
             writer.flush()
         finally:
             writer.close()
@@ -537,17 +549,9 @@ def _new_file_mode() -> int:
 def convert(checkpoint, out_path, *, dtype: str = "f32", arch: str | None = None, weights: str = "custom",
             preprocessing: Preprocessing = Preprocessing(), labels: Sequence[str] | None = None,
             progress: bool = True) -> Path:
-    """`load_checkpoint` then `write_gguf`: checkpoint file -> GGUF file. Returns the output path."""
-    return _convert(checkpoint, out_path, dtype, arch, weights, preprocessing, labels, progress)[0]
-
-
-def _convert(checkpoint, out_path, dtype, arch, weights, preprocessing, labels,
-             progress) -> tuple[Path, dict[str, np.ndarray], ResNetConfig, int]:
-    """`convert`, checking the state_dict once; also returns it and its (config, num_classes)."""
-    state, cfg, num_classes = _load_checked(checkpoint, arch)
-    _check_options(dtype, weights, preprocessing)
-    out = _write(state, cfg, num_classes, out_path, dtype, weights, preprocessing, labels, progress)
-    return out, state, cfg, num_classes
+    """`read_checkpoint` then `write_gguf`: checkpoint file -> GGUF file. Returns the output path."""
+    return write_gguf(read_checkpoint(checkpoint, arch), out_path, dtype=dtype, weights=weights,
+                      preprocessing=preprocessing, labels=labels, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -574,27 +578,26 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-def _summary(out: Path, state: Mapping[str, np.ndarray], cfg: ResNetConfig, num_classes: int, dtype: str) -> str:
-    # Learnable parameters, as torchvision counts them: the BatchNorm running statistics are buffers.
-    params = sum(v.size for n, v in state.items() if not n.endswith((".running_mean", ".running_var")))
+def _summary(out: Path, checkpoint: Checkpoint, dtype: str) -> str:
     mb = out.stat().st_size / 1e6
-    return (f"wrote {out}: {cfg.name}, {num_classes} classes, {len(state)} tensors, "
-            f"{params:,} parameters, {mb:.1f} MB, {dtype}")
+    return (f"wrote {out}: {checkpoint.config.name}, {checkpoint.num_classes} classes, {len(checkpoint.state)} "
+            f"tensors, {checkpoint.parameters:,} parameters, {mb:.1f} MB, {dtype}")
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
     preprocessing = dataclasses.replace(Preprocessing(), resize=args.resize, crop=args.crop)
     try:
-        out, state, cfg, num_classes = _convert(args.checkpoint, args.output, args.dtype, args.arch, args.weights,
-                                                preprocessing, None, True)
+        checkpoint = read_checkpoint(args.checkpoint, args.arch)
+        out = write_gguf(checkpoint, args.output, dtype=args.dtype, weights=args.weights,
+                         preprocessing=preprocessing)
     except (Error, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130
-    print(_summary(out, state, cfg, num_classes, args.dtype))
+    print(_summary(out, checkpoint, args.dtype))
     return 0
 
 

@@ -224,8 +224,9 @@ def _reencode(f32: Path, out: Path, dtype: str, progress: bool) -> None:
     from . import convert, loader
 
     mf = loader.read(f32)
-    convert.write_gguf(mf.tensors(), out, dtype=dtype, arch=mf.config.name, weights=mf.weights_name,
-                       preprocessing=mf.preprocessing, labels=mf.labels, progress=progress)
+    checkpoint = convert.Checkpoint.of(mf.tensors(), arch=mf.config.name)
+    convert.write_gguf(checkpoint, out, dtype=dtype, weights=mf.weights_name, preprocessing=mf.preprocessing,
+                       labels=mf.labels, progress=progress)
 
 
 def _torch_available() -> bool:

@@ -273,7 +273,7 @@ def test_f16_range_refused(tmp_path, models):
     lambda sd: {"epoch": 3, "optimizer": {"lr": 0.1}, "state_dict": {"module." + k: v for k, v in sd.items()}},
 ], ids=["state_dict", "model", "module.", "state_dict+module."])
 def test_wrapped_checkpoints(models, tmp_path, wrap):
-    state = cv.load_checkpoint(save(tmp_path, wrap(models["r18"])))
+    state = cv.read_checkpoint(save(tmp_path, wrap(models["r18"]))).state
     want = inference_arrays(models["r18"])
     assert list(state) == list(want)
     for name, value in want.items():
@@ -282,7 +282,7 @@ def test_wrapped_checkpoints(models, tmp_path, wrap):
 
 def test_half_checkpoint_is_widened(models, tmp_path):
     sd = {k: v.half() if v.is_floating_point() else v for k, v in models["r18"].items()}
-    state = cv.load_checkpoint(save(tmp_path, sd))
+    state = cv.read_checkpoint(save(tmp_path, sd)).state
     assert all(v.dtype == np.float32 for v in state.values())
     assert np.array_equal(state["fc.weight"], sd["fc.weight"].float().numpy())
 
@@ -336,7 +336,7 @@ def test_write_gguf_checks_its_input(models, tmp_path):
     state = inference_arrays(models["r18"])
     del state["layer1.1.bn2.bias"]
     with pytest.raises(ModelFormatError, match=r"layer1\.1\.bn2\.bias"):
-        cv.write_gguf(state, tmp_path / "m.gguf", progress=False)
+        cv.write_gguf(cv.Checkpoint.of(state), tmp_path / "m.gguf", progress=False)
     assert dir_listing(tmp_path) == []
 
 
@@ -354,7 +354,7 @@ def test_pickle_with_code_is_not_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     path = save(tmp_path, {"state_dict": {"conv1.weight": torch.ones(1)}, "hook": RunsCode(marker)})
     with pytest.raises(ModelFormatError, match="not a weights-only PyTorch checkpoint"):
-        cv.load_checkpoint(path)
+        cv.read_checkpoint(path)
     assert not marker.exists()
 
 
@@ -364,7 +364,7 @@ def test_garbage_file_refused(tmp_path, content):
     path = tmp_path / "model.pth"
     path.write_bytes(content)
     with pytest.raises(ModelFormatError, match="not a weights-only PyTorch checkpoint"):
-        cv.load_checkpoint(path)
+        cv.read_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,8 +373,8 @@ def test_garbage_file_refused(tmp_path, content):
 
 @pytest.mark.parametrize("model", ["r18", "r50"])
 def test_legacy_bin_converts_like_pth(ckpt_dir, tmp_path, model):
-    from_pth = cv.load_checkpoint(ckpt_dir / f"{model}.pth")
-    from_bin = cv.load_checkpoint(ckpt_dir / f"{model}.bin")
+    from_pth = cv.read_checkpoint(ckpt_dir / f"{model}.pth").state
+    from_bin = cv.read_checkpoint(ckpt_dir / f"{model}.bin").state
     assert list(from_bin) == list(from_pth)
     for name in from_pth:
         assert from_bin[name].shape == from_pth[name].shape, name  # unsqueezed back
@@ -388,14 +388,14 @@ def test_legacy_bin_converts_like_pth(ckpt_dir, tmp_path, model):
 def test_legacy_detected_by_magic_not_extension(models, ckpt_dir, tmp_path):
     path = tmp_path / "resnet.weights"
     path.write_bytes((ckpt_dir / "r18.bin").read_bytes())
-    assert list(cv.load_checkpoint(path)) == list(inference_arrays(models["r18"]))
+    assert list(cv.read_checkpoint(path).state) == list(inference_arrays(models["r18"]))
 
 
 def test_legacy_num_classes_1_squeezed_fc(tmp_path):
     """With one class the legacy converter squeezed fc.weight to 1-D and fc.bias to a scalar."""
     sd = make_model(18, num_classes=1, calib_batches=1).state_dict()
     write_legacy_bin(tmp_path / "m.bin", sd)
-    state = cv.load_checkpoint(tmp_path / "m.bin")
+    state = cv.read_checkpoint(tmp_path / "m.bin").state
     assert state["fc.weight"].shape == (1, 512) and state["fc.bias"].shape == (1,)
     assert np.array_equal(state["fc.weight"], sd["fc.weight"].numpy())
 
@@ -445,13 +445,13 @@ def test_corrupt_legacy_bin_only_raises_model_format_error(r18_legacy, tmp_path,
         return
     (tmp_path / "bad.bin").write_bytes(bad)
     with pytest.raises(ModelFormatError):
-        cv.load_checkpoint(tmp_path / "bad.bin")
+        cv.read_checkpoint(tmp_path / "bad.bin")
 
 
 def test_legacy_bin_with_wrong_arch(ckpt_dir):
     # resnet34 has a third block in layer1 where resnet18's layer2 starts (record 30).
     with pytest.raises(ModelFormatError, match=r"record 30: .*layer1\.2\.conv1\.weight \(64, 64, 3, 3\) \(resnet34\)"):
-        cv.load_checkpoint(ckpt_dir / "r18.bin", arch="resnet34")
+        cv.read_checkpoint(ckpt_dir / "r18.bin", arch="resnet34")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -181,12 +181,12 @@ def test_gguf_loader_fuzz(gguf_base, scratch, data):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The converter's input: convert.load_checkpoint
+# The converter's input: convert.read_checkpoint
 
 
 def _only_model_format_error(path: Path) -> str:
     try:
-        convert.load_checkpoint(path)
+        convert.read_checkpoint(path)
     except ModelFormatError as e:
         return _outcome(path, e)
     return _outcome(path, None)

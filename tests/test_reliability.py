@@ -955,7 +955,8 @@ def resnet50_file(tmp_path_factory):
     state = {name: (np.ones(shape, np.float32) if name.endswith("running_var")
                     else rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01))
              for name, shape in arch.expected_tensors(arch.CONFIGS[50], 1000).items()}
-    path = convert.write_gguf(state, tmp_path_factory.mktemp("r50") / "r50.gguf", progress=False)
+    path = convert.write_gguf(convert.Checkpoint.of(state), tmp_path_factory.mktemp("r50") / "r50.gguf",
+                              progress=False)
     del state
     yield path
     path.unlink()
@@ -1021,7 +1022,7 @@ def test_expanded_tensor_checkpoint_refused_before_copying(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1).expand(2**22, 512)}, path)
     assert path.stat().st_size < 64 << 10
     with pytest.raises(ModelFormatError, match=r"fc.weight has shape \(4194304, 512\) but its storage holds only 1"):
-        convert.load_checkpoint(path)
+        convert.read_checkpoint(path)
 
 
 def test_shared_storage_checkpoint_refused_before_copying(tmp_path):
@@ -1030,7 +1031,7 @@ def test_shared_storage_checkpoint_refused_before_copying(tmp_path):
     path = tmp_path / "shared.pth"
     torch.save({f"layer{i}.weight": big for i in range(200)}, path)
     with pytest.raises(ModelFormatError, match="far more values than the file's size allows"):
-        convert.load_checkpoint(path)
+        convert.read_checkpoint(path)
 
 
 def test_zip_bomb_checkpoint_refused_before_loading(tmp_path):
@@ -1048,7 +1049,7 @@ def test_zip_bomb_checkpoint_refused_before_loading(tmp_path):
                 out.writestr(info, z.read(info))
     assert bomb.stat().st_size < 1 << 20
     with pytest.raises(ModelFormatError, match=r"zip records expand to \d+ bytes from a \d+-byte file \(a zip bomb\?\)"):
-        convert.load_checkpoint(bomb)
+        convert.read_checkpoint(bomb)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -183,8 +183,8 @@ def make_model(run: Run) -> None:
     _progress(f"making a random {run.cfg.name} (seed {SEED}) ...", end=" ")
     t = time.perf_counter()
     run.gguf_path = os.path.join(run.tmp, f"{run.cfg.name}-random.gguf")
-    convert.write_gguf(random_state(run.cfg, run.num_classes), run.gguf_path, dtype="f32", progress=False,
-                       weights=f"random-seed-{SEED}")
+    checkpoint = convert.Checkpoint.of(random_state(run.cfg, run.num_classes))
+    convert.write_gguf(checkpoint, run.gguf_path, dtype="f32", progress=False, weights=f"random-seed-{SEED}")
     _progress(f"{time.perf_counter() - t:.1f} s")
     run.source = f"random weights (NumPy seed {SEED})"
 
