@@ -57,6 +57,16 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
+    """`value` as an int, if it is an integer (Python's or NumPy's, not a bool) in lo..hi; else InputError.
+    The one check of every integer argument here."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (
+            hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+        raise InputError(f"{what} must be an integer {bounds}, got {value!r}")
+    return int(value)
+
+
 def _shape4(ne) -> tuple[int, int, int, int]:
     ne = tuple(int(n) for n in ne)
     if not 1 <= len(ne) <= 4:
@@ -176,8 +186,7 @@ class Backend(_Closable):
 
     @threads.setter
     def threads(self, n: int):
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 512:
-            raise InputError(f"threads must be an integer from 1 to 512, got {n!r}")
+        n = _integer(n, "threads", 1, 512)
         lib.ggml_backend_cpu_set_n_threads(_alive(self._ptr, "backend"), n)
         self._threads = n
 
@@ -240,6 +249,15 @@ class Weights(_Closable):
         self._finalizer()
 
 
+class _State(enum.Enum):
+    """A Graph's life: ops are added while BUILDING; FINALIZED allocates it for set/compute/get; CLOSED
+    has freed it."""
+
+    BUILDING = enum.auto()
+    FINALIZED = enum.auto()
+    CLOSED = enum.auto()
+
+
 class Graph(_Closable):
     """Builds a compute graph from ggml operations, allocates it once, and computes it on demand.
 
@@ -247,8 +265,7 @@ class Graph(_Closable):
     """
 
     def __init__(self, backend: Backend, max_nodes: int = 2048):
-        if not isinstance(max_nodes, int) or max_nodes < 16:
-            raise InputError(f"max_nodes must be an integer >= 16, got {max_nodes!r}")
+        max_nodes = _integer(max_nodes, "max_nodes", 16)
         self._backend = backend
         self._max_nodes = max_nodes
         # Room for three tensors per node: every tensor made here is a node except the inputs (not counted
@@ -264,7 +281,7 @@ class Graph(_Closable):
         self._finalizer = weakref.finalize(self, _free_natives, self._natives, lib.ggml_gallocr_free)
         self._inputs: list[Tensor] = []
         self._weights: set = set()  # the Weights whose tensors this graph reads
-        self._finalized = False
+        self._state = _State.BUILDING
 
     # -- building ----------------------------------------------------------------------------------------
 
@@ -289,10 +306,7 @@ class Graph(_Closable):
                 if not isinstance(t._owner, Weights) or t._owner._ctx is None:
                     raise InputError(f"{t!r} belongs to another graph or to closed weights")
                 self._weights.add(t._owner)
-        if self._ctx is None:
-            raise InputError("this graph has been closed")
-        if self._finalized:
-            raise InputError("this graph is finalized: build a new one to add operations")
+        self._require(_State.BUILDING)
         # ggml would abort the process on a full context: refuse before that.
         if self._n_tensors + 4 > self._max_nodes * 3:
             raise InputError(f"graph too large for max_nodes={self._max_nodes}")
@@ -411,11 +425,9 @@ class Graph(_Closable):
         ops = {"max": lib.GGML_OP_POOL_MAX, "avg": lib.GGML_OP_POOL_AVG}
         if op not in ops:
             raise InputError(f"pool_2d: op must be 'max' or 'avg', got {op!r}")
-        for what, v, lo in (("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise InputError(f"pool_2d: {what} must be an integer >= {lo}, got {v!r}")
-        if 2 * padding > kernel or a.ne[0] + 2 * padding < kernel or a.ne[1] + 2 * padding < kernel:
-            raise InputError(f"pool_2d: kernel {kernel} with padding {padding} does not fit {a!r}")
+        kernel, stride, padding = self._check_window(a.ne[0], a.ne[1], kernel, stride, padding, "pool_2d")
+        if 2 * padding > kernel:
+            raise InputError(f"pool_2d: padding {padding} is more than half the kernel {kernel}")
         return self._new(lib.ggml_pool_2d(ctx, a._ptr, ops[op], kernel, kernel, stride, stride,
                                           float(padding), float(padding)))
 
@@ -430,11 +442,12 @@ class Graph(_Closable):
             raise InputError(f"gather_patches: ttype must be F32 or BF16, got {ttype.name}")
         self._need_f32(x, op="gather_patches")
         self._need_contiguous(x, "gather_patches")
-        self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gather_patches")
+        kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gather_patches")
         if max(kernel, stride, padding) > 255:
             raise InputError("gather_patches: kernel, stride and padding must be below 256")
         k = kernel * kernel * x.ne[0]
-        return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, max(k, int(k_pad)), ttype))
+        k_pad = _integer(k_pad, "gather_patches: k_pad", 0)
+        return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, max(k, k_pad), ttype))
 
     def winograd_input(self, x: Tensor) -> Tensor:
         """Winograd F(2x2,3x3) input transform of a channel-fastest [C, W, H, N] f32 tensor, padding 1:
@@ -456,12 +469,13 @@ class Graph(_Closable):
         return self._new(lib.winograd_output(ctx, m._ptr, like._ptr))
 
     @staticmethod
-    def _check_window(w, h, kernel, stride, padding, op):
-        for what, v, lo in (("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise InputError(f"{op}: {what} must be an integer >= {lo}, got {v!r}")
+    def _check_window(w, h, kernel, stride, padding, op) -> tuple[int, int, int]:
+        """(kernel, stride, padding) as ints, checked to be integers that fit a w x h input."""
+        kernel, stride = _integer(kernel, f"{op}: kernel", 1), _integer(stride, f"{op}: stride", 1)
+        padding = _integer(padding, f"{op}: padding", 0)
         if w + 2 * padding < kernel or h + 2 * padding < kernel:
             raise InputError(f"{op}: a {kernel}x{kernel} window with padding {padding} does not fit a {w}x{h} input")
+        return kernel, stride, padding
 
     def batch_repeat(self, v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
         """The per-channel vector v ([C]) expanded to like's shape along its dimension channel_dim
@@ -469,8 +483,7 @@ class Graph(_Closable):
         ctx = self._building(v, like)
         self._need_f32(v, like, op="batch_repeat")
         self._need_contiguous(v, "batch_repeat")
-        if channel_dim not in (0, 1, 2, 3):
-            raise InputError(f"batch_repeat: channel_dim must be 0..3, got {channel_dim!r}")
+        channel_dim = _integer(channel_dim, "batch_repeat: channel_dim", 0, 3)
         if v.ne[1:] != (1, 1, 1) or v.ne[0] != like.ne[channel_dim]:
             raise InputError(f"batch_repeat: {v!r} must be [{like.ne[channel_dim]}] to match dimension "
                              f"{channel_dim} of {like!r}")
@@ -496,17 +509,21 @@ class Graph(_Closable):
         self._natives[1] = galloc
         if not lib.ggml_gallocr_alloc_graph(galloc, self._graph):
             raise MemoryError("could not allocate the graph's compute buffer")
-        self._finalized = True
+        self._state = _State.FINALIZED
         return self
 
-    def _ready(self):
-        if self._ctx is None:
+    def _require(self, state: "_State") -> None:
+        """The one check of the graph's state: InputError unless it is `state`."""
+        if self._state is state:
+            return
+        if self._state is _State.CLOSED:
             raise InputError("this graph has been closed")
-        if not self._finalized:
-            raise InputError("call finalize() before computing")
+        if state is _State.BUILDING:
+            raise InputError("this graph is finalized: build a new one to add operations")
+        raise InputError("call finalize() before computing")
 
     def set(self, tensor: Tensor, array):
-        self._ready()
+        self._require(_State.FINALIZED)
         if tensor._owner is not self or tensor not in self._inputs:
             raise InputError(f"{tensor!r} is not an input of this graph")
         array = _host_bytes(tensor, array)
@@ -514,7 +531,7 @@ class Graph(_Closable):
 
     def compute(self):
         """Runs the graph. Inputs must be set again before each call: ggml reuses their memory."""
-        self._ready()
+        self._require(_State.FINALIZED)
         if any(w._ctx is None for w in self._weights):
             raise InputError("the weights this graph reads have been closed")
         with self._backend._lock:
@@ -524,7 +541,7 @@ class Graph(_Closable):
 
     def get(self, tensor: Tensor) -> np.ndarray:
         """A fresh NumPy array (shape: reversed ne) holding the f32 tensor's current data."""
-        self._ready()
+        self._require(_State.FINALIZED)
         if tensor._owner is not self:
             raise InputError(f"{tensor!r} does not belong to this graph")
         self._need_f32(tensor, op="get")
@@ -534,6 +551,7 @@ class Graph(_Closable):
         return out
 
     def close(self):
+        self._state = _State.CLOSED
         self._ctx = None
         self._inputs = []
         self._weights = set()

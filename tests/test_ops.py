@@ -201,50 +201,72 @@ def test_batch_repeat_expands_along_the_channel_dimension(backend, layout, dim):
     np.testing.assert_array_equal(out, want)
 
 
-def test_bad_calls_raise_our_errors_and_the_process_lives(backend):
+def _finalized(g, a):
+    g.finalize(g.relu(a))
+    return g
+
+
+def _closed(g, a):
+    g.close()
+    return g
+
+
+# (id, setup, call, message): each runs on a fresh graph with inputs a [4, 3] and b [5, 3], after setup.
+BAD_GRAPH_CALLS = [
+    ("broadcast", None, lambda g, a, b: g.add(a, b), "broadcast"),
+    ("mul-mat-shapes", None, lambda g, a, b: g.mul_mat(a, b), "do not fit"),
+    ("zero-dim", None, lambda g, a, b: g.input("z", (0, 3)), "positive"),
+    ("negative-dim", None, lambda g, a, b: g.input("neg", (4, -1)), "positive"),
+    ("permutation", None, lambda g, a, b: g.permute(a, (0, 0, 1, 2)), "permutation"),
+    ("reshape", None, lambda g, a, b: g.reshape(a, (5, 5)), "elements"),
+    ("window", None, lambda g, a, b: g.gather_patches(g.input("img", (3, 2, 2, 1)), 7, 2, 0), "does not fit"),
+    ("gather-ttype", None, lambda g, a, b: g.gather_patches(g.input("img2", (3, 2, 2, 1)), 1, 1, 0, ttype="f16"),
+     "F32 or BF16"),
+    # a bf16 input only goes with bf16 weights
+    ("bf16-input", None, lambda g, a, b: g.mul_mat(a, g.gather_patches(a, 1, 1, 0, ttype="bf16")), "f32 tensors"),
+    ("batch-repeat", None, lambda g, a, b: g.batch_repeat(g.input("v", (3,)), a, 0), "must be"),
+    ("not-a-tensor", None, lambda g, a, b: g.relu(np.zeros(3)), "Tensor"),
+    ("compute-unfinalized", None, lambda g, a, b: g.compute(), "finalize"),
+    ("set-float64", _finalized, lambda g, a, b: g.set(a, np.zeros((3, 4), dtype=np.float64)), "float32"),
+    ("set-size", _finalized, lambda g, a, b: g.set(a, np.zeros((3, 5), dtype=np.float32)), "bytes"),
+    ("build-finalized", _finalized, lambda g, a, b: g.relu(a), "finalized"),
+    ("compute-closed", _closed, lambda g, a, b: g.compute(), "closed"),
+    ("pool-float-kernel", None, lambda g, a, b: g.pool_2d(g.input("p", (8, 8, 2, 1)), "max", 3.0, 2, 1), "kernel"),
+    ("pool-bool-stride", None, lambda g, a, b: g.pool_2d(g.input("p", (8, 8, 2, 1)), "max", 3, True, 1), "stride"),
+    ("gather-negative-padding", None, lambda g, a, b: g.gather_patches(a, np.int64(1), 1, np.int64(-1)), "padding"),
+]
+BAD_OTHER_CALLS = [
+    ("unknown-type", lambda backend: Weights(backend, {"w": ("f64", (4,))}), "unknown tensor type"),
+    ("block-size", lambda backend: Weights(backend, {"w": ("q8_0", (30, 2))}), "block size"),
+    ("threads", lambda backend: Backend(threads=0), "threads"),
+    ("max-nodes", lambda backend: Graph(backend, max_nodes=8), "max_nodes"),
+]
+
+
+@pytest.mark.parametrize("setup, call, match", [c[1:] for c in BAD_GRAPH_CALLS], ids=[c[0] for c in BAD_GRAPH_CALLS])
+def test_bad_graph_calls_raise_our_errors_and_the_process_lives(backend, setup, call, match):
     with Graph(backend) as g:
         a, b = g.input("a", (4, 3)), g.input("b", (5, 3))
-        with pytest.raises(InputError, match="broadcast"):
-            g.add(a, b)
-        with pytest.raises(InputError, match="do not fit"):
-            g.mul_mat(a, b)
-        with pytest.raises(InputError, match="positive"):
-            g.input("z", (0, 3))
-        with pytest.raises(InputError, match="positive"):
-            g.input("neg", (4, -1))
-        with pytest.raises(InputError, match="permutation"):
-            g.permute(a, (0, 0, 1, 2))
-        with pytest.raises(InputError, match="elements"):
-            g.reshape(a, (5, 5))
-        with pytest.raises(InputError, match="does not fit"):
-            g.gather_patches(g.input("img", (3, 2, 2, 1)), 7, 2, 0)
-        with pytest.raises(InputError, match="F32 or BF16"):
-            g.gather_patches(g.input("img2", (3, 2, 2, 1)), 1, 1, 0, ttype="f16")
-        with pytest.raises(InputError, match="f32 tensors"):  # a bf16 input only goes with bf16 weights
-            g.mul_mat(a, g.gather_patches(a, 1, 1, 0, ttype="bf16"))
-        with pytest.raises(InputError, match="must be"):
-            g.batch_repeat(g.input("v", (3,)), a, 0)
-        with pytest.raises(InputError, match="Tensor"):
-            g.relu(np.zeros(3))
-        with pytest.raises(InputError, match="finalize"):
-            g.compute()
-        y = g.relu(a)
-        g.finalize(y)
-        with pytest.raises(InputError, match="float32"):
-            g.set(a, np.zeros((3, 4), dtype=np.float64))
-        with pytest.raises(InputError, match="bytes"):
-            g.set(a, np.zeros((3, 5), dtype=np.float32))
-        with pytest.raises(InputError, match="finalized"):
-            g.relu(a)
-    with pytest.raises(InputError, match="closed"):
-        g.compute()
-    with pytest.raises(InputError, match="unknown tensor type"):
-        Weights(backend, {"w": ("f64", (4,))})
-    with pytest.raises(InputError, match="block size"):
-        Weights(backend, {"w": ("q8_0", (30, 2))})
-    with pytest.raises(InputError, match="threads"):
-        Backend(threads=0)
+        if setup:
+            setup(g, a)
+        with pytest.raises(InputError, match=match):
+            call(g, a, b)
+
+
+@pytest.mark.parametrize("call, match", [c[1:] for c in BAD_OTHER_CALLS], ids=[c[0] for c in BAD_OTHER_CALLS])
+def test_bad_calls_raise_our_errors_and_the_process_lives(backend, call, match):
+    with pytest.raises(InputError, match=match):
+        call(backend)
     assert issubclass(InputError, Error) and issubclass(InputError, ValueError)
+
+
+def test_window_arguments_take_numpy_integers_alike(backend):
+    """pool_2d and gather_patches check kernel, stride and padding the same way: NumPy integers are integers."""
+    with Graph(backend) as g:
+        x = g.input("x", (8, 8, 2, 1))
+        pooled = g.pool_2d(x, "max", np.int64(3), np.int32(2), np.int64(1))
+        patches = g.gather_patches(g.input("c", (2, 8, 8, 1)), np.int64(3), np.int64(2), np.int64(1))
+        assert pooled.ne == (4, 4, 2, 1) and patches.ne == (18, 4, 4, 1)
 
 
 def test_a_graph_refuses_to_run_on_closed_weights(backend):
