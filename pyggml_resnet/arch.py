@@ -6,6 +6,7 @@ before writing a GGUF file, and the loader checks the file against it again befo
 
 from __future__ import annotations
 
+import collections
 import math
 import reprlib
 import struct
@@ -207,6 +208,20 @@ def expected_tensors(cfg: ResNetConfig, num_classes: int) -> dict[str, tuple[int
     t["fc.weight"] = (num_classes, cfg.feature_dim)
     t["fc.bias"] = (num_classes,)
     return t
+
+
+def check_tensor_names(cfg: ResNetConfig, num_classes: int, names, more_problems=()) -> None:
+    """ModelFormatError unless `names` (a sequence) are exactly `expected_tensors(cfg, num_classes)`, each once,
+    naming the first few missing, unexpected and repeated ones (and any `more_problems` the caller found)."""
+    expected = expected_tensors(cfg, num_classes)
+    counts = collections.Counter(names)  # in the order names first appear
+    lists = (("missing", [n for n in expected if n not in counts]),
+             ("unexpected", [n for n in counts if n not in expected]),
+             ("listed twice", sorted(n for n, k in counts.items() if k > 1)))
+    problems = [f"{what} {names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                for what, names in lists if names] + list(more_problems)
+    if problems:
+        raise ModelFormatError(f"tensors do not match {cfg.name} with {num_classes} classes: " + "; ".join(problems))
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> tuple[ResNetConfig, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .dtypes import NAMES as DTYPES
-from .errors import Error, InputError
+from .errors import Error, InputError, print_error
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -74,6 +74,8 @@ def _classify(args) -> int:
 def _classify_paths(model, args, paths: list[Path]) -> int:
     from tqdm import tqdm
 
+    from .model import top_predictions
+
     pre = model.preprocessing
     if args.top_k > model.num_classes:
         raise InputError(f"--top-k {args.top_k} is more than the model's {model.num_classes} classes")
@@ -100,8 +102,7 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
                     tqdm.write(f"skipped: {e}", file=sys.stderr)
             probs = model.probabilities(np.stack(arrays)) if arrays else []
             for p, pr in zip(batch, probs):
-                top = np.argsort(-pr, kind="stable")[:args.top_k]
-                _emit(args, writer, out, p, [(model.labels[i], int(i), float(pr[i])) for i in top])
+                _emit(args, writer, out, p, top_predictions(pr, args.top_k, model.labels))
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -117,8 +118,8 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
 
 
 def _emit(args, writer, out, path, top) -> None:
-    row = {"path": str(path), "labels": [t[0] for t in top], "indices": [t[1] for t in top],
-           "probs": [round(t[2], 6) for t in top]}
+    row = {"path": str(path), "labels": [t.label for t in top], "indices": [t.index for t in top],
+           "probs": [round(t.prob, 6) for t in top]}
     if writer:
         writer.writerow([row["path"], "|".join(row["labels"]), "|".join(map(str, row["indices"])),
                          "|".join(f"{p:.6f}" for p in row["probs"])])
@@ -128,8 +129,8 @@ def _emit(args, writer, out, path, top) -> None:
         print(json.dumps(row))
     else:
         print(path)
-        for rank, (label, index, prob) in enumerate(top):
-            print(f"  top[{rank}]={prob:.6f} index = {index} label = {label}")
+        for rank, t in enumerate(top):
+            print(f"  top[{rank}]={t.prob:.6f} index = {t.index} label = {t.label}")
 
 
 def positive(text: str) -> int:
@@ -177,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (Error, OSError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
-        return 1
+        return print_error(e)
     except KeyboardInterrupt:
         return 130

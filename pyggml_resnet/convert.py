@@ -55,8 +55,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import dtypes
-from .arch import BY_NAME, CONFIGS, GGUF_ARCH, Key, Preprocessing, ResNetConfig, expected_tensors, infer_config
-from .errors import Error, InputError, ModelFormatError
+from .arch import (BY_NAME, CONFIGS, GGUF_ARCH, Key, Preprocessing, ResNetConfig, check_tensor_names,
+                   expected_tensors, infer_config)
+from .errors import Error, InputError, ModelFormatError, in_file, print_error
 from .labels import imagenet_labels
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which every torchvision ResNet uses
@@ -99,8 +100,9 @@ def read_checkpoint(path, arch: str | None = None) -> Checkpoint:
     """
     path = Path(path)
     cfg = _config_named(arch)
-    state = _load_legacy_bin(path, cfg) if _is_legacy_bin(path) else _load_torch(path)
-    return Checkpoint.of(state, arch)
+    with in_file(path):
+        state = _load_legacy_bin(path, cfg) if _is_legacy_bin(path) else _load_torch(path)
+        return Checkpoint.of(state, arch)
 
 
 def _config_named(name: str | None) -> ResNetConfig | None:
@@ -368,14 +370,9 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | None = None) -> tup
     if num_classes < 1:
         raise ModelFormatError(f"fc.weight has shape {shapes['fc.weight']}: no classes")
     expected = expected_tensors(cfg, num_classes)
-    missing = [n for n in expected if n not in shapes]
-    extra = [n for n in shapes if n not in expected]
     misshapen = [f"{n} {shapes[n]} (expected {expected[n]})" for n in expected
                  if n in shapes and shapes[n] != expected[n]]
-    problems = [f"{what}: {_few(names)}" for what, names in
-                (("missing", missing), ("unexpected", extra), ("wrong shape", misshapen)) if names]
-    if problems:
-        raise ModelFormatError(f"not a torchvision {cfg.name} with {num_classes} classes: " + "; ".join(problems))
+    check_tensor_names(cfg, num_classes, list(shapes), [f"wrong shape: {_few(misshapen)}"] if misshapen else [])
     for name in expected:
         bad = np.count_nonzero(~np.isfinite(state[name]))
         if bad:
@@ -592,8 +589,7 @@ def main(argv=None) -> int:
         out = write_gguf(checkpoint, args.output, dtype=args.dtype, weights=args.weights,
                          preprocessing=preprocessing)
     except (Error, OSError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
-        return 1
+        return print_error(e)
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import arch, dtypes
+from . import arch, dtypes, errors
 from .arch import Key, Preprocessing, ResNetConfig
 from .errors import ModelFormatError
 
@@ -385,20 +385,12 @@ def read(path: str | os.PathLike) -> ModelFile:
     if not stat.S_ISREG(st.st_mode):
         raise ModelFormatError(f"{path} is not a regular file")
     size = st.st_size
-    try:
+    with errors.in_file(path):
         container = _read_container(path, size)
         cfg, num_classes, labels, eps, pre, weights_name = _metadata(container.fields)
+        arch.check_tensor_names(cfg, num_classes, [t.name for t in container.tensors])
         expected = arch.expected_tensors(cfg, num_classes)
         found = {t.name: t for t in container.tensors}
-        missing = [n for n in expected if n not in found]
-        extra = [n for n in found if n not in expected]
-        twice = sorted({t.name for t in container.tensors if found[t.name] is not t})
-        if missing or extra or twice:
-            problems = [f"{what} {names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                        for what, names in (("missing", missing), ("unexpected", extra), ("listed twice", twice))
-                        if names]
-            raise ModelFormatError(f"tensors do not match {cfg.name} with {num_classes} classes: "
-                                   + "; ".join(problems))
         infos = {name: _tensor_info(found[name], shape, container.data_start, container.alignment, size)
                  for name, shape in expected.items()}
         spans = sorted((i.offset, i.offset + i.n_bytes, n) for n, i in infos.items())
@@ -409,6 +401,4 @@ def read(path: str | os.PathLike) -> ModelFile:
         dtype = "q8_0" if "q8_0" in kinds else next(iter(kinds - {"f32"}), "f32")
         if len(kinds - {"f32", dtype}):
             raise ModelFormatError(f"weights mix types {sorted(kinds)}")
-    except ModelFormatError as e:
-        raise ModelFormatError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, dtype, infos, _identity(st))

@@ -31,6 +31,11 @@ class Prediction:
     prob: float
 
 
+def top_predictions(probs: np.ndarray, k: int, labels) -> list[Prediction]:
+    """The k most probable classes of one probability vector, most probable first (ties: lower index first)."""
+    return [Prediction(labels[i], int(i), float(probs[i])) for i in np.argsort(-probs, kind="stable")[:k]]
+
+
 class Model(_Closable):
     """A ResNet held in ggml memory. Use `pyggml_resnet.load` to make one.
 
@@ -166,10 +171,7 @@ class Model(_Closable):
         crop = self.preprocessing.crop
         batch = np.stack([self.preprocess(i) for i in images]) if images else np.zeros((0, 3, crop, crop), np.float32)
         probs = self.probabilities(batch)
-        results = []
-        for p in probs:
-            top = np.argsort(-p, kind="stable")[:top_k]
-            results.append([Prediction(self.labels[i], int(i), float(p[i])) for i in top])
+        results = [top_predictions(p, top_k, self.labels) for p in probs]
         return results[0] if single else results
 
     def _check_input(self, x) -> np.ndarray:

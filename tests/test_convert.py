@@ -305,8 +305,8 @@ def _with_value(sd, name, index, value):
 
 
 @pytest.mark.parametrize("mutate, match", [
-    (lambda sd: _mutated(sd, layer2__0__bn1__running_var=None), r"missing: layer2\.0\.bn1\.running_var"),
-    (lambda sd: _mutated(sd, layer3__1__se__weight=torch.ones(4)), r"unexpected: layer3\.1\.se\.weight"),
+    (lambda sd: _mutated(sd, layer2__0__bn1__running_var=None), r"missing \['layer2\.0\.bn1\.running_var'\]"),
+    (lambda sd: _mutated(sd, layer3__1__se__weight=torch.ones(4)), r"unexpected \['layer3\.1\.se\.weight'\]"),
     (lambda sd: _mutated(sd, layer3__1__conv2__weight=torch.ones(256, 256, 1, 1)),
      r"wrong shape: layer3\.1\.conv2\.weight \(256, 256, 1, 1\) \(expected \(256, 256, 3, 3\)\)"),
     (lambda sd: _mutated(sd, fc__bias=torch.ones(11)), r"fc\.bias \(11,\) \(expected \(10,\)\)"),

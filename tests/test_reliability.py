@@ -966,7 +966,7 @@ def test_close_frees_the_native_memory(resnet50_file):
     base = _rss()
     with pyggml_resnet.load(resnet50_file, threads=1) as model:
         model.logits(_x(1, 64, 64))
-        weights = model._weights.nbytes
+        weights = model.weights_bytes
         assert weights > 90 << 20
         loaded = _rss()
         finalizers = _finalizers(model)

@@ -20,7 +20,7 @@ from .. import arch, convert, loader
 from ..arch import ResNetConfig
 from ..cli import positive
 from ..dtypes import NAMES as DTYPES
-from ..errors import Error
+from ..errors import Error, print_error
 from ..ggml import default_threads
 from .child import ENGINES, iterations
 from .procs import Worker, WorkerError, child_command, run_child
@@ -118,8 +118,7 @@ def main(argv=None) -> int:
         _progress("\ninterrupted")
         return 130
     except (Error, OSError) as e:
-        _progress(f"error: {e}")
-        return 1
+        return print_error(e)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
