@@ -104,7 +104,7 @@ class Model(_Closable):
     # -- inference ---------------------------------------------------------------------------------------
 
     def logits(self, x) -> np.ndarray:
-        """Float32 NCHW images (already preprocessed) -> (N, num_classes) float32 logits."""
+        """Float32 NCHW images, already preprocessed (`preprocess`) -> (N, num_classes) float32 logits."""
         return self._run(x, "logits")
 
     def features(self, x) -> np.ndarray:
@@ -177,8 +177,9 @@ class Model(_Closable):
     def _check_input(self, x) -> np.ndarray:
         """x as an (N, 3, H, W) array of real numbers, not yet copied: `_chunk` converts it a chunk at a time.
 
-        Integer and float arrays of any width are accepted (and rounded to float32); bool, complex, object
-        and string arrays are refused, as are sides outside 1..MAX_SIDE. N may be 0."""
+        Integer and float arrays of any width are accepted (and rounded to float32); uint8 (raw pixels,
+        not normalised), bool, complex, object and string arrays are refused, as are sides outside
+        1..MAX_SIDE. N may be 0."""
         self._open_backend()
         try:
             arr = np.asarray(x)
@@ -186,6 +187,10 @@ class Model(_Closable):
             raise InputError(f"cannot use {type(x).__name__} as an image batch: {e}") from None
         if arr.dtype.kind not in "fiu":
             raise InputError(f"images must be a real-valued numeric array, got dtype {arr.dtype}")
+        if arr.dtype == np.uint8:  # pixels as read from a file: the network expects them scaled and normalised
+            raise InputError("images are uint8 pixels, but the network takes float32 images normalised as its "
+                             "weights expect: use np.stack([model.preprocess(img) for img in images]), or "
+                             "model.classify(images)")
         if arr.ndim != 4 or arr.shape[1] != 3:
             raise InputError(f"images must have shape (N, 3, H, W), got {arr.shape}")
         h, w = arr.shape[2:]

@@ -750,12 +750,15 @@ def _x(n=1, h=16, w=16, seed=0):
     (np.full((1, 3, 8, 8), b"1"), r"got dtype \|S1"),
     (np.zeros((1, 3, 8, 8), np.complex64), "got dtype complex64"),
     (np.zeros((1, 3, 8, 8), bool), "got dtype bool"),
+    # raw pixels, as np.asarray(Image.open(...)) gives them: not what the network was trained on
+    (np.zeros((1, 3, 8, 8), np.uint8), r"^images are uint8 pixels, .* use np.stack\(\[model.preprocess\(img\)"),
+    (np.zeros((2, 8, 8, 3), np.uint8), "images are uint8 pixels"),
     (np.zeros((1, 3, 8, 8), "datetime64[s]"), "got dtype datetime64"),
     ([[[[1.0]]], [[[1.0, 2.0]]]], "cannot use list as an image batch"),  # ragged
     ("images", "got dtype <U6"),
     (None, "got dtype object"),
 ], ids=["rank3", "rank5", "scalar", "1-channel", "4-channels", "nhwc", "zero-height", "zero-width", "4097",
-        "giant", "object", "str", "bytes", "complex", "bool", "datetime", "ragged", "string", "none"])
+        "giant", "object", "str", "bytes", "complex", "bool", "uint8", "uint8-nhwc", "datetime", "ragged", "string", "none"])
 def test_bad_arrays(small, x, match):
     for method in (small.logits, small.features, small.probabilities, small.stages):
         with pytest.raises(InputError, match=match):
@@ -813,7 +816,7 @@ def test_any_layout_and_real_dtype_works(small):
         expect = small.logits(np.asarray(v, np.float32)) if name == "float16-exact" else want
         assert np.array_equal(small.logits(v), expect), name
     ints = np.random.default_rng(2).integers(-3, 4, (2, 3, 20, 20))
-    for dtype in (np.int8, np.int32, np.int64, np.uint8, np.uint16):
+    for dtype in (np.int8, np.int32, np.int64, np.uint16):  # uint8 is refused: raw pixels (test_bad_arrays)
         v = np.abs(ints).astype(dtype) if np.dtype(dtype).kind == "u" else ints.astype(dtype)
         assert np.array_equal(small.logits(v), small.logits(v.astype(np.float32))), dtype
     assert np.array_equal(small.features(x[:, :, ::2, ::2]), small.features(x[:, :, ::2, ::2].copy()))
