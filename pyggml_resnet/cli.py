@@ -1,4 +1,4 @@
-"""Command line: `pyggml-resnet classify|bench|convert ...` (also `python -m pyggml_resnet ...`)."""
+"""Command line: `pyggml-resnet classify|download|cache|bench|convert ...` (also `python -m pyggml_resnet ...`)."""
 
 from __future__ import annotations
 
@@ -15,20 +15,26 @@ from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError, print_error
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+OUT_SUFFIXES = (".csv", ".jsonl")  # --out's formats, picked by the suffix
 
 
-def _open_model(spec: str, threads: int | None, dtype: str | None):
+def _is_path(spec: str) -> bool:
     """--model takes a GGUF path or the name of a pretrained model (downloaded and converted once).
 
     Anything that exists, ends in .gguf or contains a path separator is a path, so a mistyped path gets
     "no model file" rather than "unknown pretrained model"."""
+    return os.path.exists(spec) or spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec
+
+
+def _open_model(args):
     from . import load
 
-    if os.path.exists(spec) or spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec:
-        return load(spec, threads=threads, dtype=dtype)
+    if _is_path(args.model):
+        return load(args.model, threads=args.threads, dtype=args.dtype)
     from . import hub
 
-    return hub.from_pretrained(spec, dtype=dtype or "f32", threads=threads)
+    return hub.from_pretrained(args.model, url=args.url, sha256=args.sha256, dtype=args.dtype or "f32",
+                               threads=args.threads)
 
 
 def _image_paths(inputs: list[str]) -> list[Path]:
@@ -59,15 +65,37 @@ def _print_stage_shapes(model, shape) -> None:
     line("fc", stages["logits"].shape)
 
 
+def _check_classify_args(args) -> None:
+    """Refuses options that would otherwise be ignored or misread, before any work starts."""
+    if args.out:
+        if args.json:
+            raise InputError("--json prints to stdout and --out writes a file: give one of them "
+                             "(--out FILE.jsonl writes JSON lines)")
+        if not args.out.lower().endswith(OUT_SUFFIXES):
+            raise InputError(f"--out {args.out}: the suffix picks the format, {' or '.join(OUT_SUFFIXES)}")
+        if os.path.isdir(args.out):
+            raise InputError(f"--out {args.out} is a directory")
+    if (args.url or args.sha256) and _is_path(args.model):
+        raise InputError(f"--url and --sha256 name a pretrained model's checkpoint; --model {args.model} is a "
+                         "model file")
+
+
 def _classify(args) -> int:
+    from PIL import Image
+
+    _check_classify_args(args)
     paths = _image_paths(args.images)
     if not paths:
         print("error: no images found", file=sys.stderr)
         return 1
-    model = _open_model(args.model, args.threads, args.dtype)
+    model = _open_model(args)
+    limit = Image.MAX_IMAGE_PIXELS
+    if args.max_pixels:
+        Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's decompression-bomb guard, which transforms obeys
     try:
         return _classify_paths(model, args, paths)
     finally:
+        Image.MAX_IMAGE_PIXELS = limit
         model.close()
 
 
@@ -88,7 +116,8 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
     if writer:
         writer.writerow(["path", "labels", "indices", "probs"])
     failures = 0
-    bar = tqdm(total=len(paths), unit="img", disable=not args.out, file=sys.stderr)
+    # Redrawn at every batch (one image by default): a forward pass takes longer than tqdm's default interval.
+    bar = tqdm(total=len(paths), unit="img", disable=not args.out, file=sys.stderr, mininterval=0)
     try:
         for start in range(0, len(paths), args.batch_size):
             chunk = paths[start:start + args.batch_size]
@@ -141,22 +170,79 @@ def positive(text: str) -> int:
     return value
 
 
+def _download(args) -> int:
+    from . import hub
+
+    path = hub.download(args.name, url=args.url, sha256=args.sha256, dtype=args.dtype)
+    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _cache(args) -> int:
+    from . import hub
+
+    root = hub.default_cache_dir()
+    sizes = {p: p.stat().st_size for p in hub.cached_files()}
+    total = sum(sizes.values()) / 1e6
+    if args.action == "clear":
+        hub.clear_cache()
+        print(f"deleted {len(sizes)} file(s), {total:.1f} MB, from {root}")
+        return 0
+    for p, size in sizes.items():
+        print(f"{size / 1e6:9.1f} MB  {p.name}")
+    print(f"{len(sizes)} file(s), {total:.1f} MB, in {root} (set ${hub.ENV_CACHE} to move it)")
+    return 0
+
+
+def _add_pretrained_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="download the checkpoint from here (a mirror, or your own weights) instead "
+                                 "of download.pytorch.org")
+    p.add_argument("--sha256", metavar="HEX", help="the checkpoint's full SHA-256 (default: check the hash "
+                                                   "prefix in the URL's file name, as torch.hub does)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from PIL import Image
+
+    from . import __version__, ggml
+
+    version = f"pyggml-resnet {__version__} (ggml {ggml.version()})"
     parser = argparse.ArgumentParser(prog="pyggml-resnet", description=__doc__)
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("classify", help="classify images, files or folders")
     c.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     c.add_argument("--model", required=True, help="a .gguf file, or a pretrained name such as resnet101")
+    _add_pretrained_source(c)
     c.add_argument("--top-k", type=positive, default=5)
     c.add_argument("--threads", type=positive, default=None, help="default: every CPU available")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight type at load (default: as stored)")
-    c.add_argument("--batch-size", type=positive, default=16)
+    c.add_argument("--batch-size", type=positive, default=1,
+                   help="images per forward pass (default: 1; ggml is no faster per image in bigger "
+                        "batches, and --out's progress bar moves once per batch)")
+    c.add_argument("--max-pixels", type=positive, default=None, metavar="N",
+                   help="read images of up to N pixels (default: Pillow's decompression-bomb limit, "
+                        f"{Image.MAX_IMAGE_PIXELS:,})")
     c.add_argument("--json", action="store_true", help="print one JSON object per image")
     c.add_argument("--out", help="write results to a .csv or .jsonl file, with a progress bar")
     c.add_argument("--verbose", action="store_true", help="also print each stage's output shape")
+    c.add_argument("--version", action="version", version=version)
     c.set_defaults(run=_classify)
+
+    d = sub.add_parser("download", help="download and convert a pretrained model into the cache ahead of "
+                                        "time (for machines without network access)")
+    d.add_argument("name", help="a pretrained name such as resnet101 or resnet50.IMAGENET1K_V1")
+    d.add_argument("--dtype", choices=DTYPES, default="f32", help="how the cached file stores the weights "
+                                                                  "(default: f32, exact)")
+    _add_pretrained_source(d)
+    d.set_defaults(run=_download)
+
+    k = sub.add_parser("cache", help="list or clear the pretrained models' cache")
+    k.add_argument("action", nargs="?", choices=("list", "clear"), default="list",
+                   help="list (default) the cached files, or clear: delete them")
+    k.set_defaults(run=_cache)
 
     # These two have parsers of their own (see _DELEGATED); listed here for --help.
     sub.add_parser("bench", help="time ggml against PyTorch (and ONNX Runtime) side by side", add_help=False)

@@ -35,6 +35,8 @@ TIMEOUT = 30.0  # seconds: to connect, and for each read of the download (not fo
 CHUNK = 1 << 20  # bytes per read while streaming
 ENV_CACHE = "PYGGML_RESNET_CACHE"
 HASH_REGEX = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's check_hash convention: "resnet18-f37072fd.pth"
+# How `_gguf_path` names a cached file: ARCH.WEIGHTS.TAG.DTYPE.gguf (see Source.filename).
+_CACHED_NAME = re.compile(rf"({'|'.join(map(re.escape, BY_NAME))})\.[A-Za-z0-9_.-]+\.[a-f0-9]+\.({'|'.join(DTYPES)})\.gguf")
 
 _V1 = Preprocessing(resize=256, crop=224)  # torchvision's ImageClassification(crop_size=224)
 _V2 = Preprocessing(resize=232, crop=224)  # ImageClassification(crop_size=224, resize_size=232)
@@ -139,9 +141,12 @@ def cached_path(name: str, *, url: str | None = None, dtype: str = "f32", cache_
     return _gguf_path(resolve(name, url), dtype, cache_dir)
 
 
+def _cache_root(cache_dir) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
 def _gguf_path(source: Source, dtype: str, cache_dir) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / f"{source.filename}.{dtype}.gguf"
+    return _cache_root(cache_dir) / f"{source.filename}.{dtype}.gguf"
 
 
 def from_pretrained(name: str, *, url: str | None = None, sha256: str | None = None, cache_dir=None,
@@ -173,8 +178,20 @@ def from_pretrained(name: str, *, url: str | None = None, sha256: str | None = N
     from . import resnet
     from .model import load
 
-    _check_dtype(dtype)
     resnet.check_batchnorm(batchnorm)  # before any download
+    path = download(name, url=url, sha256=sha256, cache_dir=cache_dir, dtype=dtype, progress=progress)
+    try:
+        return load(path, threads=threads, batchnorm=batchnorm)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{e} (the cached file may be damaged: delete {path} to download it again)") from e
+
+
+def download(name: str, *, url: str | None = None, sha256: str | None = None, cache_dir=None,
+             dtype: str = "f32", progress: bool = True) -> Path:
+    """The cached GGUF file `from_pretrained` would load, downloaded and converted first if it is not cached
+    yet (arguments and errors as there); returns its path. For filling the cache ahead of time, e.g. before
+    copying it to a machine without network access (``pyggml-resnet download NAME``)."""
+    _check_dtype(dtype)
     if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
         raise InputError(f"sha256 must be 64 hex digits, got {sha256!r}")
     source = resolve(name, url)
@@ -186,10 +203,25 @@ def from_pretrained(name: str, *, url: str | None = None, sha256: str | None = N
             _reencode(f32, path, dtype, progress)
         else:
             _download_and_convert(source, path, dtype, sha256, progress)
-    try:
-        return load(path, threads=threads, batchnorm=batchnorm)
-    except ModelFormatError as e:
-        raise ModelFormatError(f"{e} (the cached file may be damaged: delete {path} to download it again)") from e
+    return path
+
+
+def cached_files(cache_dir=None) -> list[Path]:
+    """The GGUF files `from_pretrained` has cached (named as `cached_path` names them), sorted. Other files
+    in the directory are not ours and are never listed or deleted."""
+    root = _cache_root(cache_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _CACHED_NAME.fullmatch(p.name) and p.is_file())
+
+
+def clear_cache(cache_dir=None) -> list[Path]:
+    """Deletes the files `cached_files` lists (and nothing else); returns them."""
+    files = cached_files(cache_dir)
+    for p in files:
+        with contextlib.suppress(FileNotFoundError):  # another process may be clearing it too
+            p.unlink()
+    return files
 
 
 def _check_dtype(dtype) -> None:
@@ -256,8 +288,8 @@ def _download(url: str, dest: Path, sha256: str | None, progress: bool) -> None:
 
     from tqdm import tqdm
 
-    hint = ("check the network connection, or pass url= a mirror, or download the .pth yourself, convert it "
-            "with python -m pyggml_resnet.convert and load the .gguf")
+    hint = ("check the network connection, or pass url= (--url on the command line) a mirror, or download the "
+            ".pth yourself, convert it with python -m pyggml_resnet.convert and load the .gguf")
     digest = hashlib.sha256()
     received = 0
     try:

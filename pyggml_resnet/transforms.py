@@ -88,7 +88,7 @@ def _open(path: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(
             f"{path}: image too large, refused as a possible decompression bomb ({e}); "
-            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+            "if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (pyggml-resnet classify --max-pixels N)"
         ) from e
     except Image.UnidentifiedImageError:
         what = "empty file" if os.path.getsize(path) == 0 else "not an image format Pillow can read"

@@ -240,3 +240,66 @@ def test_pretrained_name_uses_the_cache(capsys, model_path, folder, expected, tm
     rc, out, err = run_main(capsys, image, "--model", "resnet18")
     assert rc == 0 and err == ""
     assert_matches(parse_text(out), {image: expected[image]})
+
+
+# -- options checked before any work, and the options added for what only Python could do -------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "results.json"], "--out results.json: the suffix picks the format, .csv or .jsonl"),
+    (["--out", "results"], "--out results: the suffix picks the format, .csv or .jsonl"),
+    (["--json", "--out", "r.csv"], "--json prints to stdout and --out writes a file: give one of them "
+                                   "(--out FILE.jsonl writes JSON lines)"),
+    (["--out", "."], "--out .: the suffix picks the format, .csv or .jsonl"),
+    (["--out", "dir.csv"], "--out dir.csv is a directory"),
+])
+def test_out_and_json_conflicts_refused_before_any_work(capsys, folder, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir.csv").mkdir()
+    # The model does not exist either: the options are refused before it is opened.
+    rc, out, err = run_main(capsys, folder / "a.jpg", "--model", tmp_path / "missing.gguf", *args)
+    assert (rc, out, err) == (1, "", f"error: {message}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.csv"]
+
+
+def test_out_suffix_any_case(capsys, model_path, folder, tmp_path, expected):
+    results = tmp_path / "R.JSONL"
+    assert run_main(capsys, folder / "a.jpg", "--model", model_path, "--out", results)[0] == 0
+    assert_matches(read_jsonl(results), {str(folder / "a.jpg"): expected[str(folder / "a.jpg")]})
+
+
+def test_max_pixels(capsys, model_path, folder, tmp_path, monkeypatch):
+    """Pillow's decompression-bomb limit, which only Python could raise before."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40x40 image is then "too large"
+    image = tmp_path / "big.png"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(image)
+    rc, out, err = run_main(capsys, image, "--model", model_path, "--top-k", 1)
+    assert rc == 1 and out == ""
+    assert err.startswith(f"skipped: {image}: image too large, refused as a possible decompression bomb")
+    assert "(pyggml-resnet classify --max-pixels N)" in err
+    rc, out, err = run_main(capsys, image, "--model", model_path, "--top-k", 1, "--max-pixels", 1600)
+    assert rc == 0 and err == "" and out.splitlines()[0] == str(image) and LINE.match(out.splitlines()[1])
+    assert Image.MAX_IMAGE_PIXELS == 1000  # the process-wide limit is restored
+    with pytest.raises(SystemExit) as info:
+        run_main(capsys, image, "--model", model_path, "--max-pixels", 0)
+    assert info.value.code == 2 and "--max-pixels: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--version"], ["classify", "--version"]])
+def test_version(capsys, args):
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    assert out == f"pyggml-resnet {pyggml_resnet.__version__} (ggml {pyggml_resnet.ggml.version()})\n"
+    assert re.fullmatch(r"pyggml-resnet \d+\.\d+\.\d+ \(ggml \d+\.\d+\.\d+\)\n", out)
+
+
+@pytest.mark.parametrize("batch, states", [(None, list(range(11))), (4, [0, 4, 8, 10])])
+def test_progress_bar_moves_per_image(capsys, model_path, folder, tmp_path, batch, states):
+    """--out's bar is redrawn after every batch, and a batch is one image unless --batch-size says more."""
+    args = ["--batch-size", batch] if batch else []
+    rc, _, err = run_main(capsys, folder, "--model", model_path, "--out", tmp_path / "r.csv", *args)
+    assert rc == 0
+    seen = [int(m) for m in re.findall(r"\| *(\d+)/10 \[", err)]
+    assert sorted(set(seen)) == states

@@ -313,3 +313,86 @@ def test_bad_arguments_fail_before_any_request(server, tmp_path, kwargs):
     with pytest.raises(InputError):
         hub.from_pretrained(name, url=url if "IMAGENET" not in name else None, cache_dir=tmp_path, **kwargs)
     assert server.requests == [] and files_in(tmp_path) == []
+
+
+# -- the command line: classify --url/--sha256, download, cache ---------------------------------------------
+
+
+def cli_run(capsys, *args):
+    from pyggml_resnet import cli
+
+    rc = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_classify_url_and_sha256(server, resnet18, tmp_path, monkeypatch, capsys):
+    """--url/--sha256 reach the download, as the offline message's url= does for Python."""
+    data, filename, reference_gguf = resnet18
+    monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path / "cache"))
+    image = tmp_path / "grey.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 50), (127, 127, 127)).save(image)
+    url = server.serve("mine.pth", data)  # no hash in the name: only --sha256 can check it
+    rc, out, err = cli_run(capsys, "classify", image, "--model", "resnet18.mine", "--url", url,
+                           "--sha256", "0" * 64, "--threads", 1)
+    assert rc == 1 and out == "" and f"error: {url}: SHA-256 mismatch: expected {'0' * 64}" in err
+    assert files_in(tmp_path / "cache") == []
+    rc, out, err = cli_run(capsys, "classify", image, "--model", "resnet18.mine", "--url", url,
+                           "--sha256", hashlib.sha256(data).hexdigest(), "--threads", 1, "--top-k", 2)
+    assert rc == 0 and server.requests == ["/mine.pth"] * 2
+    with pyggml_resnet.load(reference_gguf, threads=1) as ref:
+        top = ref.classify(str(image), top_k=2)
+    assert out.splitlines() == [str(image)] + [f"  top[{i}]={p.prob:.6f} index = {p.index} label = {p.label}"
+                                               for i, p in enumerate(top)]
+    # A model file has no checkpoint to download: the option would be ignored, so it is refused.
+    rc, out, err = cli_run(capsys, "classify", image, "--model", reference_gguf, "--url", url)
+    assert rc == 1 and err == (f"error: --url and --sha256 name a pretrained model's checkpoint; --model "
+                               f"{reference_gguf} is a model file\n")
+
+
+def test_offline_message_names_the_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path))
+    url = _refused_url()
+    rc, out, err = cli_run(capsys, "classify", tmp_path / "x.png", "--model", "resnet18", "--url", url)
+    assert rc == 1 and err.startswith(f"error: could not download {url}") and "(--url on the command line)" in err
+
+
+def test_download_then_cache_list_and_clear(server, resnet18, tmp_path, monkeypatch, capsys):
+    data, filename, reference_gguf = resnet18
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(hub.ENV_CACHE, str(cache))
+    url = server.serve(filename, data)
+    rc, out, err = cli_run(capsys, "download", "resnet18", "--url", url)
+    f32 = hub.cached_path("resnet18", url=url)
+    assert rc == 0 and out == f"{f32} ({f32.stat().st_size / 1e6:.1f} MB)\n" and f32.is_file()
+    server.stop()  # the rest is offline: bf16 is written from the cached f32 file, a second download is a no-op
+    rc, out, _ = cli_run(capsys, "download", "resnet18", "--url", url, "--dtype", "bf16")
+    bf16 = hub.cached_path("resnet18", url=url, dtype="bf16")
+    assert rc == 0 and out.startswith(f"{bf16} (") and bf16.is_file()
+    assert cli_run(capsys, "download", "resnet18", "--url", url)[:2] == (0, f"{f32} ({f32.stat().st_size / 1e6:.1f} MB)\n")
+    # What from_pretrained then loads, without the network.
+    with hub.from_pretrained("resnet18", url=url, dtype="bf16", threads=1, progress=False) as m:
+        assert m.path == bf16 and m.dtype == "bf16"
+    assert server.requests == ["/" + filename]
+
+    # Files the cache did not make are neither listed nor deleted.
+    (cache / "notes.txt").write_text("mine")
+    (cache / "my-model.gguf").write_bytes(Path(reference_gguf).read_bytes()[:100])
+    rc, out, _ = cli_run(capsys, "cache")
+    sizes = {p: p.stat().st_size for p in (bf16, f32)}
+    total = sum(sizes.values()) / 1e6
+    assert rc == 0 and out.splitlines() == [f"{sizes[p] / 1e6:9.1f} MB  {p.name}" for p in sorted(sizes)] + [
+        f"2 file(s), {total:.1f} MB, in {cache} (set ${hub.ENV_CACHE} to move it)"]
+    rc, out, _ = cli_run(capsys, "cache", "clear")
+    assert rc == 0 and out == f"deleted 2 file(s), {total:.1f} MB, from {cache}\n"
+    assert files_in(cache) == ["my-model.gguf", "notes.txt"]
+    assert cli_run(capsys, "cache")[1] == f"0 file(s), 0.0 MB, in {cache} (set ${hub.ENV_CACHE} to move it)\n"
+
+
+def test_download_bad_name_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path))
+    rc, out, err = cli_run(capsys, "download", "vgg16")
+    assert rc == 1 and out == "" and err.startswith("error: unknown pretrained model 'vgg16'")
+    assert files_in(tmp_path) == []
