@@ -1,0 +1,50 @@
+"""What the README and docs promise about the code, checked against the code."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pyggml_resnet
+from pyggml_resnet import arch, bench, convert
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_layout_table_lists_every_module():
+    listed = set(re.findall(r"^\| `(pyggml_resnet/[^`]+)` \|", README, re.M))
+    package = ROOT / "pyggml_resnet"
+    modules = {f"pyggml_resnet/{p.name}" for p in package.glob("*.py") if not p.name.startswith("_")}
+    modules |= {f"pyggml_resnet/{p.parent.name}/" for p in package.glob("*/__init__.py")}
+    assert listed == modules
+
+
+def test_extras_pin_the_readmes_torch():
+    """`pip install '.[convert]'` must not resolve torch to a multi-GB CUDA build the README warns about."""
+    tomllib = pytest.importorskip("tomllib")
+    pins = set(re.findall(r"pip install (torch==[\w.+]+)", README))
+    assert len(pins) == 1, pins
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("convert", "test"):
+        assert [r for r in extras[name] if r.startswith("torch")] == list(pins), name
+
+
+def test_model_preprocess_follows_the_file_and_the_module_level_one_does_not(tmp_path):
+    """What the README says: the module-level preprocess has torchvision's classic defaults, so for weights
+    recorded with resize 232 (torchvision's V2) it differs from model.preprocess, unless given the settings."""
+    cfg = arch.BY_NAME["resnet18"]
+    path = tmp_path / "v2.gguf"
+    convert.write_gguf(bench.random_state(cfg, 10), path, progress=False,
+                       preprocessing=arch.Preprocessing(resize=232, crop=224))
+    img = Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8))
+    with pyggml_resnet.load(path, threads=1) as model:
+        ours = model.preprocess(img)
+        assert not np.array_equal(ours, pyggml_resnet.preprocess(img))
+        assert np.array_equal(ours, pyggml_resnet.preprocess(img, **dataclasses.asdict(model.preprocessing)))
+        probs = model.probabilities(ours[None])[0]  # what classify computes
+        [top] = model.classify(img, top_k=1)
+        assert top.index == int(np.argmax(probs)) and top.prob == float(probs[top.index])
