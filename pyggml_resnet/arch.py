@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 import reprlib
 import struct
 from dataclasses import dataclass
@@ -225,15 +226,23 @@ def check_tensor_names(cfg: ResNetConfig, num_classes: int, names, more_problems
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> tuple[ResNetConfig, int]:
-    """The (config, num_classes) a state_dict's tensor names and shapes describe. Raises ModelFormatError."""
-    block = "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic"
+    """The (config, num_classes) a state_dict's tensor names and shapes describe. Raises ModelFormatError.
+
+    Blocks are counted by any tensor under their name, so a checkpoint that lacks a few tensors is still
+    recognised, and the caller can name what is missing; failing an exact match, the smallest config with at
+    least as many blocks in each stage is the one it falls short of."""
+    block = "bottleneck" if any(re.fullmatch(r"layer\d+\.\d+\.conv3\.weight", n) for n in shapes) else "basic"
     layers = []
     for stage in range(1, 5):
-        n = 0
-        while f"layer{stage}.{n}.conv1.weight" in shapes:
-            n += 1
-        layers.append(n)
+        blocks = [re.match(rf"layer{stage}\.(\d+)\.", n) for n in shapes]
+        layers.append(max((int(m.group(1)) + 1 for m in blocks if m), default=0))
     fc = shapes.get("fc.weight")
     if fc is None or len(fc) != 2:
         raise ModelFormatError("the checkpoint has no 2-D fc.weight: is it a torchvision ResNet?")
-    return config_for(block, layers), int(fc[0])
+    try:
+        return config_for(block, layers), int(fc[0])
+    except ModelFormatError:
+        larger = [c for c in CONFIGS.values() if c.block == block and all(a >= b for a, b in zip(c.layers, layers))]
+        if not larger:
+            raise
+        return min(larger, key=lambda c: sum(c.layers)), int(fc[0])
