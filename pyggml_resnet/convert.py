@@ -1,13 +1,20 @@
 """Convert a torchvision ResNet checkpoint into the GGUF file the runtime loads.
 
     python -m pyggml_resnet.convert CHECKPOINT OUTPUT.gguf [--arch resnet101] [--dtype f32|f16|bf16|q8_0]
-                                    [--weights IMAGENET1K_V2] [--resize 256] [--crop 224]
+                                    [--weights IMAGENET1K_V2] [--labels FILE] [--resize 256] [--crop 224]
+                                    [--interpolation bilinear] [--force]
 
-Inputs:
+Inputs (recognised by their content, whatever the file is called):
 
-* a PyTorch ``.pth``/``.pt`` file holding a ``state_dict`` (plain, or under ``"state_dict"`` or ``"model"``,
-  with or without DataParallel's ``module.`` prefix). It is read with ``torch.load(weights_only=True)`` only,
-  so a checkpoint can never run code: anything that is not plain tensors and containers is refused.
+* a PyTorch ``.pth``/``.pt``/``.ckpt`` file holding a ``state_dict``: plain, or under ``"state_dict"`` (PyTorch
+  Lightning), ``"model_state_dict"`` (the PyTorch tutorial) or ``"model"``, its names prefixed or not by
+  wrappers (DataParallel's ``module.``, torch.compile's ``_orig_mod.``, a LightningModule's attribute such as
+  ``model.``). It is read with ``torch.load(weights_only=True)`` only, so a checkpoint can never run code:
+  anything that is not plain tensors and containers is refused, a whole pickled model (``torch.save(model)``)
+  with the advice to save its ``state_dict``.
+* a ``.safetensors`` file (timm's and Hugging Face's format), read with the ``safetensors`` package.
+* a GGUF model file of ours, to write again in another ``--dtype``; its weights name, labels and preprocessing
+  are kept unless the options replace them.
 * the legacy headerless ``.bin`` of the C++ ResNet-101 example this project started from (recognised by its
   int32 magic 0x67676d6c, whatever the file is called): one record per state_dict entry, in order, each an
   int32 n_dims, n_dims int32 dims in ggml (reversed) order and raw float32 data, every tensor ``.squeeze()``d.
@@ -31,7 +38,9 @@ Reading and writing are separate steps: `read_checkpoint` gives a checked `Check
 makes one from arrays), and `write_gguf` writes one; `convert` does both.
 
 The output is written to a temporary file beside it and renamed into place, so a failed or interrupted
-conversion never leaves a partial file behind or touches an existing one.
+conversion never leaves a partial file behind or touches an existing one. The output may not be the input
+(under any name: a symlink or hard link to it is refused too), and an existing file that is not a GGUF file
+is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -55,14 +65,15 @@ import numpy as np
 from tqdm import tqdm
 
 from . import dtypes
-from .arch import (BY_NAME, CONFIGS, GGUF_ARCH, Key, Preprocessing, ResNetConfig, check_tensor_names,
-                   expected_tensors, infer_config)
+from .arch import (BY_NAME, CONFIGS, GGUF_ARCH, INTERPOLATIONS, Key, Preprocessing, ResNetConfig,
+                   check_tensor_names, expected_tensors, infer_config)
 from .errors import Error, InputError, ModelFormatError, in_file, print_error
 from .labels import imagenet_labels
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which every torchvision ResNet uses
 
 LEGACY_MAGIC = 0x67676D6C  # "ggml" as a little-endian int32: the first 4 bytes of a legacy .bin
+GGUF_MAGIC = b"GGUF"
 _NUM_BATCHES_TRACKED = "num_batches_tracked"
 
 
@@ -78,6 +89,11 @@ class Checkpoint:
     state: Mapping[str, np.ndarray]  # {torchvision name: float array}, the inference tensors only
     config: ResNetConfig
     num_classes: int
+    path: Path | None = None  # the file it was read from, which writing never replaces
+    # What a GGUF input records beside its tensors, kept when it is written again unless replaced:
+    weights: str | None = None
+    preprocessing: Preprocessing | None = None
+    labels: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, state: Mapping[str, np.ndarray], arch: str | None = None) -> "Checkpoint":
@@ -92,7 +108,8 @@ class Checkpoint:
 
 
 def read_checkpoint(path, arch: str | None = None) -> Checkpoint:
-    """Reads a ``.pth``/``.pt`` checkpoint or a legacy ``.bin`` and checks it.
+    """Reads a checkpoint (see the module docstring: PyTorch, safetensors, GGUF, legacy ``.bin``) and
+    checks it.
 
     num_batches_tracked entries are dropped (inference does not use them). ``arch`` ("resnet101", ...)
     requires that architecture, and is how a legacy ``.bin`` can be read without guessing. Raises
@@ -100,9 +117,18 @@ def read_checkpoint(path, arch: str | None = None) -> Checkpoint:
     """
     path = Path(path)
     cfg = _config_named(arch)
+    with open(path, "rb") as f:
+        head = f.read(9)
     with in_file(path):
-        state = _load_legacy_bin(path, cfg) if _is_legacy_bin(path) else _load_torch(path)
-        return Checkpoint.of(state, arch)
+        if head[:4] == GGUF_MAGIC:
+            return _read_gguf(path, arch)
+        if _is_legacy_bin(head):
+            state = _load_legacy_bin(path, cfg)
+        elif _is_safetensors(head, path):
+            state = _load_safetensors(path)
+        else:
+            state = _load_torch(path)
+        return dataclasses.replace(Checkpoint.of(state, arch), path=path)
 
 
 def _config_named(name: str | None) -> ResNetConfig | None:
@@ -113,10 +139,58 @@ def _config_named(name: str | None) -> ResNetConfig | None:
     return BY_NAME[name]
 
 
-def _is_legacy_bin(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return len(head) == 4 and struct.unpack("<i", head)[0] == LEGACY_MAGIC
+def _is_legacy_bin(head: bytes) -> bool:
+    return len(head) >= 4 and struct.unpack("<i", head[:4])[0] == LEGACY_MAGIC
+
+
+def _is_safetensors(head: bytes, path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (u64) and then the header's opening brace."""
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path)
+
+
+def _read_gguf(path: Path, arch: str | None) -> Checkpoint:
+    """A model file of ours, to write again in another dtype: read and checked by the runtime's own loader."""
+    from . import loader
+
+    mf = loader.read(path)
+    return dataclasses.replace(Checkpoint.of(mf.tensors(), arch), path=path, weights=mf.weights_name,
+                               preprocessing=mf.preprocessing, labels=mf.labels)
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A .safetensors file (what timm and Hugging Face ship). Holds only tensors, so no code can run; read
+    through torch where it is installed (bfloat16 included), else NumPy."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as e:
+        raise Error("reading a .safetensors file needs the safetensors package: pip install safetensors "
+                    "(or 'pyggml-resnet[convert]')") from e
+    torch = _torch_or_none()
+    try:
+        with safe_open(path, framework="pt" if torch else "numpy") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, TypeError, ValueError, OSError) as e:  # NumPy has no bfloat16: TypeError
+        hint = "; install torch to read bfloat16 tensors" if torch is None and "bfloat16" in str(e) else ""
+        raise ModelFormatError(f"{path} cannot be read as a safetensors file: {e}{hint}") from e
+    sd = _strip_prefix(tensors, path)
+    if torch is not None:
+        return _state_dict_arrays(sd, path, torch)
+    state = {}
+    for name, value in sd.items():
+        if name.endswith(_NUM_BATCHES_TRACKED):
+            continue
+        if value.dtype.kind != "f":
+            raise ModelFormatError(f"{path}: {name} has dtype {value.dtype}, expected a floating-point tensor")
+        state[name] = value.astype(np.float32)
+    return state
+
+
+def _torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 def _load_torch(path: Path) -> dict[str, np.ndarray]:
@@ -132,6 +206,12 @@ def _load_torch(path: Path) -> dict[str, np.ndarray]:
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (not a zip), KeyError/EOFError (garbage), ...
+        model_class = _pickled_module(path)
+        if model_class:
+            raise ModelFormatError(
+                f"{path} holds a whole pickled model ({model_class}), not a state_dict: loading it would run "
+                "code from the file, so it is not read. Where the model's code is, save its weights with "
+                "torch.save(model.state_dict(), 'weights.pth') and convert that file") from None
         raise ModelFormatError(f"{path} is not a weights-only PyTorch checkpoint "
                                f"(nor a legacy ggml .bin): {_torch_load_reason(e)}") from e
     return _state_dict_arrays(_unwrap_state_dict(obj, path), path, torch)
@@ -157,6 +237,30 @@ def _check_zip_size(path: Path) -> None:
                                f"{os.path.getsize(path)}-byte file (a zip bomb?)")
 
 
+def _pickled_module(path: Path) -> str | None:
+    """The class of the object `torch.save(model)` pickled into this file, if it is a torch.nn.Module (the
+    pickle refers to torch.nn.modules), else None. Reads the pickle's opcodes; nothing is unpickled."""
+    import pickletools
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            data = z.read(name)
+        globals_, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":  # protocol 2, torch.save's default: "module name"
+                globals_.append(".".join(arg.split(" ", 1)))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # protocol 4+: the last two strings pushed
+                globals_.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a zip, no pickle, malformed opcodes: not recognisably a module
+        return None
+    if any(g.startswith("torch.nn.modules.") for g in globals_):
+        return globals_[0]  # the top object is built first
+    return None
+
+
 def _torch_load_reason(e: Exception) -> str:
     """The informative part of torch.load's error: its weights-only refusal is a page of advice."""
     m = re.search(r"WeightsUnpickler error: (.*?)(\.\s|$)", str(e), re.S)
@@ -167,18 +271,46 @@ def _torch_load_reason(e: Exception) -> str:
 
 
 def _unwrap_state_dict(obj, path: Path) -> Mapping:
-    """The state_dict inside a loaded checkpoint, with DataParallel's "module." prefix removed."""
+    """The state_dict inside a loaded checkpoint, under torchvision's names (see `_strip_prefix`)."""
     if not isinstance(obj, Mapping):
         raise ModelFormatError(f"{path} holds a {type(obj).__name__}, not a state_dict")
-    # Training scripts often save {"epoch": ..., "state_dict": ..., "optimizer": ...}.
-    for key in ("state_dict", "model"):
+    # Training scripts save {"epoch": ..., "state_dict": ..., "optimizer": ...} (PyTorch Lightning too), the
+    # PyTorch tutorial {"model_state_dict": ...}, others {"model": ...}.
+    for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
-    prefix = "module."
-    if obj and all(isinstance(k, str) and k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
+    return _strip_prefix(obj, path)
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, torch.compile, a Lightning attribute
+
+
+def _strip_prefix(sd: Mapping, path: Path) -> Mapping:
+    """`sd` under torchvision's names. Wrappers put a prefix before every name: DataParallel "module.",
+    torch.compile "_orig_mod.", a LightningModule the attribute holding the ResNet ("model.", "net.", ...),
+    in any combination. The prefix is found where conv1.weight and fc.weight both are; other entries (a loss
+    function's weights, say) are not the ResNet's and are dropped."""
+    names = [k for k in sd if isinstance(k, str)]
+    found = {k[: -len("conv1.weight")] for k in names if k.endswith("conv1.weight")}
+    prefixes = sorted(p for p in found if (p == "" or p.endswith(".")) and "layer" not in p
+                      and p + "fc.weight" in sd)
+    if len(prefixes) > 1:
+        raise ModelFormatError(f"{path} holds several ResNets, under {', '.join(map(repr, prefixes))}: save the "
+                               "one to convert as a state_dict of its own")
+    if prefixes == [""]:
+        return sd
+    if prefixes:
+        p = prefixes[0]
+        return {k[len(p):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(p)}
+    # No complete ResNet: strip what every name shares, so the check names what is missing.
+    while sd and len(names) == len(sd):
+        p = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in names)), None)
+        if p is None:
+            break
+        sd = {k[len(p):]: v for k, v in sd.items()}
+        names = list(sd)
+    return sd
 
 
 def _state_dict_arrays(sd: Mapping, path: Path, torch) -> dict[str, np.ndarray]:
@@ -461,22 +593,28 @@ def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Prep
     w.add_string(K.INTERPOLATION, p.interpolation)
 
 
-def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights: str = "custom",
-               preprocessing: Preprocessing = Preprocessing(), labels: Sequence[str] | None = None,
-               progress: bool = True) -> Path:
+def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights: str | None = None,
+               preprocessing: Preprocessing | None = None, labels: Sequence[str] | None = None,
+               progress: bool = True, force: bool = False) -> Path:
     """Writes a checkpoint as a GGUF model file; returns its path.
 
     ``dtype`` picks how conv and fc weights are stored (see the module docstring), ``weights`` names the
-    weights (e.g. "IMAGENET1K_V2"), ``labels`` are the class names (default: ImageNet's for 1000 classes,
-    else "class_0", ...).
+    weights (e.g. "IMAGENET1K_V2"), ``labels`` are the class names. Each defaults to what the checkpoint
+    records (a GGUF input), else "custom", torchvision's classic ImageNet preprocessing, and ImageNet's
+    labels for 1000 classes ("class_0", ... otherwise). The output is never the checkpoint's own file, under
+    any name; an existing GGUF file there is replaced, any other existing file only with ``force``.
 
-    Bad options (InputError) are raised before anything is created. A weight too large for ``dtype``
-    (ModelFormatError) or a failing write (OSError) is raised while writing, after the temporary file is
-    deleted: the output appears only once complete, and a file already at ``out_path`` is left as it was."""
+    Bad options and outputs (InputError) are raised before anything is created. A weight too large for
+    ``dtype`` (ModelFormatError) or a failing write (OSError) is raised while writing, after the temporary
+    file is deleted: the output appears only once complete, and a file already at ``out_path`` is left as it
+    was."""
+    weights = weights if weights is not None else checkpoint.weights or "custom"
+    preprocessing = preprocessing or checkpoint.preprocessing or Preprocessing()
+    labels = labels if labels is not None else checkpoint.labels
     _check_options(dtype, weights, preprocessing)
     cfg, num_classes = checkpoint.config, checkpoint.num_classes
     labels = _labels_for(num_classes, labels)
-    out = _check_output_path(out_path)
+    out = _check_output_path(out_path, source=checkpoint.path, force=force)
     plan = [_storage(name, shape, dtype) for name, shape in expected_tensors(cfg, num_classes).items()]
 
     with _atomic_output(out) as tmp:
@@ -500,13 +638,38 @@ def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights:
     return out
 
 
-def _check_output_path(out_path) -> Path:
+def _check_output_path(out_path, *, source=None, force: bool = False) -> Path:
+    """The output path, if writing there can lose nothing the user did not name as the output: not the
+    input (`source`) itself, under any name (a symlink or hard link to it), and not an existing file that
+    is not a GGUF model file, unless `force`."""
     out = Path(out_path)
     if out.is_dir():
         raise InputError(f"output {out} is a directory; give a file name such as {out / 'model.gguf'}")
     if not out.parent.is_dir():
         raise InputError(f"output directory {out.parent} does not exist")
+    if not out.exists():
+        return out
+    st = out.stat()  # follows symlinks: a link to the input is the input
+    if source is not None and (st.st_dev, st.st_ino) == _file_id(source):
+        how = "" if out == Path(source) else " (through a link: the same file)"
+        raise InputError(f"output {out} is the input {source}{how}; writing it would destroy the checkpoint: "
+                         "give another output name")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"output {out} exists and is not a regular file")
+    if not force and st.st_size:
+        with open(out, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise InputError(f"output {out} exists and is not a GGUF file: not replacing it (pass --force, "
+                                 "or force=True, to replace it)")
     return out
+
+
+def _file_id(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # the caller reports a missing input
+        return None
+    return st.st_dev, st.st_ino
 
 
 @contextlib.contextmanager
@@ -543,12 +706,13 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def convert(checkpoint, out_path, *, dtype: str = "f32", arch: str | None = None, weights: str = "custom",
-            preprocessing: Preprocessing = Preprocessing(), labels: Sequence[str] | None = None,
-            progress: bool = True) -> Path:
+def convert(checkpoint, out_path, *, dtype: str = "f32", arch: str | None = None, weights: str | None = None,
+            preprocessing: Preprocessing | None = None, labels: Sequence[str] | None = None,
+            progress: bool = True, force: bool = False) -> Path:
     """`read_checkpoint` then `write_gguf`: checkpoint file -> GGUF file. Returns the output path."""
+    _check_output_path(out_path, source=checkpoint, force=force)  # before reading a large file
     return write_gguf(read_checkpoint(checkpoint, arch), out_path, dtype=dtype, weights=weights,
-                      preprocessing=preprocessing, labels=labels, progress=progress)
+                      preprocessing=preprocessing, labels=labels, progress=progress, force=force)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -558,21 +722,38 @@ def convert(checkpoint, out_path, *, dtype: str = "f32", arch: str | None = None
 def _parse_args(argv):
     default = Preprocessing()
     p = argparse.ArgumentParser(prog="python -m pyggml_resnet.convert",
-                                description="Convert a torchvision ResNet checkpoint (.pth, or the legacy "
-                                            "ggml .bin) into a GGUF model file.")
-    p.add_argument("checkpoint", type=Path, help="state_dict .pth/.pt file, or legacy .bin")
-    p.add_argument("output", type=Path, help="GGUF file to write (replaced atomically if it exists)")
+                                description="Convert a torchvision ResNet checkpoint (.pth/.pt/.ckpt, "
+                                            ".safetensors, the legacy ggml .bin, or a GGUF model file to "
+                                            "re-encode) into a GGUF model file.")
+    p.add_argument("checkpoint", type=Path, help="state_dict .pth/.pt, Lightning .ckpt, .safetensors, legacy "
+                                                 ".bin, or .gguf")
+    p.add_argument("output", type=Path, help="GGUF file to write (an existing GGUF file is replaced atomically)")
     p.add_argument("--arch", choices=list(BY_NAME),
                    help="require this architecture (default: infer it from the checkpoint)")
     p.add_argument("--dtype", choices=dtypes.NAMES, default="f32",
                    help="storage type of conv and fc weights (default: f32, exact)")
-    p.add_argument("--weights", default="custom", metavar="NAME",
-                   help="name of the weights stored as metadata, e.g. IMAGENET1K_V2 (default: custom)")
-    p.add_argument("--resize", type=int, default=default.resize, metavar="N",
-                   help=f"shorter image side before the crop (default: {default.resize})")
-    p.add_argument("--crop", type=int, default=default.crop, metavar="N",
-                   help=f"center crop size fed to the network (default: {default.crop})")
+    p.add_argument("--weights", metavar="NAME",
+                   help="name of the weights stored as metadata, e.g. IMAGENET1K_V2 (default: custom, or a "
+                        "GGUF input's)")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="class names, one per line (default: ImageNet's for 1000 classes, or a GGUF input's)")
+    p.add_argument("--resize", type=int, metavar="N",
+                   help=f"shorter image side before the crop (default: {default.resize}, or a GGUF input's)")
+    p.add_argument("--crop", type=int, metavar="N",
+                   help=f"center crop size fed to the network (default: {default.crop}, or a GGUF input's)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS,
+                   help=f"resize filter (default: {default.interpolation}, or a GGUF input's)")
+    p.add_argument("--force", action="store_true", help="replace an existing output that is not a GGUF file")
     return p.parse_args(argv)
+
+
+def _read_labels(path: Path) -> list[str]:
+    """One class name per line (a final newline, or a Windows one, is not part of any name)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--labels {path}: not UTF-8 text ({e})") from None
+    return text.splitlines()
 
 
 def _summary(out: Path, checkpoint: Checkpoint, dtype: str) -> str:
@@ -583,11 +764,14 @@ def _summary(out: Path, checkpoint: Checkpoint, dtype: str) -> str:
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    preprocessing = dataclasses.replace(Preprocessing(), resize=args.resize, crop=args.crop)
+    changes = {k: getattr(args, k) for k in ("resize", "crop", "interpolation") if getattr(args, k) is not None}
     try:
+        _check_output_path(args.output, source=args.checkpoint, force=args.force)  # before any reading
+        labels = _read_labels(args.labels) if args.labels else None
         checkpoint = read_checkpoint(args.checkpoint, args.arch)
+        preprocessing = dataclasses.replace(checkpoint.preprocessing or Preprocessing(), **changes)
         out = write_gguf(checkpoint, args.output, dtype=args.dtype, weights=args.weights,
-                         preprocessing=preprocessing)
+                         preprocessing=preprocessing, labels=labels, force=args.force)
     except (Error, OSError) as e:
         return print_error(e)
     except KeyboardInterrupt:

@@ -252,13 +252,11 @@ def _download_and_convert(source: Source, out: Path, dtype: str, sha256: str | N
 
 
 def _reencode(f32: Path, out: Path, dtype: str, progress: bool) -> None:
-    """Another dtype from a cached f32 GGUF: its arrays are the checkpoint's f32 values, exactly."""
-    from . import convert, loader
+    """Another dtype from a cached f32 GGUF: its arrays are the checkpoint's f32 values, exactly, and the
+    converter keeps its metadata."""
+    from . import convert
 
-    mf = loader.read(f32)
-    checkpoint = convert.Checkpoint.of(mf.tensors(), arch=mf.config.name)
-    convert.write_gguf(checkpoint, out, dtype=dtype, weights=mf.weights_name, preprocessing=mf.preprocessing,
-                       labels=mf.labels, progress=progress)
+    convert.convert(f32, out, dtype=dtype, progress=progress)
 
 
 def _torch_available() -> bool:

@@ -266,18 +266,101 @@ def test_f16_range_refused(tmp_path, models):
 # PyTorch checkpoints: containers, prefixes, refusals
 
 
+def prefixed(prefix, sd):
+    return {prefix + k: v for k, v in sd.items()}
+
+
 @pytest.mark.parametrize("wrap", [
     lambda sd: {"state_dict": sd},
     lambda sd: {"model": sd, "epoch": 90},
-    lambda sd: {"module." + k: v for k, v in sd.items()},
-    lambda sd: {"epoch": 3, "optimizer": {"lr": 0.1}, "state_dict": {"module." + k: v for k, v in sd.items()}},
-], ids=["state_dict", "model", "module.", "state_dict+module."])
+    lambda sd: prefixed("module.", sd),
+    lambda sd: {"epoch": 3, "optimizer": {"lr": 0.1}, "state_dict": prefixed("module.", sd)},
+    # PyTorch Lightning: the LightningModule's attribute names every key, other modules' weights beside it
+    lambda sd: {"epoch": 3, "global_step": 300, "pytorch-lightning_version": "2.4.0",
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1}]}], "hyper_parameters": {"lr": 0.1},
+                "state_dict": {**prefixed("model.", sd), "criterion.weight": torch.ones(10)}},
+    lambda sd: prefixed("_orig_mod.", sd),  # torch.compile
+    lambda sd: prefixed("module._orig_mod.", sd),  # compiled, then DistributedDataParallel
+    lambda sd: {"epoch": 1, "model_state_dict": sd, "optimizer_state_dict": {"state": {}, "param_groups": []},
+                "loss": 0.5},  # the PyTorch tutorial's "saving a general checkpoint"
+], ids=["state_dict", "model", "module.", "state_dict+module.", "lightning", "compile", "ddp-compile", "tutorial"])
 def test_wrapped_checkpoints(models, tmp_path, wrap):
     state = cv.read_checkpoint(save(tmp_path, wrap(models["r18"]))).state
     want = inference_arrays(models["r18"])
     assert list(state) == list(want)
     for name, value in want.items():
         assert state[name].dtype == np.float32 and np.array_equal(bits(state[name]), bits(value)), name
+
+
+def test_several_resnets_refused(models, tmp_path):
+    path = save(tmp_path, {**prefixed("student.", models["r18"]), **prefixed("teacher.", models["r18"])})
+    with pytest.raises(ModelFormatError, match="holds several ResNets, under 'student.', 'teacher.': save the "
+                                               "one to convert as a state_dict of its own"):
+        cv.read_checkpoint(path)
+
+
+def test_lightning_checkpoint_missing_a_tensor_names_it(models, tmp_path):
+    sd = prefixed("model.", models["r18"])
+    del sd["model.conv1.weight"]
+    with pytest.raises(ModelFormatError, match=r"missing: conv1\.weight$"):
+        cv.read_checkpoint(save(tmp_path, {"state_dict": sd}, "last.ckpt"))
+
+
+def test_whole_pickled_model_refused_with_advice(tmp_path):
+    """torch.save(model) pickles the class: loading it would import and run code. Say what to do instead."""
+    path = tmp_path / "whole.pth"
+    torch.save(make_model(18, num_classes=10), path)
+    with pytest.raises(ModelFormatError) as info:
+        cv.convert(path, tmp_path / "m.gguf", progress=False)
+    assert str(info.value) == (
+        f"{path} holds a whole pickled model (reference_resnet.ResNet), not a state_dict: loading it would run "
+        "code from the file, so it is not read. Where the model's code is, save its weights with "
+        "torch.save(model.state_dict(), 'weights.pth') and convert that file")
+    assert dir_listing(tmp_path) == ["whole.pth"]
+
+
+@pytest.mark.parametrize("torch_there", [True, False], ids=["torch", "numpy"])
+@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: prefixed("model.", sd)], ids=["plain", "prefixed"])
+def test_safetensors(models, tmp_path, monkeypatch, torch_there, wrap):
+    """timm's and Hugging Face's format, through the safetensors package: with torch, or NumPy alone."""
+    from safetensors.torch import save_file
+
+    sd = {k: v for k, v in models["r18"].items()}
+    sd["fc.weight"] = sd["fc.weight"].half()  # widened exactly, as from a .pth
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in wrap(sd).items()}, path)
+    if not torch_there:
+        monkeypatch.setattr(cv, "_torch_or_none", lambda: None)
+    state = cv.read_checkpoint(path).state
+    want = inference_arrays(sd)
+    assert sorted(state) == sorted(want)  # safetensors keeps names sorted; the writer follows torchvision's order
+    for name, value in want.items():
+        assert state[name].dtype == np.float32 and np.array_equal(state[name], value.astype(np.float32)), name
+
+
+def test_safetensors_bfloat16_without_torch(models, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bf16.safetensors"
+    save_file({k: (v.bfloat16() if v.is_floating_point() else v).contiguous() for k, v in models["r18"].items()},
+              path)
+    state = cv.read_checkpoint(path).state  # torch reads bfloat16
+    assert np.array_equal(state["fc.weight"], models["r18"]["fc.weight"].bfloat16().float().numpy())
+    monkeypatch.setattr(cv, "_torch_or_none", lambda: None)
+    with pytest.raises(ModelFormatError, match=r"cannot be read as a safetensors file: .*bfloat16.*; install torch "
+                                               r"to read bfloat16 tensors$"):
+        cv.read_checkpoint(path)
+
+
+def test_corrupt_safetensors_refused(models, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cut.safetensors"
+    save_file({k: v.contiguous() for k, v in models["r18"].items()}, path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ModelFormatError, match="cut.safetensors cannot be read as a safetensors file"):
+        cv.convert(path, tmp_path / "m.gguf", progress=False)
+    assert dir_listing(tmp_path) == ["cut.safetensors"]
 
 
 def test_half_checkpoint_is_widened(models, tmp_path):
@@ -312,14 +395,21 @@ def _with_value(sd, name, index, value):
     (lambda sd: _mutated(sd, fc__bias=torch.ones(11)), r"fc\.bias \(11,\) \(expected \(10,\)\)"),
     (lambda sd: _with_value(sd, "layer4.1.bn2.bias", 5, float("nan")), r"layer4\.1\.bn2\.bias holds 1 NaN"),
     (lambda sd: _with_value(sd, "layer1.0.conv1.weight", 7, float("-inf")), r"layer1\.0\.conv1\.weight holds 1"),
+    # A block's first conv missing once made it look like a ResNet with no such block ("no torchvision
+    # ResNet has basic blocks [2, 0, 2, 2]"): the message names the tensor.
+    (lambda sd: _mutated(sd, layer2__0__conv1__weight=None),
+     r"^not a torchvision resnet18 with 10 classes: missing: layer2\.0\.conv1\.weight$"),
     (lambda sd: {k: v for k, v in sd.items() if not k.startswith("layer4.1.")},
-     r"no torchvision ResNet has basic blocks \[2, 2, 2, 1\]"),
+     r"^not a torchvision resnet18 with 10 classes: missing: layer4\.1\.conv1\.weight, layer4\.1\.bn1\.weight, "
+     r"layer4\.1\.bn1\.bias, layer4\.1\.bn1\.running_mean and 6 more$"),
+    (lambda sd: _mutated(sd, layer3__40__conv1__weight=torch.ones(256, 256, 3, 3)),
+     r"no torchvision ResNet has basic blocks \[2, 2, 41, 2\]"),
     (lambda sd: _mutated(sd, fc__weight=None), r"fc\.weight"),
     (lambda sd: _mutated(sd, fc__bias=torch.ones(10, dtype=torch.int64)), r"fc\.bias has dtype torch\.int64"),
     (lambda sd: _mutated(sd, fc__bias=[0.0] * 10), r"'fc\.bias' is a list, not a tensor"),
     (lambda sd: [1, 2, 3], "holds a list, not a state_dict"),
-], ids=["missing", "extra", "misshapen", "fc-bias", "nan", "inf", "unknown-layers", "no-fc", "int", "list",
-        "not-dict"])
+], ids=["missing", "extra", "misshapen", "fc-bias", "nan", "inf", "missing-first-conv", "missing-block",
+        "unknown-layers", "no-fc", "int", "list", "not-dict"])
 def test_bad_state_dict_refused(models, tmp_path, mutate, match):
     path = save(tmp_path, mutate(models["r18"]))
     with pytest.raises(ModelFormatError, match=match):
@@ -483,26 +573,92 @@ def test_failure_midway_leaves_nothing(ckpt_dir, tmp_path, monkeypatch, exc):
 
 def test_failure_keeps_existing_output(ckpt_dir, tmp_path, monkeypatch):
     out = tmp_path / "m.gguf"
-    out.write_bytes(b"previous model")
+    out.write_bytes(b"GGUF previous model")
     _fail_after(monkeypatch, 5, OSError("disk full"))
     with pytest.raises(OSError):
         cv.convert(ckpt_dir / "r18.pth", out, progress=False)
-    assert out.read_bytes() == b"previous model"
+    assert out.read_bytes() == b"GGUF previous model"
     with pytest.raises(ModelFormatError):  # a refused checkpoint does not touch it either
         cv.convert(ckpt_dir / "r18.pth", out, arch="resnet50", progress=False)
-    assert out.read_bytes() == b"previous model"
+    assert out.read_bytes() == b"GGUF previous model"
     assert dir_listing(tmp_path) == ["m.gguf"]
 
 
 def test_success_replaces_output_with_normal_mode(ckpt_dir, tmp_path):
     out = tmp_path / "m.gguf"
-    out.write_bytes(b"previous model")
+    out.write_bytes(b"GGUF previous model")
     cv.convert(ckpt_dir / "r18.pth", out, progress=False)
     assert out.read_bytes()[:4] == b"GGUF"
     assert dir_listing(tmp_path) == ["m.gguf"]
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink", "symlinked-input"])
+def test_output_that_is_the_input_refused(ckpt_dir, tmp_path, how):
+    """`convert same.pth same.pth` replaced the checkpoint with GGUF data; so did any other name for it."""
+    src = tmp_path / "model.pth"
+    src.write_bytes((ckpt_dir / "r18.pth").read_bytes())
+    before = src.read_bytes()
+    if how == "same":
+        args = (src, src)
+    elif how == "symlink":
+        (tmp_path / "link.pth").symlink_to("model.pth")
+        args = (src, tmp_path / "link.pth")
+    elif how == "hardlink":
+        os.link(src, tmp_path / "link.pth")
+        args = (src, tmp_path / "link.pth")
+    else:
+        (tmp_path / "link.pth").symlink_to("model.pth")
+        args = (tmp_path / "link.pth", src)
+    via = "" if how == "same" else " (through a link: the same file)"
+    with pytest.raises(InputError) as info:
+        cv.convert(*args, progress=False)
+    assert str(info.value) == (f"output {args[1]} is the input {args[0]}{via}; writing it would destroy the "
+                               "checkpoint: give another output name")
+    assert src.read_bytes() == before
+    assert sorted(dir_listing(tmp_path)) == sorted(["model.pth"] + (["link.pth"] if how != "same" else []))
+
+
+def test_reencode_in_place_refused(ckpt_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    cv.convert(ckpt_dir / "r18.pth", out, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(InputError, match="is the input"):
+        cv.convert(out, out, dtype="bf16", progress=False)
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_existing_file_that_is_not_gguf_needs_force(ckpt_dir, tmp_path, force):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes, not a model\n")
+    if not force:
+        with pytest.raises(InputError) as info:
+            cv.convert(ckpt_dir / "r18.pth", out, progress=False)
+        assert str(info.value) == (f"output {out} exists and is not a GGUF file: not replacing it (pass --force, "
+                                   "or force=True, to replace it)")
+        assert out.read_text() == "my notes, not a model\n"
+    else:
+        cv.convert(ckpt_dir / "r18.pth", out, progress=False, force=True)
+        assert out.read_bytes()[:4] == b"GGUF"
+    assert dir_listing(tmp_path) == ["notes.txt"]
+    # write_gguf guards its output the same way
+    (tmp_path / "other.txt").write_text("x")
+    with pytest.raises(InputError, match="exists and is not a GGUF file"):
+        cv.write_gguf(cv.read_checkpoint(ckpt_dir / "r18.pth"), tmp_path / "other.txt", progress=False)
+    # an empty file holds nothing to lose
+    (tmp_path / "empty.gguf").touch()
+    cv.convert(ckpt_dir / "r18.pth", tmp_path / "empty.gguf", progress=False)
+
+
+def test_output_special_file_refused(ckpt_dir, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="exists and is not a regular file"):
+        cv.convert(ckpt_dir / "r18.pth", fifo, progress=False, force=True)
+    assert dir_listing(tmp_path) == ["fifo"] and stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_output_directory_refused(ckpt_dir, tmp_path):
@@ -543,6 +699,69 @@ def test_cli_bad_checkpoint(tmp_path, content):
     assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: "), p.stderr
     assert "Traceback" not in p.stderr
     assert dir_listing(tmp_path) == ["bad.pth"]
+
+
+def test_cli_refuses_to_overwrite(ckpt_dir, tmp_path):
+    src = tmp_path / "same.pth"
+    src.write_bytes((ckpt_dir / "r18.pth").read_bytes())
+    p = run_cli(src, src)
+    assert (p.returncode, p.stdout) == (1, "")
+    assert p.stderr == (f"error: output {src} is the input {src}; writing it would destroy the checkpoint: give "
+                        "another output name\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    p = run_cli(src, notes)
+    assert p.returncode == 1 and p.stderr == (f"error: output {notes} exists and is not a GGUF file: not replacing "
+                                              "it (pass --force, or force=True, to replace it)\n")
+    assert notes.read_text() == "mine" and src.read_bytes() == (ckpt_dir / "r18.pth").read_bytes()
+    p = run_cli(src, notes, "--force")
+    assert p.returncode == 0 and notes.read_bytes()[:4] == b"GGUF"
+
+
+def test_cli_reencodes_gguf_keeping_its_metadata(ckpt_dir, tmp_path):
+    """`convert model.gguf out.gguf --dtype bf16` failed inside torch.load; now it writes the same weights in
+    the new type, with the input's weights name, labels and preprocessing unless the options replace them."""
+    f32 = tmp_path / "f32.gguf"
+    labels = [f"thing {i}" for i in range(10)]
+    cv.convert(ckpt_dir / "r18.pth", f32, weights="MINE", labels=labels, progress=False,
+               preprocessing=arch.Preprocessing(resize=232, crop=200, interpolation="bicubic"))
+    out = tmp_path / "bf16.gguf"
+    p = run_cli(f32, out, "--dtype", "bf16")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"wrote {out}: resnet18, 10 classes, 102 tensors, 11,181,642 parameters, " \
+                       f"{out.stat().st_size / 1e6:.1f} MB, bf16\n"
+    _, meta, _ = read_gguf(out)
+    assert meta[arch.Key.WEIGHTS] == "MINE" and meta[arch.Key.LABELS] == labels
+    assert (meta[arch.Key.RESIZE], meta[arch.Key.CROP], meta[arch.Key.INTERPOLATION]) == (232, 200, "bicubic")
+    from pyggml_resnet import loader
+
+    want, got = loader.read(f32).tensors(), loader.read(out).tensors()
+    for name, value in want.items():  # bf16 of the f32 values: a 16-bit round to nearest even
+        if value.ndim > 1:
+            assert np.array_equal(got[name], torch.from_numpy(value).bfloat16().float().numpy()), name
+        else:
+            assert np.array_equal(got[name], value), name
+    p = run_cli(out, tmp_path / "back.gguf", "--weights", "BACK", "--resize", "256")
+    assert p.returncode == 0, p.stderr
+    _, meta, _ = read_gguf(tmp_path / "back.gguf")
+    assert (meta[arch.Key.WEIGHTS], meta[arch.Key.RESIZE], meta[arch.Key.CROP]) == ("BACK", 256, 200)
+
+
+def test_cli_labels_and_interpolation(ckpt_dir, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class {i}, with spaces\r\n" for i in range(10)), encoding="utf-8")
+    out = tmp_path / "m.gguf"
+    p = run_cli(ckpt_dir / "r18.pth", out, "--labels", labels, "--interpolation", "bicubic")
+    assert p.returncode == 0, p.stderr
+    _, meta, _ = read_gguf(out)
+    assert meta[arch.Key.LABELS] == [f"class {i}, with spaces" for i in range(10)]
+    assert meta[arch.Key.INTERPOLATION] == "bicubic" and meta[arch.Key.RESIZE] == 256
+    labels.write_text("".join(f"c{i}\n" for i in range(9)))
+    p = run_cli(ckpt_dir / "r18.pth", tmp_path / "n.gguf", "--labels", labels)
+    assert p.returncode == 1 and p.stderr == "error: labels must be 10 strings (one per class), got 9\n"
+    p = run_cli(ckpt_dir / "r18.pth", tmp_path / "n.gguf", "--interpolation", "lanczos")
+    assert p.returncode == 2 and "argument --interpolation: invalid choice: 'lanczos'" in p.stderr
+    assert dir_listing(tmp_path) == ["labels.txt", "m.gguf"]
 
 
 def test_main_in_process(ckpt_dir, tmp_path, capsys):
