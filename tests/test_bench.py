@@ -1,8 +1,10 @@
 """The benchmark's FLOP counter and one tiny end-to-end run. Nothing here looks at timings: the machine
 running the tests may be shared and slow, so only structure and correctness are asserted."""
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -102,5 +104,32 @@ def test_end_to_end_ggml_against_torch(tmp_path):
         assert c["total_s"] == pytest.approx(parts) and min(c["import_s"], c["load_s"], c["first_inference_s"]) > 0
     assert report["machine"]["versions"]["ggml"]
     assert "ggml-f32" in proc.stdout and "cold start" in proc.stdout
+    # Every cold-start column is explained under the table.
+    legend = proc.stdout.split("cold start:")[1].split("load time by stored type")[0]
+    for column in ("import:", "load:", "first:", "total:", "vs torch:", "load vs torch:"):
+        assert f" {column} " in legend.replace("\n", " "), column
+    # The load-time row: the same weights stored in each type, loaded as they are stored.
+    loads = {x["dtype"]: x for x in report["load_by_dtype"]}
+    assert list(loads) == ["f32", "f16", "bf16", "q8_0"]
+    assert loads["f32"]["ratio_to_f32"] == 1.0 and all(x["median_s"] > 0 for x in loads.values())
+    assert loads["f16"]["file_bytes"] < 0.6 * loads["f32"]["file_bytes"]
+    assert re.search(r"^  bf16 +\d+\.\d{3} +\d+\.\d{3} +\d+\.\d\dx +\d+\.\d$", proc.stdout, re.M)
     # Temporary files are cleaned up: only the JSON is left behind in the working directory.
     assert [p.name for p in tmp_path.iterdir()] == ["tmp.json"]
+
+
+def test_without_torch_no_reference_and_no_results_file(tmp_path, monkeypatch, capsys):
+    """Without torch there is nothing to check ggml against: the bench says so instead of comparing ggml-f32
+    with itself. And it writes bench-results.json only when asked (--json)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] in ("torch", "onnx", "onnxruntime") else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    rc = bench.main(["--arch", "resnet18", "--rounds", "1", "--iters", "1", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "note: torch is not installed: skipping PyTorch and ONNX Runtime" in out
+    assert ("note: no reference engine: torch is not installed (pip install torch==2.13.0), so ggml's logits are "
+            "not checked against anything and no time has a ratio to PyTorch's") in out
+    assert "correctness:" not in out and "ggml-f32" in out
+    assert list(tmp_path.iterdir()) == []  # no bench-results.json, and the run's temporary files are gone

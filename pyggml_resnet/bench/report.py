@@ -49,7 +49,8 @@ def format_report(r: dict) -> str:
            f"{m['flops_per_image'] / 1e9:.2f} GFLOP per image",
            f"{s['threads']} threads per engine, {s['rounds']} rounds, timed iterations per engine per round: "
            + ", ".join(f"batch {b}: {k}" for b, k in s["iters"].items()), ""]
-    for part, lines in (("correctness", _correctness), ("results", _speed), ("cold_start", _cold_start)):
+    for part, lines in (("correctness", _correctness), ("results", _speed), ("cold_start", _cold_start),
+                        ("load_by_dtype", _loads)):
         if r[part]:
             out += lines(r[part]) + [""]
 
@@ -105,7 +106,18 @@ def _cold_start(cold: list[dict]) -> list[str]:
         out.append(f"  {c['engine']:<12} {c['import_s']:>7.2f} {c['load_s']:>7.2f} "
                    f"{c['first_inference_s']:>7.2f} {c['total_s']:>7.2f} {_fmt(ratio, 's', 9)} "
                    f"{_fmt(lratio, 's', 14)}")
-    out.append("  (import includes starting the interpreter; load is reading the model file into a "
-               "runnable model,\n   except that PyTorch's mmap load leaves reading the weights to the "
-               "first inference)")
+    out += ["  import: starting the interpreter and importing the engine; load: reading the model file into a",
+            "  runnable model; first: the first forward pass of one image (graphs, buffers, page faults); total:",
+            "  the three together; vs torch: total over PyTorch's total; load vs torch: load over PyTorch's load,",
+            "  which is small because PyTorch's mmap load leaves reading the weights to its first inference",
+            "  (compare the totals)"]
+    return out
+
+
+def _loads(loads: list[dict]) -> list[str]:
+    out = ["load time by stored type: pyggml_resnet.load() of the same weights stored in each type, seconds",
+           f"  {'stored':<8} {'median':>7} {'min':>7} {'vs f32':>7} {'file MB':>8}"]
+    for x in loads:
+        out.append(f"  {x['dtype']:<8} {x['median_s']:>7.3f} {x['min_s']:>7.3f} {x['ratio_to_f32']:>6.2f}x "
+                   f"{x['file_bytes'] / 1e6:>8.1f}")
     return out

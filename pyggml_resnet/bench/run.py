@@ -91,7 +91,7 @@ def parse_args(argv) -> argparse.Namespace:
                    help="ggml weight types, one engine row each (default: f32)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run (default: all; missing ones are skipped)")
-    p.add_argument("--json", default="bench-results.json", help="results file (default: bench-results.json)")
+    p.add_argument("--json", metavar="OUT", help="also write every result, sample and setting to this JSON file")
     a = p.parse_args(argv)
     a.batch = list(dict.fromkeys(a.batch))
     a.dtype = list(dict.fromkeys(a.dtype))
@@ -148,6 +148,7 @@ def _phases(run: Run) -> int:
     samples = timed_rounds(run)
     stop_workers(run)
     cold = cold_starts(run)
+    loads = load_times(run)
     a = run.args
     report = {
         "model": {"arch": run.cfg.name, "source": run.source, "num_classes": run.num_classes,
@@ -160,13 +161,15 @@ def _phases(run: Run) -> int:
         "correctness": correctness,
         "results": summarize(run, samples, flops),
         "cold_start": cold,
+        "load_by_dtype": loads,
         "notes": run.notes,
     }
     print(format_report(report))
-    with open(a.json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    _progress(f"wrote {a.json}")
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        _progress(f"wrote {a.json}")
     return 0 if run.rows and all(s["status"] == "ok" for s in run.status.values()) else 1
 
 
@@ -262,10 +265,16 @@ def check_correctness(run: Run) -> list[dict]:
             logits[name] = np.asarray(reply["logits"], dtype=np.float64)
         except WorkerError as e:
             run.fail(name, e)
-    # The reference is an exact f32 engine where there is one: PyTorch first, as the others imitate it.
-    ref = next((n for n in ("torch", "ggml-f32", "onnxruntime") if n in logits), next(iter(logits), None))
+    # The reference is an engine other than ours, exact in f32: PyTorch first, as the others imitate it.
+    ref = next((n for n in ("torch", "onnxruntime") if n in logits), None)
+    if ref is None:
+        why = ("torch is not installed (pip install torch==2.13.0)" if importlib.util.find_spec("torch") is None
+               else "no torch row ran (--engines ggml torch)")
+        run.note(f"no reference engine: {why}, so ggml's logits are not checked against anything and no "
+                 "time has a ratio to PyTorch's")
+        return []
     correctness = []
-    r = logits.get(ref)
+    r = logits[ref]
     for name, z in logits.items():
         entry = {"engine": name, "reference": ref,
                  "rel_l2_error": float(np.linalg.norm(z - r) / max(np.linalg.norm(r), 1e-30)),
@@ -334,6 +343,29 @@ def cold_starts(run: Run) -> list[dict]:
             c["ratio_to_torch"] = c["total_s"] / torch_cold["total_s"]
             c["load_ratio_to_torch"] = c["load_s"] / torch_cold["load_s"]
     return cold
+
+
+def load_times(run: Run) -> list[dict]:
+    """`pyggml_resnet.load` of the same weights stored in each type (re-encoded from the model file, as
+    `convert` does), in rounds that alternate the types: median seconds and the ratio to f32's."""
+    from .. import load
+
+    paths = {}
+    for dt in DTYPES:
+        paths[dt] = os.path.join(run.tmp, f"load-{dt}.gguf")
+        convert.convert(run.gguf_path, paths[dt], dtype=dt, progress=False)
+    _progress("load times by stored type:", end="")
+    times = {dt: [] for dt in DTYPES}
+    for _ in range(run.args.rounds):
+        for dt in DTYPES:
+            t = time.perf_counter()
+            load(paths[dt], threads=run.args.threads).close()
+            times[dt].append(time.perf_counter() - t)
+        _progress(".", end="")
+    _progress("")
+    f32 = statistics.median(times["f32"])
+    return [{"dtype": dt, "median_s": statistics.median(s), "min_s": min(s), "ratio_to_f32": statistics.median(s) / f32,
+             "file_bytes": os.path.getsize(paths[dt]), "samples_s": s} for dt, s in times.items()]
 
 
 def summarize(run: Run, samples: dict, flops: int) -> list[dict]:
