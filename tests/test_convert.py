@@ -302,7 +302,8 @@ def test_several_resnets_refused(models, tmp_path):
 def test_lightning_checkpoint_missing_a_tensor_names_it(models, tmp_path):
     sd = prefixed("model.", models["r18"])
     del sd["model.conv1.weight"]
-    with pytest.raises(ModelFormatError, match=r"missing: conv1\.weight$"):
+    with pytest.raises(ModelFormatError, match=r"last\.ckpt: tensors do not match resnet18 with 10 classes: "
+                                               r"missing \['conv1\.weight'\]$"):
         cv.read_checkpoint(save(tmp_path, {"state_dict": sd}, "last.ckpt"))
 
 
@@ -398,10 +399,11 @@ def _with_value(sd, name, index, value):
     # A block's first conv missing once made it look like a ResNet with no such block ("no torchvision
     # ResNet has basic blocks [2, 0, 2, 2]"): the message names the tensor.
     (lambda sd: _mutated(sd, layer2__0__conv1__weight=None),
-     r"^not a torchvision resnet18 with 10 classes: missing: layer2\.0\.conv1\.weight$"),
+     r"model\.pth: tensors do not match resnet18 with 10 classes: missing \['layer2\.0\.conv1\.weight'\]$"),
     (lambda sd: {k: v for k, v in sd.items() if not k.startswith("layer4.1.")},
-     r"^not a torchvision resnet18 with 10 classes: missing: layer4\.1\.conv1\.weight, layer4\.1\.bn1\.weight, "
-     r"layer4\.1\.bn1\.bias, layer4\.1\.bn1\.running_mean and 6 more$"),
+     r"model\.pth: tensors do not match resnet18 with 10 classes: missing \['layer4\.1\.conv1\.weight', "
+     r"'layer4\.1\.bn1\.weight', 'layer4\.1\.bn1\.bias', 'layer4\.1\.bn1\.running_mean', "
+     r"'layer4\.1\.bn1\.running_var'\] and 5 more$"),
     (lambda sd: _mutated(sd, layer3__40__conv1__weight=torch.ones(256, 256, 3, 3)),
      r"no torchvision ResNet has basic blocks \[2, 2, 41, 2\]"),
     (lambda sd: _mutated(sd, fc__weight=None), r"fc\.weight"),

@@ -38,7 +38,7 @@ def test_model_preprocess_follows_the_file_and_the_module_level_one_does_not(tmp
     recorded with resize 232 (torchvision's V2) it differs from model.preprocess, unless given the settings."""
     cfg = arch.BY_NAME["resnet18"]
     path = tmp_path / "v2.gguf"
-    convert.write_gguf(bench.random_state(cfg, 10), path, progress=False,
+    convert.write_gguf(convert.Checkpoint.of(bench.random_state(cfg, 10)), path, progress=False,
                        preprocessing=arch.Preprocessing(resize=232, crop=224))
     img = Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8))
     with pyggml_resnet.load(path, threads=1) as model:
