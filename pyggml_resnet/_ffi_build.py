@@ -92,6 +92,11 @@ struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tenso
                                     int kh, int kw, int stride, int pad, int64_t k_pad, enum ggml_type type);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
+enum gemm_path { GEMM_AVX512, GEMM_AVX2, ... };
+int gemm_path_supported(int path);
+struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
+                                 int64_t m, struct ggml_tensor * bias, struct ggml_tensor * residual,
+                                 int relu, int path);
 """
 
 SOURCE = r"""
@@ -100,6 +105,7 @@ SOURCE = r"""
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "batch_repeat.h"
+#include "gemm.h"
 #include "patches.h"
 #include "winograd.h"
 """

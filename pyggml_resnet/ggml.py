@@ -67,6 +67,35 @@ def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
+# The packed GEMM's ISA paths (csrc/gemm.h), widest first.
+GEMM_PATHS = {"avx512": lib.GEMM_AVX512, "avx2": lib.GEMM_AVX2}
+_PANEL = 16  # output channels per panel of packed weights
+_PANEL_PAIR = 2 * _PANEL  # M is padded to a multiple of this
+
+
+def gemm_paths() -> tuple[str, ...]:
+    """The packed GEMM's paths this CPU (and this build) can run, widest first; empty where none can."""
+    return tuple(name for name, path in GEMM_PATHS.items() if lib.gemm_path_supported(path))
+
+
+def packed_shape(m: int, k: int) -> tuple[int, int, int]:
+    """The NumPy shape (panels, K, 16) that `pack_matrix` gives an [M, K] matrix."""
+    return -(-m // _PANEL_PAIR) * 2, k, _PANEL
+
+
+def pack_matrix(w: np.ndarray) -> np.ndarray:
+    """An [M, K] float32 matrix as the packed weights `Graph.gemm` reads: M zero-padded to a multiple of 32,
+    cut into panels of 16 rows, each panel stored k-major (the 16 weights of one k side by side)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or not w.size:
+        raise InputError(f"pack_matrix takes a non-empty 2-D matrix, got shape {w.shape}")
+    m, k = w.shape
+    panels = packed_shape(m, k)[0]
+    padded = np.zeros((panels * _PANEL, k), np.float32)
+    padded[:m] = w
+    return np.ascontiguousarray(padded.reshape(panels, _PANEL, k).transpose(0, 2, 1))
+
+
 def _shape4(ne) -> tuple[int, int, int, int]:
     ne = tuple(int(n) for n in ne)
     if not 1 <= len(ne) <= 4:
@@ -392,6 +421,35 @@ class Graph(_Closable):
         if w.nb[0] > w.nb[1]:
             raise InputError(f"mul_mat: the first operand must not be transposed ({w!r})")
         return self._new(lib.ggml_mul_mat(ctx, w._ptr, x._ptr))
+
+    def gemm(self, w: Tensor, x: Tensor, m: int, *, bias: Tensor | None = None, residual: Tensor | None = None,
+             relu: bool = False, path: str | None = None) -> Tensor:
+        """x [K, ...] times the packed weights w (`pack_matrix` of an [m, K] matrix, ggml [16, K, P, 1]) ->
+        f32 [m, ...], then + bias ([m]), + residual (shaped like the result), ReLU, fused into the product
+        (csrc/gemm.h). Each output's summation order depends on K alone: results are bit-identical for any
+        batch, thread count and path. `path`: one of `gemm_paths()` (default: the first)."""
+        ctx = self._building(w, x, *(t for t in (bias, residual) if t is not None))
+        paths = gemm_paths()
+        if path is None and paths:
+            path = paths[0]
+        if path not in paths:
+            raise InputError(f"gemm: path {path!r} cannot run here; this CPU runs {paths or 'none'}")
+        m = _integer(m, "gemm: m", 1)
+        for t in (w, x, bias, residual):
+            if t is not None:
+                self._need_f32(t, op="gemm")
+                self._need_contiguous(t, "gemm")
+        panels, k, _ = packed_shape(m, x.ne[0])
+        if w.ne != (_PANEL, k, panels, 1):
+            raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(_PANEL, k, panels, 1)})")
+        out_ne = (m,) + x.ne[1:]
+        if bias is not None and bias.ne != (m, 1, 1, 1):
+            raise InputError(f"gemm: bias {bias!r} must be [{m}]")
+        if residual is not None and residual.ne != out_ne:
+            raise InputError(f"gemm: residual {residual!r} must have ne {out_ne}")
+        return self._new(lib.gemm_packed(ctx, w._ptr, x._ptr, m, bias._ptr if bias is not None else ffi.NULL,
+                                         residual._ptr if residual is not None else ffi.NULL, bool(relu),
+                                         GEMM_PATHS[path]))
 
     def cont(self, a: Tensor) -> Tensor:
         """A contiguous copy of a (possibly strided) view."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ggml import Graph, Tensor, Type
+from .ggml import Graph, Tensor, Type, pack_matrix, packed_shape
 
 # ggml's fast matmul path (llamafile sgemm) wants K to be a multiple of 16 (f32) or 32 (bf16, q8_0).
 K_ALIGN = 32
@@ -28,31 +28,55 @@ def winograd_applies(shape: tuple[int, ...], stride: int, padding: int, wtype: T
     return (shape[2], shape[3], stride, padding) == (3, 3, 1, 1) and wtype == Type.F32
 
 
-def conv_weight_shape(shape: tuple[int, ...], winograd: bool = False) -> tuple[int, ...]:
+# How a conv's or the fc layer's weights are stored and multiplied: "plain" (ggml's mul_mat), "winograd"
+# (F(2x2,3x3), mul_mat over the 16 transformed products), or one of ggml.GEMM_PATHS (packed, csrc/gemm.h).
+PLAIN, WINOGRAD = "plain", "winograd"
+
+
+def matrix_layout(shape: tuple[int, ...], stride: int, padding: int, wtype: Type, *, winograd: bool,
+                  gemm: str | None) -> str:
+    """The layout of a conv weight (PyTorch shape [OC, IC, KH, KW]) or fc weight ([OUT, IN]) under the
+    model's options: Winograd where asked for and it applies, else the packed GEMM on path `gemm` for f32
+    weights, else plain."""
+    if len(shape) == 4 and winograd and winograd_applies(shape, stride, padding, wtype):
+        return WINOGRAD
+    return gemm if gemm is not None and wtype == Type.F32 else PLAIN
+
+
+def conv_weight_shape(shape: tuple[int, ...], layout: str = PLAIN) -> tuple[int, ...]:
     """The shape `conv_weight` gives a PyTorch [OC, IC, KH, KW] weight."""
     oc, ic, kh, kw = shape
-    if winograd:
-        return 16, oc, ic
     k = kh * kw * ic
+    if layout == WINOGRAD:
+        return 16, oc, ic
+    if layout != PLAIN:
+        return packed_shape(oc, k)
     if kh * kw > 1 and k % K_ALIGN:
         k += K_ALIGN - k % K_ALIGN
     return oc, k
 
 
-def conv_weight(w: np.ndarray, winograd: bool = False) -> np.ndarray:
-    """PyTorch [OC, IC, KH, KW] -> the weight array `conv2d` multiplies by.
+def conv_weight(w: np.ndarray, layout: str = PLAIN, scale: np.ndarray | None = None) -> np.ndarray:
+    """PyTorch [OC, IC, KH, KW] -> the weight array `conv2d` multiplies by, each output channel's weights
+    multiplied by `scale` (a folded BatchNorm's) when given.
 
-    Direct: a 2-D [OC, K] matrix, K running over (ky, kx, c) with c fastest (the order `gather_patches`
+    Plain: a 2-D [OC, K] matrix, K running over (ky, kx, c) with c fastest (the order `gather_patches`
     emits), zero-padded to a multiple of K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147).
+    Packed (a GEMM path): the same matrix unpadded, packed by `ggml.pack_matrix`.
     Winograd: [16, OC, IC], G w G^T for each of the 16 tile positions, in float64 and rounded once.
     """
     oc, ic, kh, kw = w.shape
-    if winograd:
+    if layout == WINOGRAD:
         u = _WINOGRAD_G @ w.astype(np.float64) @ _WINOGRAD_G.T  # [OC, IC, 4, 4]
-        return np.ascontiguousarray(u.reshape(oc, ic, 16).transpose(2, 0, 1), dtype=np.float32)
-    m = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(oc, kh * kw * ic)
+        m = np.ascontiguousarray(u.reshape(oc, ic, 16).transpose(2, 0, 1), dtype=np.float32)
+    else:
+        m = np.ascontiguousarray(w.transpose(0, 2, 3, 1), dtype=np.float32).reshape(oc, kh * kw * ic)
+    if scale is not None:
+        m *= scale[:, None]  # in place (rows are output channels in both layouts)
+    if layout not in (PLAIN, WINOGRAD):
+        return pack_matrix(m)
     k = conv_weight_shape(w.shape)[1]
-    return np.pad(m, ((0, 0), (0, k - m.shape[1]))) if k > m.shape[1] else m
+    return np.pad(m, ((0, 0), (0, k - m.shape[1]))) if layout == PLAIN and k > m.shape[1] else m
 
 
 def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -66,17 +90,36 @@ def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray
     return scale.astype(np.float32), bias.astype(np.float32)
 
 
-def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int) -> Tensor:
-    """Convolution without bias: x [C, W, H, N], w from `conv_weight` (ggml [K, OC], or [IC, OC, 16] for
-    Winograd) -> [OC, OW, OH, N]."""
-    if w.ne[2] == 16:  # weights from conv_weight(..., winograd=True)
-        return g.winograd_output(g.mul_mat(w, g.winograd_input(x)), x)
-    if (kernel, stride, padding) == (1, 1, 0) and w.type != Type.BF16:
-        return g.mul_mat(w, x)
-    # bf16 weights get their input as bf16 from the gather, which rounds as ggml would but vectorised:
-    # ggml's own conversion of the matmul input is a scalar loop that took 12% of a bf16 run.
-    ttype = Type.BF16 if w.type == Type.BF16 else Type.F32
-    return g.mul_mat(w, g.gather_patches(x, kernel, stride, padding, k_pad=w.ne[0], ttype=ttype))
+def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int, layout: str = PLAIN,
+           channels: int | None = None, bias: Tensor | None = None, residual: Tensor | None = None,
+           relu: bool = False) -> Tensor:
+    """Convolution: x [C, W, H, N], w from `conv_weight` with this `layout` -> [OC, OW, OH, N], then + bias
+    ([OC]), + residual (shaped like the result), ReLU. The packed GEMM does those as it writes its output;
+    the other layouts add them as separate ops. `channels` (OC) is needed by the packed layout only."""
+    if layout == WINOGRAD:
+        y = g.winograd_output(g.mul_mat(w, g.winograd_input(x)), x)
+    else:
+        if (kernel, stride, padding) != (1, 1, 0) or w.type == Type.BF16:
+            # bf16 weights get their input as bf16 from the gather, which rounds as ggml would but
+            # vectorised: ggml's own conversion of the matmul input is a scalar loop that took 12% of a run.
+            ttype = Type.BF16 if w.type == Type.BF16 else Type.F32
+            k_pad = w.ne[0] if layout == PLAIN else 0
+            x = g.gather_patches(x, kernel, stride, padding, k_pad=k_pad, ttype=ttype)
+        if layout != PLAIN:
+            return g.gemm(w, x, channels, bias=bias, residual=residual, relu=relu, path=layout)
+        y = g.mul_mat(w, x)
+    return epilogue(g, y, bias=bias, residual=residual, relu=relu)
+
+
+def epilogue(g: Graph, y: Tensor, *, bias: Tensor | None = None, residual: Tensor | None = None,
+             relu: bool = False) -> Tensor:
+    """y + bias + residual, then ReLU, as separate ops (each skipped when not given), in place: y must be
+    read by nothing else."""
+    if bias is not None:
+        y = bias_add(g, y, bias, inplace=True)
+    if residual is not None:
+        y = g.add(y, residual, inplace=True)
+    return g.relu(y, inplace=True) if relu else y
 
 
 def bias_add(g: Graph, x: Tensor, bias: Tensor, inplace: bool = False) -> Tensor:
@@ -107,8 +150,11 @@ def global_avg_pool(g: Graph, x: Tensor) -> Tensor:
     return g.reshape(g.mean(pixels_first), (c, n))
 
 
-def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """x [IN, N] times a PyTorch Linear weight [OUT, IN] (ggml [IN, OUT]) plus bias -> [OUT, N]."""
+def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor, layout: str = PLAIN) -> Tensor:
+    """x [IN, N] times a PyTorch Linear weight [OUT, IN] (ggml [IN, OUT]; packed by `ggml.pack_matrix` for a
+    GEMM path) plus bias -> [OUT, N]."""
+    if layout != PLAIN:
+        return g.gemm(w, x, b.ne[0], bias=b, path=layout)
     return g.add(g.mul_mat(w, x), b)
 
 

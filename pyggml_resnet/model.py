@@ -12,7 +12,7 @@ import numpy as np
 
 from . import arch, loader, resnet, transforms
 from .errors import InputError
-from .ggml import Backend, Graph, Type, _Closable
+from .ggml import GEMM_PATHS, Backend, Graph, Type, _Closable, gemm_paths
 
 MAX_BATCH = 16  # larger inputs run in chunks of this many images, reusing one graph
 MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
@@ -20,6 +20,31 @@ MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
 # pixels (~190 MiB): 16 images of 224x224, 4 of 448x448, one of anything larger.
 MAX_CHUNK_PIXELS = MAX_BATCH * 224 * 224
 _GRAPH_CACHE = 4  # compiled graphs kept per model (one per input shape in use)
+GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS)  # load(gemm=...): our packed GEMM, ggml's mul_mat, or a forced path
+
+
+def _check_gemm(gemm) -> None:
+    if gemm is not None and gemm not in GEMM_CHOICES:
+        raise InputError(f"gemm must be one of {GEMM_CHOICES} or None, got {gemm!r}")
+
+
+def gemm_path(gemm: str | None, wtype: Type) -> str | None:
+    """The packed GEMM path a model with these options uses, or None for ggml's mul_mat (see `load`)."""
+    _check_gemm(gemm)
+    paths = gemm_paths()
+    if gemm is None:
+        return paths[0] if paths and wtype == Type.F32 else None
+    if gemm == "ggml":
+        return None
+    if wtype != Type.F32:
+        raise InputError(f"the packed GEMM is f32 only: use gemm='ggml' for {wtype.name.lower()} weights")
+    if gemm == "packed":
+        if not paths:
+            raise InputError("this CPU has no packed GEMM path (it needs AVX2 and FMA): use gemm='ggml'")
+        return paths[0]
+    if gemm not in paths:
+        raise InputError(f"this CPU cannot run the packed GEMM's {gemm} path; it runs: {', '.join(paths) or 'none'}")
+    return gemm
 
 
 @dataclass(frozen=True)
@@ -46,10 +71,13 @@ class Model(_Closable):
     """
 
     def __init__(self, model_file: loader.ModelFile, *, threads: int | None = None,
-                 batchnorm: str = "folded", dtype: str | None = None, winograd: bool = False):
+                 batchnorm: str = "folded", dtype: str | None = None, winograd: bool = False,
+                 gemm: str | None = None):
         resnet.check_batchnorm(batchnorm)
         wtype = Type.parse(dtype or model_file.dtype)
+        path = gemm_path(gemm, wtype)
         self.dtype = wtype.name.lower()
+        self.gemm = path or "ggml"  # what runs the matrix products: a packed GEMM path, or ggml's mul_mat
         self.config = model_file.config
         self.num_classes = model_file.num_classes
         self.labels = model_file.labels
@@ -60,9 +88,10 @@ class Model(_Closable):
         self._eps = model_file.eps
         self._lock = threading.RLock()
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
+        self._layout = resnet.layouts(self.config, wtype, bool(winograd), path, model_file.infos["fc.weight"].shape)
         self._backend = Backend(threads)
         try:
-            self._weights = resnet.upload_weights(self._backend, model_file, batchnorm, wtype, winograd=bool(winograd))
+            self._weights = resnet.upload_weights(self._backend, model_file, batchnorm, wtype, self._layout)
         except BaseException:
             self._backend.close()
             raise
@@ -70,7 +99,7 @@ class Model(_Closable):
     def __repr__(self):
         backend = self._backend
         state = "closed" if backend is None else f"threads={backend.threads}"
-        return f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} classes={self.num_classes} {state}>"
+        return f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} gemm={self.gemm} classes={self.num_classes} {state}>"
 
     @property
     def closed(self) -> bool:
@@ -234,7 +263,7 @@ class Model(_Closable):
             return self._graphs[key]
         graph = Graph(self._backend, max_nodes=resnet.max_nodes(self.config))
         try:
-            out = resnet.build(graph, self._weights, self.config, self._eps, self.batchnorm, n, h, w)
+            out = resnet.build(graph, self._weights, self.config, self._eps, self.batchnorm, n, h, w, self._layout)
             names = resnet.STAGES + ("features", "logits") if stages else ("features", "logits", "probs")
             graph.finalize(*(out[k] for k in names))
         except BaseException:
@@ -260,17 +289,24 @@ class Model(_Closable):
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str = "folded",
-         dtype: str | None = None, winograd: bool = False) -> Model:
+         dtype: str | None = None, winograd: bool = False, gemm: str | None = None) -> Model:
     """Loads a GGUF model file written by `python -m pyggml_resnet.convert`.
 
     threads: CPU threads per computation (default: every CPU this process may use).
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
     winograd: run f32 3x3 stride-1 convs as Winograd F(2x2,3x3): ~9% faster for ResNet-101 here, still
-        exact, but those weights take 16/9 of the memory (+54 MB for ResNet-101).
+        exact, but those weights take 16/9 of the memory (+54 MB for ResNet-101). Those convs multiply
+        with ggml's mul_mat.
+    gemm: what runs the other matrix products. "packed": our GEMM over weights packed at load, with the
+        BatchNorm bias, residual add and ReLU fused in; bit-identical results for any batch and thread count
+        (csrc/gemm.h). Its path is chosen from the CPU: "avx512" or "avx2" (AVX2+FMA), which may also be
+        named to force one. "ggml": ggml's mul_mat. Default: "packed" for f32 weights where the CPU has a
+        path, else "ggml". The packed GEMM is f32 only.
     Raises ModelFormatError for a malformed file, InputError for bad arguments.
     """
     resnet.check_batchnorm(batchnorm)
     if dtype is not None:
         Type.parse(dtype)
-    return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype, winograd=winograd)
+    _check_gemm(gemm)
+    return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype, winograd=winograd, gemm=gemm)

@@ -14,7 +14,7 @@ import numpy as np
 from . import arch, layers
 from .arch import Conv, ResNetConfig, convolutions
 from .errors import InputError, ModelFormatError
-from .ggml import Graph, Tensor, Type, Weights
+from .ggml import Graph, Tensor, Type, Weights, pack_matrix, packed_shape
 from .loader import ModelFile
 
 BATCHNORM_MODES = ("folded", "explicit")
@@ -32,44 +32,52 @@ def _matrix_type(wtype: Type, k: int) -> Type:
     return wtype if k % wtype.block_size == 0 else Type.F32
 
 
-def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, winograd: bool = False) -> Weights:
-    """The model's tensors arranged for `build`, rounded to `wtype` where reduced, in one backend buffer.
-    With `winograd`, every conv that can runs as Winograd F(2x2,3x3) (its weights stored transformed).
+def layouts(cfg: ResNetConfig, wtype: Type, winograd: bool, gemm: str | None,
+            fc_shape: tuple[int, int]) -> dict[str, str]:
+    """Each conv's and the fc's weight layout (`layers.matrix_layout`) under the model's options, by
+    weight name."""
+    out = {conv.name: layers.matrix_layout(conv.shape, conv.stride, conv.padding, wtype, winograd=winograd, gemm=gemm)
+           for conv in convolutions(cfg)}
+    out["fc.weight"] = layers.matrix_layout(fc_shape, 1, 0, wtype, winograd=False, gemm=gemm)
+    return out
+
+
+def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: dict[str, str]) -> Weights:
+    """The model's tensors arranged for `build` in the given `layouts`, rounded to `wtype` where reduced,
+    in one backend buffer.
 
     Tensors stream from the file one convolution at a time, so loading holds one model-sized copy: ggml's.
     """
     plan: dict[str, tuple[Type, tuple[int, ...]]] = {}  # name -> (type, host shape), in upload order
-    winograd_convs = set()
     for conv in convolutions(mf.config):
-        shape = mf.infos[conv.name].shape
-        if winograd and layers.winograd_applies(shape, conv.stride, conv.padding, wtype):
-            winograd_convs.add(conv.name)
-        host_shape = layers.conv_weight_shape(shape, conv.name in winograd_convs)
+        host_shape = layers.conv_weight_shape(mf.infos[conv.name].shape, layout[conv.name])
         plan[conv.name] = (_matrix_type(wtype, host_shape[-1]), host_shape)
         vectors = ("folded_bias",) if batchnorm == "folded" else ("weight", "bias", "running_mean", "running_var")
         for p in vectors:
             plan[f"{conv.bn}.{p}"] = (Type.F32, (conv.out_ch,))
     fc = mf.infos["fc.weight"].shape
-    plan["fc.weight"] = (_matrix_type(wtype, fc[1]), fc)
+    packed_fc = layout["fc.weight"] != layers.PLAIN
+    plan["fc.weight"] = (_matrix_type(wtype, fc[1]), packed_shape(*fc) if packed_fc else fc)
     plan["fc.bias"] = (Type.F32, (fc[0],))
 
     weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
     try:
         for conv in convolutions(mf.config):
-            m = layers.conv_weight(mf.tensor(conv.name), conv.name in winograd_convs)
             bn_values = {p: mf.tensor(f"{conv.bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
+            scale = None
             if batchnorm == "folded":
                 scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
                                                           bn_values["running_mean"], bn_values["running_var"], mf.eps)
-                m *= scale[:, None]  # in place (rows are output channels in both layouts)
-                if not (np.isfinite(m).all() and np.isfinite(bias).all()):  # a near-zero variance
-                    raise ModelFormatError(f"{mf.path}: folding {conv.bn} into {conv.name} overflows float32")
                 weights.set(f"{conv.bn}.folded_bias", bias)
             else:
                 for p, v in bn_values.items():
                     weights.set(f"{conv.bn}.{p}", v)
+            m = layers.conv_weight(mf.tensor(conv.name), layout[conv.name], scale)
+            if scale is not None and not (np.isfinite(m).all() and np.isfinite(bias).all()):  # a near-zero variance
+                raise ModelFormatError(f"{mf.path}: folding {conv.bn} into {conv.name} overflows float32")
             weights.set(conv.name, plan[conv.name][0].dtype.encode(m))
-        weights.set("fc.weight", plan["fc.weight"][0].dtype.encode(mf.tensor("fc.weight")))
+        fc_weight = mf.tensor("fc.weight")
+        weights.set("fc.weight", plan["fc.weight"][0].dtype.encode(pack_matrix(fc_weight) if packed_fc else fc_weight))
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()
@@ -84,20 +92,22 @@ def max_nodes(cfg: ResNetConfig) -> int:
 
 
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
-          batch: int, height: int, width: int) -> dict[str, Tensor]:
-    """Adds the forward pass to `g`. Returns the input ("image", ggml [W, H, 3, N]) and the outputs:
-    "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]), "logits" and "probs" ([classes, N])."""
-    def conv_bn(x: Tensor, conv: Conv, relu: bool) -> Tensor:
+          batch: int, height: int, width: int, layout: dict[str, str]) -> dict[str, Tensor]:
+    """Adds the forward pass to `g`, for weights uploaded with these `layout`s. Returns the input ("image",
+    ggml [W, H, 3, N]) and the outputs: "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]),
+    "logits" and "probs" ([classes, N])."""
+    def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
         bn = conv.bn
-        # The convolution's result is read by nothing else, so the ops after it may overwrite it in place,
-        # which keeps the compute buffer small.
-        y = layers.conv2d(g, x, w[conv.name], kernel=conv.kernel, stride=conv.stride, padding=conv.padding)
+        args = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding, layout=layout[conv.name],
+                    channels=conv.out_ch)
         if batchnorm == "folded":
-            y = layers.bias_add(g, y, w[f"{bn}.folded_bias"], inplace=True)
-        else:
-            y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
-                                 w[f"{bn}.bias"], eps)
-        return g.relu(y, inplace=True) if relu else y
+            # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
+            return layers.conv2d(g, x, w[conv.name], **args, bias=w[f"{bn}.folded_bias"], residual=residual,
+                                 relu=relu)
+        y = layers.conv2d(g, x, w[conv.name], **args)
+        y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
+                             w[f"{bn}.bias"], eps)
+        return layers.epilogue(g, y, residual=residual, relu=relu)
 
     out: dict[str, Tensor] = {}
     image = g.input("image", (width, height, 3, batch))
@@ -106,15 +116,13 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
     x = out["stem"] = layers.max_pool(g, x, kernel=3, stride=2, padding=1)
     for block in arch.block_names(cfg):
         main, down_conv = arch.block_convs(cfg, block)
-        shortcut = x
+        # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
+        shortcut = conv_bn(x, down_conv, relu=False) if down_conv else x
         for i, conv in enumerate(main):
-            x = conv_bn(x, conv, relu=i < len(main) - 1)  # the last one's ReLU comes after the residual add
-        if down_conv:
-            shortcut = conv_bn(shortcut, down_conv, relu=False)
-        x = g.relu(g.add(x, shortcut, inplace=True), inplace=True)
+            x = conv_bn(x, conv, relu=True, residual=shortcut if i == len(main) - 1 else None)
         if block.index == cfg.layers[block.stage - 1] - 1:
             out[f"layer{block.stage}"] = x
     out["features"] = layers.global_avg_pool(g, x)
-    out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"])
+    out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"], layout["fc.weight"])
     out["probs"] = g.softmax(out["logits"])
     return out

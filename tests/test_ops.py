@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pyggml_resnet import layers
 from pyggml_resnet.errors import Error, InputError
-from pyggml_resnet.ggml import Backend, Graph, Type, Weights
+from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths
 
 RTOL = 2e-6
 
@@ -56,6 +56,8 @@ def run(backend, weights: dict, build, x_nchw, spatial=True):
         return out if spatial else out.reshape(y.ne[1], y.ne[0])
 
 
+LAYOUTS = (layers.PLAIN, layers.WINOGRAD, *gemm_paths())
+
 CONV_CASES = [
     # (N, IC, H, W, OC, kernel, stride, padding)
     (1, 16, 9, 7, 32, 1, 1, 0),
@@ -73,10 +75,12 @@ CONV_CASES = [
 def test_conv2d(backend, n, ic, h, w, oc, k, s, p):
     x, wt = rand(n, ic, h, w, seed=1), rand(oc, ic, k, k, seed=2) / np.float32(np.sqrt(ic * k * k))
     want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy()
-    paths = [False, True] if layers.winograd_applies(wt.shape, s, p, Type.F32) else [False]
-    for winograd in paths:  # both the direct (patches) path and Winograd F(2x2,3x3)
-        got = run(backend, {"w": layers.conv_weight(wt, winograd)},
-                  lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p), x)
+    for layout in LAYOUTS:  # the direct (patches) path, Winograd F(2x2,3x3) where it applies, packed GEMMs
+        if layout == layers.WINOGRAD and not layers.winograd_applies(wt.shape, s, p, Type.F32):
+            continue
+        got = run(backend, {"w": layers.conv_weight(wt, layout)},
+                  lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p, layout=layout,
+                                                 channels=oc), x)
         assert_close(got, want)
 
 
@@ -123,6 +127,8 @@ def test_conv_weight_pads_k_for_the_fast_path():
     assert layers.conv_weight(rand(64, 3, 7, 7)).shape == (64, 160)
     assert layers.conv_weight(rand(64, 64, 3, 3)).shape == (64, 576)
     assert layers.conv_weight(rand(64, 3, 1, 1)).shape == (64, 3)
+    for path in gemm_paths():  # the packed GEMM takes any K
+        assert layers.conv_weight(rand(64, 3, 7, 7), path).shape == (4, 147, 16)
 
 
 def bn_params(c, seed):
@@ -144,15 +150,34 @@ def test_batchnorm_explicit_matches_torch(backend, n, c, h, w):
     assert_close(got, torch_bn(x, p))
 
 
-@pytest.mark.parametrize("k,s,p", [(1, 2, 0), (3, 1, 1), (3, 2, 1)])
-def test_conv_with_folded_batchnorm_matches_conv_then_bn(backend, k, s, p):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k,s,p", [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_conv_with_folded_batchnorm_residual_and_relu(backend, k, s, p, layout):
+    """conv + folded BatchNorm + residual + ReLU: fused into the packed GEMM, separate ops otherwise."""
+    if layout == layers.WINOGRAD and (k, s) != (3, 1):
+        pytest.skip("Winograd F(2x2,3x3) is for 3x3 stride-1 convs")
     n, ic, oc = 2, 16, 24
     x, wt, bn = rand(n, ic, 10, 9, seed=5), rand(oc, ic, k, k, seed=6) / np.float32(np.sqrt(ic * k * k)), bn_params(oc, 7)
-    want = torch_bn(F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy(), bn)
+    conv = torch.from_numpy(torch_bn(F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy(), bn))
+    res = rand(*conv.shape, seed=8)
+    want = F.relu(conv + torch.from_numpy(res)).numpy()
     scale, bias = layers.batchnorm_scale_bias(bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5)
-    got = run(backend, {"w": layers.conv_weight(wt) * scale[:, None], "b": bias},
-              lambda g, xc, W: layers.bias_add(g, layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p),
-                                               W["b"]), x)
+
+    specs = {"w": layers.conv_weight(wt, layout, scale), "b": bias}
+    with Weights(backend, {name: (Type.F32, tuple(reversed(v.shape))) for name, v in specs.items()}) as w, \
+            Graph(backend) as g:
+        for name, v in specs.items():
+            w.set(name, v)
+        xi, ri = g.input("x", tuple(reversed(x.shape))), g.input("res", tuple(reversed(res.shape)))
+        y = layers.conv2d(g, layers.nchw_to_channels_fastest(g, xi), w["w"], kernel=k, stride=s, padding=p,
+                          layout=layout, channels=oc, bias=w["b"], residual=layers.nchw_to_channels_fastest(g, ri),
+                          relu=True)
+        y = layers.channels_fastest_to_nchw(g, y)
+        g.finalize(y)
+        g.set(xi, x)
+        g.set(ri, res)
+        g.compute()
+        got = g.get(y)
     assert_close(got, want, rtol=4e-6)  # folding rounds the scaled weights once more
 
 

@@ -1,0 +1,107 @@
+#include "gemm.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#include "gemm_tile.h"
+#include "thread_range.h"
+
+// Pixels per cache block: GEMM_NB rows of one K block of X (240 KB) stay in L2 while every weight tile
+// passes over them. A multiple of every path's tile height.
+#define GEMM_NB 480
+#define GEMM_NR_MAX 12
+
+// Op parameters, packed into the userdata pointer so nothing needs freeing.
+#define P_PATH(u) ((int) ((uintptr_t) (u) & 0xff))
+#define P_RELU(u) ((int) (((uintptr_t) (u) >> 8) & 1))
+#define P_BIAS(u) ((int) (((uintptr_t) (u) >> 9) & 1))
+#define P_RES(u) ((int) (((uintptr_t) (u) >> 10) & 1))
+
+static const struct gemm_kernel * kernel_for(int path) {
+#ifdef GEMM_X86
+    switch (path) {
+        case GEMM_AVX512: return &gemm_kernel_avx512;
+        case GEMM_AVX2: return &gemm_kernel_avx2;
+    }
+#endif
+    (void) path;
+    return NULL;
+}
+
+int gemm_path_supported(int path) {
+#ifdef GEMM_X86
+    __builtin_cpu_init();
+    switch (path) {
+        case GEMM_AVX512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+        case GEMM_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+#endif
+    (void) path;
+    return 0;
+}
+
+static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const struct gemm_kernel * kern = kernel_for(P_PATH(userdata));
+    const struct ggml_tensor * w = dst->src[0];
+    const struct ggml_tensor * x = dst->src[1];
+    const float * bias = P_BIAS(userdata) ? (const float *) dst->src[2]->data : NULL;
+    const float * res = P_RES(userdata) ? (const float *) dst->src[2 + P_BIAS(userdata)]->data : NULL;
+    const int64_t M = dst->ne[0], K = x->ne[0], N = x->ne[1] * x->ne[2] * x->ne[3];
+    const int mr = kern->mr, nr = kern->nr;
+    const int64_t m_tiles = (M + mr - 1) / mr, n_tiles = (N + nr - 1) / nr;
+
+    // Split output channels when they outnumber pixel tiles, else pixels; never K (it fixes the sums' order).
+    int64_t m0 = 0, m1 = m_tiles, n0 = 0, n1 = n_tiles;
+    if (m_tiles >= n_tiles) {
+        thread_range(m_tiles, ith, nth, &m0, &m1);
+    } else {
+        thread_range(n_tiles, ith, nth, &n0, &n1);
+    }
+    const float * wdata = w->data;
+    const float * xdata = x->data;
+    float * cdata = dst->data;
+    float xtail[GEMM_NR_MAX * GEMM_KB];  // a last, partial pixel tile, zero-padded to full height
+
+    const int64_t nb_tiles = GEMM_NB / nr;
+    for (int64_t kb = 0; kb < K; kb += GEMM_KB) {
+        const int64_t kc = K - kb < GEMM_KB ? K - kb : GEMM_KB;
+        for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
+            const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
+            for (int64_t mt = m0; mt < m1; ++mt) {
+                const int64_t m = mt * mr;
+                for (int64_t nt = nb; nt < nb_end; ++nt) {
+                    const int64_t n = nt * nr;
+                    struct gemm_block b = {
+                        .w = wdata + (m / 16) * 16 * K + 16 * kb, .w_panel = 16 * K,
+                        .x = xdata + n * K + kb, .ldx = K, .kc = kc,
+                        .nr = N - n < nr ? (int) (N - n) : nr, .mr = M - m < mr ? (int) (M - m) : mr,
+                        .c = cdata + n * M + m, .ldc = M,
+                        .first = kb == 0, .last = kb + kc == K,
+                        .bias = bias ? bias + m : NULL, .res = res ? res + n * M + m : NULL,
+                        .relu = P_RELU(userdata),
+                    };
+                    if (b.nr < nr) {
+                        memset(xtail, 0, sizeof(float) * nr * kc);
+                        for (int i = 0; i < b.nr; ++i) memcpy(xtail + i * kc, b.x + i * K, sizeof(float) * kc);
+                        b.x = xtail;
+                        b.ldx = kc;
+                    }
+                    kern->tile(&b);
+                }
+            }
+        }
+    }
+}
+
+struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
+                                 int64_t m, struct ggml_tensor * bias, struct ggml_tensor * residual,
+                                 int relu, int path) {
+    struct ggml_tensor * args[4] = { w, x };
+    int n_args = 2;
+    if (bias) args[n_args++] = bias;
+    if (residual) args[n_args++] = residual;
+    const uintptr_t packed = (uintptr_t) path | (uintptr_t) (relu != 0) << 8 | (uintptr_t) (bias != NULL) << 9
+                             | (uintptr_t) (residual != NULL) << 10;
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, m, x->ne[1], x->ne[2], x->ne[3], args, n_args, gemm_run,
+                          GGML_N_TASKS_MAX, (void *) packed);
+}

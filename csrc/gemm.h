@@ -1,0 +1,38 @@
+// A packed-weight f32 matrix product with a fused epilogue, run as a ggml custom op:
+//     C[n, m] = relu?( sum_k W[m, k] X[n, k] + bias[m] + R[n, m] )
+// for a convolution's (or a Linear layer's) weights W [M, K], patches or pixels X [N, K] (K fastest: what
+// gather_patches emits, or channel-fastest activations for a 1x1 conv) and a channel-fastest result C [N, M].
+//
+// Packed weights (made once at load, by the caller): f32 [16, K, P, 1] in ggml's order (NumPy (P, K, 16)):
+// panel p holds output channels 16p..16p+15, k-major, so the 16 weights of one k are contiguous. P is even
+// (M is zero-padded to a multiple of 32), and 32 * (P / 2) - M < 32. One layout serves every ISA path.
+//
+// Each output's reduction order is fixed by K alone: K runs in blocks of GEMM_KB in order, each block summed
+// (one fused multiply-add per k, in k order) into a fresh accumulator that is then added to the running sum;
+// then + bias, then + R, then ReLU. No block depends on N, the tiling, the thread count or the ISA path, so
+// every path gives bit-identical results for any batch and thread count.
+#pragma once
+
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define GEMM_KB 128  // K block: the summation order above, and the weights' reuse from L1
+
+enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_N_PATHS };
+
+// Whether this CPU (and this build) can run `path`: checked at run time from cpuid.
+int gemm_path_supported(int path);
+
+// w: packed weights as above; x: contiguous f32 [K, ne1, ne2, ne3] (N = ne1*ne2*ne3 rows of K);
+// bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32 [M, ne1, ne2, ne3].
+// Returns f32 [M, ne1, ne2, ne3]. The caller validates every argument and that `path` is supported.
+struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
+                                 int64_t m, struct ggml_tensor * bias, struct ggml_tensor * residual,
+                                 int relu, int path);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,30 @@
+// The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c): one tile of GEMM_MR output channels
+// by GEMM_NR pixels over one K block, held in registers, then merged into C with the epilogue on the last block.
+// Internal to csrc/gemm*.c.
+#pragma once
+
+#include <stdint.h>
+
+struct gemm_block {
+    const float * w;       // packed weights of the tile's first channel at the block's first k
+    int64_t w_panel;       // floats from one 16-channel panel to the next (16 * K)
+    const float * x;       // the tile's first pixel row at the block's first k
+    int64_t ldx;           // floats between pixel rows
+    int64_t kc;            // k values in this block
+    int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
+    float * c;             // output of the tile's first pixel and channel
+    int64_t ldc;           // floats between output rows (M); also between residual rows
+    int first, last;       // the first block writes C, the others add to it; the last applies the epilogue
+    const float * bias;    // at the tile's first channel, or NULL
+    const float * res;     // residual at the tile's first pixel and channel, or NULL
+    int relu;
+};
+
+// Each ISA path provides one of these: its tile size and its tile function.
+struct gemm_kernel {
+    int mr, nr;
+    void (*tile)(const struct gemm_block * b);
+};
+
+extern const struct gemm_kernel gemm_kernel_avx512;
+extern const struct gemm_kernel gemm_kernel_avx2;
