@@ -6,8 +6,10 @@
 #include "gemm_tile.h"
 #include "thread_range.h"
 
-// Pixels per cache block: GEMM_NB rows of one K block of X (240 KB) stay in L2 while every weight tile
-// passes over them. A multiple of every path's tile height.
+// Cache blocks: GEMM_KC values of k (the weights' tile reused from L1) of GEMM_NB pixels (240 KB of X, kept
+// in L2 while every weight tile passes over them). They order the work, not the arithmetic. GEMM_KC is a
+// multiple of GEMM_KS; GEMM_NB of every path's tile height.
+#define GEMM_KC 128
 #define GEMM_NB 480
 #define GEMM_NR_MAX 12
 
@@ -60,11 +62,11 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const float * wdata = w->data;
     const float * xdata = x->data;
     float * cdata = dst->data;
-    float xtail[GEMM_NR_MAX * GEMM_KB];  // a last, partial pixel tile, zero-padded to full height
+    float xtail[GEMM_NR_MAX * GEMM_KC];  // a last, partial pixel tile, zero-padded to full height
 
     const int64_t nb_tiles = GEMM_NB / nr;
-    for (int64_t kb = 0; kb < K; kb += GEMM_KB) {
-        const int64_t kc = K - kb < GEMM_KB ? K - kb : GEMM_KB;
+    for (int64_t kb = 0; kb < K; kb += GEMM_KC) {
+        const int64_t kc = K - kb < GEMM_KC ? K - kb : GEMM_KC;
         for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
             const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
             for (int64_t mt = m0; mt < m1; ++mt) {

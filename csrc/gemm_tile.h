@@ -1,20 +1,22 @@
-// The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c): one tile of GEMM_MR output channels
-// by GEMM_NR pixels over one K block, held in registers, then merged into C with the epilogue on the last block.
-// Internal to csrc/gemm*.c.
+// The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c): one tile of output channels by
+// pixels over one cache block of K, summed in registers GEMM_KS values of k at a time, each such sum merged
+// into C in memory, with the epilogue after K's last one. Internal to csrc/gemm*.c.
 #pragma once
 
 #include <stdint.h>
+
+#include "gemm.h"
 
 struct gemm_block {
     const float * w;       // packed weights of the tile's first channel at the block's first k
     int64_t w_panel;       // floats from one 16-channel panel to the next (16 * K)
     const float * x;       // the tile's first pixel row at the block's first k
     int64_t ldx;           // floats between pixel rows
-    int64_t kc;            // k values in this block
+    int64_t kc;            // k values in this cache block (a multiple of GEMM_KS, except at K's end)
     int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
     float * c;             // output of the tile's first pixel and channel
     int64_t ldc;           // floats between output rows (M); also between residual rows
-    int first, last;       // the first block writes C, the others add to it; the last applies the epilogue
+    int first, last;       // whether this is K's first cache block (it writes C) or its last (epilogue)
     const float * bias;    // at the tile's first channel, or NULL
     const float * res;     // residual at the tile's first pixel and channel, or NULL
     int relu;

@@ -1,8 +1,8 @@
 """The packed GEMM (csrc/gemm.h) on every path this CPU runs, against float64 NumPy products.
 
-Bound: each output is a sum of K products taken in blocks of GEMM_KB (one rounding per fused multiply-add
+Bound: each output is a sum of K products taken in blocks of GEMM_KS (one rounding per fused multiply-add
 inside a block, one per block added to the running sum), then + bias, + residual: at most
-L = min(K, KB) + ceil(K / KB) + 2 roundings touch each term, so |error| <= gamma_L * (|W| |X|^T + |bias|
+L = min(K, KS) + ceil(K / KS) + 2 roundings touch each term, so |error| <= gamma_L * (|W| |X|^T + |bias|
 + |residual|), gamma_L = L u / (1 - L u), u = 2^-24: the textbook bound for that order. A wrong index,
 stride, tile edge or epilogue gives errors of the data's own size. We also hold the pooled relative L2
 error of products with 1000 outputs or more to 3e-7: on these random operands we measured 1.1-2.3e-7, against 1.1-3.8e-7 for NumPy's float32
@@ -16,7 +16,7 @@ from pyggml_resnet import arch, resnet
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, pack_matrix, packed_shape
 
-KB = 128  # GEMM_KB in csrc/gemm.h
+KS = 32  # GEMM_KS in csrc/gemm.h
 U = 2.0 ** -24
 PATHS = gemm_paths()
 pytestmark = pytest.mark.skipif(not PATHS, reason="this CPU has no packed GEMM path (ggml's mul_mat runs)")
@@ -92,7 +92,7 @@ def check(got, w, x, bias, res, relu):
     if relu:
         want = np.maximum(want, 0)
     k = w.shape[1]
-    steps = min(k, KB) + -(-k // KB) + 2
+    steps = min(k, KS) + -(-k // KS) + 2
     gamma = steps * U / (1 - steps * U)
     assert got.shape == want.shape
     excess = np.abs(got - want) - gamma * scale
@@ -126,7 +126,7 @@ def test_every_resnet101_product(backend, path):
 
 AWKWARD = [
     # (M, K, N): tile edges in M (not a multiple of 16 or 32) and N (not a multiple of 6 or 12), K below,
-    # at and across the 128 block, N = 1, N across the 480-pixel cache block
+    # at and across the 32 and 128 blocks, N = 1, N across the 480-pixel cache block
     (1, 1, 1), (17, 3, 1), (31, 129, 13), (33, 127, 7), (48, 300, 25), (100, 1, 50), (64, 128, 12),
     (5, 700, 481), (1000, 2048, 1), (16, 256, 6), (40, 257, 961), (2, 4608, 3),
 ]
