@@ -42,6 +42,24 @@ int gemm_path_supported(int path) {
     return 0;
 }
 
+// One tile of up to `height` pixels from pixel n: b arrives set for the tile's channels and K block. Fewer
+// pixels than `height` (at N's end) are copied, zero-padded, into xtail so the tile reads whole rows.
+static void tile_at(struct gemm_block b, void (*tile)(const struct gemm_block *), int height, int64_t n, int64_t N,
+                    float * xtail) {
+    const int64_t K = b.ldx;
+    b.x += n * K;
+    b.c += n * b.ldc;
+    if (b.res) b.res += n * b.ldc;
+    b.nr = N - n < height ? (int) (N - n) : height;
+    if (b.nr < height) {
+        memset(xtail, 0, sizeof(float) * height * b.kc);
+        for (int i = 0; i < b.nr; ++i) memcpy(xtail + i * b.kc, b.x + i * K, sizeof(float) * b.kc);
+        b.x = xtail;
+        b.ldx = b.kc;
+    }
+    tile(&b);
+}
+
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct gemm_kernel * kern = kernel_for(P_PATH(userdata));
     const struct ggml_tensor * w = dst->src[0];
@@ -52,17 +70,16 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const int mr = kern->mr, nr = kern->nr;
     const int64_t m_tiles = (M + mr - 1) / mr, n_tiles = (N + nr - 1) / nr;
 
-    // Split output channels when they outnumber pixel tiles, else pixels; never K (it fixes the sums' order).
+    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output
+    // channels when they outnumber pixel tiles, MLAS's rule); never K (it fixes the sums' order).
     int64_t m0 = 0, m1 = m_tiles, n0 = 0, n1 = n_tiles;
-    if (m_tiles >= n_tiles) {
+    const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
+    if (by_m < by_n || (by_m == by_n && m_tiles >= n_tiles)) {
         thread_range(m_tiles, ith, nth, &m0, &m1);
     } else {
         thread_range(n_tiles, ith, nth, &n0, &n1);
     }
-    const float * wdata = w->data;
-    const float * xdata = x->data;
-    float * cdata = dst->data;
-    float xtail[GEMM_NR_MAX * GEMM_KC];  // a last, partial pixel tile, zero-padded to full height
+    float xtail[GEMM_NR_MAX * GEMM_KC];
 
     const int64_t nb_tiles = GEMM_NB / nr;
     for (int64_t kb = 0; kb < K; kb += GEMM_KC) {
@@ -71,24 +88,23 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
             const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
+                const struct gemm_block b = {  // at pixel 0: tile_at moves it
+                    .w = (const float *) w->data + (m / 16) * 16 * K + 16 * kb, .w_panel = 16 * K,
+                    .x = (const float *) x->data + kb, .ldx = K, .kc = kc,
+                    .mr = M - m < mr ? (int) (M - m) : mr,
+                    .c = (float *) dst->data + m, .ldc = M,
+                    .first = kb == 0, .last = kb + kc == K,
+                    .bias = bias ? bias + m : NULL, .res = res ? res + m : NULL,
+                    .relu = P_RELU(userdata),
+                };
                 for (int64_t nt = nb; nt < nb_end; ++nt) {
-                    const int64_t n = nt * nr;
-                    struct gemm_block b = {
-                        .w = wdata + (m / 16) * 16 * K + 16 * kb, .w_panel = 16 * K,
-                        .x = xdata + n * K + kb, .ldx = K, .kc = kc,
-                        .nr = N - n < nr ? (int) (N - n) : nr, .mr = M - m < mr ? (int) (M - m) : mr,
-                        .c = cdata + n * M + m, .ldc = M,
-                        .first = kb == 0, .last = kb + kc == K,
-                        .bias = bias ? bias + m : NULL, .res = res ? res + n * M + m : NULL,
-                        .relu = P_RELU(userdata),
-                    };
-                    if (b.nr < nr) {
-                        memset(xtail, 0, sizeof(float) * nr * kc);
-                        for (int i = 0; i < b.nr; ++i) memcpy(xtail + i * kc, b.x + i * K, sizeof(float) * kc);
-                        b.x = xtail;
-                        b.ldx = kc;
+                    if (N - nt * nr >= nr) {
+                        tile_at(b, kern->tile, nr, nt * nr, N, xtail);
+                    } else {  // the last pixels: narrower tiles waste less
+                        for (int64_t n = nt * nr; n < N; n += kern->nr_narrow) {
+                            tile_at(b, kern->tile_narrow, kern->nr_narrow, n, N, xtail);
+                        }
                     }
-                    kern->tile(&b);
                 }
             }
         }

@@ -1,11 +1,11 @@
-// The AVX-512 path of csrc/gemm.h: 32 channels (two panels, one zmm each) x 12 pixels, 24 accumulators.
+// The AVX-512 path of csrc/gemm.h: 32 channels (two panels, one zmm each) x 12 pixels, 24 accumulators;
+// 32 x 4 for the last pixels.
 // Compiled with -mavx512f -mfma; only called where the CPU has AVX-512F (gemm.c checks at run time).
 #include <immintrin.h>
 
 #define V __m512
 #define VL 16
 #define MV 2
-#define NR 12
 #define V_ZERO() _mm512_setzero_ps()
 #define V_LOAD(p) _mm512_loadu_ps(p)
 #define V_BCAST(p) _mm512_set1_ps(*(p))
@@ -16,8 +16,15 @@
 #define V_MASK(n) ((__mmask16) ((1u << (n)) - 1))
 #define V_LOADM(p, m) _mm512_maskz_loadu_ps(m, p)
 #define V_STOREM(p, m, v) _mm512_mask_storeu_ps(p, m, v)
-#define TILE_FN tile_avx512
 
+#define NR 12
+#define TILE_FN tile_avx512
+#include "gemm_tile.inc"
+#undef NR
+#undef TILE_FN
+
+#define NR 4
+#define TILE_FN tile_avx512_narrow
 #include "gemm_tile.inc"
 
-const struct gemm_kernel gemm_kernel_avx512 = { MV * VL, NR, tile_avx512 };
+const struct gemm_kernel gemm_kernel_avx512 = { MV * VL, 12, 4, tile_avx512, tile_avx512_narrow };

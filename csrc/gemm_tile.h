@@ -22,10 +22,12 @@ struct gemm_block {
     int relu;
 };
 
-// Each ISA path provides one of these: its tile size and its tile function.
+// Each ISA path provides one of these: its tile size and tile function, and a narrower tile for the last
+// pixels of a product (N = 49 or 196 leaves 1 or 4 over a tile of 12).
 struct gemm_kernel {
-    int mr, nr;
+    int mr, nr, nr_narrow;
     void (*tile)(const struct gemm_block * b);
+    void (*tile_narrow)(const struct gemm_block * b);
 };
 
 extern const struct gemm_kernel gemm_kernel_avx512;

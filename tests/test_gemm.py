@@ -5,14 +5,15 @@ inside a block, one per block added to the running sum), then + bias, + residual
 L = min(K, KS) + ceil(K / KS) + 2 roundings touch each term, so |error| <= gamma_L * (|W| |X|^T + |bias|
 + |residual|), gamma_L = L u / (1 - L u), u = 2^-24: the textbook bound for that order. A wrong index,
 stride, tile edge or epilogue gives errors of the data's own size. We also hold the pooled relative L2
-error of products with 1000 outputs or more to 3e-7: on these random operands we measured 1.1-2.3e-7, against 1.1-3.8e-7 for NumPy's float32
-product (OpenBLAS) on the same data.
+error of products with 1000 outputs or more to 3e-7: on these random operands we measured 1.1-2.4e-7,
+against 1.1-3.8e-7 for NumPy's float32 product (OpenBLAS) on the same data.
 """
 
 import numpy as np
 import pytest
 
-from pyggml_resnet import arch, resnet
+from pyggml_resnet.bench import flops_per_image
+from pyggml_resnet.bench_products import products
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, pack_matrix, packed_shape
 
@@ -26,31 +27,6 @@ pytestmark = pytest.mark.skipif(not PATHS, reason="this CPU has no packed GEMM p
 def backend():
     with Backend(threads=2) as b:
         yield b
-
-
-def resnet101_products(side: int = 224) -> list[tuple[int, int, int]]:
-    """(M, K, N) of each of ResNet-101's 104 conv products for one side x side image, in graph order."""
-    cfg = arch.CONFIGS[101]
-    shapes = arch.expected_tensors(cfg, 1000)
-
-    def out(n, k, s, p):
-        return (n + 2 * p - k) // s + 1
-
-    conv, _, k, s, p = resnet.STEM_CONV
-    side = out(side, k, s, p)
-    products = [(shapes[conv][0], int(np.prod(shapes[conv][1:])), side * side)]
-    side = out(side, 3, 2, 1)  # max pool
-    for _, _, prefix, _, _, stride, down in arch.block_names(cfg):
-        main, shortcut = resnet.block_convs(cfg, prefix, stride, down)
-        h = side
-        for conv, _, k, s, p in main:
-            h = out(h, k, s, p)
-            products.append((shapes[conv][0], int(np.prod(shapes[conv][1:])), h * h))
-        if shortcut:
-            conv, _, k, s, p = shortcut
-            products.append((shapes[conv][0], int(np.prod(shapes[conv][1:])), out(side, k, s, p) ** 2))
-        side = h
-    return products
 
 
 def run_gemm(backend, w, x, bias=None, res=None, relu=False, path=None):
@@ -105,17 +81,17 @@ EPILOGUES = [(), ("bias",), ("bias", "relu"), ("res",), ("bias", "res", "relu"),
 
 
 def test_resnet101_has_104_products():
-    products = resnet101_products()
-    assert len(products) == 104
-    assert products[0] == (64, 147, 112 * 112) and products[-1] == (2048, 512, 49)
-    assert sum(2 * m * k * n for m, k, n in products) == pytest.approx(15.6e9, rel=0.01)
+    shapes = products("resnet101")
+    assert len(shapes) == 104
+    assert shapes[0] == (64, 147, 112 * 112) and shapes[-1] == (2048, 512, 49)
+    assert sum(2 * m * k * n for m, k, n in shapes) + 2 * 2048 * 1000 == flops_per_image("resnet101")
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_every_resnet101_product(backend, path):
     """All 104 products of ResNet-101 at 224x224 (N = one image) and its fc layer, with the epilogues."""
     seen = {}
-    for i, (m, k, n) in enumerate(resnet101_products() + [(1000, 2048, 1)]):
+    for i, (m, k, n) in enumerate(products("resnet101") + [(1000, 2048, 1)]):
         if (m, k, n) in seen:  # the same shape again: the same code and tiling, with the next epilogue
             seen[m, k, n] += 1
         epilogue = EPILOGUES[seen.setdefault((m, k, n), i) % len(EPILOGUES)]
