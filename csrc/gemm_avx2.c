@@ -9,8 +9,7 @@
 #define V_ZERO() _mm256_setzero_ps()
 #define V_LOAD(p) _mm256_loadu_ps(p)
 #define V_STORE(p, v) _mm256_storeu_ps(p, v)
-#define V_BCAST(p) _mm256_broadcast_ss(p)
-#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_FMA_BCAST(a, p, c) _mm256_fmadd_ps(a, _mm256_broadcast_ss(p), c)
 #define V_ADD(a, b) _mm256_add_ps(a, b)
 #define V_MAX(a, b) _mm256_max_ps(a, b)
 #define M __m256i

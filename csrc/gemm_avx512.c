@@ -9,8 +9,13 @@
 #define V_ZERO() _mm512_setzero_ps()
 #define V_LOAD(p) _mm512_loadu_ps(p)
 #define V_STORE(p, v) _mm512_storeu_ps(p, v)
-#define V_BCAST(p) _mm512_set1_ps(*(p))
-#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+// The broadcast folded into the FMA ({1to16}), as MLAS's kernels do: a separate vbroadcastss per pixel
+// and k costs issue slots. Intrinsics cannot ask for it when the broadcast value has two uses.
+static inline __m512 fma_bcast(__m512 a, const float * p, __m512 c) {
+    __asm__("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(c) : "v"(a), "m"(*p));
+    return c;
+}
+#define V_FMA_BCAST(a, p, c) fma_bcast(a, p, c)
 #define V_ADD(a, b) _mm512_add_ps(a, b)
 #define V_MAX(a, b) _mm512_max_ps(a, b)
 #define M __mmask16
