@@ -12,8 +12,7 @@ against 1.1-3.8e-7 for NumPy's float32 product (OpenBLAS) on the same data.
 import numpy as np
 import pytest
 
-from pyggml_resnet.bench import flops_per_image
-from pyggml_resnet.bench_products import products
+from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, pack_matrix, packed_shape
 

@@ -12,6 +12,30 @@ from .. import arch
 SEED = 0  # of the random model's weights
 
 
+def products(cfg, height: int = 224, width: int | None = None, batch: int = 1) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every convolution's matrix product, in graph order, for `batch` images of this size:
+    M output channels, K = kernel area x input channels, N output pixels. `cfg` as for `flops_per_image`."""
+    if isinstance(cfg, str):
+        cfg = arch.BY_NAME[cfg]
+    width = height if width is None else width
+    result = []
+
+    def product(conv, size):  # appends one conv's product for an input of `size`; returns its output size
+        out = (conv.out_size(size[0]), conv.out_size(size[1]))
+        result.append((conv.out_ch, math.prod(conv.shape[1:]), batch * out[0] * out[1]))
+        return out
+
+    size = product(arch.STEM, (height, width))
+    size = tuple((n - 1) // 2 + 1 for n in size)  # the stem's 3x3/2 max pool, padding 1
+    for block in arch.block_names(cfg):
+        main, down = arch.block_convs(cfg, block)
+        if down:  # the shortcut convolves the block's input
+            product(down, size)
+        for conv in main:
+            size = product(conv, size)
+    return result
+
+
 def flops_per_image(cfg, height: int = 224, width: int | None = None, num_classes: int = 1000) -> int:
     """2 * multiply-accumulates of every convolution and the fc layer for one image of this size.
 
@@ -19,23 +43,7 @@ def flops_per_image(cfg, height: int = 224, width: int | None = None, num_classe
     pooling are left out, as in the usual quoted figures (ResNet-50: 4.1 GMACs, ResNet-101: 7.8)."""
     if isinstance(cfg, str):
         cfg = arch.BY_NAME[cfg]
-    width = height if width is None else width
-
-    def conv_macs(conv, size):  # (MACs, output size) of one conv on an input of `size`
-        out = (conv.out_size(size[0]), conv.out_size(size[1]))
-        return math.prod(conv.shape) * out[0] * out[1], out
-
-    macs, size = conv_macs(arch.STEM, (height, width))
-    size = tuple((n - 1) // 2 + 1 for n in size)  # the stem's 3x3/2 max pool, padding 1
-    for block in arch.block_names(cfg):
-        main, down = arch.block_convs(cfg, block)
-        if down:  # the shortcut convolves the block's input
-            macs += conv_macs(down, size)[0]
-        for conv in main:
-            m, size = conv_macs(conv, size)
-            macs += m
-    macs += cfg.feature_dim * num_classes
-    return 2 * macs
+    return 2 * (sum(m * k * n for m, k, n in products(cfg, height, width)) + cfg.feature_dim * num_classes)
 
 
 def random_state(cfg, num_classes: int = 1000, seed: int = SEED) -> dict:

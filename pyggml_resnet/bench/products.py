@@ -1,6 +1,7 @@
 """Each matrix product of a ResNet timed alone: the packed GEMM's paths against ggml's mul_mat.
 
-    python -m pyggml_resnet.bench_products [--arch resnet101] [--size 224] [--batch 1] [--threads 2] [--rounds 7]
+    python -m pyggml_resnet.bench.products [--arch resnet101] [--size 224] [--batch 1] [--threads 2] [--rounds 7]
+                                           [--engines ggml avx512 avx2] [--cpu-time]
 
 Every distinct product shape (M output channels, K = kernel area x input channels, N pixels) gets random
 operands and one single-product graph per engine; the engines take turns, in alternating order, for
@@ -17,39 +18,10 @@ import time
 
 import numpy as np
 
-from . import arch, resnet
-from .ggml import Backend, Graph, Weights, gemm_paths, pack_matrix, packed_shape
-from .layers import K_ALIGN
-
-CLOCK = time.perf_counter
-
-
-def products(cfg, height: int = 224, width: int | None = None, batch: int = 1) -> list[tuple[int, int, int]]:
-    """(M, K, N) of every conv's matrix product, in graph order, for `batch` images of this size (the fc
-    layer left out)."""
-    if isinstance(cfg, str):
-        cfg = arch.BY_NAME[cfg]
-    width = height if width is None else width
-    shapes = arch.expected_tensors(cfg, 1000)
-
-    def out(n, k, s, p):
-        return (n + 2 * p - k) // s + 1
-
-    size = block_in = (height, width)  # the running activation size, and the current block's input size
-    result = []
-    for name, _, k, s, p in resnet.convolutions(cfg):
-        oc, ic, kh, kw = shapes[name]
-        downsample = ".downsample." in name
-        if name.endswith(".conv1.weight") and name != "conv1.weight":
-            block_in = size  # a block starts
-        src = block_in if downsample else size  # the shortcut convolves the block's input
-        oh, ow = out(src[0], k, s, p), out(src[1], k, s, p)
-        result.append((oc, ic * kh * kw, batch * oh * ow))
-        if not downsample:
-            size = (oh, ow)
-        if name == "conv1.weight":
-            size = (out(oh, 3, 2, 1), out(ow, 3, 2, 1))  # the stem's 3x3/2 max pool
-    return result
+from .. import arch
+from ..ggml import Backend, Graph, Weights, gemm_paths, pack_matrix, packed_shape
+from ..layers import K_ALIGN
+from .workload import products
 
 
 def _graphs(backend, weights, engines, m, k, n):
@@ -70,8 +42,8 @@ def _graphs(backend, weights, engines, m, k, n):
     return out
 
 
-def run(cfg="resnet101", size=224, batch=1, threads=2, rounds=7, engines=None) -> dict:
-    """{engine: {(M, K, N): fastest seconds}} and the shapes' counts."""
+def run(cfg="resnet101", size=224, batch=1, threads=2, rounds=7, engines=None, clock=time.perf_counter) -> dict:
+    """{engine: {(M, K, N): fastest seconds}} and the shapes' counts, timed by `clock`."""
     engines = list(engines or ("ggml", *gemm_paths()))
     counts = collections.Counter(products(cfg, size, batch=batch))
     best = {e: {} for e in engines}
@@ -90,9 +62,9 @@ def run(cfg="resnet101", size=224, batch=1, threads=2, rounds=7, engines=None) -
                         for e in engines if r % 2 == 0 else engines[::-1]:
                             g, xi, arr = graphs[e]
                             g.set(xi, arr)
-                            t = CLOCK()
+                            t = clock()
                             g.compute()
-                            dt = CLOCK() - t
+                            dt = clock() - t
                             best[e][m, k, n] = min(best[e].get((m, k, n), dt), dt)
                 finally:
                     for g, _, _ in graphs.values():
@@ -105,7 +77,7 @@ def report(result: dict) -> str:
     engines = list(best)
     flops = {s: 2 * s[0] * s[1] * s[2] for s in counts}
     total_flops = sum(flops[s] * c for s, c in counts.items())
-    lines = [f"{len(engines) and sum(counts.values())} products, {total_flops / 1e9:.2f} GFLOP; "
+    lines = [f"{sum(counts.values())} products, {total_flops / 1e9:.2f} GFLOP; "
              "sum over products of each shape's fastest time:"]
     base = sum(best[engines[0]][s] * c for s, c in counts.items())
     for e in engines:
@@ -120,15 +92,18 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pyggml_resnet.bench_products", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pyggml_resnet.bench.products", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=list(arch.BY_NAME), default="resnet101")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--engines", nargs="+", choices=["ggml", *gemm_paths()], default=None)
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by the process's CPU time, not wall time: with --threads 1, steady on a busy machine")
     a = p.parse_args(argv)
-    print(report(run(a.arch, a.size, a.batch, a.threads, a.rounds, a.engines)))
+    clock = time.process_time if a.cpu_time else time.perf_counter
+    print(report(run(a.arch, a.size, a.batch, a.threads, a.rounds, a.engines, clock)))
     return 0
 
 
