@@ -14,6 +14,7 @@ import pyggml_resnet
 from pyggml_resnet import bench
 from pyggml_resnet.arch import BY_NAME
 from pyggml_resnet.bench import procs
+from pyggml_resnet.ggml import gemm_paths
 
 
 def _out(n, k, s, p):
@@ -133,3 +134,17 @@ def test_without_torch_no_reference_and_no_results_file(tmp_path, monkeypatch, c
             "not checked against anything and no time has a ratio to PyTorch's") in out
     assert "correctness:" not in out and "ggml-f32" in out
     assert list(tmp_path.iterdir()) == []  # no bench-results.json, and the run's temporary files are gone
+
+
+@pytest.mark.skipif(not gemm_paths(), reason="no packed GEMM path on this CPU")
+def test_gemm_rows(tmp_path):
+    """--gemm packed ggml: one f32 row per product engine, in the same run."""
+    out = tmp_path / "gemm.json"
+    proc = subprocess.run([sys.executable, "-m", "pyggml_resnet", "bench", "--arch", "resnet18", "--batch", "1",
+                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "--dtype", "f32", "bf16",
+                           "--gemm", "packed", "ggml", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"ggml-f32-packed", "ggml-f32-mul_mat", "ggml-bf16"}
+    assert all(e["status"] == "ok" for e in report["engines"].values())

@@ -1,7 +1,8 @@
 """Benchmark: ggml against PyTorch eager (and ONNX Runtime) on the same ResNet weights, same CPU threads.
 
     pyggml-resnet bench [--model M.gguf | --arch resnet101] [--batch 1 8] [--threads N] [--rounds R]
-                        [--iters K] [--dtype f32 bf16 ...] [--engines ggml torch onnxruntime] [--json OUT]
+                        [--iters K] [--dtype f32 bf16 ...] [--gemm packed ggml] [--engines ggml torch onnxruntime]
+                        [--json OUT]
 
 Without --model a seeded random model is made with NumPy and written as GGUF, so a fresh machine needs no
 torch and no download; torch and onnxruntime are then optional engines, skipped with a note if missing.

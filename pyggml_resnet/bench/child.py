@@ -114,7 +114,7 @@ def _engine_load(engine: str, mod, a):
     """Loads the model (the "load" phase); returns run(x: NCHW float32 array) -> logits array."""
     path, threads = a.path, a.threads
     if engine == "ggml":
-        model = mod.load(path, threads=threads, dtype=a.dtype)
+        model = mod.load(path, threads=threads, dtype=a.dtype, gemm=a.gemm)
         return model.logits
     if engine == "torch":
         torch = mod
@@ -245,6 +245,7 @@ def main(argv) -> int:
     p.add_argument("--path", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="f32")
+    p.add_argument("--gemm", default=None)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1])
     p.add_argument("--out", default=".")

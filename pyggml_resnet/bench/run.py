@@ -20,6 +20,8 @@ from .. import arch, convert, loader
 from ..arch import ResNetConfig
 from ..cli import positive
 from ..dtypes import NAMES as DTYPES
+
+GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffix each gives its row's name
 from ..errors import Error, print_error
 from ..ggml import default_threads
 from .child import ENGINES, iterations
@@ -45,6 +47,7 @@ class Run:
     gguf_path: str = ""
     source: str = ""  # where the weights came from, for the report
     rows: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name -> (engine, dtype, model path)
+    gemm: dict[str, str] = field(default_factory=dict)  # name -> load(gemm=...) of a ggml row that sets it
     status: dict[str, dict] = field(default_factory=dict)  # name -> the report's "engines" entry
     workers: dict[str, Worker] = field(default_factory=dict)  # the rows whose worker is running
     est: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {batch: s per iteration}
@@ -89,12 +92,16 @@ def parse_args(argv) -> argparse.Namespace:
                         "batches (default: 3)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["f32"],
                    help="ggml weight types, one engine row each (default: f32)")
+    p.add_argument("--gemm", nargs="+", choices=GEMMS, default=None,
+                   help="what runs ggml's f32 products, one row each: packed (our GEMM, ggml-f32-packed) or ggml "
+                        "(its mul_mat, ggml-f32-mul_mat) (default: one row, the load default)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run (default: all; missing ones are skipped)")
     p.add_argument("--json", metavar="OUT", help="also write every result, sample and setting to this JSON file")
     a = p.parse_args(argv)
     a.batch = list(dict.fromkeys(a.batch))
     a.dtype = list(dict.fromkeys(a.dtype))
+    a.gemm = list(dict.fromkeys(a.gemm or ()))
     a.engines = list(dict.fromkeys(a.engines))
     if a.threads is None:
         a.threads = default_threads()
@@ -232,7 +239,10 @@ def engine_rows(run: Run, paths: dict[str, str]) -> None:
     for engine in run.args.engines:
         if engine == "ggml":
             for dt in run.args.dtype:
-                run.rows[f"ggml-{dt}"] = ("ggml", dt, run.gguf_path)
+                for gemm in (run.args.gemm if dt == "f32" else ()) or (None,):
+                    name = f"ggml-{dt}" + (f"-{GEMMS[gemm]}" if gemm else "")
+                    run.rows[name] = ("ggml", dt, run.gguf_path)
+                    run.gemm[name] = gemm
         elif engine in paths:
             run.rows[engine] = (engine, "f32", paths[engine])
     run.status = {name: {"engine": e, "dtype": dt, "status": "ok", "error": None}
@@ -244,7 +254,7 @@ def start_workers(run: Run) -> None:
     for name, (engine, dt, path) in run.rows.items():
         _progress(f"starting {name} ...", end=" ")
         w = run.workers[name] = Worker(run.command("worker", engine, path, threads=run.args.threads, dtype=dt,
-                                                   batches=run.args.batch), os.path.join(run.tmp, f"{name}.log"))
+                                                   gemm=run.gemm.get(name), batches=run.args.batch), os.path.join(run.tmp, f"{name}.log"))
         try:
             ready = w.receive(READY_TIMEOUT)
         except WorkerError as e:
@@ -328,7 +338,8 @@ def cold_starts(run: Run) -> list[dict]:
         _progress(f"cold start {name} ...", end=" ")
         entry = {"engine": name}
         try:
-            msg, t0 = run_child(run.command("cold", engine, path, threads=run.args.threads, dtype=dt),
+            msg, t0 = run_child(run.command("cold", engine, path, threads=run.args.threads, dtype=dt,
+                                            gemm=run.gemm.get(name)),
                                 os.path.join(run.tmp, f"{name}-cold.log"), COLD_TIMEOUT)
             entry.update(import_s=msg["import_end"] - t0, load_s=msg["load_end"] - msg["import_end"],
                          first_inference_s=msg["first_end"] - msg["load_end"], total_s=msg["first_end"] - t0)
