@@ -71,21 +71,21 @@ def format_report(r: dict) -> str:
 
 def _correctness(correctness: list[dict]) -> list[str]:
     out = [f"correctness: logits of one image, relative L2 error vs {correctness[0]['reference']}",
-           f"  {'engine':<12} {'rel. error':>10}  top-1"]
+           f"  {'engine':<16} {'rel. error':>10}  top-1"]
     for c in correctness:
         agree = "agrees" if c["top1_agrees"] else "DIFFERS"
-        out.append(f"  {c['engine']:<12} {c['rel_l2_error']:>10.2e}  {agree} (class {c['top1']})")
+        out.append(f"  {c['engine']:<16} {c['rel_l2_error']:>10.2e}  {agree} (class {c['top1']})")
     return out
 
 
 def _speed(results: list[dict]) -> list[str]:
     out = ["speed, ms per image (vs torch: time ratio at the same batch, below 1 is faster)",
-           f"  {'engine':<12} {'batch':>5} {'median':>9} {'min':>9} {'max':>9} {'vs torch':>9} "
+           f"  {'engine':<16} {'batch':>5} {'median':>9} {'min':>9} {'max':>9} {'vs torch':>9} "
            f"{'GFLOP/s':>8} {'peak RSS MiB':>13}"]
     for x in results:
         rss = x["peak_rss_kib"] / 1024 if x["peak_rss_kib"] else None
         ratio = f"{x['ratio_to_torch']:.2f}x" if x["ratio_to_torch"] else None
-        out.append(f"  {x['engine']:<12} {x['batch']:>5} {x['median_ms_per_image']:>9.1f} "
+        out.append(f"  {x['engine']:<16} {x['batch']:>5} {x['median_ms_per_image']:>9.1f} "
                    f"{x['min_ms_per_image']:>9.1f} {x['max_ms_per_image']:>9.1f} {_fmt(ratio, 's', 9)} "
                    f"{x['gflops']:>8.1f} {_fmt(rss, '.0f', 13)}")
     out.append("  (peak RSS: the engine process's peak over the whole run, every batch size included)")
@@ -95,15 +95,15 @@ def _speed(results: list[dict]) -> list[str]:
 def _cold_start(cold: list[dict]) -> list[str]:
     out = ["cold start: one fresh process each, from before `python` starts to the first logits of one image, "
            "seconds",
-           f"  {'engine':<12} {'import':>7} {'load':>7} {'first':>7} {'total':>7} {'vs torch':>9} "
+           f"  {'engine':<16} {'import':>7} {'load':>7} {'first':>7} {'total':>7} {'vs torch':>9} "
            f"{'load vs torch':>14}"]
     for c in cold:
         if "total_s" not in c:
-            out.append(f"  {c['engine']:<12} failed: {c['error']}")
+            out.append(f"  {c['engine']:<16} failed: {c['error']}")
             continue
         ratio = f"{c['ratio_to_torch']:.2f}x" if "ratio_to_torch" in c else None
         lratio = f"{c['load_ratio_to_torch']:.2f}x" if "load_ratio_to_torch" in c else None
-        out.append(f"  {c['engine']:<12} {c['import_s']:>7.2f} {c['load_s']:>7.2f} "
+        out.append(f"  {c['engine']:<16} {c['import_s']:>7.2f} {c['load_s']:>7.2f} "
                    f"{c['first_inference_s']:>7.2f} {c['total_s']:>7.2f} {_fmt(ratio, 's', 9)} "
                    f"{_fmt(lratio, 's', 14)}")
     out += ["  import: starting the interpreter and importing the engine; load: reading the model file into a",
