@@ -254,7 +254,8 @@ def start_workers(run: Run) -> None:
     for name, (engine, dt, path) in run.rows.items():
         _progress(f"starting {name} ...", end=" ")
         w = run.workers[name] = Worker(run.command("worker", engine, path, threads=run.args.threads, dtype=dt,
-                                                   gemm=run.gemm.get(name), batches=run.args.batch), os.path.join(run.tmp, f"{name}.log"))
+                                                   gemm=run.gemm.get(name), batches=run.args.batch),
+                                       os.path.join(run.tmp, f"{name}.log"))
         try:
             ready = w.receive(READY_TIMEOUT)
         except WorkerError as e:
