@@ -72,7 +72,7 @@ def conv_weight(w: np.ndarray, layout: str = PLAIN, scale: np.ndarray | None = N
     else:
         m = np.ascontiguousarray(w.transpose(0, 2, 3, 1), dtype=np.float32).reshape(oc, kh * kw * ic)
     if scale is not None:
-        m *= scale[:, None]  # in place (rows are output channels in both layouts)
+        m = m * scale[:, None]  # rows are output channels in both layouts; `w` itself stays as it was
     if layout not in (PLAIN, WINOGRAD):
         return pack_matrix(m)
     k = conv_weight_shape(w.shape)[1]

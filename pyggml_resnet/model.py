@@ -99,7 +99,8 @@ class Model(_Closable):
     def __repr__(self):
         backend = self._backend
         state = "closed" if backend is None else f"threads={backend.threads}"
-        return f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} gemm={self.gemm} classes={self.num_classes} {state}>"
+        return (f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} gemm={self.gemm} "
+                f"classes={self.num_classes} {state}>")
 
     @property
     def closed(self) -> bool:
