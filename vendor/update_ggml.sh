@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces vendor/ggml/ from the PyPI sdist ggml-python==0.0.45 (upstream ggml 0.15.3).
-# Keeps only what a CPU-only build needs (plus the small BLAS backend); every kept file is byte-for-byte upstream.
+# Keeps only what a CPU-only build needs (plus the small BLAS backend), byte-for-byte upstream, then applies our
+# patches (vendor/*.patch, see README.md).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 sdist_version=0.0.45
@@ -25,4 +26,7 @@ find "$src/src/ggml-cpu" -maxdepth 1 -type f -exec cp -a {} "$dst/src/ggml-cpu/"
 mkdir -p "$dst/src/ggml-cpu/arch"
 cp -a "$src/src/ggml-cpu/cmake" "$src/src/ggml-cpu/amx" "$src/src/ggml-cpu/llamafile" "$dst/src/ggml-cpu/"
 cp -a "$src/src/ggml-cpu/arch/x86" "$src/src/ggml-cpu/arch/arm" "$dst/src/ggml-cpu/arch/"
+for p in "$here"/*.patch; do
+    patch --no-backup-if-mismatch -p1 -d "$dst" < "$p"
+done
 echo "vendored ggml into $dst ($(du -sh "$dst" | cut -f1))"

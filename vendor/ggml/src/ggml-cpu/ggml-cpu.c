@@ -479,6 +479,7 @@ struct ggml_threadpool {
     atomic_int n_graph;       // updated when there is work to be done (i.e each graph) holds graph and active thread counts.
     atomic_int GGML_CACHE_ALIGN n_barrier;
     atomic_int GGML_CACHE_ALIGN n_barrier_passed;
+    atomic_int n_barrier_sleepers; // threads asleep in ggml_barrier (pyggml_resnet patch)
     atomic_int GGML_CACHE_ALIGN current_chunk; // currently processing chunk during Mat_Mul, shared between all the threads.
 
     // these are atomic as an annotation for thread-sanitizer
@@ -563,6 +564,19 @@ struct ggml_state {
 
 static struct ggml_state g_state = {0};
 
+// pyggml_resnet patch: a thread that waits at the barrier spins GGML_BARRIER_SPIN times, then sleeps until
+// the last thread arrives (a futex on Linux, sched_yield elsewhere). Spinning alone collapses when there are
+// more runnable threads than free CPUs: the waiters use up the CPU time of the thread they wait for.
+#ifndef GGML_BARRIER_SPIN
+#define GGML_BARRIER_SPIN 1000
+#endif
+
+#if defined(__linux__) && !defined(GGML_USE_OPENMP)
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
+
 void ggml_barrier(struct ggml_threadpool * tp) {
     int n_threads = atomic_load_explicit(&tp->n_graph, memory_order_relaxed) & GGML_THREADPOOL_N_THREADS_MASK;
     if (n_threads == 1) {
@@ -583,12 +597,31 @@ void ggml_barrier(struct ggml_threadpool * tp) {
 
         // exit barrier (full seq-cst fence)
         atomic_fetch_add_explicit(&tp->n_barrier_passed, 1, memory_order_seq_cst);
+#if defined(__linux__)
+        if (atomic_load_explicit(&tp->n_barrier_sleepers, memory_order_seq_cst) > 0) {
+            syscall(SYS_futex, &tp->n_barrier_passed, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+        }
+#endif
         return;
     }
 
     // wait for other threads
-    while (atomic_load_explicit(&tp->n_barrier_passed, memory_order_relaxed) == n_passed) {
-        ggml_thread_cpu_relax();
+    for (int i = 0; atomic_load_explicit(&tp->n_barrier_passed, memory_order_relaxed) == n_passed; i++) {
+        if (i < GGML_BARRIER_SPIN) {
+            ggml_thread_cpu_relax();
+            continue;
+        }
+#if defined(__linux__)
+        // announce the sleep before the last check: the last thread wakes sleepers after passing
+        atomic_fetch_add_explicit(&tp->n_barrier_sleepers, 1, memory_order_seq_cst);
+        if (atomic_load_explicit(&tp->n_barrier_passed, memory_order_seq_cst) == n_passed) {
+            // returns at once if n_barrier_passed has changed since
+            syscall(SYS_futex, &tp->n_barrier_passed, FUTEX_WAIT_PRIVATE, n_passed, NULL, NULL, 0);
+        }
+        atomic_fetch_sub_explicit(&tp->n_barrier_sleepers, 1, memory_order_relaxed);
+#else
+        sched_yield();
+#endif
     }
 
     // exit barrier (full seq-cst fence)
@@ -3241,6 +3274,7 @@ static struct ggml_threadpool * ggml_threadpool_new_impl(
         threadpool->n_graph          = 0;
         threadpool->n_barrier        = 0;
         threadpool->n_barrier_passed = 0;
+        threadpool->n_barrier_sleepers = 0;
         threadpool->current_chunk    = 0;
         threadpool->stop             = false;
         threadpool->pause            = tpp->paused;
