@@ -30,6 +30,8 @@ typedef struct ggml_backend * ggml_backend_t;
 typedef struct ggml_backend_buffer * ggml_backend_buffer_t;
 typedef struct ggml_backend_buffer_type * ggml_backend_buffer_type_t;
 typedef struct ggml_gallocr * ggml_gallocr_t;
+struct ggml_threadpool_params { int n_threads; uint32_t poll; ...; };
+typedef struct ggml_threadpool * ggml_threadpool_t;
 
 /* contexts, tensors, graphs */
 struct ggml_context * ggml_init(struct ggml_init_params params);
@@ -73,6 +75,10 @@ struct ggml_tensor * ggml_pool_2d(struct ggml_context * ctx, struct ggml_tensor 
 /* backends and allocation */
 ggml_backend_t ggml_backend_cpu_init(void);
 void ggml_backend_cpu_set_n_threads(ggml_backend_t backend_cpu, int n_threads);
+void ggml_backend_cpu_set_threadpool(ggml_backend_t backend_cpu, ggml_threadpool_t threadpool);
+struct ggml_threadpool_params ggml_threadpool_params_default(int n_threads);
+ggml_threadpool_t ggml_threadpool_new(struct ggml_threadpool_params * params);
+void ggml_threadpool_free(ggml_threadpool_t threadpool);
 void ggml_backend_free(ggml_backend_t backend);
 ggml_backend_buffer_type_t ggml_backend_get_default_buffer_type(ggml_backend_t backend);
 ggml_backend_buffer_t ggml_backend_alloc_ctx_tensors(struct ggml_context * ctx, ggml_backend_t backend);

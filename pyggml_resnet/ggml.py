@@ -9,8 +9,10 @@ Shapes use ggml's order: `ne[0]` is the fastest-varying dimension (NumPy's last 
 from __future__ import annotations
 
 import enum
+import math
 import os
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -49,12 +51,66 @@ def version() -> str:
     return ffi.string(lib.ggml_version()).decode()
 
 
-def default_threads() -> int:
-    """The CPUs this process may run on."""
+MAX_THREADS = 512  # the most compute threads a Backend takes
+
+# Where the cgroup file systems are mounted; tests point it elsewhere.
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read_fields(path: str) -> list[str] | None:
     try:
-        return len(os.sched_getaffinity(0))
+        with open(path) as f:
+            return f.read().split()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The CPUs this process's cgroup may use per period (its CPU quota), or None without a quota.
+
+    cgroup v2's `cpu.max` ("QUOTA PERIOD", QUOTA "max" for none), else cgroup v1's `cpu.cfs_quota_us` and
+    `cpu.cfs_period_us` (quota -1 for none), as a container sees them at the cgroup root."""
+    fields = _read_fields(os.path.join(CGROUP_ROOT, "cpu.max"))
+    if fields is None:
+        for controller in ("cpu", "cpu,cpuacct"):
+            quota = _read_fields(os.path.join(CGROUP_ROOT, controller, "cpu.cfs_quota_us"))
+            period = _read_fields(os.path.join(CGROUP_ROOT, controller, "cpu.cfs_period_us"))
+            if quota is not None and period is not None:
+                fields = quota + period
+                break
+    try:
+        quota, period = (int(v) for v in fields)
+    except (TypeError, ValueError):  # no such file, no quota ("max"), or a format we do not know
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), capped by its cgroup's CPU quota (rounded up)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def default_threads() -> int:
+    """Compute threads when none are given: OMP_NUM_THREADS when it is set to a positive integer (Ray sets
+    it to an actor's CPUs; as in OpenMP, a list "N,M" means N here), else `available_cpus()`. Any other
+    value of OMP_NUM_THREADS is ignored with a warning, as OpenMP runtimes ignore it."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value:
+        try:
+            n = int(value.split(",")[0])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return min(n, MAX_THREADS)
+        warnings.warn(f"ignoring OMP_NUM_THREADS={value!r}: not a positive integer", RuntimeWarning, stacklevel=2)
+    return min(available_cpus(), MAX_THREADS)
 
 
 def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
@@ -198,16 +254,24 @@ class _Closable:
 
 
 class Backend(_Closable):
-    """ggml's CPU backend with its thread count."""
+    """ggml's CPU backend with its thread count, and a thread pool of its own whose threads sleep between
+    computations (ggml's default pool is started for every computation, and its new threads spin while
+    they wait for work, which a busy machine pays for)."""
 
     def __init__(self, threads: int | None = None):
         self._lock = threading.Lock()
+        self._natives = [ffi.NULL, ffi.NULL]  # what the finalizer frees: the backend and its thread pool
+        self._finalizer = weakref.finalize(self, _free_backend, self._natives)
+        self._ptr = None
+        self._start(default_threads() if threads is None else threads)
+        _BACKENDS.add(self)
+
+    def _start(self, threads: int):
         ptr = lib.ggml_backend_cpu_init()
         if ptr == ffi.NULL:
             raise MemoryError("ggml could not start its CPU backend")
-        self._ptr = ptr
-        self._finalizer = weakref.finalize(self, lib.ggml_backend_free, ptr)
-        self.threads = default_threads() if threads is None else threads
+        self._ptr = self._natives[0] = ptr
+        self.threads = threads
 
     @property
     def threads(self) -> int:
@@ -215,13 +279,44 @@ class Backend(_Closable):
 
     @threads.setter
     def threads(self, n: int):
-        n = _integer(n, "threads", 1, 512)
-        lib.ggml_backend_cpu_set_n_threads(_alive(self._ptr, "backend"), n)
-        self._threads = n
+        n = _integer(n, "threads", 1, MAX_THREADS)
+        with self._lock:  # not while a computation runs on the current pool
+            ptr = _alive(self._ptr, "backend")
+            params = ffi.new("struct ggml_threadpool_params *", lib.ggml_threadpool_params_default(n))
+            params.poll = 0  # between computations the threads sleep on a condition variable
+            pool = lib.ggml_threadpool_new(params)
+            lib.ggml_backend_cpu_set_n_threads(ptr, n)
+            lib.ggml_backend_cpu_set_threadpool(ptr, pool)
+            old, self._natives[1] = self._natives[1], pool
+            if old != ffi.NULL:
+                lib.ggml_threadpool_free(old)
+            self._threads = n
+
+    def _after_fork_in_child(self):
+        # The pool's threads did not survive the fork, and freeing the pool would join them: leave the old
+        # backend and pool to the parent, and start new ones. A lock held by a thread of the parent would
+        # stay held here forever.
+        self._lock = threading.Lock()
+        if self._ptr is not None:
+            self._natives[:] = [ffi.NULL, ffi.NULL]
+            self._start(self._threads)
 
     def close(self):
         self._ptr = None
         self._finalizer()
+
+
+def _free_backend(natives):
+    backend, pool = natives
+    if backend != ffi.NULL:
+        lib.ggml_backend_free(backend)
+    if pool != ffi.NULL:
+        lib.ggml_threadpool_free(pool)
+
+
+_BACKENDS: "weakref.WeakSet[Backend]" = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [b._after_fork_in_child() for b in list(_BACKENDS)])
 
 
 class Weights(_Closable):

@@ -1,0 +1,183 @@
+"""Thread counts: the default (OMP_NUM_THREADS, affinity, cgroup CPU quota), and that more threads than CPUs
+do not busy-wait (ggml's barrier sleeps after a short spin: vendor/ggml-barrier.patch)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from pyggml_resnet import ggml
+from pyggml_resnet.ggml import Backend, Graph
+
+
+@pytest.fixture
+def no_quota(monkeypatch, tmp_path):
+    """An empty cgroup root (no quota files) and no OMP_NUM_THREADS."""
+    monkeypatch.setattr(ggml, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return tmp_path
+
+
+def affinity() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_default_is_the_cpus_this_process_may_use(no_quota, monkeypatch):
+    assert ggml.default_threads() == affinity()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert ggml.default_threads() == 3
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), (" 7 ", 7), ("5,2", 5), ("1", 1), ("100000", 512)])
+def test_omp_num_threads_wins(no_quota, monkeypatch, value, expected):
+    (no_quota / "cpu.max").write_text("100000 100000\n")  # a 1-CPU quota does not override it
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert ggml.default_threads() == expected
+    with Backend() as b:
+        assert b.threads == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "2.5", ",", "1e3"])
+def test_bad_omp_num_threads_is_ignored_with_a_warning(no_quota, monkeypatch, value):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.warns(RuntimeWarning, match="OMP_NUM_THREADS"):
+        assert ggml.default_threads() == affinity()
+
+
+def test_empty_omp_num_threads_is_unset(no_quota, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert ggml.default_threads() == affinity()
+
+
+@pytest.mark.parametrize("content, cpus", [("150000 100000\n", 2), ("100000 100000", 1), ("50000 100000", 1),
+                                           ("max 100000\n", None), ("garbage", None), ("", None),
+                                           ("-1 100000", None)])
+def test_cgroup_v2_quota_caps_the_cpus(no_quota, monkeypatch, content, cpus):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (no_quota / "cpu.max").write_text(content)
+    assert ggml.default_threads() == (64 if cpus is None else cpus)
+
+
+@pytest.mark.parametrize("controller", ["cpu", "cpu,cpuacct"])
+@pytest.mark.parametrize("quota, period, cpus", [("250000", "100000", 3), ("-1", "100000", None),
+                                                 ("20000", "10000", 2), ("x", "100000", None)])
+def test_cgroup_v1_quota_caps_the_cpus(no_quota, monkeypatch, controller, quota, period, cpus):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (no_quota / controller).mkdir()
+    (no_quota / controller / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (no_quota / controller / "cpu.cfs_period_us").write_text(period + "\n")
+    assert ggml.cgroup_cpu_limit() == (None if cpus is None else int(quota) / int(period))
+    assert ggml.default_threads() == (64 if cpus is None else cpus)
+
+
+def test_cgroup_v2_is_read_before_v1(no_quota, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (no_quota / "cpu.max").write_text("400000 100000")
+    (no_quota / "cpu").mkdir()
+    (no_quota / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+    (no_quota / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert ggml.default_threads() == 4
+
+
+def test_quota_never_raises_above_the_affinity(no_quota, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    (no_quota / "cpu.max").write_text("800000 100000")
+    assert ggml.default_threads() == 1
+
+
+# The oversubscribed case, checked by how threads wait rather than by time: a process pinned to one CPU
+# runs a graph on 4 threads. With a busy-waiting barrier the 3 waiting threads keep running until the
+# scheduler preempts them (involuntary context switches only); when they sleep, each wait is a voluntary
+# context switch, counted by getrusage for the whole process, exited threads included.
+OVERSUBSCRIBED = textwrap.dedent("""
+    import os, resource, sys
+    import numpy as np
+    from pyggml_resnet.ggml import Backend, Graph
+
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    with Backend(threads=4) as b, Graph(b) as g:
+        x = g.input("x", (64, 64))
+        y = x
+        for _ in range(40):  # 40 nodes: a barrier after each
+            y = g.relu(g.add(y, x))
+        g.finalize(y)
+        data = np.ones((64, 64), np.float32)
+        g.set(x, data); g.compute()  # warm-up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+        for _ in range(10):
+            g.set(x, data)
+            g.compute()
+        waits = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before
+        assert (g.get(y) == 41).all()  # 1, then 40 times + 1
+    print(waits)
+""")
+
+
+def test_waiting_threads_sleep_when_there_are_more_threads_than_cpus():
+    out = subprocess.run([sys.executable, "-c", OVERSUBSCRIBED], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    waits = int(out.stdout)
+    # 10 computations of 80 nodes: a busy-waiting pool sleeps only to start and join its threads (about
+    # 3 per computation); a sleeping barrier waits hundreds of times.
+    assert waits > 10 * 40, waits
+
+
+FORKED = textwrap.dedent("""
+    import os, signal, time
+    import numpy as np
+    from pyggml_resnet.ggml import Backend, Graph
+
+    with Backend(threads=3) as b, Graph(b) as g:
+        x = g.input("x", (64, 64))
+        y = x
+        for _ in range(10):
+            y = g.relu(g.add(y, x))
+        g.finalize(y)
+        g.set(x, np.ones((64, 64), np.float32))
+        g.compute()  # the pool's threads have run in the parent
+        pid = os.fork()
+        if pid == 0:
+            g.set(x, np.full((64, 64), 2, np.float32))
+            g.compute()
+            ok = (g.get(y) == 22).all()
+            b.threads = 2
+            g.set(x, np.ones((64, 64), np.float32))
+            g.compute()
+            os._exit(0 if ok and (g.get(y) == 11).all() else 1)
+        g.set(x, np.full((64, 64), 3, np.float32))
+        g.compute()
+        assert (g.get(y) == 33).all()
+        for _ in range(1200):  # a child stuck waiting for threads it does not have never ends: kill it
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print(os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            print("hung")
+""")
+
+
+def test_a_forked_child_computes_with_its_parents_backend():
+    # The pool's threads do not survive fork(): the child must get its own instead of waiting for them.
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0"]
+
+
+def test_the_backend_keeps_its_own_pool_of_threads():
+    # A pool of threads - 1 workers (the caller is the last) lives as long as the backend, instead of
+    # ggml's default of new threads for every computation.
+    def tasks():
+        return len(os.listdir("/proc/self/task"))
+
+    before = tasks()
+    with Backend(threads=3) as b:
+        assert tasks() == before + 2
+        b.threads = 5
+        assert tasks() == before + 4
+    assert tasks() == before
