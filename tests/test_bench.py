@@ -13,7 +13,7 @@ import pytest
 import pyggml_resnet
 from pyggml_resnet import bench
 from pyggml_resnet.arch import BY_NAME
-from pyggml_resnet.bench import procs
+from pyggml_resnet.bench import contention, procs
 from pyggml_resnet.ggml import gemm_paths
 
 
@@ -72,11 +72,19 @@ def test_workers_import_the_package_the_parent_runs_from(tmp_path):
     assert probe.stdout.strip() == os.path.dirname(os.path.dirname(os.path.abspath(pyggml_resnet.__file__)))
 
 
+def busy_loop(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return contention.BUSY_LOOP.encode() in f.read()
+    except OSError:  # gone meanwhile
+        return False
+
+
 def test_end_to_end_ggml_against_torch(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "tmp.json"
     proc = subprocess.run([sys.executable, "-m", "pyggml_resnet", "bench", "--arch", "resnet18", "--batch", "1",
-                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "torch", "--json", str(out)],
+                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "torch", "--contention", "--json", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
@@ -115,6 +123,19 @@ def test_end_to_end_ggml_against_torch(tmp_path):
     assert loads["f32"]["ratio_to_f32"] == 1.0 and all(x["median_s"] > 0 for x in loads.values())
     assert loads["f16"]["file_bytes"] < 0.6 * loads["f32"]["file_bytes"]
     assert re.search(r"^  bf16 +\d+\.\d{3} +\d+\.\d{3} +\d+\.\d\dx +\d+\.\d$", proc.stdout, re.M)
+
+    # --contention: the same two engines again in four cases, with the busy processes gone afterwards.
+    threads = report["settings"]["threads"]
+    cases = report["contention"]
+    assert [(c["case"], c["threads"], c["busy"]) for c in cases] == [
+        ("quiet", threads, 0), ("2x threads", 2 * threads, 0), ("1 busy", threads, 1), ("2 busy", threads, 2)]
+    for c in cases:
+        assert len(c["ggml_samples_ms"]) == len(c["torch_samples_ms"]) == 1
+        assert c["ratio_to_torch"] == pytest.approx(c["ggml_ms"] / c["torch_ms"])
+        assert c["ratio_vs_quiet_ratio"] == pytest.approx(c["ratio_to_torch"] / cases[0]["ratio_to_torch"])
+        assert c["ggml_vs_quiet"] == pytest.approx(c["ggml_ms"] / cases[0]["ggml_ms"])
+    assert "contention" in proc.stdout and "2 busy" in proc.stdout
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and busy_loop(pid)]
     # Temporary files are cleaned up: only the JSON is left behind in the working directory.
     assert [p.name for p in tmp_path.iterdir()] == ["tmp.json"]
 

@@ -2,6 +2,7 @@
 
     pyggml-resnet bench [--model M.gguf | --arch resnet101] [--batch 1 8] [--threads N] [--rounds R]
                         [--iters K] [--dtype f32 bf16 ...] [--gemm packed ggml] [--engines ggml torch onnxruntime]
+                        [--contention]
                         [--json OUT]
 
 Without --model a seeded random model is made with NumPy and written as GGUF, so a fresh machine needs no
@@ -24,7 +25,8 @@ How the numbers are made fair:
   PyTorch loads a `.pth` state dict the way a careful user would (mmap, meta-device model, assign=True).
 
 The modules: `child` (the worker processes and their PyTorch ResNet), `procs` (starting and talking to
-them), `workload` (FLOPs, the random model), `run` (the phases of a run), `report` (the machine, the text).
+them), `workload` (FLOPs, the random model), `run` (the phases of a run), `contention` (the oversubscribed
+cases of --contention), `report` (the machine, the text).
 """
 
 from .run import main

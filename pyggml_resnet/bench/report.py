@@ -10,6 +10,7 @@ import platform
 import numpy as np
 
 from .. import __version__, ggml
+from .contention import format_cases
 
 
 def _dist_version(name: str) -> str | None:
@@ -31,7 +32,7 @@ def machine_info() -> dict:
     # The instruction sets that decide which kernels the engines can use.
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
                        "asimd", "sve") if f in flags]
-    return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": ggml.default_threads(), "isa": isa,
+    return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": ggml.available_cpus(), "isa": isa,
             "os": platform.platform(),
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "torch": _dist_version("torch"), "onnxruntime": _dist_version("onnxruntime"),
@@ -50,7 +51,7 @@ def format_report(r: dict) -> str:
            f"{s['threads']} threads per engine, {s['rounds']} rounds, timed iterations per engine per round: "
            + ", ".join(f"batch {b}: {k}" for b, k in s["iters"].items()), ""]
     for part, lines in (("correctness", _correctness), ("results", _speed), ("cold_start", _cold_start),
-                        ("load_by_dtype", _loads)):
+                        ("load_by_dtype", _loads), ("contention", format_cases)):
         if r[part]:
             out += lines(r[part]) + [""]
 

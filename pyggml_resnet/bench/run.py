@@ -23,7 +23,8 @@ from ..dtypes import NAMES as DTYPES
 
 GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffix each gives its row's name
 from ..errors import Error, print_error
-from ..ggml import default_threads
+from ..ggml import available_cpus, default_threads
+from . import contention
 from .child import ENGINES, iterations
 from .procs import Worker, WorkerError, child_command, run_child
 from .report import format_report, machine_info
@@ -97,6 +98,9 @@ def parse_args(argv) -> argparse.Namespace:
                         "(its mul_mat, ggml-f32-mul_mat) (default: one row, the load default)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run (default: all; missing ones are skipped)")
+    p.add_argument("--contention", action="store_true",
+                   help="then time ggml and PyTorch again with twice the threads, and beside 1 and 2 busy "
+                        "processes, and print each case's ratio against the quiet one")
     p.add_argument("--json", metavar="OUT", help="also write every result, sample and setting to this JSON file")
     a = p.parse_args(argv)
     a.batch = list(dict.fromkeys(a.batch))
@@ -145,7 +149,7 @@ def _phases(run: Run) -> int:
     # Other work on the machine shows up as spread between min and max; say so up front.
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if load_avg is not None and load_avg >= 1:
-        run.note(f"the machine is busy (1-minute load average {load_avg:.1f} on {default_threads()} CPUs before "
+        run.note(f"the machine is busy (1-minute load average {load_avg:.1f} on {available_cpus()} CPUs before "
                  "starting): expect noisy timings; the min columns suffer least")
     make_model(run)
     flops = flops_per_image(run.cfg, run.size, run.size, run.num_classes)
@@ -153,6 +157,7 @@ def _phases(run: Run) -> int:
     start_workers(run)
     correctness = check_correctness(run)
     samples = timed_rounds(run)
+    oversubscribed = contention_cases(run)
     stop_workers(run)
     cold = cold_starts(run)
     loads = load_times(run)
@@ -169,6 +174,7 @@ def _phases(run: Run) -> int:
         "results": summarize(run, samples, flops),
         "cold_start": cold,
         "load_by_dtype": loads,
+        "contention": oversubscribed,
         "notes": run.notes,
     }
     print(format_report(report))
@@ -319,6 +325,21 @@ def timed_rounds(run: Run) -> dict[str, dict[int, list[float]]]:
                     run.fail(name, e, inline=True)  # the error itself is in the report
         _progress("")
     return samples
+
+
+def contention_cases(run: Run) -> list[dict]:
+    """With --contention: ggml (f32 if timed) and PyTorch again, oversubscribed and beside busy processes."""
+    if not run.args.contention:
+        return []
+    ggml_row = next((f"ggml-{dt}" for dt in ("f32", *run.args.dtype) if f"ggml-{dt}" in run.workers), None)
+    if ggml_row is None or "torch" not in run.workers:
+        run.note("--contention needs a ggml and a PyTorch worker: skipped")
+        return []
+    try:
+        return contention.run_cases(run, ggml_row, _progress)
+    except WorkerError as e:
+        run.note(f"the contention cases stopped: {e}")
+        return []
 
 
 def stop_workers(run: Run) -> None:
