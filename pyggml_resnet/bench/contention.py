@@ -89,16 +89,3 @@ def _case(run, c: dict, ggml_row: str, extra: dict, progress) -> dict:
             "ggml_samples_ms": [v * 1e3 for v in samples[ggml_row]],
             "torch_samples_ms": [v * 1e3 for v in samples["torch"]]}
 
-
-def format_cases(entries: list[dict]) -> list[str]:
-    out = ["contention: batch 1, ms per image (medians); ratio = ggml / torch in the same case; "
-           "vs quiet = that case / the quiet case",
-           f"  {'case':<11} {'threads':>7} {'load':>5} {'ggml':>9} {'torch':>9} {'ratio':>7} "
-           f"{'ratio vs quiet':>15} {'ggml vs quiet':>14} {'torch vs quiet':>15}"]
-    for e in entries:
-        load = f"{e['load_average']:.1f}" if e["load_average"] is not None else "-"
-        out.append(f"  {e['case']:<11} {e['threads']:>7} {load:>5} {e['ggml_ms']:>9.1f} {e['torch_ms']:>9.1f} "
-                   f"{e['ratio_to_torch']:>6.2f}x {e['ratio_vs_quiet_ratio']:>14.2f}x "
-                   f"{e['ggml_vs_quiet']:>13.2f}x {e['torch_vs_quiet']:>14.2f}x")
-    out.append("  (load: the 1-minute load average as the case started, busy processes included)")
-    return out

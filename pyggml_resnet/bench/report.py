@@ -10,7 +10,6 @@ import platform
 import numpy as np
 
 from .. import __version__, ggml
-from .contention import format_cases
 
 
 def _dist_version(name: str) -> str | None:
@@ -51,7 +50,7 @@ def format_report(r: dict) -> str:
            f"{s['threads']} threads per engine, {s['rounds']} rounds, timed iterations per engine per round: "
            + ", ".join(f"batch {b}: {k}" for b, k in s["iters"].items()), ""]
     for part, lines in (("correctness", _correctness), ("results", _speed), ("cold_start", _cold_start),
-                        ("load_by_dtype", _loads), ("contention", format_cases)):
+                        ("load_by_dtype", _loads), ("contention", _contention)):
         if r[part]:
             out += lines(r[part]) + [""]
 
@@ -121,4 +120,18 @@ def _loads(loads: list[dict]) -> list[str]:
     for x in loads:
         out.append(f"  {x['dtype']:<8} {x['median_s']:>7.3f} {x['min_s']:>7.3f} {x['ratio_to_f32']:>6.2f}x "
                    f"{x['file_bytes'] / 1e6:>8.1f}")
+    return out
+
+
+def _contention(entries: list[dict]) -> list[str]:
+    out = ["contention: batch 1, ms per image (medians); ratio = ggml / torch in the same case; "
+           "vs quiet = that case / the quiet case",
+           f"  {'case':<11} {'threads':>7} {'load':>5} {'ggml':>9} {'torch':>9} {'ratio':>7} "
+           f"{'ratio vs quiet':>15} {'ggml vs quiet':>14} {'torch vs quiet':>15}"]
+    for e in entries:
+        load = f"{e['load_average']:.1f}" if e["load_average"] is not None else "-"
+        out.append(f"  {e['case']:<11} {e['threads']:>7} {load:>5} {e['ggml_ms']:>9.1f} {e['torch_ms']:>9.1f} "
+                   f"{e['ratio_to_torch']:>6.2f}x {e['ratio_vs_quiet_ratio']:>14.2f}x "
+                   f"{e['ggml_vs_quiet']:>13.2f}x {e['torch_vs_quiet']:>14.2f}x")
+    out.append("  (load: the 1-minute load average as the case started, busy processes included)")
     return out
