@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="a .gguf file, or a pretrained name such as resnet101")
     _add_pretrained_source(c)
     c.add_argument("--top-k", type=positive, default=5)
-    c.add_argument("--threads", type=positive, default=None, help="default: every CPU available")
+    c.add_argument("--threads", type=positive, default=None, help="default: OMP_NUM_THREADS, else every CPU available")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight type at load (default: as stored)")
     c.add_argument("--batch-size", type=positive, default=1,

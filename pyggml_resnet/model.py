@@ -293,7 +293,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
          dtype: str | None = None, winograd: bool = False, gemm: str | None = None) -> Model:
     """Loads a GGUF model file written by `python -m pyggml_resnet.convert`.
 
-    threads: CPU threads per computation (default: every CPU this process may use).
+    threads: CPU threads per computation (default: `ggml.default_threads()`: OMP_NUM_THREADS if set, else
+        every CPU this process may use, within its cgroup's CPU quota).
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
     winograd: run f32 3x3 stride-1 convs as Winograd F(2x2,3x3): ~9% faster for ResNet-101 here, still

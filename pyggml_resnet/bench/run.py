@@ -86,7 +86,7 @@ def parse_args(argv) -> argparse.Namespace:
     src.add_argument("--arch", choices=list(arch.BY_NAME), default="resnet101",
                      help="architecture of the random model (default: resnet101)")
     p.add_argument("--batch", type=positive, nargs="+", default=[1], help="batch sizes (default: 1)")
-    p.add_argument("--threads", type=positive, default=None, help="CPU threads per engine (default: all available)")
+    p.add_argument("--threads", type=positive, default=None, help="CPU threads per engine (default: OMP_NUM_THREADS, else all available)")
     p.add_argument("--rounds", type=positive, default=5, help="interleaved rounds (default: 5)")
     p.add_argument("--iters", type=positive, default=3,
                    help="timed iterations per engine per round at batch 1, about ITERS/BATCH for larger "
