@@ -480,6 +480,7 @@ struct ggml_threadpool {
     atomic_int GGML_CACHE_ALIGN n_barrier;
     atomic_int GGML_CACHE_ALIGN n_barrier_passed;
     atomic_int n_barrier_sleepers; // threads asleep in ggml_barrier (pyggml_resnet patch)
+    int          n_barrier_spin;      // rounds a thread spins in ggml_barrier before it sleeps (pyggml_resnet patch)
     atomic_int GGML_CACHE_ALIGN current_chunk; // currently processing chunk during Mat_Mul, shared between all the threads.
 
     // these are atomic as an annotation for thread-sanitizer
@@ -564,12 +565,28 @@ struct ggml_state {
 
 static struct ggml_state g_state = {0};
 
-// pyggml_resnet patch: a thread that waits at the barrier spins GGML_BARRIER_SPIN times, then sleeps until
-// the last thread arrives (a futex on Linux, sched_yield elsewhere). Spinning alone collapses when there are
-// more runnable threads than free CPUs: the waiters use up the CPU time of the thread they wait for.
+// pyggml_resnet patch: a thread that waits at the barrier spins GGML_BARRIER_SPIN times (as libgomp does,
+// fewer when the pool has more threads than the process has CPUs), then sleeps until the last thread
+// arrives (a futex on Linux, sched_yield elsewhere). Spinning alone collapses when there are more runnable
+// threads than free CPUs: the waiters use up the CPU time of the thread they wait for.
 #ifndef GGML_BARRIER_SPIN
 #define GGML_BARRIER_SPIN 1000
 #endif
+#ifndef GGML_BARRIER_SPIN_OVERSUBSCRIBED
+#define GGML_BARRIER_SPIN_OVERSUBSCRIBED 100
+#endif
+
+static int ggml_barrier_spin(int n_threads) {
+#if defined(__gnu_linux__)
+    cpu_set_t cpus;
+    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && n_threads > CPU_COUNT(&cpus)) {
+        return GGML_BARRIER_SPIN_OVERSUBSCRIBED;
+    }
+#else
+    UNUSED(n_threads);
+#endif
+    return GGML_BARRIER_SPIN;
+}
 
 #if defined(__linux__) && !defined(GGML_USE_OPENMP)
 #include <limits.h>
@@ -607,7 +624,7 @@ void ggml_barrier(struct ggml_threadpool * tp) {
 
     // wait for other threads
     for (int i = 0; atomic_load_explicit(&tp->n_barrier_passed, memory_order_relaxed) == n_passed; i++) {
-        if (i < GGML_BARRIER_SPIN) {
+        if (i < tp->n_barrier_spin) {
             ggml_thread_cpu_relax();
             continue;
         }
@@ -3275,6 +3292,7 @@ static struct ggml_threadpool * ggml_threadpool_new_impl(
         threadpool->n_barrier        = 0;
         threadpool->n_barrier_passed = 0;
         threadpool->n_barrier_sleepers = 0;
+        threadpool->n_barrier_spin   = ggml_barrier_spin(tpp->n_threads);
         threadpool->current_chunk    = 0;
         threadpool->stop             = false;
         threadpool->pause            = tpp->paused;
