@@ -39,6 +39,8 @@ void ggml_free(struct ggml_context * ctx);
 size_t ggml_tensor_overhead(void);
 size_t ggml_graph_overhead_custom(size_t size, bool grads);
 int64_t ggml_blck_size(enum ggml_type type);
+typedef uint16_t ggml_fp16_t;
+void ggml_cpu_fp32_to_fp16(const float * x, ggml_fp16_t * y, int64_t n);
 size_t ggml_nbytes(const struct ggml_tensor * tensor);
 bool ggml_is_contiguous(const struct ggml_tensor * tensor);
 struct ggml_tensor * ggml_new_tensor_4d(struct ggml_context * ctx, enum ggml_type type,
@@ -96,6 +98,7 @@ struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor 
                                   struct ggml_tensor * like, int channel_dim);
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
                                     int kh, int kw, int stride, int pad, int64_t k_pad, enum ggml_type type);
+void q8_0_encode(const float * x, uint8_t * dst, int64_t n);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
 enum gemm_path { GEMM_AVX512, GEMM_AVX2, ... };
@@ -113,6 +116,7 @@ SOURCE = r"""
 #include "batch_repeat.h"
 #include "gemm.h"
 #include "patches.h"
+#include "q8_0.h"
 #include "winograd.h"
 """
 

@@ -36,23 +36,25 @@ class DType:
         """Bytes of n elements (a multiple of block_size)."""
         return n // self.block_size * self.block_bytes
 
-    def too_large(self, array: np.ndarray) -> float | None:
-        """The largest |value| of a float32 array if it exceeds this type's range, else None."""
-        if self.max_abs is None or not array.size:
-            return None
-        largest = float(np.abs(array).max())
-        return largest if largest > self.max_abs else None
+    def largest(self, array: np.ndarray) -> float:
+        """The largest |value| of a float32 array, NaN if it holds one; 0 for f32 (which holds them all)."""
+        return float(np.abs(array).max()) if self.max_abs is not None and array.size else 0.0
 
-    def encode(self, array) -> np.ndarray:
+    def encode(self, array, fast: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """A float32 array (rows: its last axis, a multiple of block_size long) in this type's bytes: an array
         of `host` dtype (q8_0: [..., row bytes]). InputError if a value is out of range or a row does not
-        fill whole blocks; the caller names the tensor."""
+        fill whole blocks; the caller names the tensor.
+
+        `fast` (the binding's `Type.encode` passes its C encoder) encodes checked, NaN-free, non-empty arrays
+        of rows to the same bytes; NaN payloads are where C and this table part ways."""
         array = np.ascontiguousarray(array, dtype=np.float32)
-        largest = self.too_large(array)
-        if largest is not None:
+        largest = self.largest(array)
+        if self.max_abs is not None and largest > self.max_abs:
             raise InputError(f"values up to {largest:g} do not fit {self.name.upper()}")
         if array.ndim and array.shape[-1] % self.block_size:
             raise InputError(f"{self.name} rows must be a multiple of {self.block_size} long, got {array.shape}")
+        if fast is not None and array.ndim and array.size and not np.isnan(largest):
+            return fast(array)
         return self._encode(array)
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
@@ -84,8 +86,9 @@ def _q8_0_encode(a: np.ndarray) -> np.ndarray:
     while m.shape[1] > 1:  # each block's max, by halving: NumPy reduces a 32-long last axis ~4x slower
         m = np.maximum(m[:, : m.shape[1] // 2], m[:, m.shape[1] // 2:])
     d = m / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.float32(1) / d
+    inv[np.isinf(inv)] = 0  # d == 0, or so small that 1/d overflows: quants 0 (ggml's int8 cast of inf on x86)
     x = blocks * inv
     q = np.rint(x)
     tie = np.abs(x - q) == 0.5  # rint rounds halves to even; ggml rounds them away from zero

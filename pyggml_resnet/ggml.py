@@ -34,6 +34,11 @@ class _Type(enum.IntEnum):
         """Elements per block along ne[0] (1 for float types)."""
         return self.dtype.block_size
 
+    def encode(self, array) -> np.ndarray:
+        """`self.dtype.encode(array)`, byte for byte, in C where it is faster (f16: ggml's F16C conversion; q8_0:
+        csrc/q8_0.c, as ggml's reference quantizer rounds but vectorised): models load through this."""
+        return self.dtype.encode(array, _C_ENCODERS.get(self))
+
     @classmethod
     def parse(cls, name) -> "Type":
         """A Type, or the type a name such as "bf16" (any case) or a `dtypes.DType` stands for."""
@@ -44,6 +49,24 @@ class _Type(enum.IntEnum):
 Type = _Type("Type", {t.name.upper(): t.code for t in dtypes.TYPES})
 if any(getattr(lib, f"GGML_TYPE_{t.name}") != t or lib.ggml_blck_size(t) != t.block_size for t in Type):
     raise ImportError("pyggml_resnet.dtypes disagrees with the compiled ggml on a type's code or block size")
+
+
+# Type.encode's C conversions. `dtypes.DType.encode` hands them only checked arrays: C-contiguous float32, not
+# empty, no NaN, in range, rows (the last axis) a whole number of blocks.
+def _encode_f16(a: np.ndarray) -> np.ndarray:
+    out = np.empty(a.shape, np.float16)
+    lib.ggml_cpu_fp32_to_fp16(ffi.from_buffer("float[]", a), ffi.from_buffer("ggml_fp16_t[]", out), a.size)
+    return out
+
+
+def _encode_q8_0(a: np.ndarray) -> np.ndarray:
+    row = a.shape[-1]
+    out = np.empty((*a.shape[:-1], Type.Q8_0.dtype.nbytes(row)), np.uint8)
+    lib.q8_0_encode(ffi.from_buffer("float[]", a), ffi.from_buffer("uint8_t[]", out), a.size)
+    return out
+
+
+_C_ENCODERS = {Type.F16: _encode_f16, Type.Q8_0: _encode_q8_0}
 
 
 def version() -> str:

@@ -75,9 +75,9 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: 
             m = layers.conv_weight(mf.tensor(conv.name), layout[conv.name], scale)
             if scale is not None and not (np.isfinite(m).all() and np.isfinite(bias).all()):  # a near-zero variance
                 raise ModelFormatError(f"{mf.path}: folding {conv.bn} into {conv.name} overflows float32")
-            weights.set(conv.name, plan[conv.name][0].dtype.encode(m))
+            weights.set(conv.name, plan[conv.name][0].encode(m))
         fc_weight = mf.tensor("fc.weight")
-        weights.set("fc.weight", plan["fc.weight"][0].dtype.encode(pack_matrix(fc_weight) if packed_fc else fc_weight))
+        weights.set("fc.weight", plan["fc.weight"][0].encode(pack_matrix(fc_weight) if packed_fc else fc_weight))
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()

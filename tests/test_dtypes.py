@@ -27,10 +27,16 @@ def awkward_values(n_rows: int = 64, row: int = 96, seed: int = 0) -> np.ndarray
     return a
 
 
-@pytest.mark.parametrize("t", dtypes.TYPES, ids=lambda t: t.name)
-def test_encoding_is_gguf_quants_byte_for_byte(t):
+def _encoders(types):
+    """(type, encode) pairs: the table's NumPy encoder and the binding's, which uses ggml's C where it can."""
+    return [pytest.param(t, enc, id=f"{t.name}-{name}") for t in types
+            for name, enc in (("numpy", t.encode), ("ggml", Type(t.code).encode))]
+
+
+@pytest.mark.parametrize("t, encode", _encoders(dtypes.TYPES))
+def test_encoding_is_gguf_quants_byte_for_byte(t, encode):
     a = awkward_values()
-    ours = t.encode(a)
+    ours = encode(a)
     ref = gguf.quants.quantize(a, gguf.GGMLQuantizationType(t.code))
     assert ours.dtype == t.host
     assert ours.tobytes() == ref.tobytes()
@@ -56,12 +62,64 @@ def test_decoding_matches_gguf_dequantize(t):
     np.testing.assert_array_equal(ours, np.asarray(ref, np.float32).reshape(-1))
 
 
-@pytest.mark.parametrize("t", [dtypes.F16, dtypes.BF16, dtypes.Q8_0], ids=lambda t: t.name)
-def test_values_beyond_a_type_are_refused(t):
+@pytest.mark.parametrize("t, encode", _encoders([dtypes.F16, dtypes.BF16, dtypes.Q8_0]))
+def test_values_beyond_a_type_are_refused(t, encode):
     a = np.zeros((2, 32), np.float32)
     a[1, 3] = np.float32(min(t.max_abs * 1.01, 3.4e38))
     with pytest.raises(InputError, match="do not fit"):
-        t.encode(a)
+        encode(a)
+    a[1, 3] = np.inf
+    with pytest.raises(InputError, match="do not fit"):
+        encode(a)
+    if t.block_size > 1:
+        with pytest.raises(InputError, match=f"multiple of {t.block_size}"):
+            encode(np.zeros((2, t.block_size + 2), np.float32))
+
+
+def _f16_edges() -> np.ndarray:
+    """Every finite f16 value, the float32 exactly halfway to its successor (a tie: to even) and the float32s
+    one ulp either side of that, signed zeros, f32 denormals, and random bit patterns within f16's range."""
+    h = np.arange(0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float32)  # 0 .. the last below 65504
+    nxt = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    mid = (h + nxt) / 2  # exact in float32
+    edges = [h, mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf)), nxt]
+    rng = np.random.default_rng(1)
+    bits = rng.integers(0, 0x477FE000, 1 << 20, dtype=np.uint32)  # |x| <= 65504 (0x477FE000), denormals too
+    a = np.concatenate(edges + [bits.view(np.float32), np.float32([0.0, 1e-45, 1e-40, 65504.0])])
+    return np.concatenate([a, -a])
+
+
+def test_f16_through_ggml_is_the_table_byte_for_byte():
+    a = _f16_edges()
+    ggml_bytes = Type.F16.encode(a)
+    assert ggml_bytes.dtype == np.float16 and ggml_bytes.shape == a.shape
+    assert ggml_bytes.tobytes() == dtypes.F16.encode(a).tobytes()
+
+
+def test_nan_encodes_as_the_table_does():
+    # NumPy keeps a NaN's payload and sign, the F16C instruction quiets it: NaN rows take the table's route.
+    bits = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0xFFC00000, 0x7FA00000, 0x3F800000], np.uint32)
+    a = np.tile(bits.view(np.float32), 32).reshape(6, 32)
+    with np.errstate(invalid="ignore"):
+        for t in (dtypes.F16, dtypes.Q8_0):
+            assert Type(t.code).encode(a).tobytes() == t.encode(a).tobytes()
+
+
+def test_q8_0_through_ggml_is_the_table_byte_for_byte():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((4096, 64)).astype(np.float32)
+    a *= np.float32(10.0) ** rng.integers(-12, 7, (4096, 1)).astype(np.float32)  # scales from f16 denormal to 1e5
+    a[0, :32] = 0.0  # an all-zero block: scale 0, quants 0
+    a[1, :32] = np.arange(-16, 16) * np.float32(127 / 31)  # quants landing exactly on x.5: away from zero
+    a[1, 32:] = -a[1, :32]
+    a[2] = np.float32(65504.0 * 127)  # the largest scale f16 holds
+    a[3, :32] = np.float32(1e-40)  # a denormal block
+    a[4:68] = rng.integers(-126, 126, (64, 64)) + np.float32(0.5)  # a block max of 127: scale 1, every quant a tie
+    a[4:68, ::32] = np.float32(127.0)
+    ggml_bytes = Type.Q8_0.encode(a)
+    assert ggml_bytes.dtype == np.uint8 and ggml_bytes.shape == (4096, 68)
+    assert ggml_bytes.tobytes() == dtypes.Q8_0.encode(a).tobytes()
+    assert Type.Q8_0.encode(a[:, :32].reshape(2, 2048, 32)).tobytes() == dtypes.Q8_0.encode(a[:, :32]).tobytes()
 
 
 def test_the_table_is_ggml_s_and_names_parse():
