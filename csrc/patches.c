@@ -28,26 +28,31 @@ static void put_bf16(void * out, const float * in, int64_t n) {
 static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
     const int kh = FIELD(userdata, 0), kw = FIELD(userdata, 1), stride = FIELD(userdata, 2), pad = FIELD(userdata, 3);
-    const int64_t C = x->ne[0], W = x->ne[1], H = x->ne[2];
-    const int64_t OW = dst->ne[1], OH = dst->ne[2];
-    const int64_t K = (int64_t) kh * kw * C, k_pad = dst->ne[0];
-    const int64_t nrows = OW * OH * dst->ne[3];
+    const int64_t W = x->ne[1], H = x->ne[2], N = x->ne[3];
+    const int64_t OW = (W + 2 * pad - kw) / stride + 1, OH = (H + 2 * pad - kh) / stride + 1;
+    const int64_t P = OW * OH * N;  // patches per group
+    // Both layouts hold one row per (group, patch), groups slowest: the row count gives the group count.
+    const int64_t groups = ggml_nrows(dst) / P;
+    const int64_t Cg = x->ne[0] / groups;  // channels per group
+    const int64_t K = (int64_t) kh * kw * Cg, k_pad = dst->ne[0];
     const size_t esize = ggml_type_size(dst->type);
     void (*put)(void *, const float *, int64_t) = dst->type == GGML_TYPE_BF16 ? put_bf16 : put_f32;
     int64_t first, last;
-    thread_range(nrows, ith, nth, &first, &last);
+    thread_range(groups * P, ith, nth, &first, &last);
 
     for (int64_t row = first; row < last; ++row) {
-        const int64_t ox = row % OW, oy = (row / OW) % OH, n = row / (OW * OH);
+        const int64_t p = row % P, g = row / P;
+        const int64_t ox = p % OW, oy = (p / OW) % OH, n = p / (OW * OH);
+        const char * src = (const char *) x->data + n * x->nb[3] + g * Cg * x->nb[0];
         char * out = (char *) dst->data + row * dst->nb[1];
         for (int ky = 0; ky < kh; ++ky) {
             const int64_t iy = oy * stride - pad + ky;
-            for (int kx = 0; kx < kw; ++kx, out += C * esize) {
+            for (int kx = 0; kx < kw; ++kx, out += Cg * esize) {
                 const int64_t ix = ox * stride - pad + kx;
                 if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
-                    memset(out, 0, C * esize);  // +0.0 in f32 and bf16 alike
+                    memset(out, 0, Cg * esize);  // +0.0 in f32 and bf16 alike
                 } else {
-                    put(out, (const float *) ((const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3]), C);
+                    put(out, (const float *) (src + ix * x->nb[1] + iy * x->nb[2]), Cg);
                 }
             }
         }
@@ -56,11 +61,16 @@ static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void 
 }
 
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
-                                    int kh, int kw, int stride, int pad, int64_t k_pad, enum ggml_type type) {
+                                    int kh, int kw, int stride, int pad, int groups, int64_t k_pad,
+                                    enum ggml_type type) {
     const int64_t OW = (x->ne[1] + 2 * pad - kw) / stride + 1;
     const int64_t OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
     const uintptr_t packed = (uintptr_t) kh | (uintptr_t) kw << 8 | (uintptr_t) stride << 16 | (uintptr_t) pad << 24;
     struct ggml_tensor * args[1] = { x };
-    return ggml_custom_4d(ctx, type, k_pad, OW, OH, x->ne[3], args, 1, gather_patches_run,
+    if (groups == 1) {
+        return ggml_custom_4d(ctx, type, k_pad, OW, OH, x->ne[3], args, 1, gather_patches_run,
+                              GGML_N_TASKS_MAX, (void *) packed);
+    }
+    return ggml_custom_4d(ctx, type, k_pad, OW * OH * x->ne[3], groups, 1, args, 1, gather_patches_run,
                           GGML_N_TASKS_MAX, (void *) packed);
 }

@@ -97,7 +97,8 @@ bool ggml_gallocr_alloc_graph(ggml_gallocr_t galloc, struct ggml_cgraph * graph)
 struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor * v,
                                   struct ggml_tensor * like, int channel_dim);
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
-                                    int kh, int kw, int stride, int pad, int64_t k_pad, enum ggml_type type);
+                                    int kh, int kw, int stride, int pad, int groups, int64_t k_pad,
+                                    enum ggml_type type);
 void q8_0_encode(const float * x, uint8_t * dst, int64_t n);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);

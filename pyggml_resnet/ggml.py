@@ -608,9 +608,10 @@ class Graph(_Closable):
                                           float(padding), float(padding)))
 
     def gather_patches(self, x: Tensor, kernel: int, stride: int, padding: int, k_pad: int = 0,
-                       ttype: Type | str = Type.F32) -> Tensor:
-        """Patches of a channel-fastest [C, W, H, N] f32 tensor as [K, OW, OH, N], K = kernel*kernel*C
-        ordered (ky, kx, c) with c fastest, zero-padded to k_pad rows when k_pad > K (csrc/patches.c).
+                       ttype: Type | str = Type.F32, groups: int = 1) -> Tensor:
+        """Patches of a channel-fastest [C, W, H, N] f32 tensor, K = kernel*kernel*C/groups values each, ordered
+        (ky, kx, c) with c fastest and zero-padded to k_pad when k_pad > K (csrc/patches.c): [K, OW, OH, N] for
+        one group; for more, [K, OW*OH*N, groups, 1], group g's patches over its own C/groups channels.
         ttype F32 copies; BF16 rounds as ggml does for a bf16 matmul's input (to nearest even)."""
         ctx = self._building(x)
         ttype = Type.parse(ttype)
@@ -621,9 +622,13 @@ class Graph(_Closable):
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gather_patches")
         if max(kernel, stride, padding) > 255:
             raise InputError("gather_patches: kernel, stride and padding must be below 256")
-        k = kernel * kernel * x.ne[0]
+        groups = _integer(groups, "gather_patches: groups", 1, 2**31 - 1)
+        if x.ne[0] % groups:
+            raise InputError(f"gather_patches: groups must divide the {x.ne[0]} channels, got {groups}")
+        k = kernel * kernel * (x.ne[0] // groups)
         k_pad = _integer(k_pad, "gather_patches: k_pad", 0)
-        return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, max(k, k_pad), ttype))
+        return self._new(lib.gather_patches(ctx, x._ptr, kernel, kernel, stride, padding, groups, max(k, k_pad),
+                                            ttype))
 
     def winograd_input(self, x: Tensor) -> Tensor:
         """Winograd F(2x2,3x3) input transform of a channel-fastest [C, W, H, N] f32 tensor, padding 1:

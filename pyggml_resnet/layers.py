@@ -34,10 +34,12 @@ PLAIN, WINOGRAD = "plain", "winograd"
 
 
 def matrix_layout(shape: tuple[int, ...], stride: int, padding: int, wtype: Type, *, winograd: bool,
-                  gemm: str | None) -> str:
+                  gemm: str | None, groups: int = 1) -> str:
     """The layout of a conv weight (PyTorch shape [OC, IC, KH, KW]) or fc weight ([OUT, IN]) under the
     model's options: Winograd where asked for and it applies, else the packed GEMM on path `gemm` for f32
-    weights, else plain."""
+    weights, else plain. A grouped conv is always plain: ggml's mul_mat broadcasts it over the groups."""
+    if groups > 1:
+        return PLAIN
     if len(shape) == 4 and winograd and winograd_applies(shape, stride, padding, wtype):
         return WINOGRAD
     return gemm if gemm is not None and wtype == Type.F32 else PLAIN
@@ -92,23 +94,45 @@ def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray
 
 def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int, layout: str = PLAIN,
            channels: int | None = None, bias: Tensor | None = None, residual: Tensor | None = None,
-           relu: bool = False) -> Tensor:
+           relu: bool = False, groups: int = 1) -> Tensor:
     """Convolution: x [C, W, H, N], w from `conv_weight` with this `layout` -> [OC, OW, OH, N], then + bias
     ([OC]), + residual (shaped like the result), ReLU. The packed GEMM does those as it writes its output;
-    the other layouts add them as separate ops. `channels` (OC) is needed by the packed layout only."""
-    if layout == WINOGRAD:
+    the other layouts add them as separate ops. `channels` (OC) is needed by the packed layout only.
+    `groups` > 1 (plain layout only): see `grouped_product`."""
+    if groups > 1:
+        y = grouped_product(g, x, w, kernel=kernel, stride=stride, padding=padding, groups=groups)
+    elif layout == WINOGRAD:
         y = g.winograd_output(g.mul_mat(w, g.winograd_input(x)), x)
     else:
         if (kernel, stride, padding) != (1, 1, 0) or w.type == Type.BF16:
             # bf16 weights get their input as bf16 from the gather, which rounds as ggml would but
             # vectorised: ggml's own conversion of the matmul input is a scalar loop that took 12% of a run.
-            ttype = Type.BF16 if w.type == Type.BF16 else Type.F32
             k_pad = w.ne[0] if layout == PLAIN else 0
-            x = g.gather_patches(x, kernel, stride, padding, k_pad=k_pad, ttype=ttype)
+            x = g.gather_patches(x, kernel, stride, padding, k_pad=k_pad, ttype=_patch_type(w))
         if layout != PLAIN:
             return g.gemm(w, x, channels, bias=bias, residual=residual, relu=relu, path=layout)
         y = g.mul_mat(w, x)
     return epilogue(g, y, bias=bias, residual=residual, relu=relu)
+
+
+def _patch_type(w: Tensor) -> Type:
+    return Type.BF16 if w.type == Type.BF16 else Type.F32
+
+
+def grouped_product(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int,
+                    groups: int) -> Tensor:
+    """A grouped convolution (ResNeXt's: each group of OC/groups outputs sees only its own C/groups inputs):
+    x [C, W, H, N], w from `conv_weight` (plain) of a PyTorch [OC, C/groups, KH, KW] weight -> [OC, OW, OH, N].
+
+    The rows of w are the groups' [K, OC/groups] blocks in order, so the whole convolution is one product of
+    each group's patches with its block: a single mul_mat node, broadcast over the groups."""
+    k, oc = w.ne[0], w.ne[1]
+    patches = g.gather_patches(x, kernel, stride, padding, k_pad=k, ttype=_patch_type(w), groups=groups)
+    y = g.mul_mat(g.reshape(w, (k, oc // groups, groups)), patches)  # [OC/groups, OW*OH*N, groups]
+    # Output channel g*OC/groups + o, as PyTorch numbers them, back in the channel-fastest layout.
+    y = g.cont(g.permute(y, (0, 2, 1, 3)))
+    out_w, out_h = ((n + 2 * padding - kernel) // stride + 1 for n in x.ne[1:3])
+    return g.reshape(y, (oc, out_w, out_h, x.ne[3]))
 
 
 def epilogue(g: Graph, y: Tensor, *, bias: Tensor | None = None, residual: Tensor | None = None,

@@ -84,6 +84,45 @@ def test_conv2d(backend, n, ic, h, w, oc, k, s, p):
         assert_close(got, want)
 
 
+GROUPED_CASES = [
+    # (N, IC, H, W, OC, kernel, stride, padding, groups)
+    (2, 8, 9, 7, 16, 3, 1, 1, 4),
+    (1, 64, 14, 13, 64, 3, 2, 1, 32),  # resnext50_32x4d's layer2.0.conv2, on a small image
+    (2, 256, 4, 5, 256, 3, 1, 1, 64),  # resnext101_64x4d's layer1 convs: 4 channels per group
+    (3, 12, 5, 6, 6, 1, 1, 0, 3),  # 1x1: the gather still splits the channels
+    (1, 16, 6, 6, 16, 3, 1, 1, 16),  # one channel per group
+]
+
+
+@pytest.mark.parametrize("n,ic,h,w,oc,k,s,p,groups", GROUPED_CASES)
+def test_grouped_conv2d(backend, n, ic, h, w, oc, k, s, p, groups):
+    x = rand(n, ic, h, w, seed=1)
+    wt = rand(oc, ic // groups, k, k, seed=2) / np.float32(np.sqrt(ic // groups * k * k))
+    want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p, groups=groups).numpy()
+    got = run(backend, {"w": layers.conv_weight(wt)},
+              lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p, groups=groups), x)
+    assert_close(got, want)
+
+
+def test_grouped_conv2d_in_bf16_rounds_as_torch_does(backend):
+    """bf16 weights: the grouped gather hands the product bf16 patches, as the ungrouped one does."""
+    n, ic, h, w, oc, groups = 2, 64, 7, 6, 64, 8
+    x, wt = rand(n, ic, h, w, seed=3), rand(oc, ic // groups, 3, 3, seed=4) / np.float32(24)
+    rounded = [torch.from_numpy(a).to(torch.bfloat16).double() for a in (x, wt)]
+    want = F.conv2d(*rounded, stride=2, padding=1, groups=groups).numpy()
+    m = layers.conv_weight(wt)
+    with Weights(backend, {"w": (Type.BF16, tuple(reversed(m.shape)))}) as wts, Graph(backend) as g:
+        wts.set("w", Type.BF16.dtype.encode(m))
+        xi = g.input("x", (w, h, ic, n))
+        y = layers.channels_fastest_to_nchw(g, layers.conv2d(g, layers.nchw_to_channels_fastest(g, xi), wts["w"],
+                                                             kernel=3, stride=2, padding=1, groups=groups))
+        g.finalize(y)
+        g.set(xi, x)
+        g.compute()
+        got = g.get(y)
+    assert_close(got, want)
+
+
 def _bf16_cases(rng, n):
     """f32 values that probe bf16 rounding: exact ties (both parities), just either side of a tie, huge and
     tiny values, zeros of both signs; the rest random. No subnormals (the bf16 dot product flushes them)
@@ -259,6 +298,13 @@ BAD_GRAPH_CALLS = [
     ("pool-float-kernel", None, lambda g, a, b: g.pool_2d(g.input("p", (8, 8, 2, 1)), "max", 3.0, 2, 1), "kernel"),
     ("pool-bool-stride", None, lambda g, a, b: g.pool_2d(g.input("p", (8, 8, 2, 1)), "max", 3, True, 1), "stride"),
     ("gather-negative-padding", None, lambda g, a, b: g.gather_patches(a, np.int64(1), 1, np.int64(-1)), "padding"),
+    # groups must divide the channels (2 does not divide 3), and be a positive integer
+    *((f"gather-groups-{v!r}", None, lambda g, a, b, v=v: g.gather_patches(g.input("img3", (3, 2, 2, 1)), 1, 1, 0,
+                                                                            groups=v), "groups")
+      for v in (2, 0, True, 1.0)),
+    # 5 output rows do not split into 2 groups
+    ("grouped-conv-rows", None, lambda g, a, b: layers.conv2d(g, g.input("img4", (4, 3, 3, 1)), g.input("w5", (18, 5)),
+                                                               kernel=3, stride=1, padding=1, groups=2), "elements"),
 ]
 BAD_OTHER_CALLS = [
     ("unknown-type", lambda backend: Weights(backend, {"w": ("f64", (4,))}), "unknown tensor type"),
