@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pyggml_resnet import arch
-from reference_resnet import make_model, resnet, stages
+from reference_resnet import VARIANTS, make_model, resnet, stages, variant
 
 DOC_KEYS = Path(__file__).parent / "data" / "resnet101_state_dict_keys.txt"
 LINE = re.compile(r"^(\S+) with shape: \(([\d, ]*)\)$")
@@ -107,3 +107,36 @@ def test_make_model_has_realistic_activations(depth):
     for name, t in out.items():
         assert torch.isfinite(t).all(), name
         assert 0.05 < float(t.abs().mean()) < 10, (name, float(t.abs().mean()))
+
+
+# torchvision's ResNet*_Weights meta["num_params"] (torchvision/models/resnet.py): an outside witness for
+# the widths and groups of every builder, torchvision's own and its Wide ResNet / ResNeXt variants.
+TORCHVISION_NUM_PARAMS = {
+    "resnet18": 11689512, "resnet34": 21797672, "resnet50": 25557032, "resnet101": 44549160,
+    "resnet152": 60192808, "resnext50_32x4d": 25028904, "resnext101_32x8d": 88791336,
+    "resnext101_64x4d": 83455272, "wide_resnet50_2": 68883240, "wide_resnet101_2": 126886696,
+}
+
+
+@pytest.mark.parametrize("name", TORCHVISION_NUM_PARAMS)
+def test_reference_has_torchvisions_parameter_count(name):
+    with torch.device("meta"):
+        model = variant(name) if name in VARIANTS else resnet(int(name[len("resnet"):]))
+    assert sum(p.numel() for p in model.parameters()) == TORCHVISION_NUM_PARAMS[name]
+
+
+def test_reference_variants_have_torchvisions_widths_and_groups():
+    """The bottleneck width is int(planes * width_per_group / 64) * groups, and only conv2 is grouped."""
+    with torch.device("meta"):
+        resnext, wide = variant("resnext50_32x4d"), variant("wide_resnet50_2")
+    shapes = {n: tuple(t.shape) for n, t in resnext.state_dict().items()}
+    assert shapes["layer1.0.conv1.weight"] == (128, 64, 1, 1)
+    assert shapes["layer1.0.conv2.weight"] == (128, 4, 3, 3) and resnext.layer1[0].conv2.groups == 32
+    assert shapes["layer4.2.conv2.weight"] == (1024, 32, 3, 3)
+    assert shapes["layer4.2.conv3.weight"] == (2048, 1024, 1, 1)
+    assert shapes["layer2.0.downsample.0.weight"] == (512, 256, 1, 1)
+    wide_shapes = {n: tuple(t.shape) for n, t in wide.state_dict().items()}
+    assert wide_shapes["layer4.2.conv2.weight"] == (1024, 1024, 3, 3) and wide.layer4[2].conv2.groups == 1
+    assert list(wide_shapes) == list(shapes)  # the same keys, in the same order, as every bottleneck ResNet
+    with pytest.raises(ValueError, match="BasicBlock"):
+        resnet(18, groups=2)
