@@ -1,4 +1,5 @@
-"""The torchvision ResNet family: one config per depth, its tensor names and shapes, and our GGUF keys.
+"""The torchvision ResNet family: one config per depth (and per Wide ResNet / ResNeXt variant), its tensor
+names and shapes, and our GGUF keys.
 
 Both ends of the data flow use this module: the converter checks a checkpoint against `expected_tensors`
 before writing a GGUF file, and the loader checks the file against it again before building a graph.
@@ -7,6 +8,7 @@ before writing a GGUF file, and the loader checks the file against it again befo
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import re
 import reprlib
@@ -28,7 +30,8 @@ class Key:
     DEPTH = "resnet.depth"
     BLOCK = "resnet.block"  # "basic" or "bottleneck"
     LAYERS = "resnet.layers"  # blocks per stage, e.g. [3, 4, 23, 3]
-    WIDTH = "resnet.width_per_group"  # 64 for every torchvision ResNet we support
+    WIDTH = "resnet.width_per_group"  # torchvision's width_per_group: 64, 128 (Wide ResNet), 4 or 8 (ResNeXt)
+    GROUPS = "resnet.groups"  # of each bottleneck's 3x3 conv: 1, or 32 / 64 (ResNeXt)
     NUM_CLASSES = "resnet.num_classes"
     BN_EPS = "resnet.batchnorm_eps"
     LABELS = "resnet.class_labels"
@@ -78,15 +81,34 @@ def _float32(v) -> float:
     return struct.unpack("<f", struct.pack("<f", float(v)))[0]
 
 
+MAX_GROUPS = MAX_WIDTH_PER_GROUP = 1024  # far above any published ResNeXt (up to 64 groups, 48 channels each)
+
+
 @dataclass(frozen=True)
 class ResNetConfig:
     depth: int
     block: str  # "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3, 1x1)
     layers: tuple[int, int, int, int]
+    groups: int = 1  # of each bottleneck's 3x3 conv (ResNeXt's cardinality)
+    width_per_group: int = 64  # torchvision's: 128 makes a Wide ResNet, 4 or 8 with groups a ResNeXt
 
     @property
     def name(self) -> str:
-        return f"resnet{self.depth}"
+        """torchvision's builder name: resnet50, wide_resnet50_2, resnext50_32x4d, ..."""
+        if (self.groups, self.width_per_group) == (1, 64):
+            return f"resnet{self.depth}"
+        if self.groups == 1 and self.width_per_group % 64 == 0:
+            return f"wide_resnet{self.depth}_{self.width_per_group // 64}"
+        return f"resnext{self.depth}_{self.groups}x{self.width_per_group}d"
+
+    def width(self, stage: int) -> int:
+        """Channels of the inner convs of a block in stage 1..4: torchvision's
+        int(planes * width_per_group / 64) * groups, planes = 64 * 2**(stage - 1)."""
+        return 64 * 2 ** (stage - 1) * self.width_per_group // 64 * self.groups
+
+    def out_channels(self, stage: int) -> int:
+        """Channels a block of stage 1..4 outputs: planes * expansion, whatever the width."""
+        return 64 * 2 ** (stage - 1) * self.expansion
 
     @property
     def expansion(self) -> int:
@@ -104,17 +126,31 @@ CONFIGS = {
     101: ResNetConfig(101, "bottleneck", (3, 4, 23, 3)),
     152: ResNetConfig(152, "bottleneck", (3, 8, 36, 3)),
 }
-BY_NAME = {c.name: c for c in CONFIGS.values()}
+# torchvision's Wide ResNets and ResNeXts: (depth, groups, width_per_group).
+VARIANTS = ((50, 1, 128), (101, 1, 128), (50, 32, 4), (101, 32, 8), (101, 64, 4))
+BY_NAME = {c.name: c for c in (*CONFIGS.values(), *(dataclasses.replace(CONFIGS[d], groups=g, width_per_group=w)
+                                                     for d, g, w in VARIANTS))}
 
 
-def config_for(block: str, layers) -> ResNetConfig:
-    """The config with this block type and per-stage block counts, or ModelFormatError."""
+def config_for(block: str, layers, groups: int = 1, width_per_group: int = 64) -> ResNetConfig:
+    """The config with this block type, per-stage block counts, groups and width per group, or
+    ModelFormatError. Any groups and width_per_group a bottleneck network can have are accepted, as
+    torchvision's ResNet class accepts them; basic blocks have neither."""
     layers = tuple(int(n) for n in layers)
     for c in CONFIGS.values():
         if c.block == block and c.layers == layers:
-            return c
-    raise ModelFormatError(f"no torchvision ResNet has {block} blocks {list(layers)}; known: "
-                           + ", ".join(f"{c.name} {c.block} {list(c.layers)}" for c in CONFIGS.values()))
+            break
+    else:
+        raise ModelFormatError(f"no torchvision ResNet has {block} blocks {list(layers)}; known: "
+                               + ", ".join(f"{c.name} {c.block} {list(c.layers)}" for c in CONFIGS.values()))
+    for what, value, limit in (("groups", groups, MAX_GROUPS), ("width_per_group", width_per_group,
+                                                                 MAX_WIDTH_PER_GROUP)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise ModelFormatError(f"{what} must be an integer in 1..{limit}, got {value!r}")
+    if block == "basic" and (groups, width_per_group) != (1, 64):
+        raise ModelFormatError(f"basic blocks (resnet18/34) have groups 1 and width_per_group 64, got groups "
+                               f"{groups} and width_per_group {width_per_group}")
+    return dataclasses.replace(c, groups=groups, width_per_group=width_per_group)
 
 
 def _bn(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
@@ -165,8 +201,7 @@ def block_names(cfg: ResNetConfig):
     """Every block of the network, in order, as a `Block`."""
     in_ch = STEM.out_ch
     for stage, n_blocks in enumerate(cfg.layers, start=1):
-        width = 64 * 2 ** (stage - 1)
-        out_ch = width * cfg.expansion
+        width, out_ch = cfg.width(stage), cfg.out_channels(stage)
         for b in range(n_blocks):
             stride = 2 if stage > 1 and b == 0 else 1
             down = b == 0 and (stride != 1 or in_ch != out_ch)
@@ -176,10 +211,11 @@ def block_names(cfg: ResNetConfig):
 
 def block_convs(cfg: ResNetConfig, block: Block) -> tuple[list[Conv], Conv | None]:
     """The one list of a block's convs: those of its main path in order, and its downsample conv (None
-    without one). torchvision (V1.5) puts a bottleneck's stride on its 3x3 conv."""
+    without one). torchvision (V1.5) puts a bottleneck's stride on its 3x3 conv, which is the grouped one."""
     b = block
     if cfg.block == "bottleneck":
-        shapes = [(b.in_ch, b.width, 1, 1, 0), (b.width, b.width, 3, b.stride, 1), (b.width, b.out_ch, 1, 1, 0)]
+        shapes = [(b.in_ch, b.width, 1, 1, 0), (b.width, b.width, 3, b.stride, 1, cfg.groups),
+                  (b.width, b.out_ch, 1, 1, 0)]
     else:
         shapes = [(b.in_ch, b.width, 3, b.stride, 1), (b.width, b.out_ch, 3, 1, 1)]
     main = [Conv(f"{b.prefix}.conv{i}.weight", f"{b.prefix}.bn{i}", *shape) for i, shape in enumerate(shapes, start=1)]
@@ -226,11 +262,17 @@ def check_tensor_names(cfg: ResNetConfig, num_classes: int, names, more_problems
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> tuple[ResNetConfig, int]:
-    """The (config, num_classes) a state_dict's tensor names and shapes describe. Raises ModelFormatError.
+    """The (config, num_classes) a state_dict's tensor names and shapes describe: the depth from the block
+    counts, and for bottleneck networks the groups and width per group from the first block's 3x3 conv
+    (weight (width, width / groups, 3, 3), width = width_per_group * groups). Raises ModelFormatError,
+    naming what is unsupported for ResNet variants we cannot run (`unsupported_variant`).
 
     Blocks are counted by any tensor under their name, so a checkpoint that lacks a few tensors is still
     recognised, and the caller can name what is missing; failing an exact match, the smallest config with at
     least as many blocks in each stage is the one it falls short of."""
+    problem = unsupported_variant(shapes)
+    if problem:
+        raise ModelFormatError(problem)
     block = "bottleneck" if any(re.fullmatch(r"layer\d+\.\d+\.conv3\.weight", n) for n in shapes) else "basic"
     layers = []
     for stage in range(1, 5):
@@ -239,10 +281,57 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> tuple[ResNetConfig, int]
     fc = shapes.get("fc.weight")
     if fc is None or len(fc) != 2:
         raise ModelFormatError("the checkpoint has no 2-D fc.weight: is it a torchvision ResNet?")
+    groups, width_per_group = 1, 64
+    conv2 = shapes.get("layer1.0.conv2.weight", ())
+    if block == "bottleneck" and len(conv2) == 4 and conv2[1] > 0 and conv2[0] % conv2[1] == 0:
+        groups = conv2[0] // conv2[1]
+        width_per_group = conv2[1]  # the first stage's width is width_per_group * groups
+    # A width that fits no config falls back to the defaults: check_state then names the misshapen tensors.
+    if not (0 < groups <= MAX_GROUPS and 0 < width_per_group <= MAX_WIDTH_PER_GROUP):
+        groups, width_per_group = 1, 64
     try:
-        return config_for(block, layers), int(fc[0])
+        return config_for(block, layers, groups, width_per_group), int(fc[0])
     except ModelFormatError:
         larger = [c for c in CONFIGS.values() if c.block == block and all(a >= b for a, b in zip(c.layers, layers))]
         if not larger:
             raise
-        return min(larger, key=lambda c: sum(c.layers)), int(fc[0])
+        nearest = min(larger, key=lambda c: sum(c.layers))
+        return dataclasses.replace(nearest, groups=groups, width_per_group=width_per_group), int(fc[0])
+
+
+# Parts of ResNets outside torchvision's layout (timm's variants, mostly), recognised by state_dict names.
+_UNSUPPORTED = (
+    (r"conv1\.\d+\.", "a deep stem of three 3x3 convs (conv1.0, conv1.3, ...: ResNet-C/D/S/T, timm's resnet50d, "
+                      "resnet26t, ...)"),
+    (r"layer\d+\.\d+\.downsample\.2\.", "an average-pool downsample shortcut (downsample.1 conv and downsample.2 "
+                                       "BatchNorm after a pool: ResNet-D)"),
+    (r".*\.se\.", "squeeze-and-excitation or channel attention (se.*: SE-ResNet, SE-ResNeXt, ECA-ResNet)"),
+    (r".*\.(attn|attention)\.", "attention blocks"),
+    (r".*\.aa\.", "anti-aliased (blur pool) downsampling (aa.*: timm's resnetblur)"),
+    (r"maxpool\.", "a conv stem pool in place of the max pool (maxpool.*)"),
+    (r"(stem|stages|head)\.", "a network laid out as stem/stages/head (timm's ResNetV2 or another family), not "
+                             "torchvision's conv1/layer1..4/fc"),
+)
+
+
+def unsupported_variant(shapes) -> str | None:
+    """Why a state_dict is a ResNet variant we cannot run, naming what is unsupported, or None.
+
+    Only what shows in tensor names and shapes can be recognised: a variant whose extra layers hold no
+    weights (timm's resnetaa*, which average-pools in place of strides) looks like a plain ResNet."""
+    names = list(shapes)
+    found = []
+    for pattern, what in _UNSUPPORTED:
+        hits = [n for n in names if re.match(pattern, n)]
+        if hits:
+            found.append(f"{what}, e.g. {hits[0]}")
+    # BatchNorm-free normalisation (GroupNorm: timm's resnet50_gn) keeps the bn names but no running statistics.
+    norms = [n[: -len(".weight")] for n in names if re.fullmatch(r"(bn1|layer\d+\.\d+\.(bn\d|downsample\.1))\.weight", n)]
+    stats_free = [n for n in norms if f"{n}.running_var" not in shapes and f"{n}.running_mean" not in shapes]
+    if stats_free and len(stats_free) == len(norms):
+        found.append(f"normalisation without running statistics (GroupNorm: timm's resnet50_gn), e.g. "
+                     f"{stats_free[0]}")
+    if not found:
+        return None
+    return ("unsupported ResNet variant: " + "; ".join(found) + ". pyggml_resnet runs torchvision's ResNet layout "
+            "(7x7 stem, 1x1 conv downsample, basic or bottleneck blocks with BatchNorm; any groups and width)")

@@ -20,6 +20,13 @@ Inputs (recognised by their content, whatever the file is called):
   int32 n_dims, n_dims int32 dims in ggml (reversed) order and raw float32 data, every tensor ``.squeeze()``d.
   It has no names, so the architecture is recognised from the record count and shapes (or given by --arch).
 
+Any torchvision ResNet converts: resnet18..152, Wide ResNets and ResNeXts (groups and width per group are read
+off the first block's 3x3 conv), and timm's ResNets that keep torchvision's layout (``resnet50.a1_in1k`` and the
+other plain-stem ``resnet*``, ``wide_resnet*``, ``resnext*`` weights). timm's variants that add layers (the deep
+stem and average-pool shortcut of ResNet-D, squeeze-excitation, attention, blur pools, GroupNorm) are refused
+with a message naming what is unsupported. timm evaluates its weights with other preprocessing than
+torchvision's: give it with ``--resize/--crop/--interpolation`` (docs/usage.md lists the common values).
+
 Output: a GGUF file (architecture ``resnet``) with the config, class labels and preprocessing as metadata
 (keys in ``arch.Key``) and one tensor per inference tensor, under its torchvision name, in state_dict order.
 Shapes are written in PyTorch order and reversed by the writer, as GGUF stores ggml order.
@@ -489,7 +496,8 @@ def _match_legacy_layout(path, buf, records, bad_header, cfgs) -> dict[str, tupl
 def check_state(state: Mapping[str, np.ndarray], arch: str | None = None) -> tuple[ResNetConfig, int]:
     """The (config, num_classes) of a {name: float array} state_dict, after checking that it has exactly
     the tensors and shapes that torchvision's ResNet of that config has, and only finite values.
-    Raises ModelFormatError naming the offending tensors."""
+    Raises ModelFormatError naming the offending tensors, or what is unsupported for ResNet variants
+    outside torchvision's layout (`arch.unsupported_variant`: timm's deep stems, SE blocks, ...)."""
     for name, value in state.items():
         if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
             raise ModelFormatError(f"{name} is a {type(value).__name__} of {getattr(value, 'dtype', '?')}, "
@@ -581,7 +589,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Prep
     w.add_uint32(K.DEPTH, cfg.depth)
     w.add_string(K.BLOCK, cfg.block)
     w.add_key_value(K.LAYERS, list(cfg.layers), T.ARRAY, sub_type=T.UINT32)
-    w.add_uint32(K.WIDTH, 64)
+    w.add_uint32(K.WIDTH, cfg.width_per_group)
+    w.add_uint32(K.GROUPS, cfg.groups)
     w.add_uint32(K.NUM_CLASSES, num_classes)
     w.add_float32(K.BN_EPS, BN_EPS)
     w.add_key_value(K.LABELS, labels, T.ARRAY, sub_type=T.STRING)

@@ -296,8 +296,8 @@ def _string(fields, key, required=True):
     return _get(fields, key, frozenset({_STRING}), "a STRING", required=required)
 
 
-def _integer(fields, key):
-    return _get(fields, key, _INT_TYPES, "an integer")
+def _integer(fields, key, required=True):
+    return _get(fields, key, _INT_TYPES, "an integer", required=required)
 
 
 def _float(fields, key):
@@ -325,7 +325,10 @@ def _metadata(fields) -> tuple[ResNetConfig, int, tuple[str, ...], float, Prepro
     if len(layers) != 4:
         raise ModelFormatError(f"{Key.LAYERS} must list 4 stages, got {layers[:8]!r}"
                                + (f" ({len(layers)} items)" if len(layers) > 8 else ""))
-    cfg = arch.config_for(block, layers)
+    # Files written before Wide ResNet and ResNeXt support have no groups key (and width 64): plain ResNets.
+    groups, width = _integer(fields, Key.GROUPS, required=False), _integer(fields, Key.WIDTH, required=False)
+    cfg = arch.config_for(block, layers, 1 if groups is None else _positive_int(groups, Key.GROUPS, arch.MAX_GROUPS),
+                          64 if width is None else _positive_int(width, Key.WIDTH, arch.MAX_WIDTH_PER_GROUP))
     depth = _integer(fields, Key.DEPTH)
     if depth != cfg.depth:
         raise ModelFormatError(f"{Key.DEPTH} is {depth} but the blocks describe {cfg.name}")

@@ -36,7 +36,8 @@ def layouts(cfg: ResNetConfig, wtype: Type, winograd: bool, gemm: str | None,
             fc_shape: tuple[int, int]) -> dict[str, str]:
     """Each conv's and the fc's weight layout (`layers.matrix_layout`) under the model's options, by
     weight name."""
-    out = {conv.name: layers.matrix_layout(conv.shape, conv.stride, conv.padding, wtype, winograd=winograd, gemm=gemm)
+    out = {conv.name: layers.matrix_layout(conv.shape, conv.stride, conv.padding, wtype, winograd=winograd, gemm=gemm,
+                                           groups=conv.groups)
            for conv in convolutions(cfg)}
     out["fc.weight"] = layers.matrix_layout(fc_shape, 1, 0, wtype, winograd=False, gemm=gemm)
     return out
@@ -99,7 +100,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
         bn = conv.bn
         args = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding, layout=layout[conv.name],
-                    channels=conv.out_ch)
+                    channels=conv.out_ch, groups=conv.groups)
         if batchnorm == "folded":
             # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
             return layers.conv2d(g, x, w[conv.name], **args, bias=w[f"{bn}.folded_bias"], residual=residual,

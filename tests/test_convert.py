@@ -6,6 +6,7 @@ The checkpoints come from tests/reference_resnet.py (torchvision's state_dict la
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 import subprocess
@@ -130,6 +131,7 @@ def test_f32_round_trip(models, ckpt_dir, tmp_path, model, depth, num_classes):
         arch.Key.BLOCK: cfg.block,
         arch.Key.LAYERS: list(cfg.layers),
         arch.Key.WIDTH: 64,
+        arch.Key.GROUPS: 1,
         arch.Key.NUM_CLASSES: num_classes,
         arch.Key.BN_EPS: float(np.float32(1e-5)),
         arch.Key.LABELS: labels,
@@ -140,7 +142,8 @@ def test_f32_round_trip(models, ckpt_dir, tmp_path, model, depth, num_classes):
         arch.Key.STD: [float(np.float32(v)) for v in (0.229, 0.224, 0.225)],
         arch.Key.INTERPOLATION: "bilinear",
     }
-    assert types[arch.Key.DEPTH] == types[arch.Key.WIDTH] == types[arch.Key.NUM_CLASSES] == ["UINT32"]
+    assert types[arch.Key.DEPTH] == types[arch.Key.WIDTH] == types[arch.Key.GROUPS] == ["UINT32"]
+    assert types[arch.Key.NUM_CLASSES] == ["UINT32"]
     assert types[arch.Key.RESIZE] == types[arch.Key.CROP] == ["UINT32"]
     assert types[arch.Key.LAYERS] == ["ARRAY", "UINT32"]
     assert types[arch.Key.BN_EPS] == ["FLOAT32"]
@@ -390,7 +393,7 @@ def _with_value(sd, name, index, value):
 
 @pytest.mark.parametrize("mutate, match", [
     (lambda sd: _mutated(sd, layer2__0__bn1__running_var=None), r"missing \['layer2\.0\.bn1\.running_var'\]"),
-    (lambda sd: _mutated(sd, layer3__1__se__weight=torch.ones(4)), r"unexpected \['layer3\.1\.se\.weight'\]"),
+    (lambda sd: _mutated(sd, layer3__1__extra__weight=torch.ones(4)), r"unexpected \['layer3\.1\.extra\.weight'\]"),
     (lambda sd: _mutated(sd, layer3__1__conv2__weight=torch.ones(256, 256, 1, 1)),
      r"wrong shape: layer3\.1\.conv2\.weight \(256, 256, 1, 1\) \(expected \(256, 256, 3, 3\)\)"),
     (lambda sd: _mutated(sd, fc__bias=torch.ones(11)), r"fc\.bias \(11,\) \(expected \(10,\)\)"),
@@ -776,3 +779,74 @@ def test_main_in_process(ckpt_dir, tmp_path, capsys):
     assert cv.main([str(tmp_path / "missing.pth"), str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.pth" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wide ResNets, ResNeXts and timm's ResNets
+
+
+@pytest.mark.parametrize("name, groups, width", [("resnext50_32x4d", 32, 4), ("wide_resnet50_2", 1, 128)])
+def test_groups_and_width_are_inferred_and_written(model_files, name, groups, width):
+    """The converter reads groups and width off the first 3x3 conv and records them (and torchvision's name)."""
+    _, _, path = model_files(50, 10, groups=groups, width_per_group=width)  # converted without --arch
+    _, meta, types = read_gguf(path)
+    assert meta[arch.Key.NAME] == name
+    assert (meta[arch.Key.GROUPS], meta[arch.Key.WIDTH], meta[arch.Key.DEPTH]) == (groups, width, 50)
+    assert types[arch.Key.GROUPS] == types[arch.Key.WIDTH] == ["UINT32"]
+
+
+def test_timm_resnet50_converts_with_timms_preprocessing(models, tmp_path, capsys):
+    """timm's resnet50 weights (resnet50.a1_in1k, ...) are a torchvision state_dict; timm evaluates a1_in1k
+    at test_input_size 288 with test_crop_pct 1.0 (resize 288/1.0 = 288, crop 288), bicubic."""
+    ckpt = save(tmp_path, models["r50"], "resnet50_a1_in1k.pth")
+    out = tmp_path / "resnet50_a1_in1k.gguf"
+    argv = [str(ckpt), str(out), "--resize", "288", "--crop", "288", "--interpolation", "bicubic"]
+    assert cv.main(argv) == 0, capsys.readouterr().err
+    _, meta, _ = read_gguf(out)
+    assert meta[arch.Key.NAME] == "resnet50"
+    assert (meta[arch.Key.RESIZE], meta[arch.Key.CROP], meta[arch.Key.INTERPOLATION]) == (288, 288, "bicubic")
+
+
+def _timm(sd, drop=(), rename=None, **add) -> dict[str, np.ndarray]:
+    """A timm variant's state_dict made from a torchvision one: names starting with `drop` removed, others
+    renamed by `rename`, and tensors of the given shapes added (their "__" read as ".")."""
+    out = {}
+    for k, v in inference_arrays(sd).items():
+        if not k.startswith(tuple(drop)):
+            out[rename(k) if rename else k] = v
+    out.update({k.replace("__", "."): np.zeros(s, np.float32) for k, s in add.items()})
+    return out
+
+
+def _bn(prefix, c):
+    return {f"{prefix}__{p}": (c,) for p in ("weight", "bias", "running_mean", "running_var")}
+
+
+def _avg_down(name):
+    # ResNet-D's shortcut: downsample.0 is an AvgPool2d (no weights), then the 1x1 conv and its BatchNorm.
+    return name.replace(".downsample.1.", ".downsample.2.").replace(".downsample.0.", ".downsample.1.")
+
+
+TIMM_VARIANTS = {
+    # resnet50d: deep stem (3x3 convs of 32, 32, 64 channels) and average-pool downsample
+    "resnet50d": (lambda sd: _timm(sd, drop=["conv1.", "bn1."], rename=_avg_down, conv1__0__weight=(32, 3, 3, 3),
+                                   **_bn("conv1__1", 32), conv1__3__weight=(32, 32, 3, 3), **_bn("conv1__4", 32),
+                                   conv1__6__weight=(64, 32, 3, 3), **_bn("bn1", 64)),
+                  [r"deep stem .* e\.g\. conv1\.0\.weight", r"average-pool downsample .* layer1\.0\.downsample\.2\."]),
+    "seresnet50": (lambda sd: _timm(sd, layer1__0__se__fc1__weight=(16, 256, 1, 1), layer1__0__se__fc1__bias=(16,)),
+                   [r"squeeze-and-excitation .* e\.g\. layer1\.0\.se\.fc1\.weight"]),
+    "resnetblur50": (lambda sd: _timm(sd, layer2__0__aa__filt=(128, 1, 3, 3)), [r"anti-aliased .* layer2\.0\.aa\.filt"]),
+    "resnet50_gn": (lambda sd: {k: v for k, v in _timm(sd).items() if not k.endswith(("running_mean", "running_var"))},
+                    [r"without running statistics \(GroupNorm"]),
+    "resnetv2_50": (lambda sd: {("stem.conv.weight" if k == "conv1.weight" else k): v for k, v in _timm(sd).items()},
+                    [r"stem/stages/head .* e\.g\. stem\.conv\.weight"]),
+}
+
+
+@pytest.mark.parametrize("variant", TIMM_VARIANTS)
+def test_unsupported_timm_variants_are_refused_by_name(models, variant):
+    mutate, matches = TIMM_VARIANTS[variant]
+    with pytest.raises(ModelFormatError, match=r"^unsupported ResNet variant: ") as e:
+        cv.Checkpoint.of(mutate(models["r50"]))
+    for m in matches:
+        assert re.search(m, str(e.value)), (m, str(e.value))

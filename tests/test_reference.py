@@ -77,6 +77,18 @@ def test_arch_matches_reference(depth, num_classes):
     assert arch.infer_config(dict(ref)) == (cfg, num_classes)
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_arch_matches_reference_variants(name):
+    """Wide ResNets and ResNeXts: arch's config by name has the reference's keys and shapes, and the config
+    is recognised from shapes alone (groups and width from the first block's 3x3 conv)."""
+    with torch.device("meta"):
+        ref = [(n, tuple(t.shape)) for n, t in variant(name, 10).state_dict().items()]
+    cfg = arch.BY_NAME[name]
+    assert cfg.name == name and (cfg.depth, cfg.groups, cfg.width_per_group) == VARIANTS[name]
+    assert list(arch.expected_tensors(cfg, 10).items()) == without_counters(ref)
+    assert arch.infer_config(dict(ref)) == (cfg, 10)
+
+
 def test_make_model_is_seeded_and_calibrated():
     a, b = make_model(18, seed=3, num_classes=10), make_model(18, seed=3, num_classes=10)
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):

@@ -274,12 +274,12 @@ def _header(g, **changes):
     (dict(n_ti=101), r"tensors do not match resnet18 with 10 classes: missing \['fc.bias'\]$"),
     (dict(n_ti=103), r": unexpected \[''\]$"),  # the padding read as a tensor with an empty name
     (dict(n_kv=0), "tensor 'general.architecture' claims 8 dimensions"),  # the metadata read as tensors
-    (dict(n_kv=14), r"tensor|claims|ends inside|type"),
-    (dict(n_kv=16), r"metadata key|claims|ends inside|type"),
+    (dict(n_kv=15), r"tensor|claims|ends inside|type"),
+    (dict(n_kv=17), r"metadata key|claims|ends inside|type"),
 ], ids=lambda v: "-".join(f"{k}={v}" for k, v in v.items()) if isinstance(v, dict) else None)
 def test_bad_header(corpus, tmp_path, changes, match):
     g = corpus()
-    assert len(g.kv) == 15 and len(g.ti) == 102
+    assert len(g.kv) == 16 and len(g.ti) == 102
     _header(g, **changes)
     refused(write(tmp_path, g, sparse=True), match)
 
@@ -372,10 +372,11 @@ def test_missing_required_key(corpus, tmp_path, key):
 
 def test_optional_keys_may_be_absent(corpus, tmp_path):
     g = corpus()
-    for key in (Key.NAME, Key.WIDTH, Key.WEIGHTS):
+    for key in (Key.NAME, Key.WIDTH, Key.GROUPS, Key.WEIGHTS):  # files from before groups had no such key
         g.drop(key)
     with pyggml_resnet.load(write(tmp_path, g.bytes()), threads=1) as m:
         assert m.weights_name == "custom"
+        assert (m.config.groups, m.config.width_per_group) == (1, 64)
 
 
 A = T.ARRAY
@@ -418,6 +419,13 @@ BAD_VALUES = [
     (Key.DEPTH, T.UINT32, 34, None, "resnet.depth is 34 but the blocks describe resnet18"),
     (Key.DEPTH, T.INT32, -18, None, "resnet.depth is -18"),
     (Key.DEPTH, T.UINT64, U64, None, "resnet.depth is 18446744073709551615"),
+    # groups and width (a basic-block file: neither may differ from 1 and 64)
+    (Key.GROUPS, T.STRING, "1", None, "'resnet.groups' must be an integer, got STRING"),
+    (Key.GROUPS, T.UINT32, 0, None, r"'resnet.groups' must be an integer in 1..1024, got 0"),
+    (Key.GROUPS, T.UINT64, U64, None, r"'resnet.groups' must be an integer in 1..1024, got 18446744073709551615"),
+    (Key.WIDTH, T.INT32, -64, None, r"'resnet.width_per_group' must be an integer in 1..1024, got -64"),
+    (Key.GROUPS, T.UINT32, 32, None, "basic blocks .* have groups 1 and width_per_group 64, got groups 32"),
+    (Key.WIDTH, T.UINT32, 128, None, "basic blocks .* got groups 1 and width_per_group 128"),
     # num_classes and labels
     (Key.NUM_CLASSES, T.UINT32, 11, None, "resnet.class_labels must hold 11 strings, got 10"),
     (Key.NUM_CLASSES, T.UINT32, 9, None, "must hold 9 strings, got 10"),
