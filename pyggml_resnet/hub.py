@@ -4,10 +4,11 @@
     model = pyggml_resnet.from_pretrained("resnet50.IMAGENET1K_V1")   # one weights version
     pyggml-resnet classify dog.jpg --model resnet50                   # the same from the command line
 
-Names are ``ARCH`` or ``ARCH.WEIGHTS`` (``ARCH:WEIGHTS`` is accepted too), ARCH one of resnet18/34/50/101/152
-and WEIGHTS a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, or DEFAULT), matched without regard
-to case. A bare ARCH means torchvision's DEFAULT weights: IMAGENET1K_V2 where they exist, else IMAGENET1K_V1.
-`PRETRAINED` lists the 8 official checkpoints with torchvision 0.29.1's URLs and preprocessing.
+Names are ``ARCH`` or ``ARCH.WEIGHTS`` (``ARCH:WEIGHTS`` is accepted too), ARCH one of resnet18/34/50/101/152,
+wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, resnext101_32x8d or resnext101_64x4d, and WEIGHTS a
+torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, or DEFAULT), matched without regard to case. A bare
+ARCH means torchvision's DEFAULT weights: IMAGENET1K_V2 where they exist, else IMAGENET1K_V1.
+`PRETRAINED` lists the 17 official checkpoints with torchvision 0.29.1's URLs and preprocessing.
 
 The first call downloads the checkpoint (stdlib urllib, streamed to a temporary file in the cache
 directory), verifies it, converts it once to GGUF in the cache (this step needs torch) and deletes the
@@ -39,7 +40,7 @@ HASH_REGEX = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's check_hash convention:
 _CACHED_NAME = re.compile(rf"({'|'.join(map(re.escape, BY_NAME))})\.[A-Za-z0-9_.-]+\.[a-f0-9]+\.({'|'.join(DTYPES)})\.gguf")
 
 _V1 = Preprocessing(resize=256, crop=224)  # torchvision's ImageClassification(crop_size=224)
-_V2 = Preprocessing(resize=232, crop=224)  # ImageClassification(crop_size=224, resize_size=232)
+_V2 = Preprocessing(resize=232, crop=224)  # ImageClassification(crop_size=224, resize_size=232): the new recipe
 
 
 class DownloadError(Error, OSError):
@@ -71,10 +72,23 @@ PRETRAINED: dict[str, Pretrained] = {p.name: p for p in (
     Pretrained("resnet101", "IMAGENET1K_V2", _BASE + "resnet101-cd907fc2.pth", _V2),
     Pretrained("resnet152", "IMAGENET1K_V1", _BASE + "resnet152-394f9c45.pth", _V1),
     Pretrained("resnet152", "IMAGENET1K_V2", _BASE + "resnet152-f82ba261.pth", _V2),
+    # ResNeXt*_Weights and Wide_ResNet*_Weights, the same file. resnext101_64x4d has only one version,
+    # trained with the new recipe, so its IMAGENET1K_V1 takes the V2 preprocessing.
+    Pretrained("resnext50_32x4d", "IMAGENET1K_V1", _BASE + "resnext50_32x4d-7cdf4587.pth", _V1),
+    Pretrained("resnext50_32x4d", "IMAGENET1K_V2", _BASE + "resnext50_32x4d-1a0047aa.pth", _V2),
+    Pretrained("resnext101_32x8d", "IMAGENET1K_V1", _BASE + "resnext101_32x8d-8ba56ff5.pth", _V1),
+    Pretrained("resnext101_32x8d", "IMAGENET1K_V2", _BASE + "resnext101_32x8d-110c445d.pth", _V2),
+    Pretrained("resnext101_64x4d", "IMAGENET1K_V1", _BASE + "resnext101_64x4d-173b62eb.pth", _V2),
+    Pretrained("wide_resnet50_2", "IMAGENET1K_V1", _BASE + "wide_resnet50_2-95faca4d.pth", _V1),
+    Pretrained("wide_resnet50_2", "IMAGENET1K_V2", _BASE + "wide_resnet50_2-9ba9bcbe.pth", _V2),
+    Pretrained("wide_resnet101_2", "IMAGENET1K_V1", _BASE + "wide_resnet101_2-32ee1156.pth", _V1),
+    Pretrained("wide_resnet101_2", "IMAGENET1K_V2", _BASE + "wide_resnet101_2-d733dc28.pth", _V2),
 )}
-# torchvision's ResNet*_Weights.DEFAULT
+# torchvision's *_Weights.DEFAULT
 DEFAULT_WEIGHTS = {"resnet18": "IMAGENET1K_V1", "resnet34": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2",
-                   "resnet101": "IMAGENET1K_V2", "resnet152": "IMAGENET1K_V2"}
+                   "resnet101": "IMAGENET1K_V2", "resnet152": "IMAGENET1K_V2", "resnext50_32x4d": "IMAGENET1K_V2",
+                   "resnext101_32x8d": "IMAGENET1K_V2", "resnext101_64x4d": "IMAGENET1K_V1",
+                   "wide_resnet50_2": "IMAGENET1K_V2", "wide_resnet101_2": "IMAGENET1K_V2"}
 
 
 @dataclass(frozen=True)
@@ -154,8 +168,8 @@ def from_pretrained(name: str, *, url: str | None = None, sha256: str | None = N
                     progress: bool = True):
     """A `Model` with torchvision's pretrained weights, downloaded and converted on first use.
 
-    name: "resnet18" .. "resnet152" (torchvision's DEFAULT weights) or e.g. "resnet101.IMAGENET1K_V1";
-        see `PRETRAINED`.
+    name: "resnet18" .. "resnet152", "wide_resnet50_2", "resnext50_32x4d", ... (torchvision's DEFAULT
+        weights) or e.g. "resnet101.IMAGENET1K_V1"; see `PRETRAINED`.
     url: download from here instead of download.pytorch.org (a mirror, or your own checkpoint: then name
         may be e.g. "resnet50.my_finetune", recorded as the weights name).
     sha256: the checkpoint's full SHA-256 in hex. Without it, the hex prefix in the URL's file name is

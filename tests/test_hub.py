@@ -19,7 +19,8 @@ import pyggml_resnet
 from pyggml_resnet import DownloadError, Error, InputError, ModelFormatError, arch, hub
 from pyggml_resnet.arch import Key
 
-# torchvision 0.29.1, torchvision/models/resnet.py: every ResNet*_Weights url.
+# torchvision 0.29.1, torchvision/models/resnet.py: every ResNet*_Weights, ResNeXt*_Weights and
+# Wide_ResNet*_Weights url.
 TORCHVISION_URLS = {
     "resnet18.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "resnet34.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet34-b627a593.pth",
@@ -29,7 +30,19 @@ TORCHVISION_URLS = {
     "resnet101.IMAGENET1K_V2": "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
     "resnet152.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet152-394f9c45.pth",
     "resnet152.IMAGENET1K_V2": "https://download.pytorch.org/models/resnet152-f82ba261.pth",
+    "resnext50_32x4d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
+    "resnext50_32x4d.IMAGENET1K_V2": "https://download.pytorch.org/models/resnext50_32x4d-1a0047aa.pth",
+    "resnext101_32x8d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth",
+    "resnext101_32x8d.IMAGENET1K_V2": "https://download.pytorch.org/models/resnext101_32x8d-110c445d.pth",
+    "resnext101_64x4d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext101_64x4d-173b62eb.pth",
+    "wide_resnet50_2.IMAGENET1K_V1": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "wide_resnet50_2.IMAGENET1K_V2": "https://download.pytorch.org/models/wide_resnet50_2-9ba9bcbe.pth",
+    "wide_resnet101_2.IMAGENET1K_V1": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
+    "wide_resnet101_2.IMAGENET1K_V2": "https://download.pytorch.org/models/wide_resnet101_2-d733dc28.pth",
 }
+# The weights torchvision evaluates at resize 232 (ImageClassification(crop_size=224, resize_size=232)): every
+# IMAGENET1K_V2, and resnext101_64x4d's only weights, trained with the same new recipe.
+RESIZE_232 = {n for n in TORCHVISION_URLS if n.endswith("IMAGENET1K_V2")} | {"resnext101_64x4d.IMAGENET1K_V1"}
 FAST_TIMEOUT = 0.5  # s; hub.TIMEOUT during these tests
 SMALL = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
 
@@ -131,13 +144,14 @@ def test_registry_is_torchvisions():
     assert {name: p.url for name, p in hub.PRETRAINED.items()} == TORCHVISION_URLS
     for name, p in hub.PRETRAINED.items():
         assert name == f"{p.arch}.{p.weights}"
-        assert (p.preprocessing.resize, p.preprocessing.crop) == ((232, 224) if p.weights == "IMAGENET1K_V2"
-                                                                  else (256, 224))
+        assert (p.preprocessing.resize, p.preprocessing.crop) == ((232, 224) if name in RESIZE_232 else (256, 224))
         assert p.preprocessing.interpolation == "bilinear"
         assert p.preprocessing.mean == (0.485, 0.456, 0.406) and p.preprocessing.std == (0.229, 0.224, 0.225)
     assert hub.DEFAULT_WEIGHTS == {"resnet18": "IMAGENET1K_V1", "resnet34": "IMAGENET1K_V1",
                                    "resnet50": "IMAGENET1K_V2", "resnet101": "IMAGENET1K_V2",
-                                   "resnet152": "IMAGENET1K_V2"}
+                                   "resnet152": "IMAGENET1K_V2", "resnext50_32x4d": "IMAGENET1K_V2",
+                                   "resnext101_32x8d": "IMAGENET1K_V2", "resnext101_64x4d": "IMAGENET1K_V1",
+                                   "wide_resnet50_2": "IMAGENET1K_V2", "wide_resnet101_2": "IMAGENET1K_V2"}
 
 
 def test_names():
@@ -148,6 +162,14 @@ def test_names():
     assert (v1.weights, v1.url, v1.preprocessing.resize) == ("IMAGENET1K_V1",
                                                              TORCHVISION_URLS["resnet101.IMAGENET1K_V1"], 256)
     assert hub.resolve("resnet50.DEFAULT") == hub.resolve("resnet50")
+    # Wide ResNets and ResNeXts: every architecture has torchvision's weights.
+    assert set(hub.DEFAULT_WEIGHTS) == set(arch.BY_NAME)
+    wide = hub.resolve("Wide_ResNet50_2.imagenet1k_v1")
+    assert (wide.arch, wide.url, wide.preprocessing.resize) == ("wide_resnet50_2",
+                                                                TORCHVISION_URLS["wide_resnet50_2.IMAGENET1K_V1"], 256)
+    resnext = hub.resolve("resnext101_64x4d")
+    assert (resnext.weights, resnext.preprocessing.resize) == ("IMAGENET1K_V1", 232)
+    assert hub.cached_path("resnext50_32x4d", cache_dir="/c").name == "resnext50_32x4d.IMAGENET1K_V2.1a0047aa.f32.gguf"
     # A mirror keeps the registry's weights name and preprocessing; an unknown name needs url= and is custom.
     mirror = hub.resolve("resnet50", url="http://mirror/resnet50-11ad3fa6.pth")
     assert (mirror.weights, mirror.preprocessing.resize, mirror.url) == ("IMAGENET1K_V2", 232,
