@@ -21,7 +21,8 @@ def _out(n, k, s, p):
     return (n + 2 * p - k) // s + 1
 
 
-def torchvision_macs(block: str, layers, size: int = 224, num_classes: int = 1000) -> int:
+def torchvision_macs(block: str, layers, size: int = 224, num_classes: int = 1000, groups: int = 1,
+                     width_per_group: int = 64) -> int:
     """Multiply-accumulates of torchvision's ResNet, written out block by block from its conv shapes
     (independently of arch.py/resnet.py, which the counter under test walks)."""
     h = _out(size, 7, 2, 3)
@@ -30,14 +31,15 @@ def torchvision_macs(block: str, layers, size: int = 224, num_classes: int = 100
     expansion = 4 if block == "bottleneck" else 1
     cin = 64
     for stage, n in enumerate(layers):
-        width = 64 * 2 ** stage
-        cout = width * expansion
+        planes = 64 * 2 ** stage
+        width = int(planes * width_per_group / 64) * groups
+        cout = planes * expansion
         for b in range(n):
             stride = 2 if stage > 0 and b == 0 else 1
             ho = _out(h, 3, stride, 1)
             if block == "bottleneck":
                 macs += cin * width * h * h  # 1x1, at the input resolution
-                macs += width * width * 9 * ho * ho  # 3x3, strided
+                macs += width * (width // groups) * 9 * ho * ho  # 3x3, strided, grouped
                 macs += width * cout * ho * ho  # 1x1 expansion
             else:
                 macs += cin * width * 9 * ho * ho + width * width * 9 * ho * ho
@@ -57,6 +59,19 @@ def test_flops_are_twice_the_macs(name, block, layers, gmacs):
     assert bench.flops_per_image(name) == expected
     assert bench.flops_per_image(BY_NAME[name], 224, 224, num_classes=1000) == expected
     assert expected / 2e9 == pytest.approx(gmacs, abs=0.05)  # the figures everyone quotes
+
+
+@pytest.mark.parametrize("name, layers, groups, width, gmacs", [
+    ("wide_resnet50_2", (3, 4, 6, 3), 1, 128, 11.40),
+    ("resnext50_32x4d", (3, 4, 6, 3), 32, 4, 4.23),
+    ("resnext101_32x8d", (3, 4, 23, 3), 32, 8, 16.41),
+    ("resnext101_64x4d", (3, 4, 23, 3), 64, 4, 15.46),
+])
+def test_flops_of_wide_resnets_and_resnexts(name, layers, groups, width, gmacs):
+    """Grouped convs count their MACs per group; the quoted figures are torchvision's `_ops` metadata."""
+    expected = 2 * torchvision_macs("bottleneck", layers, groups=groups, width_per_group=width)
+    assert bench.flops_per_image(name) == expected
+    assert expected / 2e9 == pytest.approx(gmacs, abs=0.02)
 
 
 def test_flops_follow_input_size_and_classes():

@@ -30,10 +30,11 @@ REFERENCE_SEED = 1  # the one image whose logits every engine must agree on
 # arithmetic (conv, BatchNorm in eval mode, in-place ReLU, adaptive average pool, linear) is the same.
 
 
-def torch_resnet(block: str, layers, num_classes: int):
+def torch_resnet(block: str, layers, num_classes: int, groups: int = 1, width_per_group: int = 64):
     """An nn.Module identical to torchvision's ResNet with `block` ("basic"/"bottleneck") blocks per stage
-    as `layers`, on the meta device: fill it with `load_state_dict(state, assign=True)`. The parent passes
-    the config (from arch) on the command line: this process must not import the package."""
+    as `layers`, and torchvision's `groups` and `width_per_group` (Wide ResNet, ResNeXt), on the meta device:
+    fill it with `load_state_dict(state, assign=True)`. The parent passes the config (from arch) on the
+    command line: this process must not import the package."""
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -42,15 +43,16 @@ def torch_resnet(block: str, layers, num_classes: int):
     expansion = 4 if bottleneck else 1
 
     class Block(nn.Module):
-        def __init__(self, cin, width, stride):
+        def __init__(self, cin, planes, stride):
             super().__init__()
-            cout = width * expansion
-            if bottleneck:  # torchvision (V1.5) puts the stride on the 3x3 conv
-                spec = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)]
+            cout = planes * expansion
+            if bottleneck:  # torchvision (V1.5) puts the stride on the 3x3 conv, the grouped one
+                width = int(planes * (width_per_group / 64.0)) * groups
+                spec = [(cin, width, 1, 1, 1), (width, width, 3, stride, groups), (width, cout, 1, 1, 1)]
             else:
-                spec = [(cin, width, 3, stride), (width, width, 3, 1)]
-            for i, (a, b, k, s) in enumerate(spec, start=1):
-                setattr(self, f"conv{i}", nn.Conv2d(a, b, k, s, padding=k // 2, bias=False))
+                spec = [(cin, planes, 3, stride, 1), (planes, planes, 3, 1, 1)]
+            for i, (a, b, k, s, g) in enumerate(spec, start=1):
+                setattr(self, f"conv{i}", nn.Conv2d(a, b, k, s, padding=k // 2, groups=g, bias=False))
                 setattr(self, f"bn{i}", nn.BatchNorm2d(b))
             self.n = len(spec)
             self.downsample = None
@@ -121,7 +123,7 @@ def _engine_load(engine: str, mod, a):
         torch.set_num_threads(threads)
         # mmap + assign: no copy of the weights and no random init, PyTorch's cheapest standard way in.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        model = torch_resnet(a.block, a.layers, a.classes)
+        model = torch_resnet(a.block, a.layers, a.classes, a.groups, a.width_per_group)
         model.load_state_dict(state, assign=True)
 
         def run(x):
@@ -218,7 +220,7 @@ def _prepare(a, proto) -> int:
     for name in tensors:  # torchvision's BatchNorm has a step counter that inference never reads
         if name.endswith(".running_var"):
             state[name[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
-    model = torch_resnet(a.block, a.layers, a.classes)
+    model = torch_resnet(a.block, a.layers, a.classes, a.groups, a.width_per_group)
     model.load_state_dict(state, assign=True)  # strict: the module is torchvision's, name for name
     torch.save(model.state_dict(), os.path.join(a.out, "model.pth"))
     if a.onnx:
@@ -252,6 +254,8 @@ def main(argv) -> int:
     p.add_argument("--onnx", action="store_true")
     p.add_argument("--block", required=True)  # the model's config, for the torch engine
     p.add_argument("--layers", type=lambda s: [int(v) for v in s.split(",")], required=True)
+    p.add_argument("--groups", type=int, default=1)
+    p.add_argument("--width-per-group", type=int, default=64)
     p.add_argument("--classes", type=int, required=True)
     a = p.parse_args(argv)
     proto = _protocol_stream()

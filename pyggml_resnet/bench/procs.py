@@ -31,7 +31,8 @@ def child_command(mode: str, engine: str, path, cfg, num_classes: int, **options
     """The command line of a child: `mode` ("worker", "cold" or "prepare") of `engine` on the model at `path`."""
     cmd = python_c(_LAUNCH.format(path=os.path.abspath(child.__file__)))
     cmd += [mode, "--engine", engine, "--path", str(path), "--block", cfg.block,
-            "--layers", ",".join(map(str, cfg.layers)), "--classes", str(num_classes)]
+            "--layers", ",".join(map(str, cfg.layers)), "--groups", str(cfg.groups),
+            "--width-per-group", str(cfg.width_per_group), "--classes", str(num_classes)]
     for key, value in options.items():
         if value is True:
             cmd.append(f"--{key}")
