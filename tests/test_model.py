@@ -261,3 +261,25 @@ def test_wide_resnet_and_resnext_match_pytorch_and_float64(model_files, name):
         for stage in ("stem", "layer1", "layer2", "layer3", "layer4", "features", "logits"):
             assert ours[stage].shape == exact[stage].shape, stage
             assert rel_l2(ours[stage], exact[stage]) <= rel_l2(torch32[stage], exact[stage]), (batchnorm, stage)
+
+
+def test_timm_resnext_from_safetensors_end_to_end(model_files, tmp_path):
+    """A ResNeXt-50 as timm ships its weights (.safetensors, torchvision's names, no num_batches_tracked)
+    converts with timm's preprocessing given on the command line (its a1 recipe's: 288, crop 1.0, bicubic)
+    and runs as PyTorch does."""
+    from safetensors.torch import save_file
+
+    ref, _, _ = model_files(50, num_classes=10, **VARIANTS["resnext50_32x4d"])
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}, checkpoint)
+    out = tmp_path / "resnext50_32x4d.a1h_in1k.gguf"
+    assert convert.main([str(checkpoint), str(out), "--weights", "a1h_in1k", "--resize", "288", "--crop", "288",
+                         "--interpolation", "bicubic"]) == 0
+    x = images(1, size=64, seed=17)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    with pyggml_resnet.load(out, threads=2) as model:
+        assert (model.config.name, model.weights_name) == ("resnext50_32x4d", "a1h_in1k")
+        assert (model.preprocessing.resize, model.preprocessing.crop) == (288, 288)
+        assert model.preprocessing.interpolation == "bicubic"
+        assert rel_l2(model.logits(x), want) <= BOUND
