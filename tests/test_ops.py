@@ -104,6 +104,13 @@ def test_grouped_conv2d(backend, n, ic, h, w, oc, k, s, p, groups):
     assert_close(got, want)
 
 
+def test_grouped_convs_stay_on_mul_mat():
+    """Neither the packed GEMM nor Winograd takes a grouped conv: its layout is plain whatever the options."""
+    for gemm in ("avx512", "avx2", None):
+        assert layers.matrix_layout((128, 4, 3, 3), 1, 1, Type.F32, winograd=True, gemm=gemm, groups=32) == layers.PLAIN
+    assert layers.matrix_layout((128, 128, 3, 3), 1, 1, Type.F32, winograd=True, gemm="avx2") == layers.WINOGRAD
+
+
 def test_grouped_conv2d_in_bf16_rounds_as_torch_does(backend):
     """bf16 weights: the grouped gather hands the product bf16 patches, as the ungrouped one does."""
     n, ic, h, w, oc, groups = 2, 64, 7, 6, 64, 8
