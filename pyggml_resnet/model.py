@@ -96,6 +96,12 @@ class Model(_Closable):
             self._backend.close()
             raise
 
+    def __reduce_ex__(self, protocol):
+        # pickle, copy and Ray's cloudpickle all come here; without this they fail on the lock, obscurely.
+        raise TypeError(f"a pyggml_resnet Model cannot be pickled or copied: its weights live in native "
+                        f"memory. Pass the model's path ({self.path}) or registry name instead and load it "
+                        f"where it is used (pyggml_resnet.ray.Predictor loads one per Ray actor)")
+
     def __repr__(self):
         backend = self._backend
         state = "closed" if backend is None else f"threads={backend.threads}"
