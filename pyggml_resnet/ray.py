@@ -1,0 +1,261 @@
+"""Ray Data: classify or embed image sets on every CPU of one machine or a cluster, one model per actor.
+
+    import ray
+    import pyggml_resnet.ray as pr
+
+    ray.init()                                            # or ray.init("ray://head:10001"), or `ray job submit`
+    ds = pr.read_paths(["photos/"])                       # one row per image file: {"path": ...}
+    ds = pr.predict(ds, "resnet50", output="features")  # = ds.map_batches(pr.Predictor, **pr.map_batches_kwargs(...))
+    ds.write_parquet("embeddings/")                       # path, features, error
+
+`Predictor` is the callable class for `Dataset.map_batches`: each actor loads the model once, from a GGUF
+path or a registry name (`pyggml_resnet.from_pretrained`); a `Model` object never travels between processes
+(pickling one raises TypeError). It reads the "image" column when there is one (uint8 HxWx3 images from
+`ray.data.read_images(..., mode="RGB")`), else the "path" column, and returns one row per input row:
+
+    output="classify":  path, labels, indices, probs (top-k, as the CLI's JSON lines), error
+    output="logits":    path, logits (num_classes float32), error
+    output="features":  path, features (feature_dim float32: pooled embeddings), error
+
+An image that cannot be read or decoded gives a row whose `error` is the message (and whose results are
+empty lists, or NaN vectors); every other row is computed as usual. `error` is null for good rows.
+
+Prefer a column of paths to `read_images`: it is decoded by `pyggml_resnet.load_image`, so 16-bit images keep
+their range (`read_images(mode="RGB")` goes through Pillow's `convert("RGB")`, which clips 16-bit values
+above 255 to white, and a folder mixing 8- and 16-bit files fails in Arrow without mode="RGB"), and a bad
+file becomes an error row (in `read_images` Ray's reader fails the whole job on it). For 8-bit images both
+inputs give tensors identical to `model.preprocess(path)`.
+
+This module imports Ray only inside the functions that need it, so `import pyggml_resnet.ray` works (and
+`Predictor` can be called in-process) without Ray installed. Install it with `pip install pyggml-resnet[ray]`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import numpy as np
+
+from .errors import InputError
+from .model import MAX_BATCH, Model
+
+OUTPUTS = ("classify", "logits", "features")
+
+
+def _assigned_cpus() -> int | None:
+    """The CPUs Ray gave this actor or task (at least 1 when a fraction), or None outside a Ray worker."""
+    if "ray" not in sys.modules:  # not running under Ray: do not import it for nothing
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return None if cpus is None else max(1, int(cpus))
+
+
+class Predictor:
+    """A callable class for `Dataset.map_batches` (batch_format="numpy"); see the module's docstring.
+
+    model: a GGUF path or a registry name such as "resnet50" (loaded once per actor; a registry name is
+        downloaded into each node's cache on first use: see docs/scaling.md). Never a `Model` object.
+    output: "classify", "logits" or "features".
+    top_k: classes per row for "classify".
+    threads: ggml threads per actor; default the CPUs Ray assigned to the actor (its `num_cpus`), so actors
+        never oversubscribe the machine. Outside Ray, the package's default.
+    dtype: weight type at load, as for `pyggml_resnet.load` (default: as stored).
+    """
+
+    def __init__(self, model: str | os.PathLike, *, output: str = "classify", top_k: int = 5,
+                 threads: int | None = None, dtype: str | None = None):
+        from .cli import _open_model
+
+        if isinstance(model, Model):
+            raise TypeError("Predictor takes the model's path or registry name, not a loaded Model: "
+                            "each actor loads its own copy")
+        if output not in OUTPUTS:
+            raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        self.output = output
+        self.model = _open_model(os.fspath(model), threads or _assigned_cpus(), dtype)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.model.num_classes:
+            raise InputError(f"top_k must be an integer from 1 to {self.model.num_classes}, got {top_k!r}")
+        self.top_k = top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "image" in batch:
+            sources = batch["image"]
+        elif "path" in batch:
+            sources = batch["path"]
+        else:
+            raise InputError(f"Predictor needs an 'image' or a 'path' column, got {sorted(batch)}")
+        n = len(sources)
+        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * n
+        errors: list[str | None] = [None] * n
+        arrays, good = [], []
+        for i, source in enumerate(sources):
+            try:
+                arrays.append(self.model.preprocess(source))
+                good.append(i)
+            except Exception as e:  # any undecodable image: one error row, never a failed job
+                errors[i] = str(e) if paths[i] is None or paths[i] in str(e) else f"{paths[i]}: {e}"
+        out = {"path": np.array(paths, dtype=object)}
+        out.update(self._results(np.stack(arrays) if arrays else None, good, n))
+        out["error"] = np.array(errors, dtype=object)
+        return out
+
+    def _results(self, x: np.ndarray | None, good: list[int], n: int) -> dict[str, np.ndarray]:
+        model = self.model
+        if self.output == "classify":
+            labels, indices, probs = ([[] for _ in range(n)] for _ in range(3))
+            for i, p in zip(good, model.probabilities(x) if x is not None else []):
+                top = np.argsort(-p, kind="stable")[:self.top_k]
+                labels[i] = [model.labels[j] for j in top]
+                indices[i] = [int(j) for j in top]
+                probs[i] = [round(float(p[j]), 6) for j in top]  # as the CLI's rows
+            return {"labels": _objects(labels), "indices": _objects(indices), "probs": _objects(probs)}
+        width = model.feature_dim if self.output == "features" else model.num_classes
+        result = np.full((n, width), np.nan, np.float32)  # NaN marks an error row's missing vector
+        if x is not None:
+            result[good] = model.features(x) if self.output == "features" else model.logits(x)
+        return {self.output: result}
+
+
+def _objects(items: list) -> np.ndarray:
+    """A 1-D object array of lists (np.array would make a 2-D array when the lists have equal lengths)."""
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def map_batches_kwargs(model: str | os.PathLike, *, output: str = "classify", top_k: int = 5,
+                       actors: int | None = None, threads: int = 1, batch_size: int = MAX_BATCH,
+                       dtype: str | None = None) -> dict:
+    """Keyword arguments for `ds.map_batches(Predictor, **map_batches_kwargs(...))`.
+
+    actors: the actor pool's size (default: the cluster's CPUs // threads, at least 1; needs `ray.init()`).
+    threads: CPUs reserved per actor, which is also its ggml thread count. On a machine's few cores, one
+        thread per actor and one actor per core is fastest (docs/scaling.md has the measurements).
+    batch_size: images per call; 16 is the largest batch the model computes in one graph.
+    Actors are never restarted (max_restarts=0): a native crash fails the job at once instead of looping.
+    """
+    import ray
+
+    if isinstance(model, Model):
+        raise TypeError("map_batches_kwargs takes the model's path or registry name, not a loaded Model: "
+                        "each actor loads its own copy")
+    for name, value in (("threads", threads), ("batch_size", batch_size), ("actors", actors)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if actors is None:
+        actors = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    return {
+        # No threads here: each actor takes its thread count from the CPUs Ray assigned it (num_cpus).
+        "fn_constructor_kwargs": {"model": os.fspath(model), "output": output, "top_k": top_k, "dtype": dtype},
+        "compute": ray.data.ActorPoolStrategy(size=actors),
+        "num_cpus": threads,
+        "batch_size": batch_size,
+        "batch_format": "numpy",
+        "max_restarts": 0,
+    }
+
+
+def predict(ds, model: str | os.PathLike, *, cls: type = Predictor, **options):
+    """`ds.map_batches(cls, **map_batches_kwargs(model, **options))` (cls: Predictor or a subclass), without
+    Ray 2.60's warning that `ray_remote_args` (here max_restarts=0) is deprecated: Ray has no named
+    parameter for it yet."""
+    kwargs = map_batches_kwargs(model, **options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        return ds.map_batches(cls, **kwargs)
+
+
+def read_paths(inputs: list[str | os.PathLike]):
+    """A Dataset with one row {"path": ...} per image file: files as given, folders searched recursively
+    (the CLI's rules). Only the paths travel; each actor reads its images, so on a cluster the files must
+    be on storage every node sees at the same path."""
+    import ray
+
+    from .cli import _image_paths
+
+    paths = _image_paths([os.fspath(p) for p in inputs])
+    if not paths:
+        raise InputError("no images found")
+    return ray.data.from_items([{"path": str(p)} for p in paths])
+
+
+def run_cli(args, paths: list) -> int:
+    """`pyggml-resnet classify ... --out FILE` with --ray [ADDRESS] (Predictor on Ray actors) or --features
+    alone (the same Predictor in this process): every image gives a row, bad ones an error row."""
+    import logging
+    import time
+
+    from tqdm import tqdm
+
+    from . import results
+
+    if not args.out:
+        raise InputError("--ray and --features write a file: give --out results.parquet (or .csv, .jsonl)")
+    if results.format_of(args.out) == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise InputError("writing Parquet needs pyarrow: pip install 'pyggml-resnet[ray]'") from None
+    if args.verbose:
+        raise InputError("--verbose cannot be used with --ray or --features")
+    if args.actors is not None and args.ray is None:
+        raise InputError("--actors needs --ray")
+    output = "features" if args.features else "classify"
+    local = args.ray is None
+    # Opened here first even for Ray: a bad path, name or --top-k fails now, with its own message, not in
+    # every actor. A path is made absolute, since Ray's workers do not run in this directory.
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    predictor = Predictor(model, output=output, top_k=args.top_k, threads=args.threads if local else 1,
+                          dtype=args.dtype)
+    rows = [str(p) for p in paths]
+    if local:
+        batches = (predictor({"path": np.array(rows[i:i + args.batch_size], dtype=object)})
+                   for i in range(0, len(rows), args.batch_size))
+    else:
+        predictor.model.close()
+        import ray
+
+        start = time.perf_counter()
+        ray.init(address=args.ray or None, logging_level="WARNING")
+        print(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, started in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        context = ray.data.DataContext.get_current()  # (importing ray.data configures its logger)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines bury the progress bar
+        context.enable_progress_bars = False  # ours below counts images
+        context.execution_options.preserve_order = True  # rows in the order of the paths
+        kwargs = dict(output=output, top_k=args.top_k, actors=args.actors, threads=args.threads or 1,
+                      batch_size=args.batch_size, dtype=args.dtype)
+        # Workers may run elsewhere: they get absolute paths, the output keeps the paths as given.
+        ds = predict(ray.data.from_items([{"path": os.path.abspath(p)} for p in rows]), model, **kwargs)
+        batches = _as_given(ds.iter_batches(batch_format="numpy", batch_size=None), rows)
+    try:
+        with tqdm(total=len(rows), unit="img", file=sys.stderr) as bar:
+            written, errors = results.write(batches, args.out, progress=bar.update)
+    finally:
+        if local:
+            predictor.model.close()
+        else:
+            ray.shutdown()
+    print(f"wrote {written} rows to {args.out}"
+          + (f"; {errors} unreadable file(s), see the error column" if errors else ""), file=sys.stderr)
+    if errors == written:
+        print(f"error: none of the {written} image file(s) could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _as_given(batches, rows: list[str]):
+    """The batches (in the order of `rows`, as preserve_order keeps them) with each path as the user gave it."""
+    done = 0
+    for batch in batches:
+        n = len(batch["path"])
+        given = rows[done:done + n]
+        assert [os.path.abspath(p) for p in given] == list(batch["path"]), "Ray changed the order of the rows"
+        done += n
+        yield {**batch, "path": np.array(given, dtype=object)}
