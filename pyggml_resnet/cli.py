@@ -26,15 +26,16 @@ def _is_path(spec: str) -> bool:
     return os.path.exists(spec) or spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec
 
 
-def _open_model(args):
+def _open_model(spec: str, *, threads: int | None = None, dtype: str | None = None, url: str | None = None,
+                sha256: str | None = None):
+    """--model's model (also what each pyggml_resnet.ray actor loads): a file, or a pretrained name."""
     from . import load
 
-    if _is_path(args.model):
-        return load(args.model, threads=args.threads, dtype=args.dtype)
+    if _is_path(spec):
+        return load(spec, threads=threads, dtype=dtype)
     from . import hub
 
-    return hub.from_pretrained(args.model, url=args.url, sha256=args.sha256, dtype=args.dtype or "f32",
-                               threads=args.threads)
+    return hub.from_pretrained(spec, url=url, sha256=sha256, dtype=dtype or "f32", threads=threads)
 
 
 def _image_paths(inputs: list[str]) -> list[Path]:
@@ -71,8 +72,9 @@ def _check_classify_args(args) -> None:
         if args.json:
             raise InputError("--json prints to stdout and --out writes a file: give one of them "
                              "(--out FILE.jsonl writes JSON lines)")
-        if not args.out.lower().endswith(OUT_SUFFIXES):
-            raise InputError(f"--out {args.out}: the suffix picks the format, {' or '.join(OUT_SUFFIXES)}")
+        suffixes = OUT_SUFFIXES + ((".parquet",) if args.ray is not None or args.features else ())
+        if not args.out.lower().endswith(suffixes):
+            raise InputError(f"--out {args.out}: the suffix picks the format, {' or '.join(suffixes)}")
         if os.path.isdir(args.out):
             raise InputError(f"--out {args.out} is a directory")
     if (args.url or args.sha256) and _is_path(args.model):
@@ -88,7 +90,11 @@ def _classify(args) -> int:
     if not paths:
         print("error: no images found", file=sys.stderr)
         return 1
-    model = _open_model(args)
+    if args.ray is not None or args.features:  # one pipeline for both; Ray is imported only with --ray
+        from .ray import run_cli
+
+        return run_cli(args, paths)
+    model = _open_model(args.model, threads=args.threads, dtype=args.dtype, url=args.url, sha256=args.sha256)
     limit = Image.MAX_IMAGE_PIXELS
     if args.max_pixels:
         Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's decompression-bomb guard, which transforms obeys
@@ -229,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="write results to a .csv or .jsonl file, with a progress bar")
     c.add_argument("--verbose", action="store_true", help="also print each stage's output shape")
     c.add_argument("--version", action="version", version=version)
+    c.add_argument("--features", action="store_true",
+                   help="write each image's pooled embedding instead of its classes (needs --out)")
+    c.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray actors (pip install pyggml-resnet[ray]): a local Ray, or the cluster at "
+                        "ADDRESS (e.g. auto); --out a .parquet, .csv or .jsonl file. See docs/scaling.md")
+    c.add_argument("--actors", type=positive, default=None,
+                   help="with --ray: actors, each with --threads threads (default 1) and its own model "
+                        "(default: the cluster's CPUs // threads)")
     c.set_defaults(run=_classify)
 
     d = sub.add_parser("download", help="download and convert a pretrained model into the cache ahead of "

@@ -78,7 +78,7 @@ class Predictor:
         if output not in OUTPUTS:
             raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         self.output = output
-        self.model = _open_model(os.fspath(model), threads or _assigned_cpus(), dtype)
+        self.model = _open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.model.num_classes:
             raise InputError(f"top_k must be an integer from 1 to {self.model.num_classes}, got {top_k!r}")
         self.top_k = top_k
@@ -202,8 +202,9 @@ def run_cli(args, paths: list) -> int:
             import pyarrow  # noqa: F401
         except ImportError:
             raise InputError("writing Parquet needs pyarrow: pip install 'pyggml-resnet[ray]'") from None
-    if args.verbose:
-        raise InputError("--verbose cannot be used with --ray or --features")
+    for option in ("verbose", "url", "sha256", "max_pixels"):
+        if getattr(args, option):
+            raise InputError(f"--{option.replace('_', '-')} cannot be used with --ray or --features (yet)")
     if args.actors is not None and args.ray is None:
         raise InputError("--actors needs --ray")
     output = "features" if args.features else "classify"
