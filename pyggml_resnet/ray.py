@@ -125,7 +125,8 @@ class Predictor:
 def _objects(items: list) -> np.ndarray:
     """A 1-D object array of lists (np.array would make a 2-D array when the lists have equal lengths)."""
     arr = np.empty(len(items), dtype=object)
-    arr[:] = items
+    for i, item in enumerate(items):
+        arr[i] = item
     return arr
 
 
