@@ -56,7 +56,9 @@ def write(batches: Iterable[dict[str, np.ndarray]], out: str | os.PathLike, prog
     with _replacing(out, "wb" if fmt == "parquet" else "w") as f:
         writer = None
         for batch in batches:
-            n = len(batch["path"])
+            n = len(batch.get("path", ()))
+            if n == 0:  # Ray may hand over an empty block, without columns
+                continue
             if fmt == "parquet":
                 table = _arrow_table(batch)
                 if writer is None:
