@@ -256,7 +256,9 @@ def _as_given(batches, rows: list[str]):
     """The batches (in the order of `rows`, as preserve_order keeps them) with each path as the user gave it."""
     done = 0
     for batch in batches:
-        n = len(batch["path"])
+        n = len(batch.get("path", ()))
+        if n == 0:
+            continue
         given = rows[done:done + n]
         assert [os.path.abspath(p) for p in given] == list(batch["path"]), "Ray changed the order of the rows"
         done += n
