@@ -1,0 +1,208 @@
+"""Measures the table in docs/scaling.md: images/s of a plain loop and of Ray actors x threads on one machine.
+
+    .venv/bin/python docs/measure_scaling.py [--images 256] [--rounds 3] [--work /tmp/scaling]
+
+Made once in --work (and reused): a seeded ResNet-50 as f32 GGUF (tests/reference_resnet.py, needs torch)
+and --images generated JPEGs of 500x375 (ImageNet's typical size). Then, in rounds that rotate the order so
+that a shared machine's drift spreads over every setup:
+
+* plain: one fresh process, `load(threads=2)` then the CLI's loop (preprocess, batches of 16); "plain1"
+  the same with 1 thread (not run unless asked for with --setups);
+* Ray AxT: A actors of T threads (`pyggml_resnet.ray.predict`, batches of 16) in one local Ray session
+  started with num_cpus=4, so that 2 actors x 2 threads can be placed on the 2 cores at all.
+
+images/s is images over the wall time from the start of the work to the last result, model loading
+included: for Ray this includes starting the actors' processes (Ray itself is already up; its start-up
+time and memory are reported apart). Peak RSS is per process (each actor's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SETUPS = ("plain", "2x1", "1x2", "2x2")  # "plain1" too on request
+BATCH = 16
+
+
+def prepare(work: Path, images: int) -> tuple[Path, Path]:
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "resnet50-seeded.gguf"
+    if not model.exists():
+        import torch
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from reference_resnet import make_model
+
+        from pyggml_resnet import convert
+
+        pth = work / "resnet50-seeded.pth"
+        torch.save(make_model(50, seed=50).state_dict(), pth)
+        convert.convert(pth, model, progress=False)
+        pth.unlink()
+    folder = work / f"images{images}"
+    if not folder.exists():
+        from PIL import Image
+
+        tmp = work / f".images{images}.partial"
+        tmp.mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(images):  # smooth random colour fields plus noise: JPEGs of photo-like size
+            small = rng.random((12, 16, 3)) * 255
+            img = Image.fromarray(small.astype(np.uint8)).resize((500, 375), Image.Resampling.BICUBIC)
+            noisy = np.asarray(img, np.float32) + rng.normal(0, 12, (375, 500, 3))
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(tmp / f"{i:05d}.jpg", quality=90)
+        tmp.rename(folder)
+    return model, folder
+
+
+PLAIN = r"""
+import json, resource, sys, time
+import numpy as np
+import pyggml_resnet
+paths = sys.argv[3:]
+start = time.perf_counter()
+model = pyggml_resnet.load(sys.argv[1], threads=int(sys.argv[2]))
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for i in range(0, len(paths), 16):
+    model.probabilities(np.stack([model.preprocess(p) for p in paths[i:i + 16]]))
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "rss_loaded_kib": loaded,
+                  "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def run_plain(model: Path, paths: list[str], threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", PLAIN, str(model), str(threads), *paths], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def measuring():
+    """Predictor that also reports its process's RSS after loading and its peak (Ray cannot import this
+    script in its workers, so the class is made in a function and sent by value)."""
+    import pyggml_resnet.ray as pr
+
+    class Measuring(pr.Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            n = len(out["path"])
+            out["pid"] = np.full(n, os.getpid())
+            out["rss_loaded_kib"] = np.full(n, self.loaded)
+            out["rss_peak_kib"] = np.full(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            out["threads"] = np.full(n, self.model.threads)
+            out["done"] = np.full(n, time.time())
+            return out
+
+    return Measuring
+
+
+def run_ray(model: Path, paths: list[str], actors: int, threads: int) -> dict:
+    import ray
+
+    import pyggml_resnet.ray as pr
+
+    start, wall = time.perf_counter(), time.time()
+    ds = pr.predict(ray.data.from_items([{"path": p} for p in paths]), str(model), cls=measuring(),
+                    actors=actors, threads=threads, batch_size=BATCH)
+    rows = ds.take_all()
+    seconds = time.perf_counter() - start
+    assert len(rows) == len(paths) and all(r["error"] is None for r in rows)
+    assert {int(r["threads"]) for r in rows} == {threads}
+    pids = {int(r["pid"]) for r in rows}
+    return {"seconds": seconds, "actors_used": len(pids), "first_result_s": min(r["done"] for r in rows) - wall,
+            "rss_loaded_kib": max(int(r["rss_loaded_kib"]) for r in rows),
+            "rss_peak_kib": max(int(r["rss_peak_kib"]) for r in rows)}
+
+
+def ray_processes_rss_mib() -> float:
+    import psutil
+
+    total = 0
+    for p in psutil.process_iter(["cmdline", "memory_info"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.pid != os.getpid() and ("ray" in cmd.split("/")[-1] or "/ray/" in cmd or "raylet" in cmd
+                                     or "gcs_server" in cmd):
+            total += p.info["memory_info"].rss
+    return total / 2**20
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pyggml-resnet-scaling"))
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS + ("plain1",))
+    parser.add_argument("--json", type=Path, help="also write every sample here")
+    args = parser.parse_args(argv)
+
+    model, folder = prepare(args.work, args.images)
+    paths = sorted(str(p) for p in folder.iterdir())
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    print(f"{cpu}; {os.cpu_count()} CPUs; python {platform.python_version()}; {len(paths)} images; "
+          f"load average before Ray: {os.getloadavg()[0]:.1f}", flush=True)
+
+    import ray
+
+    before = ray_processes_rss_mib()
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    startup = time.perf_counter() - start
+    time.sleep(2)  # let its processes finish starting before reading their memory
+    ray_mib = ray_processes_rss_mib() - before
+    import logging
+
+    import ray.data  # noqa: F401  (configures its logger, quietened next)
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"ray.init: {startup:.1f} s; Ray's own processes: {ray_mib:.0f} MiB RSS", flush=True)
+
+    samples = []
+    for r in range(args.rounds):
+        order = args.setups[r % len(args.setups):] + args.setups[:r % len(args.setups)]
+        for setup in order:
+            load = os.getloadavg()[0]
+            if setup.startswith("plain"):
+                result = run_plain(model, paths, 1 if setup == "plain1" else 2)
+            else:
+                actors, threads = map(int, setup.split("x"))
+                result = run_ray(model, paths, actors, threads)
+            result.update(setup=setup, round=r, load_before=load, images_per_s=len(paths) / result["seconds"])
+            samples.append(result)
+            print(json.dumps(result), flush=True)
+    ray.shutdown()
+
+    print(f"\n| setup (actors x threads) | images/s, median (min-max) of {args.rounds} | vs plain | "
+          f"peak RSS per process |\n|---|---|---|---|")
+    plain = statistics.median([s["images_per_s"] for s in samples if s["setup"] == "plain"] or [float("nan")])
+    for setup in args.setups:
+        rates = [s["images_per_s"] for s in samples if s["setup"] == setup]
+        rss = max(s["rss_peak_kib"] for s in samples if s["setup"] == setup) / 1024
+        med = statistics.median(rates)
+        print(f"| {setup} | {med:.2f} ({min(rates):.2f}-{max(rates):.2f}) | {med / plain:.2f}x | {rss:.0f} MiB |")
+    print(f"\nload average (1 min) before each run: {min(s['load_before'] for s in samples):.1f}-"
+          f"{max(s['load_before'] for s in samples):.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu, "ray_init_s": startup, "ray_rss_mib": ray_mib,
+                                         "samples": samples}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
