@@ -39,7 +39,7 @@ import warnings
 import numpy as np
 
 from .errors import InputError
-from .model import MAX_BATCH, Model
+from .model import MAX_BATCH, Model, top_predictions
 
 OUTPUTS = ("classify", "logits", "features")
 
@@ -110,10 +110,10 @@ class Predictor:
         if self.output == "classify":
             labels, indices, probs = ([[] for _ in range(n)] for _ in range(3))
             for i, p in zip(good, model.probabilities(x) if x is not None else []):
-                top = np.argsort(-p, kind="stable")[:self.top_k]
-                labels[i] = [model.labels[j] for j in top]
-                indices[i] = [int(j) for j in top]
-                probs[i] = [round(float(p[j]), 6) for j in top]  # as the CLI's rows
+                top = top_predictions(p, self.top_k, model.labels)
+                labels[i] = [t.label for t in top]
+                indices[i] = [t.index for t in top]
+                probs[i] = [round(t.prob, 6) for t in top]  # as the CLI's rows
             return {"labels": _objects(labels), "indices": _objects(indices), "probs": _objects(probs)}
         width = model.feature_dim if self.output == "features" else model.num_classes
         result = np.full((n, width), np.nan, np.float32)  # NaN marks an error row's missing vector
