@@ -59,6 +59,9 @@ def write(batches: Iterable[dict[str, np.ndarray]], out: str | os.PathLike, prog
             n = len(batch.get("path", ()))
             if n == 0:  # Ray may hand over an empty block, without columns
                 continue
+            # A block without errors may come back from Arrow with its all-null error column as NaN floats.
+            batch = {**batch, "error": np.array([e if isinstance(e, str) else None for e in batch["error"]],
+                                                dtype=object)}
             if fmt == "parquet":
                 table = _arrow_table(batch)
                 if writer is None:
