@@ -196,12 +196,11 @@ def test_batchnorm_explicit_matches_torch(backend, n, c, h, w):
     assert_close(got, torch_bn(x, p))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("k,s,p", [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1)])
+@pytest.mark.parametrize("k,s,p,layout", [
+    (k, s, p, layout) for k, s, p in [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1)] for layout in LAYOUTS
+    if layout != layers.WINOGRAD or (k, s) == (3, 1)])  # Winograd F(2x2,3x3) is for 3x3 stride-1 convs only
 def test_conv_with_folded_batchnorm_residual_and_relu(backend, k, s, p, layout):
     """conv + folded BatchNorm + residual + ReLU: fused into the packed GEMM, separate ops otherwise."""
-    if layout == layers.WINOGRAD and (k, s) != (3, 1):
-        pytest.skip("Winograd F(2x2,3x3) is for 3x3 stride-1 convs")
     n, ic, oc = 2, 16, 24
     x, wt, bn = rand(n, ic, 10, 9, seed=5), rand(oc, ic, k, k, seed=6) / np.float32(np.sqrt(ic * k * k)), bn_params(oc, 7)
     conv = torch.from_numpy(torch_bn(F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy(), bn))
