@@ -24,6 +24,7 @@ static const struct gemm_kernel * kernel_for(int path) {
     switch (path) {
         case GEMM_AVX512: return &gemm_kernel_avx512;
         case GEMM_AVX2: return &gemm_kernel_avx2;
+        case GEMM_AVX512_BF16: return &gemm_kernel_avx512bf16;
     }
 #endif
     (void) path;
@@ -36,6 +37,7 @@ int gemm_path_supported(int path) {
     switch (path) {
         case GEMM_AVX512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
         case GEMM_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        case GEMM_AVX512_BF16: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
     }
 #endif
     (void) path;
@@ -44,16 +46,17 @@ int gemm_path_supported(int path) {
 
 // One tile of up to `height` pixels from pixel n: b arrives set for the tile's channels and K block. Fewer
 // pixels than `height` (at N's end) are copied, zero-padded, into xtail so the tile reads whole rows.
+// es: bytes per weight and pixel value.
 static void tile_at(struct gemm_block b, void (*tile)(const struct gemm_block *), int height, int64_t n, int64_t N,
-                    float * xtail) {
+                    size_t es, char * xtail) {
     const int64_t K = b.ldx;
-    b.x += n * K;
+    b.x = (const char *) b.x + n * K * es;
     b.c += n * b.ldc;
     if (b.res) b.res += n * b.ldc;
     b.nr = N - n < height ? (int) (N - n) : height;
     if (b.nr < height) {
-        memset(xtail, 0, sizeof(float) * height * b.kc);
-        for (int i = 0; i < b.nr; ++i) memcpy(xtail + i * b.kc, b.x + i * K, sizeof(float) * b.kc);
+        memset(xtail, 0, es * height * b.kc);
+        for (int i = 0; i < b.nr; ++i) memcpy(xtail + i * b.kc * es, (const char *) b.x + i * K * es, es * b.kc);
         b.x = xtail;
         b.ldx = b.kc;
     }
@@ -79,7 +82,8 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     } else {
         thread_range(n_tiles, ith, nth, &n0, &n1);
     }
-    float xtail[GEMM_NR_MAX * GEMM_KC];
+    const size_t es = ggml_type_size(x->type);
+    float xtail[GEMM_NR_MAX * GEMM_KC];  // room for f32; bf16 uses half
 
     const int64_t nb_tiles = GEMM_NB / nr;
     for (int64_t kb = 0; kb < K; kb += GEMM_KC) {
@@ -89,8 +93,8 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
                 const struct gemm_block b = {  // at pixel 0: tile_at moves it
-                    .w = (const float *) w->data + (m / 16) * 16 * K + 16 * kb, .w_panel = 16 * K,
-                    .x = (const float *) x->data + kb, .ldx = K, .kc = kc,
+                    .w = (const char *) w->data + ((m / 16) * 16 * K + 16 * kb) * es, .w_panel = 16 * K,
+                    .x = (const char *) x->data + kb * es, .ldx = K, .kc = kc,
                     .mr = M - m < mr ? (int) (M - m) : mr,
                     .c = (float *) dst->data + m, .ldc = M,
                     .first = kb == 0, .last = kb + kc == K,
@@ -99,10 +103,10 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
                 };
                 for (int64_t nt = nb; nt < nb_end; ++nt) {
                     if (N - nt * nr >= nr) {
-                        tile_at(b, kern->tile, nr, nt * nr, N, xtail);
+                        tile_at(b, kern->tile, nr, nt * nr, N, es, (char *) xtail);
                     } else {  // the last pixels: narrower tiles waste less
                         for (int64_t n = nt * nr; n < N; n += kern->nr_narrow) {
-                            tile_at(b, kern->tile_narrow, kern->nr_narrow, n, N, xtail);
+                            tile_at(b, kern->tile_narrow, kern->nr_narrow, n, N, es, (char *) xtail);
                         }
                     }
                 }

@@ -5,12 +5,15 @@
 //
 // Packed weights (made once at load, by the caller): f32 [16, K, P, 1] in ggml's order (NumPy (P, K, 16)):
 // panel p holds output channels 16p..16p+15, k-major, so the 16 weights of one k are contiguous. P is even
-// (M is zero-padded to a multiple of 32), and 32 * (P / 2) - M < 32. One layout serves every ISA path.
+// (M is zero-padded to a multiple of 32), and 32 * (P / 2) - M < 32. One layout serves the f32 paths.
+// The bf16 path (GEMM_AVX512_BF16: bf16 weights and pixels, f32 sums and epilogue) keeps that shape with K
+// even and each panel's k in pairs, (k, k+1) side by side per channel: NumPy (P, K/2, 16, 2), as vdpbf16ps reads.
 //
 // Each output's reduction order is fixed by K alone: K runs in blocks of GEMM_KS in order, each block summed
 // (one fused multiply-add per k, in k order) into a fresh accumulator that is then added to the running sum;
 // then + bias, then + R, then ReLU. Nothing depends on N, the tiling, the thread count or the ISA path, so
-// every path gives bit-identical results for any batch and thread count. Short blocks keep the error near
+// every f32 path gives bit-identical results for any batch and thread count (the bf16 path too, for its own
+// results: its pair sums round differently from the f32 paths). Short blocks keep the error near
 // ggml's own kernels' (relative ~u * (sqrt(KS/2) + sqrt(K/(2 KS))) for random signs, u = 2^-24).
 #pragma once
 
@@ -22,12 +25,12 @@ extern "C" {
 
 #define GEMM_KS 32  // the summation block above
 
-enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_N_PATHS };
+enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2, GEMM_N_PATHS };
 
 // Whether this CPU (and this build) can run `path`: checked at run time from cpuid.
 int gemm_path_supported(int path);
 
-// w: packed weights as above; x: contiguous f32 [K, ne1, ne2, ne3] (N = ne1*ne2*ne3 rows of K);
+// w: packed weights as above; x: contiguous [K, ne1, ne2, ne3] of w's type, f32 or (bf16 path) bf16;
 // bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32 [M, ne1, ne2, ne3].
 // Returns f32 [M, ne1, ne2, ne3]. The caller validates every argument and that `path` is supported.
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,

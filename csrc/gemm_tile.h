@@ -1,4 +1,4 @@
-// The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c): one tile of output channels by
+// The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c, gemm_avx512bf16.c): one tile of output channels by
 // pixels over one cache block of K, summed in registers GEMM_KS values of k at a time, each such sum merged
 // into C in memory, with the epilogue after K's last one. Internal to csrc/gemm*.c.
 #pragma once
@@ -8,10 +8,10 @@
 #include "gemm.h"
 
 struct gemm_block {
-    const float * w;       // packed weights of the tile's first channel at the block's first k
-    int64_t w_panel;       // floats from one 16-channel panel to the next (16 * K)
-    const float * x;       // the tile's first pixel row at the block's first k
-    int64_t ldx;           // floats between pixel rows
+    const void * w;        // packed weights of the tile's first channel at the block's first k (f32 or bf16)
+    int64_t w_panel;       // elements from one 16-channel panel to the next (16 * K)
+    const void * x;        // the tile's first pixel row at the block's first k (the weights' type)
+    int64_t ldx;           // elements between pixel rows
     int64_t kc;            // k values in this cache block (a multiple of GEMM_KS, except at K's end)
     int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
     float * c;             // output of the tile's first pixel and channel
@@ -32,3 +32,4 @@ struct gemm_kernel {
 
 extern const struct gemm_kernel gemm_kernel_avx512;
 extern const struct gemm_kernel gemm_kernel_avx2;
+extern const struct gemm_kernel gemm_kernel_avx512bf16;

@@ -102,7 +102,7 @@ struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tenso
 void q8_0_encode(const float * x, uint8_t * dst, int64_t n);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
-enum gemm_path { GEMM_AVX512, GEMM_AVX2, ... };
+enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, ... };
 int gemm_path_supported(int path);
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, struct ggml_tensor * bias, struct ggml_tensor * residual,

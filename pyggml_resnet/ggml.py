@@ -146,33 +146,49 @@ def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
-# The packed GEMM's ISA paths (csrc/gemm.h), widest first.
-GEMM_PATHS = {"avx512": lib.GEMM_AVX512, "avx2": lib.GEMM_AVX2}
+# The packed GEMM's ISA paths (csrc/gemm.h), widest first, and the weight type each multiplies.
+GEMM_PATHS = {"avx512": lib.GEMM_AVX512, "avx2": lib.GEMM_AVX2, "avx512bf16": lib.GEMM_AVX512_BF16}
+_GEMM_TYPES = {"avx512bf16": Type.BF16}  # the others: f32
 _PANEL = 16  # output channels per panel of packed weights
 _PANEL_PAIR = 2 * _PANEL  # M is padded to a multiple of this
 
 
-def gemm_paths() -> tuple[str, ...]:
-    """The packed GEMM's paths this CPU (and this build) can run, widest first; empty where none can."""
-    return tuple(name for name, path in GEMM_PATHS.items() if lib.gemm_path_supported(path))
+def gemm_type(path: str) -> Type:
+    """The type of the weights and pixels the packed GEMM's `path` multiplies."""
+    return _GEMM_TYPES.get(path, Type.F32)
 
 
-def packed_shape(m: int, k: int) -> tuple[int, int, int]:
-    """The NumPy shape (panels, K, 16) that `pack_matrix` gives an [M, K] matrix."""
+def gemm_paths(wtype: Type | str = Type.F32) -> tuple[str, ...]:
+    """The packed GEMM's paths for `wtype` weights this CPU (and this build) can run, widest first; empty
+    where none can."""
+    wtype = Type.parse(wtype)
+    return tuple(name for name, path in GEMM_PATHS.items()
+                 if gemm_type(name) == wtype and lib.gemm_path_supported(path))
+
+
+def packed_shape(m: int, k: int, wtype: Type | str = Type.F32) -> tuple[int, int, int]:
+    """The NumPy shape (panels, K, 16) that `pack_matrix` gives an [M, K] matrix (bf16: K rounded up to even)."""
+    if Type.parse(wtype) == Type.BF16:
+        k += k % 2
     return -(-m // _PANEL_PAIR) * 2, k, _PANEL
 
 
-def pack_matrix(w: np.ndarray) -> np.ndarray:
+def pack_matrix(w: np.ndarray, wtype: Type | str = Type.F32) -> np.ndarray:
     """An [M, K] float32 matrix as the packed weights `Graph.gemm` reads: M zero-padded to a multiple of 32,
-    cut into panels of 16 rows, each panel stored k-major (the 16 weights of one k side by side)."""
+    cut into panels of 16 rows, each panel stored k-major (the 16 weights of one k side by side). For bf16
+    (still float32 here: the caller rounds), K is zero-padded to even and each panel holds pairs of k, the
+    two weights of one channel side by side, as vdpbf16ps multiplies them."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2 or not w.size:
         raise InputError(f"pack_matrix takes a non-empty 2-D matrix, got shape {w.shape}")
     m, k = w.shape
-    panels = packed_shape(m, k)[0]
-    padded = np.zeros((panels * _PANEL, k), np.float32)
-    padded[:m] = w
-    return np.ascontiguousarray(padded.reshape(panels, _PANEL, k).transpose(0, 2, 1))
+    panels, kp, _ = packed_shape(m, k, wtype)
+    padded = np.zeros((panels * _PANEL, kp), np.float32)
+    padded[:m, :k] = w
+    if Type.parse(wtype) != Type.BF16:
+        return np.ascontiguousarray(padded.reshape(panels, _PANEL, k).transpose(0, 2, 1))
+    pairs = padded.reshape(panels, _PANEL, kp // 2, 2).transpose(0, 2, 1, 3)  # (P, K/2, 16, 2)
+    return np.ascontiguousarray(pairs).reshape(panels, kp, _PANEL)
 
 
 def _shape4(ne) -> tuple[int, int, int, int]:
@@ -544,20 +560,25 @@ class Graph(_Closable):
              relu: bool = False, path: str | None = None) -> Tensor:
         """x [K, ...] times the packed weights w (`pack_matrix` of an [m, K] matrix, ggml [16, K, P, 1]) ->
         f32 [m, ...], then + bias ([m]), + residual (shaped like the result), ReLU, fused into the product
-        (csrc/gemm.h). Each output's summation order depends on K alone: results are bit-identical for any
-        batch, thread count and path. `path`: one of `gemm_paths()` (default: the first)."""
+        (csrc/gemm.h). w and x are both f32, or both bf16 (K even). Each output's summation order depends on
+        K alone: results are bit-identical for any batch, thread count and f32 path. `path`: one of
+        `gemm_paths(w.type)` (default: the first)."""
         ctx = self._building(w, x, *(t for t in (bias, residual) if t is not None))
-        paths = gemm_paths()
+        paths = gemm_paths(w.type) if w.type in (Type.F32, Type.BF16) else ()
         if path is None and paths:
             path = paths[0]
         if path not in paths:
-            raise InputError(f"gemm: path {path!r} cannot run here; this CPU runs {paths or 'none'}")
+            raise InputError(f"gemm: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
         m = _integer(m, "gemm: m", 1)
+        if x.type != w.type:
+            raise InputError(f"gemm: x {x!r} must have the weights' type {w.type.name}")
+        self._need_f32(*(t for t in (bias, residual) if t is not None), op="gemm")
         for t in (w, x, bias, residual):
             if t is not None:
-                self._need_f32(t, op="gemm")
                 self._need_contiguous(t, "gemm")
-        panels, k, _ = packed_shape(m, x.ne[0])
+        panels, k, _ = packed_shape(m, x.ne[0], w.type)
+        if k != x.ne[0]:
+            raise InputError(f"gemm: bf16 needs an even K, got x {x!r}")
         if w.ne != (_PANEL, k, panels, 1):
             raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(_PANEL, k, panels, 1)})")
         out_ne = (m,) + x.ne[1:]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ggml import Graph, Tensor, Type, pack_matrix, packed_shape
+from .ggml import Graph, Tensor, Type, gemm_type, pack_matrix, packed_shape
 
 # ggml's fast matmul path (llamafile sgemm) wants K to be a multiple of 16 (f32) or 32 (bf16, q8_0).
 K_ALIGN = 32
@@ -36,13 +36,13 @@ PLAIN, WINOGRAD = "plain", "winograd"
 def matrix_layout(shape: tuple[int, ...], stride: int, padding: int, wtype: Type, *, winograd: bool,
                   gemm: str | None, groups: int = 1) -> str:
     """The layout of a conv weight (PyTorch shape [OC, IC, KH, KW]) or fc weight ([OUT, IN]) under the
-    model's options: Winograd where asked for and it applies, else the packed GEMM on path `gemm` for f32
-    weights, else plain. A grouped conv is always plain: ggml's mul_mat broadcasts it over the groups."""
+    model's options: Winograd where asked for and it applies, else the packed GEMM on path `gemm` for
+    weights of its type, else plain. A grouped conv is always plain: ggml's mul_mat broadcasts it over the groups."""
     if groups > 1:
         return PLAIN
     if len(shape) == 4 and winograd and winograd_applies(shape, stride, padding, wtype):
         return WINOGRAD
-    return gemm if gemm is not None and wtype == Type.F32 else PLAIN
+    return gemm if gemm is not None and wtype == gemm_type(gemm) else PLAIN
 
 
 def conv_weight_shape(shape: tuple[int, ...], layout: str = PLAIN) -> tuple[int, ...]:
@@ -52,7 +52,7 @@ def conv_weight_shape(shape: tuple[int, ...], layout: str = PLAIN) -> tuple[int,
     if layout == WINOGRAD:
         return 16, oc, ic
     if layout != PLAIN:
-        return packed_shape(oc, k)
+        return packed_shape(oc, k, gemm_type(layout))
     if kh * kw > 1 and k % K_ALIGN:
         k += K_ALIGN - k % K_ALIGN
     return oc, k
@@ -64,7 +64,7 @@ def conv_weight(w: np.ndarray, layout: str = PLAIN, scale: np.ndarray | None = N
 
     Plain: a 2-D [OC, K] matrix, K running over (ky, kx, c) with c fastest (the order `gather_patches`
     emits), zero-padded to a multiple of K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147).
-    Packed (a GEMM path): the same matrix unpadded, packed by `ggml.pack_matrix`.
+    Packed (a GEMM path): the same matrix unpadded, packed by `ggml.pack_matrix` for the path's type.
     Winograd: [16, OC, IC], G w G^T for each of the 16 tile positions, in float64 and rounded once.
     """
     oc, ic, kh, kw = w.shape
@@ -76,7 +76,7 @@ def conv_weight(w: np.ndarray, layout: str = PLAIN, scale: np.ndarray | None = N
     if scale is not None:
         m = m * scale[:, None]  # rows are output channels in both layouts; `w` itself stays as it was
     if layout not in (PLAIN, WINOGRAD):
-        return pack_matrix(m)
+        return pack_matrix(m, gemm_type(layout))
     k = conv_weight_shape(w.shape)[1]
     return np.pad(m, ((0, 0), (0, k - m.shape[1]))) if layout == PLAIN and k > m.shape[1] else m
 
@@ -107,7 +107,7 @@ def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding:
         if (kernel, stride, padding) != (1, 1, 0) or w.type == Type.BF16:
             # bf16 weights get their input as bf16 from the gather, which rounds as ggml would but
             # vectorised: ggml's own conversion of the matmul input is a scalar loop that took 12% of a run.
-            k_pad = w.ne[0] if layout == PLAIN else 0
+            k_pad = w.ne[0] if layout == PLAIN else w.ne[1]  # packed: w is [16, K, P, 1]
             x = g.gather_patches(x, kernel, stride, padding, k_pad=k_pad, ttype=_patch_type(w))
         if layout != PLAIN:
             return g.gemm(w, x, channels, bias=bias, residual=residual, relu=relu, path=layout)
@@ -178,6 +178,8 @@ def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor, layout: str = PLAIN) -> Te
     """x [IN, N] times a PyTorch Linear weight [OUT, IN] (ggml [IN, OUT]; packed by `ggml.pack_matrix` for a
     GEMM path) plus bias -> [OUT, N]."""
     if layout != PLAIN:
+        if w.type == Type.BF16:  # the features as bf16 [IN, N, 1, 1], rounded as the convs' patches are
+            x = g.gather_patches(x, 1, 1, 0, ttype=Type.BF16)
         return g.gemm(w, x, b.ne[0], bias=b, path=layout)
     return g.add(g.mul_mat(w, x), b)
 

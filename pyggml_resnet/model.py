@@ -31,19 +31,22 @@ def _check_gemm(gemm) -> None:
 def gemm_path(gemm: str | None, wtype: Type) -> str | None:
     """The packed GEMM path a model with these options uses, or None for ggml's mul_mat (see `load`)."""
     _check_gemm(gemm)
-    paths = gemm_paths()
+    paths = gemm_paths(wtype) if wtype in (Type.F32, Type.BF16) else ()
     if gemm is None:
-        return paths[0] if paths and wtype == Type.F32 else None
+        return paths[0] if paths else None
     if gemm == "ggml":
         return None
-    if wtype != Type.F32:
-        raise InputError(f"the packed GEMM is f32 only: use gemm='ggml' for {wtype.name.lower()} weights")
+    if wtype not in (Type.F32, Type.BF16):
+        raise InputError(f"the packed GEMM is f32 and bf16 only: use gemm='ggml' for {wtype.name.lower()} weights")
     if gemm == "packed":
         if not paths:
-            raise InputError("this CPU has no packed GEMM path (it needs AVX2 and FMA): use gemm='ggml'")
+            needs = "AVX512-BF16" if wtype == Type.BF16 else "AVX2 and FMA"
+            raise InputError(f"this CPU has no packed GEMM path for {wtype.name.lower()} (it needs {needs}): "
+                             "use gemm='ggml'")
         return paths[0]
     if gemm not in paths:
-        raise InputError(f"this CPU cannot run the packed GEMM's {gemm} path; it runs: {', '.join(paths) or 'none'}")
+        raise InputError(f"this CPU cannot run the packed GEMM's {gemm} path for {wtype.name.lower()} weights; "
+                         f"it runs: {', '.join(paths) or 'none'}")
     return gemm
 
 
@@ -308,9 +311,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
         with ggml's mul_mat.
     gemm: what runs the other matrix products. "packed": our GEMM over weights packed at load, with the
         BatchNorm bias, residual add and ReLU fused in; bit-identical results for any batch and thread count
-        (csrc/gemm.h). Its path is chosen from the CPU: "avx512" or "avx2" (AVX2+FMA), which may also be
-        named to force one. "ggml": ggml's mul_mat. Default: "packed" for f32 weights where the CPU has a
-        path, else "ggml". The packed GEMM is f32 only.
+        (csrc/gemm.h). Its path is chosen from the CPU: "avx512" or "avx2" (AVX2+FMA) for f32 weights,
+        "avx512bf16" (AVX512-BF16: bf16 weights and inputs, f32 sums) for bf16; a path may also be named to
+        force it. "ggml": ggml's mul_mat. Default: "packed" for f32 and bf16 weights where the CPU has a
+        path, else "ggml". f16 and q8_0 weights always use ggml's mul_mat.
     Raises ModelFormatError for a malformed file, InputError for bad arguments.
     """
     resnet.check_batchnorm(batchnorm)

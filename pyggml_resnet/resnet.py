@@ -58,7 +58,8 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: 
             plan[f"{conv.bn}.{p}"] = (Type.F32, (conv.out_ch,))
     fc = mf.infos["fc.weight"].shape
     packed_fc = layout["fc.weight"] != layers.PLAIN
-    plan["fc.weight"] = (_matrix_type(wtype, fc[1]), packed_shape(*fc) if packed_fc else fc)
+    fc_type = _matrix_type(wtype, fc[1])
+    plan["fc.weight"] = (fc_type, packed_shape(*fc, fc_type) if packed_fc else fc)
     plan["fc.bias"] = (Type.F32, (fc[0],))
 
     weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
@@ -78,7 +79,7 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: 
                 raise ModelFormatError(f"{mf.path}: folding {conv.bn} into {conv.name} overflows float32")
             weights.set(conv.name, plan[conv.name][0].encode(m))
         fc_weight = mf.tensor("fc.weight")
-        weights.set("fc.weight", plan["fc.weight"][0].encode(pack_matrix(fc_weight) if packed_fc else fc_weight))
+        weights.set("fc.weight", fc_type.encode(pack_matrix(fc_weight, fc_type) if packed_fc else fc_weight))
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()

@@ -1,4 +1,5 @@
-"""The packed GEMM (csrc/gemm.h) on every path this CPU runs, against float64 NumPy products.
+"""The packed GEMM (csrc/gemm.h) on every path this CPU runs, against float64 NumPy products (for the bf16
+path: of the same bf16-rounded weights and inputs, so only its f32 summation is measured).
 
 Bound: each output is a sum of K products taken in blocks of GEMM_KS (one rounding per fused multiply-add
 inside a block, one per block added to the running sum), then + bias, + residual: at most
@@ -6,7 +7,8 @@ L = min(K, KS) + ceil(K / KS) + 2 roundings touch each term, so |error| <= gamma
 + |residual|), gamma_L = L u / (1 - L u), u = 2^-24: the textbook bound for that order. A wrong index,
 stride, tile edge or epilogue gives errors of the data's own size. We also hold the pooled relative L2
 error of products with 1000 outputs or more to 3e-7: on these random operands we measured 1.1-2.4e-7,
-against 1.1-3.8e-7 for NumPy's float32 product (OpenBLAS) on the same data.
+against 1.1-3.8e-7 for NumPy's float32 product (OpenBLAS) on the same data. The bf16 path (vdpbf16ps: per
+pair of k, two exact products added in at most two roundings) meets the same bound.
 """
 
 import numpy as np
@@ -14,11 +16,12 @@ import pytest
 
 from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, pack_matrix, packed_shape
+from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, gemm_type, pack_matrix, packed_shape
 
 KS = 32  # GEMM_KS in csrc/gemm.h
 U = 2.0 ** -24
-PATHS = gemm_paths()
+F32_PATHS = gemm_paths()
+PATHS = F32_PATHS + gemm_paths("bf16")
 pytestmark = pytest.mark.skipif(not PATHS, reason="this CPU has no packed GEMM path (ggml's mul_mat runs)")
 
 
@@ -29,18 +32,22 @@ def backend():
 
 
 def run_gemm(backend, w, x, bias=None, res=None, relu=False, path=None):
-    """x [N, K] times w [M, K]^T through Graph.gemm -> [N, M]."""
+    """x [N, K] times w [M, K]^T through Graph.gemm -> [N, M]. A bf16 path gets w rounded to bf16 and x
+    through the bf16 gather the model uses (K zero-padded to even)."""
     m, k = w.shape
-    specs = {"w": (Type.F32, tuple(reversed(packed_shape(m, k))))}
+    wtype = gemm_type(path or PATHS[0])
+    kp = packed_shape(m, k, wtype)[1]
+    specs = {"w": (wtype, tuple(reversed(packed_shape(m, k, wtype))))}
     if bias is not None:
         specs["b"] = (Type.F32, (m,))
     with Weights(backend, specs) as wt, Graph(backend) as g:
-        wt.set("w", pack_matrix(w))
+        wt.set("w", wtype.dtype.encode(pack_matrix(w, wtype)))
         if bias is not None:
             wt.set("b", bias)
         xi = g.input("x", (k, len(x)))
         ri = g.input("r", (m, len(x))) if res is not None else None
-        y = g.gemm(wt["w"], xi, m, bias=wt["b"] if bias is not None else None, residual=ri, relu=relu, path=path)
+        xg = g.gather_patches(xi, 1, 1, 0, k_pad=kp, ttype=wtype) if wtype != Type.F32 else xi
+        y = g.gemm(wt["w"], xg, m, bias=wt["b"] if bias is not None else None, residual=ri, relu=relu, path=path)
         g.finalize(y)
         g.set(xi, x)
         if ri is not None:
@@ -58,8 +65,14 @@ def operands(m, k, n, seed, epilogue):
     return w, x, bias, res
 
 
-def check(got, w, x, bias, res, relu):
-    w64, x64 = w.astype(np.float64), x.astype(np.float64)
+def rounded(a, path):
+    """a as the path's type holds it (bf16: rounded to nearest even), back in float32."""
+    t = gemm_type(path).dtype
+    return t.decode(t.encode(a)).reshape(a.shape)
+
+
+def check(got, w, x, bias, res, relu, path):
+    w64, x64 = rounded(w, path).astype(np.float64), rounded(x, path).astype(np.float64)
     want, scale = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
     for v in (bias, res):
         if v is not None:
@@ -96,7 +109,7 @@ def test_every_resnet101_product(backend, path):
         epilogue = EPILOGUES[seen.setdefault((m, k, n), i) % len(EPILOGUES)]
         w, x, bias, res = operands(m, k, n, i, epilogue)
         got = run_gemm(backend, w, x, bias, res, "relu" in epilogue, path)
-        check(got, w, x, bias, res, "relu" in epilogue)
+        check(got, w, x, bias, res, "relu" in epilogue, path)
 
 
 AWKWARD = [
@@ -112,17 +125,21 @@ AWKWARD = [
 def test_awkward_shapes(backend, path, m, k, n):
     for j, epilogue in enumerate(EPILOGUES):
         w, x, bias, res = operands(m, k, n, 100 * m + j, epilogue)
-        check(run_gemm(backend, w, x, bias, res, "relu" in epilogue, path), w, x, bias, res, "relu" in epilogue)
+        check(run_gemm(backend, w, x, bias, res, "relu" in epilogue, path), w, x, bias, res, "relu" in epilogue, path)
 
 
-def test_paths_batches_and_threads_agree_bit_for_bit():
-    """The summation order depends on K alone: every path, batch size and thread count gives the same bits."""
+@pytest.mark.parametrize("paths", [F32_PATHS, gemm_paths("bf16")], ids=["f32", "bf16"])
+def test_paths_batches_and_threads_agree_bit_for_bit(paths):
+    """The summation order depends on K alone: every path of one type, batch size and thread count gives
+    the same bits."""
+    if not paths:
+        pytest.skip("no packed GEMM path of this type on this CPU")
     m, k, n = 72, 333, 29
     w, x, bias, res = operands(m, k, n, 7, ("bias", "res"))
     results = []
     for threads in (1, 2, 3):
         with Backend(threads=threads) as b:
-            for path in PATHS:
+            for path in paths:
                 results.append(run_gemm(b, w, x, bias, res, True, path))
                 for rows in (1, 5, 13):  # a prefix of the pixels is its own, smaller product
                     np.testing.assert_array_equal(run_gemm(b, w, x[:rows], bias, res[:rows], True, path),
@@ -141,6 +158,16 @@ def test_pack_matrix_layout():
         pack_matrix(np.zeros((3, 4, 5), np.float32))
 
 
+def test_pack_matrix_bf16_layout():
+    """bf16: K padded to even, each panel's k in pairs with a channel's two weights side by side."""
+    w = np.arange(40 * 3, dtype=np.float32).reshape(40, 3) + 1
+    p = pack_matrix(w, "bf16")
+    assert p.shape == packed_shape(40, 3, "bf16") == (4, 4, 16)
+    pairs = p.reshape(4, 2, 16, 2)  # (panel, k pair, channel, k in pair)
+    assert pairs[1, 0, 5, 1] == w[16 + 5, 1] and pairs[1, 1, 5, 0] == w[16 + 5, 2] and pairs[2, 0, 7, 0] == w[39, 0]
+    assert not pairs[:, 1, :, 1].any() and not pairs[2, :, 8:].any() and not pairs[3].any()
+
+
 def test_gemm_refuses_bad_arguments(backend):
     m, k, n = 20, 9, 4
     with Weights(backend, {"w": ("f32", (16, k, 2)), "b": ("f32", (m,)), "plain": ("f32", (k, m))}) as wt, \
@@ -153,3 +180,18 @@ def test_gemm_refuses_bad_arguments(backend):
             with pytest.raises(InputError):
                 g.gemm(args.pop("w"), args.pop("x"), args.pop("m"), **args)
         g.gemm(wt["w"], x, m, bias=wt["b"], residual=r)  # the same, well formed
+
+
+@pytest.mark.skipif(not gemm_paths("bf16"), reason="no bf16 packed GEMM path on this CPU")
+def test_gemm_bf16_refuses_bad_arguments(backend):
+    m, k, n = 20, 10, 4
+    specs = {"w": ("bf16", (16, k, 2)), "odd": ("bf16", (16, k - 1, 2)), "w32": ("f32", (16, k, 2))}
+    with Weights(backend, specs) as wt, Graph(backend) as g:
+        x = g.input("x", (k, n), "bf16")
+        for w, xx, path in ((wt["w"], g.input("x32", (k, n)), None),  # f32 pixels for bf16 weights
+                            (wt["odd"], g.input("xodd", (k - 1, n), "bf16"), None),  # odd K
+                            (wt["w32"], g.input("x32b", (k, n)), "avx512bf16"),  # f32 weights on the bf16 path
+                            (wt["w"], x, F32_PATHS[0] if F32_PATHS else "avx2")):  # bf16 on an f32 path
+            with pytest.raises(InputError):
+                g.gemm(w, xx, m, path=path)
+        g.gemm(wt["w"], x, m)  # well formed

@@ -187,16 +187,18 @@ def test_reduced_precision_rounds_as_pytorch_does(model_files, dtype):
     assert rel_l2(got["logits"], exact["logits"]) <= {"bf16": 5e-2, "f16": 1e-2}[dtype]
 
 
-@pytest.mark.skipif(not gemm_paths(), reason="no packed GEMM path on this CPU")
-def test_logits_are_bit_identical_for_any_batch_thread_count_and_path(model_files):
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_logits_are_bit_identical_for_any_batch_thread_count_and_path(model_files, dtype):
     """With the packed GEMM each output's summation order depends on the model alone: the same image gives
-    the same bits in batches of 1 to 16 (at any position), with 1, 2 or 3 threads, on every path."""
+    the same bits in batches of 1 to 16 (at any position), with 1, 2 or 3 threads, on every path of its type."""
+    if not gemm_paths(dtype):
+        pytest.skip(f"no packed GEMM path for {dtype} on this CPU")
     _, _, path = model_files(50, num_classes=10)
     batch = images(16, size=64, seed=4)
     probe = 5  # the image followed through every batch
     want = None
-    for gemm in gemm_paths():
-        with pyggml_resnet.load(path, threads=2, gemm=gemm) as model:
+    for gemm in gemm_paths(dtype):
+        with pyggml_resnet.load(path, threads=2, gemm=gemm, dtype=dtype) as model:
             assert model.gemm == gemm and f"gemm={gemm}" in repr(model)
             if want is None:
                 want = model.logits(batch[probe:probe + 1])[0]
@@ -212,7 +214,7 @@ def test_logits_are_bit_identical_for_any_batch_thread_count_and_path(model_file
 
 def test_gemm_option(model_files):
     """load(gemm=...) picks what multiplies: "ggml" keeps mul_mat for every model; the packed GEMM is f32
-    only, and a path this CPU lacks is refused."""
+    and bf16 only, and a path this CPU (or the weights' type) lacks is refused."""
     ref, _, path = model_files(18, num_classes=10)
     x = images(1, size=64, seed=2)
     with torch.no_grad():
@@ -223,7 +225,9 @@ def test_gemm_option(model_files):
     with pyggml_resnet.load(path, threads=2) as model:
         assert model.gemm == (gemm_paths()[0] if gemm_paths() else "ggml")
     with pyggml_resnet.load(path, threads=2, dtype="bf16") as model:
-        assert model.gemm == "ggml"  # the default for reduced types
+        assert model.gemm == (gemm_paths("bf16")[0] if gemm_paths("bf16") else "ggml")
+    with pyggml_resnet.load(path, threads=2, dtype="f16") as model:
+        assert model.gemm == "ggml"  # the only engine for f16 and q8_0
     with pytest.raises(InputError, match="gemm must be"):
         pyggml_resnet.load(path, gemm="blas")
     for name in GEMM_PATHS:
@@ -231,7 +235,7 @@ def test_gemm_option(model_files):
             with pytest.raises(InputError, match="cannot run"):
                 pyggml_resnet.load(path, gemm=name)
     if gemm_paths():
-        with pytest.raises(InputError, match="f32 only"):
+        with pytest.raises(InputError, match="f32 and bf16 only"):
             pyggml_resnet.load(path, gemm="packed", dtype="f16")
 # torchvision's Wide ResNet-50-2 and ResNeXt-50 (32x4d) on the same code path: 64x64 images keep these large
 # nets quick (layer4 is 2x2), and exercise every conv as 224x224 would, padding included.
