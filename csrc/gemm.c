@@ -8,7 +8,7 @@
 
 // Cache blocks: GEMM_KC values of k (the weights' tile reused from L1) of GEMM_NB pixels (240 KB of X, kept
 // in L2 while every weight tile passes over them). They order the work, not the arithmetic. GEMM_KC is a
-// multiple of GEMM_KS; GEMM_NB of every path's tile height.
+// multiple of GEMM_KS and GEMM_KS_BF16; GEMM_NB of every path's tile height.
 #define GEMM_KC 128
 #define GEMM_NB 480
 #define GEMM_NR_MAX 12

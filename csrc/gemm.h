@@ -13,7 +13,7 @@
 // (one fused multiply-add per k, in k order) into a fresh accumulator that is then added to the running sum;
 // then + bias, then + R, then ReLU. Nothing depends on N, the tiling, the thread count or the ISA path, so
 // every f32 path gives bit-identical results for any batch and thread count (the bf16 path too, for its own
-// results: its pair sums round differently from the f32 paths). Short blocks keep the error near
+// results, with blocks of GEMM_KS_BF16). Short blocks keep the error near
 // ggml's own kernels' (relative ~u * (sqrt(KS/2) + sqrt(K/(2 KS))) for random signs, u = 2^-24).
 #pragma once
 
@@ -24,6 +24,9 @@ extern "C" {
 #endif
 
 #define GEMM_KS 32  // the summation block above
+// The bf16 path's block: 64 vdpbf16ps steps. Its error is its inputs' rounding to bf16 (~1e-3), so a longer
+// block costs no visible accuracy; merging sums into C four times less often makes its products ~14% faster.
+#define GEMM_KS_BF16 (4 * GEMM_KS)
 
 enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2, GEMM_N_PATHS };
 

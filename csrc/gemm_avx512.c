@@ -1,14 +1,8 @@
 // The AVX-512 path of csrc/gemm.h: 32 channels (two panels, one zmm each) x 12 pixels, 24 accumulators;
 // 32 x 4 for the last pixels.
 // Compiled with -mavx512f -mfma; only called where the CPU has AVX-512F (gemm.c checks at run time).
-#include <immintrin.h>
+#include "gemm_zmm.h"
 
-#define V __m512
-#define VL 16
-#define MV 2
-#define V_ZERO() _mm512_setzero_ps()
-#define V_LOAD(p) _mm512_loadu_ps(p)
-#define V_STORE(p, v) _mm512_storeu_ps(p, v)
 // The broadcast folded into the FMA ({1to16}), as MLAS's kernels do: a separate vbroadcastss per pixel
 // and k costs issue slots. Intrinsics cannot ask for it when the broadcast value has two uses.
 static inline __m512 fma_bcast(__m512 a, const float * p, __m512 c) {
@@ -16,12 +10,6 @@ static inline __m512 fma_bcast(__m512 a, const float * p, __m512 c) {
     return c;
 }
 #define V_FMA_BCAST(a, p, c) fma_bcast(a, p, c)
-#define V_ADD(a, b) _mm512_add_ps(a, b)
-#define V_MAX(a, b) _mm512_max_ps(a, b)
-#define M __mmask16
-#define V_MASK(n) ((__mmask16) ((1u << (n)) - 1))
-#define V_LOADM(p, m) _mm512_maskz_loadu_ps(m, p)
-#define V_STOREM(p, m, v) _mm512_mask_storeu_ps(p, m, v)
 
 #define NR 12
 #define TILE_FN tile_avx512

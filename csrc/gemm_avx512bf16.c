@@ -2,31 +2,21 @@
 // pixels, 24 accumulators; 32 x 4 for the last pixels. One vdpbf16ps takes a pair of k: each lane multiplies
 // its channel's two weights by the pixel's two values (both products exact in f32) and adds them to its sum.
 // Compiled with -mavx512f -mavx512bf16; only called where the CPU has both (gemm.c checks at run time).
-#include <immintrin.h>
 #include <stdint.h>
 
-#define V __m512
-#define VL 16
-#define MV 2
+#include "gemm_zmm.h"
+
 #define WT uint16_t
 #define WV __m512bh
 #define WV_LOAD(p) ((__m512bh) _mm512_loadu_si512(p))
 #define KSTEP 2
-#define V_ZERO() _mm512_setzero_ps()
-#define V_LOAD(p) _mm512_loadu_ps(p)
-#define V_STORE(p, v) _mm512_storeu_ps(p, v)
+#define KS GEMM_KS_BF16
 // The pixel's pair of k broadcast from memory ({1to16}) inside the instruction, as the f32 path does.
 static inline __m512 dp_bcast(__m512bh a, const uint16_t * p, __m512 c) {
     __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(c) : "v"(a), "m"(*(const uint32_t *) p));
     return c;
 }
 #define V_FMA_BCAST(a, p, c) dp_bcast(a, p, c)
-#define V_ADD(a, b) _mm512_add_ps(a, b)
-#define V_MAX(a, b) _mm512_max_ps(a, b)
-#define M __mmask16
-#define V_MASK(n) ((__mmask16) ((1u << (n)) - 1))
-#define V_LOADM(p, m) _mm512_maskz_loadu_ps(m, p)
-#define V_STOREM(p, m, v) _mm512_mask_storeu_ps(p, m, v)
 
 #define NR 12
 #define TILE_FN tile_avx512bf16

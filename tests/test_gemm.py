@@ -1,14 +1,14 @@
 """The packed GEMM (csrc/gemm.h) on every path this CPU runs, against float64 NumPy products (for the bf16
 path: of the same bf16-rounded weights and inputs, so only its f32 summation is measured).
 
-Bound: each output is a sum of K products taken in blocks of GEMM_KS (one rounding per fused multiply-add
+Bound: each output is a sum of K products taken in blocks of KS (one rounding per fused multiply-add
 inside a block, one per block added to the running sum), then + bias, + residual: at most
 L = min(K, KS) + ceil(K / KS) + 2 roundings touch each term, so |error| <= gamma_L * (|W| |X|^T + |bias|
 + |residual|), gamma_L = L u / (1 - L u), u = 2^-24: the textbook bound for that order. A wrong index,
 stride, tile edge or epilogue gives errors of the data's own size. We also hold the pooled relative L2
 error of products with 1000 outputs or more to 3e-7: on these random operands we measured 1.1-2.4e-7,
 against 1.1-3.8e-7 for NumPy's float32 product (OpenBLAS) on the same data. The bf16 path (vdpbf16ps: per
-pair of k, two exact products added in at most two roundings) meets the same bound.
+pair of k, two exact products added in at most two roundings; KS = 128) meets the same bound.
 """
 
 import numpy as np
@@ -18,7 +18,7 @@ from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, gemm_type, pack_matrix, packed_shape
 
-KS = 32  # GEMM_KS in csrc/gemm.h
+KS = {"avx512bf16": 128}  # the summation block per path: GEMM_KS_BF16, else GEMM_KS (32) in csrc/gemm.h
 U = 2.0 ** -24
 F32_PATHS = gemm_paths()
 PATHS = F32_PATHS + gemm_paths("bf16")
@@ -79,8 +79,8 @@ def check(got, w, x, bias, res, relu, path):
             want, scale = want + v, scale + np.abs(v)
     if relu:
         want = np.maximum(want, 0)
-    k = w.shape[1]
-    steps = min(k, KS) + -(-k // KS) + 2
+    k, ks = w.shape[1], KS.get(path, 32)
+    steps = min(k, ks) + -(-k // ks) + 2
     gamma = steps * U / (1 - steps * U)
     assert got.shape == want.shape
     excess = np.abs(got - want) - gamma * scale
