@@ -41,7 +41,7 @@ def run_gemm(backend, w, x, bias=None, res=None, relu=False, path=None):
     if bias is not None:
         specs["b"] = (Type.F32, (m,))
     with Weights(backend, specs) as wt, Graph(backend) as g:
-        wt.set("w", wtype.dtype.encode(pack_matrix(w, wtype)))
+        wt.set("w", wtype.encode(pack_matrix(w, wtype)))
         if bias is not None:
             wt.set("b", bias)
         xi = g.input("x", (k, len(x)))

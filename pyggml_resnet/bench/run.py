@@ -23,7 +23,7 @@ from ..dtypes import NAMES as DTYPES
 
 GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffix each gives its row's name
 from ..errors import Error, print_error
-from ..ggml import available_cpus, default_threads
+from ..ggml import available_cpus, default_threads, gemm_paths
 from . import contention
 from .child import ENGINES, iterations
 from .procs import Worker, WorkerError, child_command, run_child
@@ -94,8 +94,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["f32"],
                    help="ggml weight types, one engine row each (default: f32)")
     p.add_argument("--gemm", nargs="+", choices=GEMMS, default=None,
-                   help="what runs ggml's f32 and bf16 products, one row each: packed (our GEMM, ggml-f32-packed) "
-                        "or ggml (its mul_mat, ggml-f32-mul_mat) (default: one row, the load default)")
+                   help="what runs ggml's f32 products (and bf16's, on CPUs with AVX512-BF16), one row each: packed "
+                        "(our GEMM, ggml-f32-packed) or ggml (its mul_mat, ggml-f32-mul_mat) (default: one row, the "
+                        "load default)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run (default: all; missing ones are skipped)")
     p.add_argument("--contention", action="store_true",
@@ -245,7 +246,9 @@ def engine_rows(run: Run, paths: dict[str, str]) -> None:
     for engine in run.args.engines:
         if engine == "ggml":
             for dt in run.args.dtype:
-                for gemm in (run.args.gemm if dt in ("f32", "bf16") else ()) or (None,):
+                # bf16 has a packed path only on CPUs with AVX512-BF16; elsewhere its one row is mul_mat.
+                split = dt == "f32" or (dt == "bf16" and gemm_paths("bf16"))
+                for gemm in (run.args.gemm if split else ()) or (None,):
                     name = f"ggml-{dt}" + (f"-{GEMMS[gemm]}" if gemm else "")
                     run.rows[name] = ("ggml", dt, run.gguf_path)
                     run.gemm[name] = gemm
