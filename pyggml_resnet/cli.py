@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import csv
+import importlib.util
 import json
 import os
 import sys
@@ -15,7 +15,6 @@ from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError, print_error
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-OUT_SUFFIXES = (".csv", ".jsonl")  # --out's formats, picked by the suffix
 
 
 def _is_path(spec: str) -> bool:
@@ -68,15 +67,22 @@ def _print_stage_shapes(model, shape) -> None:
 
 def _check_classify_args(args) -> None:
     """Refuses options that would otherwise be ignored or misread, before any work starts."""
+    from . import results
+
     if args.out:
         if args.json:
             raise InputError("--json prints to stdout and --out writes a file: give one of them "
                              "(--out FILE.jsonl writes JSON lines)")
-        suffixes = OUT_SUFFIXES + ((".parquet",) if args.ray is not None or args.features else ())
-        if not args.out.lower().endswith(suffixes):
-            raise InputError(f"--out {args.out}: the suffix picks the format, {' or '.join(suffixes)}")
+        if not args.out.lower().endswith(tuple(results.FORMATS)):
+            raise InputError(f"--out {args.out}: the suffix picks the format, {', '.join(results.FORMATS)}")
         if os.path.isdir(args.out):
             raise InputError(f"--out {args.out} is a directory")
+        if results.format_of(args.out) == "parquet" and importlib.util.find_spec("pyarrow") is None:
+            raise InputError("writing Parquet needs pyarrow: pip install pyarrow (or 'pyggml-resnet[ray]')")
+    elif args.ray is not None or args.features:
+        raise InputError("--ray and --features write a file: give --out results.parquet (or .csv, .jsonl)")
+    if args.actors is not None and args.ray is None:
+        raise InputError("--actors needs --ray")
     if (args.url or args.sha256) and _is_path(args.model):
         raise InputError(f"--url and --sha256 name a pretrained model's checkpoint; --model {args.model} is a "
                          "model file")
@@ -90,7 +96,7 @@ def _classify(args) -> int:
     if not paths:
         print("error: no images found", file=sys.stderr)
         return 1
-    if args.ray is not None or args.features:  # one pipeline for both; Ray is imported only with --ray
+    if args.ray is not None:  # Ray is imported only with --ray
         from .ray import run_cli
 
         return run_cli(args, paths)
@@ -106,9 +112,7 @@ def _classify(args) -> int:
 
 
 def _classify_paths(model, args, paths: list[Path]) -> int:
-    from tqdm import tqdm
-
-    from .model import top_predictions
+    from .ray import Predictor  # the rows --ray computes, here computed in this process
 
     pre = model.preprocessing
     if args.top_k > model.num_classes:
@@ -116,56 +120,47 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
     if args.verbose:
         print(model)
         _print_stage_shapes(model, (1, 3, pre.crop, pre.crop))
-
-    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else None
-    writer = csv.writer(out) if out and not args.out.lower().endswith(".jsonl") else None
-    if writer:
-        writer.writerow(["path", "labels", "indices", "probs"])
+    predictor = Predictor.around(model, output="features" if args.features else "classify", top_k=args.top_k)
+    rows = [str(p) for p in paths]
+    batches = (predictor({"path": np.array(rows[i:i + args.batch_size], dtype=object)})
+               for i in range(0, len(rows), args.batch_size))
+    if args.out:
+        return write_results(batches, args.out, len(rows))
     failures = 0
-    # Redrawn at every batch (one image by default): a forward pass takes longer than tqdm's default interval.
-    bar = tqdm(total=len(paths), unit="img", disable=not args.out, file=sys.stderr, mininterval=0)
-    try:
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start:start + args.batch_size]
-            batch, arrays = [], []
-            for p in chunk:
-                try:
-                    arrays.append(model.preprocess(p))
-                    batch.append(p)
-                except Error as e:
-                    failures += 1
-                    tqdm.write(f"skipped: {e}", file=sys.stderr)
-            probs = model.probabilities(np.stack(arrays)) if arrays else []
-            for p, pr in zip(batch, probs):
-                _emit(args, writer, out, p, top_predictions(pr, args.top_k, model.labels))
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        if out:
-            out.close()
+    for batch in batches:
+        for path, labels, indices, probs, error in zip(*(batch[c] for c in ("path", "labels", "indices", "probs",
+                                                                             "error"))):
+            if error is not None:
+                failures += 1
+                print(f"skipped: {error}", file=sys.stderr)
+            elif args.json:
+                print(json.dumps({"path": path, "labels": labels, "indices": indices, "probs": probs}))
+            else:
+                print(path)
+                for rank, (label, index, prob) in enumerate(zip(labels, indices, probs)):
+                    print(f"  top[{rank}]={prob:.6f} index = {index} label = {label}")
     if failures == len(paths):
         print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
         return 1
-    if args.out:
-        print(f"wrote {len(paths) - failures} results to {args.out}"
-              + (f"; skipped {failures} unreadable file(s)" if failures else ""), file=sys.stderr)
     return 0
 
 
-def _emit(args, writer, out, path, top) -> None:
-    row = {"path": str(path), "labels": [t.label for t in top], "indices": [t.index for t in top],
-           "probs": [round(t.prob, 6) for t in top]}
-    if writer:
-        writer.writerow([row["path"], "|".join(row["labels"]), "|".join(map(str, row["indices"])),
-                         "|".join(f"{p:.6f}" for p in row["probs"])])
-    elif out:
-        out.write(json.dumps(row) + "\n")
-    elif args.json:
-        print(json.dumps(row))
-    else:
-        print(path)
-        for rank, t in enumerate(top):
-            print(f"  top[{rank}]={t.prob:.6f} index = {t.index} label = {t.label}")
+def write_results(batches, out: str, total: int) -> int:
+    """--out for every classify path (in this process or on Ray): the rows go through `results.write`, so the
+    file appears whole or not at all, with a progress bar; returns the exit code (1 if no image was read)."""
+    from tqdm import tqdm
+
+    from . import results
+
+    # Redrawn at every batch (one image by default): a forward pass takes longer than tqdm's default interval.
+    with tqdm(total=total, unit="img", file=sys.stderr, mininterval=0) as bar:
+        written, errors = results.write(batches, out, progress=bar.update)
+    print(f"wrote {written} rows to {out}"
+          + (f"; {errors} unreadable file(s), see the error column" if errors else ""), file=sys.stderr)
+    if errors == written:
+        print(f"error: none of the {written} image file(s) could be read", file=sys.stderr)
+        return 1
+    return 0
 
 
 def positive(text: str) -> int:
@@ -232,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read images of up to N pixels (default: Pillow's decompression-bomb limit, "
                         f"{Image.MAX_IMAGE_PIXELS:,})")
     c.add_argument("--json", action="store_true", help="print one JSON object per image")
-    c.add_argument("--out", help="write results to a .csv or .jsonl file, with a progress bar")
+    c.add_argument("--out", help="write results to a .csv, .jsonl or .parquet (needs pyarrow) file, with a "
+                                 "progress bar; one row per image, unreadable ones with an error")
     c.add_argument("--verbose", action="store_true", help="also print each stage's output shape")
     c.add_argument("--version", action="version", version=version)
     c.add_argument("--features", action="store_true",
@@ -271,8 +267,6 @@ _DELEGATED = {"bench": "pyggml_resnet.bench", "convert": "pyggml_resnet.convert"
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in _DELEGATED:
-        import importlib
-
         return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -75,10 +75,21 @@ class Predictor:
         if isinstance(model, Model):
             raise TypeError("Predictor takes the model's path or registry name, not a loaded Model: "
                             "each actor loads its own copy")
-        if output not in OUTPUTS:
-            raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        _check_output(output)
+        self._setup(_open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype), output, top_k)
+
+    @classmethod
+    def around(cls, model: Model, *, output: str = "classify", top_k: int = 5) -> Predictor:
+        """A Predictor on a model already open in this process (the CLI's in-process path), which stays the
+        caller's to close. Not for Ray: a Model cannot travel to an actor."""
+        _check_output(output)
+        self = cls.__new__(cls)
+        self._setup(model, output, top_k)
+        return self
+
+    def _setup(self, model: Model, output: str, top_k: int) -> None:
         self.output = output
-        self.model = _open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype)
+        self.model = model
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.model.num_classes:
             raise InputError(f"top_k must be an integer from 1 to {self.model.num_classes}, got {top_k!r}")
         self.top_k = top_k
@@ -120,6 +131,11 @@ class Predictor:
         if x is not None:
             result[good] = model.features(x) if self.output == "features" else model.logits(x)
         return {self.output: result}
+
+
+def _check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
 
 
 def _objects(items: list) -> np.ndarray:
@@ -187,69 +203,41 @@ def read_paths(inputs: list[str | os.PathLike]):
 
 
 def run_cli(args, paths: list) -> int:
-    """`pyggml-resnet classify ... --out FILE` with --ray [ADDRESS] (Predictor on Ray actors) or --features
-    alone (the same Predictor in this process): every image gives a row, bad ones an error row."""
+    """`pyggml-resnet classify ... --ray [ADDRESS] --out FILE`: Predictor on Ray actors, every image a row (bad
+    ones an error row), written by the CLI's one writer (`cli.write_results`)."""
     import logging
     import time
 
-    from tqdm import tqdm
+    import ray
 
-    from . import results
+    from .cli import write_results
 
-    if not args.out:
-        raise InputError("--ray and --features write a file: give --out results.parquet (or .csv, .jsonl)")
-    if results.format_of(args.out) == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise InputError("writing Parquet needs pyarrow: pip install 'pyggml-resnet[ray]'") from None
     for option in ("verbose", "url", "sha256", "max_pixels"):
         if getattr(args, option):
-            raise InputError(f"--{option.replace('_', '-')} cannot be used with --ray or --features (yet)")
-    if args.actors is not None and args.ray is None:
-        raise InputError("--actors needs --ray")
+            raise InputError(f"--{option.replace('_', '-')} cannot be used with --ray (yet)")
     output = "features" if args.features else "classify"
-    local = args.ray is None
-    # Opened here first even for Ray: a bad path, name or --top-k fails now, with its own message, not in
-    # every actor. A path is made absolute, since Ray's workers do not run in this directory.
+    # Opened here first: a bad path, name or --top-k fails now, with its own message, not in every actor.
+    # A path is made absolute, since Ray's workers do not run in this directory.
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
-    predictor = Predictor(model, output=output, top_k=args.top_k, threads=args.threads if local else 1,
-                          dtype=args.dtype)
+    Predictor(model, output=output, top_k=args.top_k, threads=1, dtype=args.dtype).model.close()
     rows = [str(p) for p in paths]
-    if local:
-        batches = (predictor({"path": np.array(rows[i:i + args.batch_size], dtype=object)})
-                   for i in range(0, len(rows), args.batch_size))
-    else:
-        predictor.model.close()
-        import ray
-
-        start = time.perf_counter()
-        ray.init(address=args.ray or None, logging_level="WARNING")
+    start = time.perf_counter()
+    ray.init(address=args.ray or None, logging_level="WARNING")
+    try:
         print(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, started in "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         context = ray.data.DataContext.get_current()  # (importing ray.data configures its logger)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines bury the progress bar
-        context.enable_progress_bars = False  # ours below counts images
+        context.enable_progress_bars = False  # ours counts images
         context.execution_options.preserve_order = True  # rows in the order of the paths
         kwargs = dict(output=output, top_k=args.top_k, actors=args.actors, threads=args.threads or 1,
                       batch_size=args.batch_size, dtype=args.dtype)
         # Workers may run elsewhere: they get absolute paths, the output keeps the paths as given.
         ds = predict(ray.data.from_items([{"path": os.path.abspath(p)} for p in rows]), model, **kwargs)
         batches = _as_given(ds.iter_batches(batch_format="numpy", batch_size=None), rows)
-    try:
-        with tqdm(total=len(rows), unit="img", file=sys.stderr) as bar:
-            written, errors = results.write(batches, args.out, progress=bar.update)
+        return write_results(batches, args.out, len(rows))
     finally:
-        if local:
-            predictor.model.close()
-        else:
-            ray.shutdown()
-    print(f"wrote {written} rows to {args.out}"
-          + (f"; {errors} unreadable file(s), see the error column" if errors else ""), file=sys.stderr)
-    if errors == written:
-        print(f"error: none of the {written} image file(s) could be read", file=sys.stderr)
-        return 1
-    return 0
+        ray.shutdown()
 
 
 def _as_given(batches, rows: list[str]):

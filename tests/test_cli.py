@@ -101,16 +101,17 @@ def assert_matches(got: dict, expected: dict, top_k: int = 5):
 def read_csv(path) -> dict:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["path", "labels", "indices", "probs"]
+    assert rows[0] == ["path", "labels", "indices", "probs", "error"]
     return {r[0]: list(zip(r[1].split("|"), map(int, r[2].split("|")), map(float, r[3].split("|"))))
-            for r in rows[1:]}
+            for r in rows[1:] if not r[4]}  # the good rows
 
 
 def read_jsonl(path) -> dict:
     results = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        results[row["path"]] = list(zip(row["labels"], row["indices"], row["probs"]))
+        if row["error"] is None:  # the good rows
+            results[row["path"]] = list(zip(row["labels"], row["indices"], row["probs"]))
     return results
 
 
@@ -166,10 +167,19 @@ def test_folder_to_file(capsys, model_path, folder, expected, tmp_path, suffix):
     rc, out, err = run_main(capsys, folder, "--model", model_path, "--out", results)
     assert rc == 0 and out == ""
     got = read_csv(results) if suffix == ".csv" else read_jsonl(results)
-    assert_matches(got, expected)  # one row per readable image, sub/ included, notes.txt not looked at
-    skipped = [line for line in err.splitlines() if line.startswith("skipped: ")]
-    assert sorted(Path(line.split()[1].rstrip(":")).name for line in skipped) == UNREADABLE
-    assert f"wrote 7 results to {results}; skipped 3 unreadable file(s)" in err
+    assert_matches(got, expected)  # one good row per readable image, sub/ included, notes.txt not looked at
+    # Each unreadable file is a row naming it in its error column (as --ray and --features write them).
+    if suffix == ".csv":
+        with open(results, newline="", encoding="utf-8") as f:
+            bad = [r for r in csv.DictReader(f) if r["error"]]
+        assert all(r["labels"] == r["indices"] == r["probs"] == "" for r in bad)
+    else:
+        bad = [r for r in map(json.loads, results.read_text(encoding="utf-8").splitlines()) if r["error"]]
+        assert all(r["labels"] is r["indices"] is r["probs"] is None for r in bad)
+    assert sorted(Path(r["path"]).name for r in bad) == UNREADABLE
+    assert all(r["error"].startswith(f"{r['path']}: ") for r in bad)
+    assert f"wrote 10 rows to {results}; 3 unreadable file(s), see the error column" in err
+    assert "skipped" not in err
 
 
 def test_batch_size_does_not_change_results(capsys, model_path, folder, tmp_path):
@@ -246,11 +256,11 @@ def test_pretrained_name_uses_the_cache(capsys, model_path, folder, expected, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--out", "results.json"], "--out results.json: the suffix picks the format, .csv or .jsonl"),
-    (["--out", "results"], "--out results: the suffix picks the format, .csv or .jsonl"),
+    (["--out", "results.json"], "--out results.json: the suffix picks the format, .parquet, .csv, .jsonl"),
+    (["--out", "results"], "--out results: the suffix picks the format, .parquet, .csv, .jsonl"),
     (["--json", "--out", "r.csv"], "--json prints to stdout and --out writes a file: give one of them "
                                    "(--out FILE.jsonl writes JSON lines)"),
-    (["--out", "."], "--out .: the suffix picks the format, .csv or .jsonl"),
+    (["--out", "."], "--out .: the suffix picks the format, .parquet, .csv, .jsonl"),
     (["--out", "dir.csv"], "--out dir.csv is a directory"),
 ])
 def test_out_and_json_conflicts_refused_before_any_work(capsys, folder, tmp_path, monkeypatch, args, message):
@@ -260,6 +270,45 @@ def test_out_and_json_conflicts_refused_before_any_work(capsys, folder, tmp_path
     rc, out, err = run_main(capsys, folder / "a.jpg", "--model", tmp_path / "missing.gguf", *args)
     assert (rc, out, err) == (1, "", f"error: {message}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.csv"]
+
+
+def test_out_is_written_whole_or_not_at_all(capsys, model_path, folder, tmp_path, monkeypatch):
+    """An interrupted run leaves the file the user named as it was, and no partial file beside it."""
+    from pyggml_resnet import model as model_module
+
+    results = tmp_path / "results.csv"
+    results.write_text("yesterday's results\n")
+    calls = []
+
+    def interrupted(self, x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    real = model_module.Model.probabilities
+    monkeypatch.setattr(model_module.Model, "probabilities", interrupted)
+    rc, out, _ = run_main(capsys, folder, "--model", model_path, "--out", results)
+    assert (rc, out, len(calls)) == (130, "", 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    assert results.read_text() == "yesterday's results\n"
+
+
+def test_parquet_in_process(capsys, model_path, folder, tmp_path, expected, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    results = tmp_path / "results.parquet"
+    rc, _, err = run_main(capsys, folder, "--model", model_path, "--out", results, "--top-k", 2)
+    assert rc == 0 and f"wrote 10 rows to {results}; 3 unreadable file(s)" in err
+    rows = pq.read_table(results).to_pylist()
+    assert_matches({r["path"]: list(zip(r["labels"], r["indices"], r["probs"])) for r in rows if not r["error"]},
+                   expected, 2)
+    # Without pyarrow: a clear error before any work, and no file.
+    find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "pyarrow" else find_spec(name))
+    rc, out, err = run_main(capsys, folder, "--model", model_path, "--out", tmp_path / "other.parquet")
+    assert (rc, out) == (1, "") and err == ("error: writing Parquet needs pyarrow: pip install pyarrow "
+                                            "(or 'pyggml-resnet[ray]')\n")
+    assert not (tmp_path / "other.parquet").exists()
 
 
 def test_out_suffix_any_case(capsys, model_path, folder, tmp_path, expected):
