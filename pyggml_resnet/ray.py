@@ -223,6 +223,7 @@ def run_cli(args, paths: list) -> int:
     rows = [str(p) for p in paths]
     start = time.perf_counter()
     ray.init(address=args.ray or None, logging_level="WARNING")
+    batches = None
     try:
         print(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, started in "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -237,17 +238,25 @@ def run_cli(args, paths: list) -> int:
         batches = _as_given(ds.iter_batches(batch_format="numpy", batch_size=None), rows)
         return write_results(batches, args.out, len(rows))
     finally:
+        # A failed write leaves Ray Data's iterator (and its threads) alive, held by the traceback: stop it
+        # before shutting Ray down, or the shutdown waits on it.
+        if batches is not None:
+            batches.close()
         ray.shutdown()
 
 
 def _as_given(batches, rows: list[str]):
     """The batches (in the order of `rows`, as preserve_order keeps them) with each path as the user gave it."""
     done = 0
-    for batch in batches:
-        n = len(batch.get("path", ()))
-        if n == 0:
-            continue
-        given = rows[done:done + n]
-        assert [os.path.abspath(p) for p in given] == list(batch["path"]), "Ray changed the order of the rows"
-        done += n
-        yield {**batch, "path": np.array(given, dtype=object)}
+    iterator = iter(batches)
+    try:
+        for batch in iterator:
+            n = len(batch.get("path", ()))
+            if n == 0:
+                continue
+            given = rows[done:done + n]
+            assert [os.path.abspath(p) for p in given] == list(batch["path"]), "Ray changed the order of the rows"
+            done += n
+            yield {**batch, "path": np.array(given, dtype=object)}
+    finally:
+        iterator.close()  # stops Ray Data's prefetching at once when the writer gives up early

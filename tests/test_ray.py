@@ -220,6 +220,24 @@ def test_cli_ray_parquet(local_ray, folder, model_path, model, tmp_path):
         np.testing.assert_allclose(row["probs"], [p.prob for p in want], rtol=0, atol=2e-6)
 
 
+def test_cli_ray_failed_write_exits_promptly(local_ray, folder, model_path, tmp_path):
+    """A write that fails midway under --ray ends with the error line and exit code 1, in seconds: Ray Data's
+    iterator is closed before Ray shuts down, and no partial file is left. (Left open, held by the traceback,
+    it went on after ray.shutdown() and started a new local Ray behind the error line.)"""
+    out = tmp_path / "results.parquet"
+    address = ray.get_runtime_context().gcs_address
+    code = ("import sys; from pyggml_resnet import cli, results\n"
+            "def full(batch): raise OSError(28, 'No space left on device')\n"
+            "results._arrow_table = full\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "classify", str(folder), "--model", model_path,
+                           "--ray", address, "--actors", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "error: [Errno 28] No space left on device", proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_cli_features_without_ray(folder, model_path, model, tmp_path, suffix):
     """--features without --ray runs the same Predictor in-process and never imports Ray."""
