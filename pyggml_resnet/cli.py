@@ -14,41 +14,6 @@ import numpy as np
 from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError, print_error
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-def _is_path(spec: str) -> bool:
-    """--model takes a GGUF path or the name of a pretrained model (downloaded and converted once).
-
-    Anything that exists, ends in .gguf or contains a path separator is a path, so a mistyped path gets
-    "no model file" rather than "unknown pretrained model"."""
-    return os.path.exists(spec) or spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec
-
-
-def _open_model(spec: str, *, threads: int | None = None, dtype: str | None = None, url: str | None = None,
-                sha256: str | None = None):
-    """--model's model (also what each pyggml_resnet.ray actor loads): a file, or a pretrained name."""
-    from . import load
-
-    if _is_path(spec):
-        return load(spec, threads=threads, dtype=dtype)
-    from . import hub
-
-    return hub.from_pretrained(spec, url=url, sha256=sha256, dtype=dtype or "f32", threads=threads)
-
-
-def _image_paths(inputs: list[str]) -> list[Path]:
-    """Files as given, and the image files under each directory (recursively, sorted)."""
-    paths = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            paths.append(p)
-    return paths
-
-
 def _print_stage_shapes(model, shape) -> None:
     """The design document's --verbose print-out: each stage's shape in ggml order (W x H x C x N)."""
     x = np.zeros(shape, np.float32)
@@ -67,7 +32,7 @@ def _print_stage_shapes(model, shape) -> None:
 
 def _check_classify_args(args) -> None:
     """Refuses options that would otherwise be ignored or misread, before any work starts."""
-    from . import results
+    from . import hub, results
 
     if args.out:
         if args.json:
@@ -83,7 +48,7 @@ def _check_classify_args(args) -> None:
         raise InputError("--ray and --features write a file: give --out results.parquet (or .csv, .jsonl)")
     if args.actors is not None and args.ray is None:
         raise InputError("--actors needs --ray")
-    if (args.url or args.sha256) and _is_path(args.model):
+    if (args.url or args.sha256) and hub.is_path(args.model):
         raise InputError(f"--url and --sha256 name a pretrained model's checkpoint; --model {args.model} is a "
                          "model file")
 
@@ -91,8 +56,11 @@ def _check_classify_args(args) -> None:
 def _classify(args) -> int:
     from PIL import Image
 
+    from . import hub
+    from .transforms import image_paths
+
     _check_classify_args(args)
-    paths = _image_paths(args.images)
+    paths = image_paths(args.images)
     if not paths:
         print("error: no images found", file=sys.stderr)
         return 1
@@ -100,7 +68,7 @@ def _classify(args) -> int:
         from .ray import run_cli
 
         return run_cli(args, paths)
-    model = _open_model(args.model, threads=args.threads, dtype=args.dtype, url=args.url, sha256=args.sha256)
+    model = hub.open_model(args.model, threads=args.threads, dtype=args.dtype, url=args.url, sha256=args.sha256)
     limit = Image.MAX_IMAGE_PIXELS
     if args.max_pixels:
         Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's decompression-bomb guard, which transforms obeys

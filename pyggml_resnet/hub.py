@@ -138,6 +138,24 @@ def resolve(name: str, url: str | None = None) -> Source:
     return Source(arch, wanted, url, Preprocessing())
 
 
+def is_path(spec: str) -> bool:
+    """Whether a model spec (the CLI's --model, `ray.Predictor`'s model) is a GGUF path rather than a pretrained
+    name. Anything that exists, ends in .gguf or contains a path separator is a path, so a mistyped path gets
+    "no model file" rather than "unknown pretrained model"."""
+    return os.path.exists(spec) or spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec
+
+
+def open_model(spec: str, *, threads: int | None = None, dtype: str | None = None, url: str | None = None,
+               sha256: str | None = None):
+    """The model a spec names: `pyggml_resnet.load` for a file, else `from_pretrained` (downloaded and
+    converted once)."""
+    if is_path(spec):
+        from . import load
+
+        return load(spec, threads=threads, dtype=dtype)
+    return from_pretrained(spec, url=url, sha256=sha256, dtype=dtype or "f32", threads=threads)
+
+
 def default_cache_dir() -> Path:
     """$PYGGML_RESNET_CACHE, else $XDG_CACHE_HOME/pyggml_resnet, else ~/.cache/pyggml_resnet."""
     env = os.environ.get(ENV_CACHE)

@@ -70,13 +70,13 @@ class Predictor:
 
     def __init__(self, model: str | os.PathLike, *, output: str = "classify", top_k: int = 5,
                  threads: int | None = None, dtype: str | None = None):
-        from .cli import _open_model
+        from .hub import open_model
 
         if isinstance(model, Model):
             raise TypeError("Predictor takes the model's path or registry name, not a loaded Model: "
                             "each actor loads its own copy")
         _check_output(output)
-        self._setup(_open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype), output, top_k)
+        self._setup(open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype), output, top_k)
 
     @classmethod
     def around(cls, model: Model, *, output: str = "classify", top_k: int = 5) -> Predictor:
@@ -194,9 +194,9 @@ def read_paths(inputs: list[str | os.PathLike]):
     be on storage every node sees at the same path."""
     import ray
 
-    from .cli import _image_paths
+    from .transforms import image_paths
 
-    paths = _image_paths([os.fspath(p) for p in inputs])
+    paths = image_paths([os.fspath(p) for p in inputs])
     if not paths:
         raise InputError("no images found")
     return ray.data.from_items([{"path": str(p)} for p in paths])

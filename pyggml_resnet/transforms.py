@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -51,6 +52,22 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 assert set(_RESAMPLE) == set(INTERPOLATIONS)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    """Files as given, and the image files under each directory (recursively, sorted): what the CLI and
+    `pyggml_resnet.ray.read_paths` classify."""
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            paths.append(p)
+    return paths
 
 
 def load_image(img: ImageLike) -> Image.Image:
