@@ -57,9 +57,12 @@ def _classify(args) -> int:
     from PIL import Image
 
     from . import hub
+    from .model import MAX_BATCH
     from .transforms import image_paths
 
     _check_classify_args(args)
+    if args.batch_size is None:
+        args.batch_size = MAX_BATCH if args.ray is not None else 1
     paths = image_paths(args.images)
     if not paths:
         print("error: no images found", file=sys.stderr)
@@ -188,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=positive, default=None, help="default: OMP_NUM_THREADS, else every CPU available")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight type at load (default: as stored)")
-    c.add_argument("--batch-size", type=positive, default=1,
-                   help="images per forward pass (default: 1; ggml is no faster per image in bigger "
-                        "batches, and --out's progress bar moves once per batch)")
+    c.add_argument("--batch-size", type=positive, default=None,
+                   help="images per forward pass (default: 1, as ggml is no faster per image in bigger "
+                        "batches and --out's progress bar moves once per batch; 16 with --ray, where each "
+                        "batch is one task for an actor)")
     c.add_argument("--max-pixels", type=positive, default=None, metavar="N",
                    help="read images of up to N pixels (default: Pillow's decompression-bomb limit, "
                         f"{Image.MAX_IMAGE_PIXELS:,})")

@@ -352,3 +352,16 @@ def test_progress_bar_moves_per_image(capsys, model_path, folder, tmp_path, batc
     assert rc == 0
     seen = [int(m) for m in re.findall(r"\| *(\d+)/10 \[", err)]
     assert sorted(set(seen)) == states
+
+
+@pytest.mark.parametrize("extra,want", [([], 1), (["--ray"], 16), (["--ray", "--batch-size", "3"], 3)])
+def test_batch_size_default_depends_on_ray(monkeypatch, capsys, model_path, folder, tmp_path, extra, want):
+    """One image per pass in this process (the bar moves per image); 16 with --ray, where a batch is a task."""
+    import pyggml_resnet.ray as pray
+
+    seen = []
+    monkeypatch.setattr(pray, "run_cli", lambda args, paths: seen.append(args.batch_size) or 0)
+    monkeypatch.setattr(cli, "write_results", lambda batches, out, total: seen.append(len(next(batches)["path"])) or 0)
+    out = tmp_path / "r.csv"
+    assert run_main(capsys, folder, "--model", model_path, "--out", out, *extra)[0] == 0
+    assert seen == [want]
