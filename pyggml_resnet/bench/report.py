@@ -78,60 +78,62 @@ def _correctness(correctness: list[dict]) -> list[str]:
     return out
 
 
+def _table(columns: list[tuple[str, int]], rows: list) -> list[str]:
+    """A table's lines: a header of (name, width) columns, the first left-aligned and the rest right-aligned,
+    then one line per row of cell strings; a row given as one string is written as it is."""
+    def line(cells):
+        first, *rest = cells
+        return "  " + " ".join([first.ljust(columns[0][1])] + [c.rjust(w) for c, (_, w) in zip(rest, columns[1:])])
+    return [line([name for name, _ in columns])] + [f"  {r}" if isinstance(r, str) else line(r) for r in rows]
+
+
+def _x(ratio) -> str | None:
+    return f"{ratio:.2f}x" if ratio is not None else None
+
+
 def _speed(results: list[dict]) -> list[str]:
-    out = ["speed, ms per image (vs torch: time ratio at the same batch, below 1 is faster)",
-           f"  {'engine':<16} {'batch':>5} {'median':>9} {'min':>9} {'max':>9} {'vs torch':>9} "
-           f"{'GFLOP/s':>8} {'peak RSS MiB':>13}"]
-    for x in results:
-        rss = x["peak_rss_kib"] / 1024 if x["peak_rss_kib"] else None
-        ratio = f"{x['ratio_to_torch']:.2f}x" if x["ratio_to_torch"] else None
-        out.append(f"  {x['engine']:<16} {x['batch']:>5} {x['median_ms_per_image']:>9.1f} "
-                   f"{x['min_ms_per_image']:>9.1f} {x['max_ms_per_image']:>9.1f} {_fmt(ratio, 's', 9)} "
-                   f"{x['gflops']:>8.1f} {_fmt(rss, '.0f', 13)}")
-    out.append("  (peak RSS: the engine process's peak over the whole run, every batch size included)")
-    return out
+    columns = [("engine", 16), ("batch", 5), ("median", 9), ("min", 9), ("max", 9), ("vs torch", 9),
+               ("GFLOP/s", 8), ("peak RSS MiB", 13)]
+    rows = [[x["engine"], str(x["batch"]), f"{x['median_ms_per_image']:.1f}", f"{x['min_ms_per_image']:.1f}",
+             f"{x['max_ms_per_image']:.1f}", _fmt(_x(x["ratio_to_torch"] or None), "s", 0), f"{x['gflops']:.1f}",
+             _fmt(x["peak_rss_kib"] / 1024 if x["peak_rss_kib"] else None, ".0f", 0)] for x in results]
+    return (["speed, ms per image (vs torch: time ratio at the same batch, below 1 is faster)"]
+            + _table(columns, rows)
+            + ["  (peak RSS: the engine process's peak over the whole run, every batch size included)"])
 
 
 def _cold_start(cold: list[dict]) -> list[str]:
-    out = ["cold start: one fresh process each, from before `python` starts to the first logits of one image, "
-           "seconds",
-           f"  {'engine':<16} {'import':>7} {'load':>7} {'first':>7} {'total':>7} {'vs torch':>9} "
-           f"{'load vs torch':>14}"]
-    for c in cold:
-        if "total_s" not in c:
-            out.append(f"  {c['engine']:<16} failed: {c['error']}")
-            continue
-        ratio = f"{c['ratio_to_torch']:.2f}x" if "ratio_to_torch" in c else None
-        lratio = f"{c['load_ratio_to_torch']:.2f}x" if "load_ratio_to_torch" in c else None
-        out.append(f"  {c['engine']:<16} {c['import_s']:>7.2f} {c['load_s']:>7.2f} "
-                   f"{c['first_inference_s']:>7.2f} {c['total_s']:>7.2f} {_fmt(ratio, 's', 9)} "
-                   f"{_fmt(lratio, 's', 14)}")
-    out += ["  import: starting the interpreter and importing the engine; load: reading the model file into a",
-            "  runnable model; first: the first forward pass of one image (graphs, buffers, page faults); total:",
-            "  the three together; vs torch: total over PyTorch's total; load vs torch: load over PyTorch's load,",
-            "  which is small because PyTorch's mmap load leaves reading the weights to its first inference",
-            "  (compare the totals)"]
-    return out
+    columns = [("engine", 16), ("import", 7), ("load", 7), ("first", 7), ("total", 7), ("vs torch", 9),
+               ("load vs torch", 14)]
+    rows = [f"{c['engine']:<16} failed: {c['error']}" if "total_s" not in c else
+            [c["engine"], f"{c['import_s']:.2f}", f"{c['load_s']:.2f}", f"{c['first_inference_s']:.2f}",
+             f"{c['total_s']:.2f}", _fmt(_x(c.get("ratio_to_torch")), "s", 0),
+             _fmt(_x(c.get("load_ratio_to_torch")), "s", 0)] for c in cold]
+    return (["cold start: one fresh process each, from before `python` starts to the first logits of one "
+             "image, seconds"]
+            + _table(columns, rows)
+            + ["  import: starting the interpreter and importing the engine; load: reading the model file into a",
+               "  runnable model; first: the first forward pass of one image (graphs, buffers, page faults); total:",
+               "  the three together; vs torch: total over PyTorch's total; load vs torch: load over PyTorch's load,",
+               "  which is small because PyTorch's mmap load leaves reading the weights to its first inference",
+               "  (compare the totals)"])
 
 
 def _loads(loads: list[dict]) -> list[str]:
-    out = ["load time by stored type: pyggml_resnet.load() of the same weights stored in each type, seconds",
-           f"  {'stored':<8} {'median':>7} {'min':>7} {'vs f32':>7} {'file MB':>8}"]
-    for x in loads:
-        out.append(f"  {x['dtype']:<8} {x['median_s']:>7.3f} {x['min_s']:>7.3f} {x['ratio_to_f32']:>6.2f}x "
-                   f"{x['file_bytes'] / 1e6:>8.1f}")
-    return out
+    columns = [("stored", 8), ("median", 7), ("min", 7), ("vs f32", 7), ("file MB", 8)]
+    rows = [[x["dtype"], f"{x['median_s']:.3f}", f"{x['min_s']:.3f}", _x(x["ratio_to_f32"]),
+             f"{x['file_bytes'] / 1e6:.1f}"] for x in loads]
+    return (["load time by stored type: pyggml_resnet.load() of the same weights stored in each type, seconds"]
+            + _table(columns, rows))
 
 
 def _contention(entries: list[dict]) -> list[str]:
+    columns = [("case", 11), ("threads", 7), ("load", 5), ("ggml", 9), ("torch", 9), ("ratio", 7),
+               ("ratio vs quiet", 15), ("ggml vs quiet", 14), ("torch vs quiet", 15)]
+    rows = [[e["case"], str(e["threads"]), _fmt(e["load_average"], ".1f", 0), f"{e['ggml_ms']:.1f}",
+             f"{e['torch_ms']:.1f}", _x(e["ratio_to_torch"]), _x(e["ratio_vs_quiet_ratio"]),
+             _x(e["ggml_vs_quiet"]), _x(e["torch_vs_quiet"])] for e in entries]
     out = ["contention: batch 1, ms per image (medians); ratio = ggml / torch in the same case; "
-           "vs quiet = that case / the quiet case",
-           f"  {'case':<11} {'threads':>7} {'load':>5} {'ggml':>9} {'torch':>9} {'ratio':>7} "
-           f"{'ratio vs quiet':>15} {'ggml vs quiet':>14} {'torch vs quiet':>15}"]
-    for e in entries:
-        load = f"{e['load_average']:.1f}" if e["load_average"] is not None else "-"
-        out.append(f"  {e['case']:<11} {e['threads']:>7} {load:>5} {e['ggml_ms']:>9.1f} {e['torch_ms']:>9.1f} "
-                   f"{e['ratio_to_torch']:>6.2f}x {e['ratio_vs_quiet_ratio']:>14.2f}x "
-                   f"{e['ggml_vs_quiet']:>13.2f}x {e['torch_vs_quiet']:>14.2f}x")
+           "vs quiet = that case / the quiet case"] + _table(columns, rows)
     out.append("  (load: the 1-minute load average as the case started, busy processes included)")
     return out
