@@ -1,7 +1,11 @@
-// A packed-weight f32 matrix product with a fused epilogue, run as a ggml custom op:
+// A packed-weight f32 matrix product with a fused epilogue, run as a ggml custom op, for a convolution (or a
+// Linear layer, a 1x1 convolution of a one-pixel-wide image):
 //     C[n, m] = relu?( sum_k W[m, k] X[n, k] + bias[m] + R[n, m] )
-// for a convolution's (or a Linear layer's) weights W [M, K], patches or pixels X [N, K] (K fastest: what
-// gather_patches emits, or channel-fastest activations for a 1x1 conv) and a channel-fastest result C [N, M].
+// for the weights W [M, K], and X [N, K] the windows of a kh x kh convolution (stride, zero padding) of a
+// channel-fastest f32 image [C, W, H, B], K = kh * kh * C ordered (ky, kx, c) with c fastest, as
+// csrc/patches.h gathers them; C [N, M] channel-fastest, N = OW * OH * B output pixels.
+// X is never stored whole: each cache block of pixels and k is copied from the image into a per-thread buffer
+// (rounded to bf16 on the bf16 path, as gather_patches rounds) and multiplied from there.
 //
 // Packed weights (made once at load, by the caller): f32 [16, K, P, 1] in ggml's order (NumPy (P, K, 16)):
 // panel p holds output channels 16p..16p+15, k-major, so the 16 weights of one k are contiguous. P is even
@@ -33,12 +37,13 @@ enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2, GEMM_N_PA
 // Whether this CPU (and this build) can run `path`: checked at run time from cpuid.
 int gemm_path_supported(int path);
 
-// w: packed weights as above; x: contiguous [K, ne1, ne2, ne3] of w's type, f32 or (bf16 path) bf16;
-// bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32 [M, ne1, ne2, ne3].
-// Returns f32 [M, ne1, ne2, ne3]. The caller validates every argument and that `path` is supported.
+// w: packed weights as above (K = kh * kh * x->ne[0], bf16: rounded up to even); x: contiguous f32 [C, W, H, B];
+// bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32 [M, OW, OH, B]. kh, stride, pad: 0..15,
+// kh <= W + 2 pad and H + 2 pad. Returns f32 [M, OW, OH, B]. The caller validates every argument and that
+// `path` is supported.
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
-                                 int64_t m, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                                 int relu, int path);
+                                 int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
+                                 struct ggml_tensor * residual, int relu, int path);
 
 #ifdef __cplusplus
 }

@@ -105,8 +105,8 @@ struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tens
 enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, ... };
 int gemm_path_supported(int path);
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
-                                 int64_t m, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                                 int relu, int path);
+                                 int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
+                                 struct ggml_tensor * residual, int relu, int path);
 """
 
 SOURCE = r"""

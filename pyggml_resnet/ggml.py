@@ -556,13 +556,16 @@ class Graph(_Closable):
             raise InputError(f"mul_mat: the first operand must not be transposed ({w!r})")
         return self._new(lib.ggml_mul_mat(ctx, w._ptr, x._ptr))
 
-    def gemm(self, w: Tensor, x: Tensor, m: int, *, bias: Tensor | None = None, residual: Tensor | None = None,
-             relu: bool = False, path: str | None = None) -> Tensor:
-        """x [K, ...] times the packed weights w (`pack_matrix` of an [m, K] matrix, ggml [16, K, P, 1]) ->
-        f32 [m, ...], then + bias ([m]), + residual (shaped like the result), ReLU, fused into the product
-        (csrc/gemm.h). w and x are both f32, or both bf16 (K even). Each output's summation order depends on
-        K alone: results are bit-identical for any batch, thread count and f32 path. `path`: one of
-        `gemm_paths(w.type)` (default: the first)."""
+    def gemm(self, w: Tensor, x: Tensor, m: int, *, kernel: int = 1, stride: int = 1, padding: int = 0,
+             bias: Tensor | None = None, residual: Tensor | None = None, relu: bool = False,
+             path: str | None = None) -> Tensor:
+        """A convolution of a channel-fastest f32 image x [C, W, H, N] by the packed weights w (`pack_matrix`
+        of an [m, K] matrix, K = kernel*kernel*C ordered (ky, kx, c) as `gather_patches` orders it; ggml
+        [16, K, P, 1]) -> f32 [m, OW, OH, N], then + bias ([m]), + residual (shaped like the result), ReLU,
+        fused into the product (csrc/gemm.h). With the defaults (kernel 1) it is x's rows times w: a Linear
+        layer of x [K, N]. The pixels are read straight from x (a bf16 path rounds them as `gather_patches`
+        does). Each output's summation order depends on K alone: results are bit-identical for any batch,
+        thread count and f32 path. `path`: one of `gemm_paths(w.type)` (default: the first)."""
         ctx = self._building(w, x, *(t for t in (bias, residual) if t is not None))
         paths = gemm_paths(w.type) if w.type in (Type.F32, Type.BF16) else ()
         if path is None and paths:
@@ -570,23 +573,24 @@ class Graph(_Closable):
         if path not in paths:
             raise InputError(f"gemm: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
         m = _integer(m, "gemm: m", 1)
-        if x.type != w.type:
-            raise InputError(f"gemm: x {x!r} must have the weights' type {w.type.name}")
-        self._need_f32(*(t for t in (bias, residual) if t is not None), op="gemm")
+        self._need_f32(x, *(t for t in (bias, residual) if t is not None), op="gemm")
         for t in (w, x, bias, residual):
             if t is not None:
                 self._need_contiguous(t, "gemm")
-        panels, k, _ = packed_shape(m, x.ne[0], w.type)
-        if k != x.ne[0]:
-            raise InputError(f"gemm: bf16 needs an even K, got x {x!r}")
+        kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gemm")
+        if max(kernel, stride, padding) > 15:
+            raise InputError("gemm: kernel, stride and padding must be below 16")
+        panels, k, _ = packed_shape(m, kernel * kernel * x.ne[0], w.type)
         if w.ne != (_PANEL, k, panels, 1):
             raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(_PANEL, k, panels, 1)})")
-        out_ne = (m,) + x.ne[1:]
+        out_w, out_h = ((n + 2 * padding - kernel) // stride + 1 for n in x.ne[1:3])
+        out_ne = (m, out_w, out_h, x.ne[3])
         if bias is not None and bias.ne != (m, 1, 1, 1):
             raise InputError(f"gemm: bias {bias!r} must be [{m}]")
         if residual is not None and residual.ne != out_ne:
             raise InputError(f"gemm: residual {residual!r} must have ne {out_ne}")
-        return self._new(lib.gemm_packed(ctx, w._ptr, x._ptr, m, bias._ptr if bias is not None else ffi.NULL,
+        return self._new(lib.gemm_packed(ctx, w._ptr, x._ptr, m, kernel, stride, padding,
+                                         bias._ptr if bias is not None else ffi.NULL,
                                          residual._ptr if residual is not None else ffi.NULL, bool(relu),
                                          GEMM_PATHS[path]))
 

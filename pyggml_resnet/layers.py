@@ -97,20 +97,21 @@ def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding:
            relu: bool = False, groups: int = 1) -> Tensor:
     """Convolution: x [C, W, H, N], w from `conv_weight` with this `layout` -> [OC, OW, OH, N], then + bias
     ([OC]), + residual (shaped like the result), ReLU. The packed GEMM does those as it writes its output;
-    the other layouts add them as separate ops. `channels` (OC) is needed by the packed layout only.
+    the other layouts add them as separate ops, after a gathering of patches (above 1x1) that the packed
+    layout does not need: it reads its windows straight from x. `channels` (OC) is needed by it only.
     `groups` > 1 (plain layout only): see `grouped_product`."""
     if groups > 1:
         y = grouped_product(g, x, w, kernel=kernel, stride=stride, padding=padding, groups=groups)
     elif layout == WINOGRAD:
         y = g.winograd_output(g.mul_mat(w, g.winograd_input(x)), x)
+    elif layout != PLAIN:
+        return g.gemm(w, x, channels, kernel=kernel, stride=stride, padding=padding, bias=bias,
+                      residual=residual, relu=relu, path=layout)
     else:
         if (kernel, stride, padding) != (1, 1, 0) or w.type == Type.BF16:
             # bf16 weights get their input as bf16 from the gather, which rounds as ggml would but
             # vectorised: ggml's own conversion of the matmul input is a scalar loop that took 12% of a run.
-            k_pad = w.ne[0] if layout == PLAIN else w.ne[1]  # packed: w is [16, K, P, 1]
-            x = g.gather_patches(x, kernel, stride, padding, k_pad=k_pad, ttype=_patch_type(w))
-        if layout != PLAIN:
-            return g.gemm(w, x, channels, bias=bias, residual=residual, relu=relu, path=layout)
+            x = g.gather_patches(x, kernel, stride, padding, k_pad=w.ne[0], ttype=_patch_type(w))
         y = g.mul_mat(w, x)
     return epilogue(g, y, bias=bias, residual=residual, relu=relu)
 
@@ -178,8 +179,6 @@ def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor, layout: str = PLAIN) -> Te
     """x [IN, N] times a PyTorch Linear weight [OUT, IN] (ggml [IN, OUT]; packed by `ggml.pack_matrix` for a
     GEMM path) plus bias -> [OUT, N]."""
     if layout != PLAIN:
-        if w.type == Type.BF16:  # the features as bf16 [IN, N, 1, 1], rounded as the convs' patches are
-            x = g.gather_patches(x, 1, 1, 0, ttype=Type.BF16)
         return g.gemm(w, x, b.ne[0], bias=b, path=layout)
     return g.add(g.mul_mat(w, x), b)
 

@@ -32,11 +32,10 @@ def backend():
 
 
 def run_gemm(backend, w, x, bias=None, res=None, relu=False, path=None):
-    """x [N, K] times w [M, K]^T through Graph.gemm -> [N, M]. A bf16 path gets w rounded to bf16 and x
-    through the bf16 gather the model uses (K zero-padded to even)."""
+    """x [N, K] times w [M, K]^T through Graph.gemm -> [N, M]. A bf16 path gets w rounded to bf16 (K
+    zero-padded to even); the op rounds x itself."""
     m, k = w.shape
     wtype = gemm_type(path or PATHS[0])
-    kp = packed_shape(m, k, wtype)[1]
     specs = {"w": (wtype, tuple(reversed(packed_shape(m, k, wtype))))}
     if bias is not None:
         specs["b"] = (Type.F32, (m,))
@@ -46,8 +45,7 @@ def run_gemm(backend, w, x, bias=None, res=None, relu=False, path=None):
             wt.set("b", bias)
         xi = g.input("x", (k, len(x)))
         ri = g.input("r", (m, len(x))) if res is not None else None
-        xg = g.gather_patches(xi, 1, 1, 0, k_pad=kp, ttype=wtype) if wtype != Type.F32 else xi
-        y = g.gemm(wt["w"], xg, m, bias=wt["b"] if bias is not None else None, residual=ri, relu=relu, path=path)
+        y = g.gemm(wt["w"], xi, m, bias=wt["b"] if bias is not None else None, residual=ri, relu=relu, path=path)
         g.finalize(y)
         g.set(xi, x)
         if ri is not None:
@@ -128,6 +126,47 @@ def test_awkward_shapes(backend, path, m, k, n):
         check(run_gemm(backend, w, x, bias, res, "relu" in epilogue, path), w, x, bias, res, "relu" in epilogue, path)
 
 
+def im2col(img, kernel, stride, padding):
+    """NumPy [B, H, W, C] -> the windows [B*OH*OW, kernel*kernel*C], ordered (ky, kx, c), zeros outside."""
+    b, h, w, c = img.shape
+    p = np.pad(img, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    oh, ow = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    cols = [p[:, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride] for ky in range(kernel) for kx in range(kernel)]
+    return np.stack(cols, axis=3).reshape(b * oh * ow, kernel * kernel * c), (oh, ow)
+
+
+# (channels, kernel, stride, padding, height, width, batch): the stem's 7x7/2 over 3 channels, windows that
+# cross 32- and 128-k blocks mid-tap (C = 40, 200), strided 1x1s, windows hanging over every edge
+CONVS = [(3, 7, 2, 3, 23, 17, 2), (40, 3, 1, 1, 9, 7, 1), (200, 3, 2, 1, 8, 9, 2), (64, 1, 2, 0, 7, 7, 3),
+         (5, 3, 1, 0, 3, 4, 1), (17, 5, 3, 4, 6, 5, 2), (1, 3, 1, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("c,kernel,stride,padding,h,w,b", CONVS)
+def test_convolutions_read_their_windows(backend, path, c, kernel, stride, padding, h, w, b):
+    """The op reads each window straight from the image: the same products as over NumPy's patches."""
+    rng = np.random.default_rng(c * kernel + h)
+    m, k = 36, kernel * kernel * c
+    wm = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32)
+    img = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    patches, (oh, ow) = im2col(img, kernel, stride, padding)
+    wtype = gemm_type(path)
+    specs = {"w": (wtype, tuple(reversed(packed_shape(m, k, wtype)))), "b": (Type.F32, (m,))}
+    with Weights(backend, specs) as wt, Graph(backend) as g:
+        wt.set("w", wtype.encode(pack_matrix(wm, wtype)))
+        wt.set("b", bias)
+        xi = g.input("x", (c, w, h, b))
+        y = g.gemm(wt["w"], xi, m, kernel=kernel, stride=stride, padding=padding, bias=wt["b"], relu=True,
+                   path=path)
+        assert y.ne == (m, ow, oh, b)
+        g.finalize(y)
+        g.set(xi, img)
+        g.compute()
+        got = g.get(y).reshape(-1, m)
+    check(got, wm, patches, bias, None, True, path)
+
+
 @pytest.mark.parametrize("paths", [F32_PATHS, gemm_paths("bf16")], ids=["f32", "bf16"])
 def test_paths_batches_and_threads_agree_bit_for_bit(paths):
     """The summation order depends on K alone: every path of one type, batch size and thread count gives
@@ -170,27 +209,32 @@ def test_pack_matrix_bf16_layout():
 
 def test_gemm_refuses_bad_arguments(backend):
     m, k, n = 20, 9, 4
-    with Weights(backend, {"w": ("f32", (16, k, 2)), "b": ("f32", (m,)), "plain": ("f32", (k, m))}) as wt, \
-            Graph(backend) as g:
+    with Weights(backend, {"w": ("f32", (16, k, 2)), "b": ("f32", (m,)), "plain": ("f32", (k, m)),
+                           "w3": ("f32", (16, 9 * k, 2))}) as wt, Graph(backend) as g:
         x, r = g.input("x", (k, n)), g.input("r", (m, n))
+        img = g.input("img", (k, 3, 2))
         for kwargs in (dict(w=wt["plain"]), dict(x=g.input("x2", (k + 1, n))), dict(m=33), dict(m=0),
                        dict(bias=r), dict(residual=g.input("r2", (m, n + 1))), dict(path="sse"),
-                       dict(x=g.input("x16", (k, n), "f16"))):
+                       dict(x=g.input("x16", (k, n), "f16")), dict(kernel=3),  # K = 9 k: not w's
+                       dict(w=wt["w3"], x=img, kernel=3, residual=None),  # a 3x3 window does not fit 3x2
+                       dict(w=wt["w3"], x=img, kernel=3, padding=16, residual=None),  # above the op's 4 bits
+                       dict(w=wt["w3"], x=img, kernel=3, padding=1)):  # residual not [m, 3, 2]
             args = dict(w=wt["w"], x=x, m=m, bias=wt["b"], residual=r, path=None) | kwargs
             with pytest.raises(InputError):
                 g.gemm(args.pop("w"), args.pop("x"), args.pop("m"), **args)
         g.gemm(wt["w"], x, m, bias=wt["b"], residual=r)  # the same, well formed
+        g.gemm(wt["w3"], img, m, kernel=3, padding=1, bias=wt["b"])  # a 3x3 convolution, well formed
 
 
 @pytest.mark.skipif(not gemm_paths("bf16"), reason="no bf16 packed GEMM path on this CPU")
 def test_gemm_bf16_refuses_bad_arguments(backend):
-    m, k, n = 20, 10, 4
-    specs = {"w": ("bf16", (16, k, 2)), "odd": ("bf16", (16, k - 1, 2)), "w32": ("f32", (16, k, 2))}
+    m, k, n = 20, 9, 4
+    specs = {"w": ("bf16", (16, k + 1, 2)), "unpadded": ("bf16", (16, k, 2)), "w32": ("f32", (16, k, 2))}
     with Weights(backend, specs) as wt, Graph(backend) as g:
-        x = g.input("x", (k, n), "bf16")
-        for w, xx, path in ((wt["w"], g.input("x32", (k, n)), None),  # f32 pixels for bf16 weights
-                            (wt["odd"], g.input("xodd", (k - 1, n), "bf16"), None),  # odd K
-                            (wt["w32"], g.input("x32b", (k, n)), "avx512bf16"),  # f32 weights on the bf16 path
+        x = g.input("x", (k, n))
+        for w, xx, path in ((wt["w"], g.input("x16", (k, n), "bf16"), None),  # the op rounds f32 pixels itself
+                            (wt["unpadded"], x, None),  # K = 9 is padded to 10 in packed bf16 weights
+                            (wt["w32"], x, "avx512bf16"),  # f32 weights on the bf16 path
                             (wt["w"], x, F32_PATHS[0] if F32_PATHS else "avx2")):  # bf16 on an f32 path
             with pytest.raises(InputError):
                 g.gemm(w, xx, m, path=path)
