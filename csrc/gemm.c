@@ -24,9 +24,12 @@
 #define P_KH(u) ((int) (((uintptr_t) (u) >> 8) & 0xf))
 #define P_STRIDE(u) ((int) (((uintptr_t) (u) >> 12) & 0xf))
 #define P_PAD(u) ((int) (((uintptr_t) (u) >> 16) & 0xf))
+#define P_WINO(u) ((int) (((uintptr_t) (u) >> 7) & 1))
 
-// A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N.
+// A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
+// and, for Winograd, of the current tile's transformed weights: two panels of kc x 16.
 static _Thread_local float xbuf[GEMM_NB * GEMM_KC] __attribute__((aligned(64)));
+static _Thread_local float wbuf[2 * GEMM_KC * 16] __attribute__((aligned(64)));
 
 static const struct gemm_kernel * kernel_for(int path) {
 #ifdef GEMM_X86
@@ -67,20 +70,114 @@ static void pack_pixels(const struct patch_geom * geo, int64_t K, int64_t N, int
     if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
 }
 
+// Winograd F(2x2, 3x3) weights of product t (4a + b), U_t = (G g G^T)[a][b], for k (input channels) kb..kb+kc-1
+// of the two panels of 3x3 weights at w (packed as above, K = 9 C, k = (ky, kx, c)), made as their tile needs
+// them into wbuf: panels kc * 16 floats apart, each k-major. G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2,
+// (0 0 1); the halving is exact, so each value is rounded by its sums only, in this order whatever the path.
+// out = row s of G times (v0, v1, v2), over 16 lanes (one panel's channels).
+static inline void wino_comb(int s, float * out, const float * v0, const float * v1, const float * v2) {
+    switch (s) {
+        case 0: memcpy(out, v0, 16 * sizeof(float)); break;
+        case 1: for (int l = 0; l < 16; ++l) out[l] = (v0[l] + v1[l] + v2[l]) * 0.5f; break;
+        case 2: for (int l = 0; l < 16; ++l) out[l] = (v0[l] - v1[l] + v2[l]) * 0.5f; break;
+        default: memcpy(out, v2, 16 * sizeof(float)); break;
+    }
+}
+
+static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc, int t) {
+    const int a = t / 4, b = t % 4;
+    const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
+    for (int j = 0; j < 2; ++j) {
+        const float * panel = w + j * 16 * K;
+        float * out = wbuf + j * kc * 16;
+        for (int64_t c = kb; c < kb + kc; ++c, out += 16) {
+            const float * g = panel + c * 16;
+            float h[3][16];
+            for (int i = 0; i < 3; ++i) {
+                if ((a == 0 && i > 0) || (a == 3 && i < 2)) continue;  // rows G's row a does not read
+                wino_comb(b, h[i], g + 3 * i * tap, g + (3 * i + 1) * tap, g + (3 * i + 2) * tap);
+            }
+            wino_comb(a, out, h[0], h[1], h[2]);
+        }
+    }
+}
+
+// One product of the op: C = X W^T (+ epilogue) over the output tiles [m0, m1) x [n0, n1) of this thread.
+struct gemm_problem {
+    const struct gemm_kernel * kern;
+    struct patch_geom geo;  // where X's rows come from
+    size_t es;              // bytes per weight and pixel value
+    int64_t M, K, Kp, N;    // Kp: K, or K rounded up to even for bf16 (the packed weights' K)
+    const char * w;         // packed weights; for Winograd the 3x3 ones, transformed per block into wbuf
+    int wino_t;             // Winograd product t, or -1
+    float * c;
+    const float * bias, * res;
+    int relu;
+};
+
+static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    const struct gemm_kernel * kern = pr->kern;
+    const int mr = kern->mr, nr = kern->nr;
+    const int64_t M = pr->M, N = pr->N;
+    const size_t es = pr->es;
+    int64_t nb_tiles = GEMM_C_BLOCK / (M * nr);
+    nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > GEMM_NB / nr ? GEMM_NB / nr : nb_tiles;
+    for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
+        const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
+        const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
+        for (int64_t kb = 0; kb < pr->Kp; kb += GEMM_KC) {
+            const int64_t kc = pr->Kp - kb < GEMM_KC ? pr->Kp - kb : GEMM_KC;
+            pack_pixels(&pr->geo, pr->K, N, px0, px1, kb, kc, nr, es);
+            for (int64_t mt = m0; mt < m1; ++mt) {
+                const int64_t m = mt * mr;
+                const char * w_panels = pr->w + (m / 16) * 16 * (pr->wino_t < 0 ? pr->Kp : 9 * pr->K) * es;
+                if (pr->wino_t >= 0) wino_weights((const float *) w_panels, pr->K, kb, kc, pr->wino_t);
+                struct gemm_block b = {
+                    .w = pr->wino_t < 0 ? w_panels + 16 * kb * es : (const char *) wbuf,
+                    .w_panel = pr->wino_t < 0 ? 16 * pr->Kp : 16 * kc,
+                    .ldx = kc, .kc = kc, .ldc = M,
+                    .mr = M - m < mr ? (int) (M - m) : mr,
+                    .first = kb == 0, .last = kb + kc == pr->Kp,
+                    .bias = pr->bias ? pr->bias + m : NULL,
+                    .relu = pr->relu,
+                };
+                // Whole tiles, then the last pixels (N = 49 or 196 leaves 1 or 4) in narrower ones.
+                for (int64_t n = px0; n < px1;) {
+                    const int height = px1 - n >= nr ? nr : kern->nr_narrow;
+                    b.x = (const char *) xbuf + (n - px0) * kc * es;
+                    b.c = pr->c + n * M + m;
+                    b.res = pr->res ? pr->res + n * M + m : NULL;
+                    b.nr = px1 - n < height ? (int) (px1 - n) : height;
+                    (height == nr ? kern->tile : kern->tile_narrow)(&b);
+                    n += height;
+                }
+            }
+        }
+    }
+}
+
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const struct gemm_kernel * kern = kernel_for(P_PATH(userdata));
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
-    const float * bias = P_BIAS(userdata) ? (const float *) dst->src[2]->data : NULL;
-    const float * res = P_RES(userdata) ? (const float *) dst->src[2 + P_BIAS(userdata)]->data : NULL;
-    const int kh = P_KH(userdata);
-    const struct patch_geom geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, P_STRIDE(userdata),
-                                                P_PAD(userdata));
-    const size_t es = ggml_type_size(w->type);
-    const int64_t M = dst->ne[0], K = (int64_t) kh * kh * x->ne[0], Kp = w->ne[1];  // Kp: K, or even for bf16
-    const int64_t N = dst->ne[1] * dst->ne[2] * dst->ne[3];
-    const int mr = kern->mr, nr = kern->nr;
-    const int64_t m_tiles = (M + mr - 1) / mr, n_tiles = (N + nr - 1) / nr;
+    const int wino = P_WINO(userdata), kh = wino ? 1 : P_KH(userdata);
+    struct gemm_problem pr = {
+        .kern = kernel_for(P_PATH(userdata)), .es = ggml_type_size(w->type),
+        .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0], .Kp = wino ? x->ne[0] : w->ne[1],
+        .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino_t = -1, .c = dst->data,
+        .bias = P_BIAS(userdata) ? (const float *) dst->src[2]->data : NULL,
+        .res = P_RES(userdata) ? (const float *) dst->src[2 + P_BIAS(userdata)]->data : NULL,
+        .relu = P_RELU(userdata),
+    };
+    const int mr = pr.kern->mr, nr = pr.kern->nr;
+    if (wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
+        const int64_t ne[4] = { x->ne[0], x->ne[1], 1, 1 };
+        const size_t nb[4] = { x->nb[0], x->nb[1], x->nb[2], x->nb[2] };
+        pr.geo = patch_geom_of(x->data, ne, nb, x->ne[0], 1, 1, 1, 0);
+        pr.N = dst->ne[1];
+    } else {
+        pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, P_STRIDE(userdata), P_PAD(userdata));
+    }
+    const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
     // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output
     // channels when they outnumber pixel tiles, MLAS's rule); never K (it fixes the sums' order).
@@ -92,37 +189,15 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         thread_range(n_tiles, ith, nth, &n0, &n1);
     }
     if (m0 >= m1 || n0 >= n1) return;
-
-    int64_t nb_tiles = GEMM_C_BLOCK / (M * nr);
-    nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > GEMM_NB / nr ? GEMM_NB / nr : nb_tiles;
-    for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
-        const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
-        const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
-        for (int64_t kb = 0; kb < Kp; kb += GEMM_KC) {
-            const int64_t kc = Kp - kb < GEMM_KC ? Kp - kb : GEMM_KC;
-            pack_pixels(&geo, K, N, px0, px1, kb, kc, nr, es);
-            for (int64_t mt = m0; mt < m1; ++mt) {
-                const int64_t m = mt * mr;
-                struct gemm_block b = {
-                    .w = (const char *) w->data + ((m / 16) * 16 * Kp + 16 * kb) * es, .w_panel = 16 * Kp,
-                    .ldx = kc, .kc = kc, .ldc = M,
-                    .mr = M - m < mr ? (int) (M - m) : mr,
-                    .first = kb == 0, .last = kb + kc == Kp,
-                    .bias = bias ? bias + m : NULL,
-                    .relu = P_RELU(userdata),
-                };
-                // Whole tiles, then the last pixels (N = 49 or 196 leaves 1 or 4) in narrower ones.
-                for (int64_t n = px0; n < px1;) {
-                    const int height = px1 - n >= nr ? nr : kern->nr_narrow;
-                    b.x = (const char *) xbuf + (n - px0) * kc * es;
-                    b.c = (float *) dst->data + n * M + m;
-                    b.res = res ? res + n * M + m : NULL;
-                    b.nr = px1 - n < height ? (int) (px1 - n) : height;
-                    (height == nr ? kern->tile : kern->tile_narrow)(&b);
-                    n += height;
-                }
-            }
-        }
+    if (!wino) {
+        gemm_tiles(&pr, m0, m1, n0, n1);
+        return;
+    }
+    for (int t = 0; t < 16; ++t) {
+        pr.wino_t = t;
+        pr.geo.data = (const char *) x->data + t * x->nb[2];
+        pr.c = (float *) ((char *) dst->data + t * dst->nb[2]);
+        gemm_tiles(&pr, m0, m1, n0, n1);
     }
 }
 
@@ -138,5 +213,13 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
                              | (uintptr_t) pad << 16;
     const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
     return ggml_custom_4d(ctx, GGML_TYPE_F32, m, OW, OH, x->ne[3], args, n_args, gemm_run, GGML_N_TASKS_MAX,
+                          (void *) packed);
+}
+
+struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
+                                   int64_t m, int path) {
+    struct ggml_tensor * args[2] = { w, v };
+    const uintptr_t packed = (uintptr_t) path | (uintptr_t) 1 << 7;
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, m, v->ne[1], 16, 1, args, 2, gemm_run, GGML_N_TASKS_MAX,
                           (void *) packed);
 }

@@ -45,6 +45,14 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path);
 
+// A 3x3 stride-1 convolution's 16 Winograd F(2x2, 3x3) products (csrc/winograd.h): w, packed f32 3x3 weights
+// as for gemm_packed (K = 9 C); v: contiguous f32 [C, T, 16, 1] from winograd_input. Returns f32 [M, T, 16, 1]
+// for winograd_output: slice t is v's slice t times (G g G^T)_t, the weights transformed as each tile needs
+// them (the packed 3x3 weights are all the model stores), each product summed as gemm_packed sums, K = C.
+// f32 paths only; the caller validates every argument.
+struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
+                                   int64_t m, int path);
+
 #ifdef __cplusplus
 }
 #endif

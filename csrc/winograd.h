@@ -14,8 +14,10 @@ extern "C" {
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 
 // m: contiguous f32 [OC, T, 16, 1], the products of the transformed weights with winograd_input's result
-// for an input shaped like `x`. Returns f32 [OC, W, H, N]: each tile's 2x2 outputs A^T m A, cut at the edges.
-struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
+// for an input shaped like `x`. Returns f32 [OC, W, H, N]: each tile's 2x2 outputs A^T m A, cut at the edges,
+// then + bias (NULL or contiguous f32 [OC]), + residual (NULL or contiguous f32 [OC, W, H, N]), ReLU if relu.
+struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
+                                     struct ggml_tensor * bias, struct ggml_tensor * residual, int relu);
 
 #ifdef __cplusplus
 }

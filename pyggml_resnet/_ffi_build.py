@@ -101,12 +101,15 @@ struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tenso
                                     enum ggml_type type);
 void q8_0_encode(const float * x, uint8_t * dst, int64_t n);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
-struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x);
+struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
+                                     struct ggml_tensor * bias, struct ggml_tensor * residual, int relu);
 enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, ... };
 int gemm_path_supported(int path);
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path);
+struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
+                                   int64_t m, int path);
 """
 
 SOURCE = r"""

@@ -594,6 +594,29 @@ class Graph(_Closable):
                                          residual._ptr if residual is not None else ffi.NULL, bool(relu),
                                          GEMM_PATHS[path]))
 
+    def gemm_winograd(self, w: Tensor, v: Tensor, m: int, *, path: str | None = None) -> Tensor:
+        """The 16 Winograd F(2x2,3x3) products of a 3x3 stride-1 convolution (csrc/gemm.h): v [C, T, 16, 1]
+        from `winograd_input`, w the packed f32 3x3 weights `gemm` takes (K = 9 C) -> [m, T, 16, 1] for
+        `winograd_output`. The weights are transformed as the product needs them, so nothing else is stored.
+        `path`: one of `gemm_paths("f32")` (default: the first)."""
+        ctx = self._building(w, v)
+        paths = gemm_paths(Type.F32) if w.type == Type.F32 else ()
+        if path is None and paths:
+            path = paths[0]
+        if path not in paths:
+            raise InputError(f"gemm_winograd: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
+        m = _integer(m, "gemm_winograd: m", 1)
+        self._need_f32(v, op="gemm_winograd")
+        self._need_contiguous(v, "gemm_winograd")
+        self._need_contiguous(w, "gemm_winograd")
+        if v.ne[2:] != (16, 1):
+            raise InputError(f"gemm_winograd: v {v!r} must be [C, T, 16, 1]")
+        panels, k, _ = packed_shape(m, 9 * v.ne[0])
+        if w.ne != (_PANEL, k, panels, 1):
+            raise InputError(f"gemm_winograd: {w!r} is not packed 3x3 weights for m={m} and {v.ne[0]} channels "
+                             f"(want ne {(_PANEL, k, panels, 1)})")
+        return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, m, GEMM_PATHS[path]))
+
     def cont(self, a: Tensor) -> Tensor:
         """A contiguous copy of a (possibly strided) view."""
         ctx = self._building(a)
@@ -663,16 +686,26 @@ class Graph(_Closable):
         self._need_contiguous(x, "winograd_input")
         return self._new(lib.winograd_input(ctx, x._ptr))
 
-    def winograd_output(self, m: Tensor, like: Tensor) -> Tensor:
-        """Winograd F(2x2,3x3) output transform: m [OC, T, 16, 1] (for winograd_input(like)) -> [OC, W, H, N]."""
-        ctx = self._building(m, like)
-        self._need_f32(m, like, op="winograd_output")
-        self._need_contiguous(m, "winograd_output")
+    def winograd_output(self, m: Tensor, like: Tensor, *, bias: Tensor | None = None,
+                        residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        """Winograd F(2x2,3x3) output transform: m [OC, T, 16, 1] (for winograd_input(like)) -> [OC, W, H, N],
+        then + bias ([OC]), + residual (shaped like the result), ReLU, as each output is written."""
+        extra = tuple(t for t in (bias, residual) if t is not None)
+        ctx = self._building(m, like, *extra)
+        self._need_f32(m, like, *extra, op="winograd_output")
+        for t in (m, *extra):
+            self._need_contiguous(t, "winograd_output")
         _, width, height, n = like.ne
         tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
         if m.ne[1:] != (tiles, 16, 1):
             raise InputError(f"winograd_output: {m!r} must be [OC, {tiles}, 16, 1] for {like!r}")
-        return self._new(lib.winograd_output(ctx, m._ptr, like._ptr))
+        out_ne = (m.ne[0], width, height, n)
+        if bias is not None and bias.ne != (m.ne[0], 1, 1, 1):
+            raise InputError(f"winograd_output: bias {bias!r} must be [{m.ne[0]}]")
+        if residual is not None and residual.ne != out_ne:
+            raise InputError(f"winograd_output: residual {residual!r} must have ne {out_ne}")
+        return self._new(lib.winograd_output(ctx, m._ptr, like._ptr, bias._ptr if bias is not None else ffi.NULL,
+                                             residual._ptr if residual is not None else ffi.NULL, bool(relu)))
 
     @staticmethod
     def _check_window(w, h, kernel, stride, padding, op) -> tuple[int, int, int]:

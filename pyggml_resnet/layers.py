@@ -36,13 +36,34 @@ PLAIN, WINOGRAD = "plain", "winograd"
 def matrix_layout(shape: tuple[int, ...], stride: int, padding: int, wtype: Type, *, winograd: bool,
                   gemm: str | None, groups: int = 1) -> str:
     """The layout of a conv weight (PyTorch shape [OC, IC, KH, KW]) or fc weight ([OUT, IN]) under the
-    model's options: Winograd where asked for and it applies, else the packed GEMM on path `gemm` for
-    weights of its type, else plain. A grouped conv is always plain: ggml's mul_mat broadcasts it over the groups."""
+    model's options: the packed GEMM on path `gemm` for weights of its type (which runs Winograd from the
+    same weights, see `packed_winograd`), else Winograd where asked for and it applies, else plain. A grouped
+    conv is always plain: ggml's mul_mat broadcasts it over the groups."""
     if groups > 1:
         return PLAIN
+    if gemm is not None and wtype == gemm_type(gemm):
+        return gemm
     if len(shape) == 4 and winograd and winograd_applies(shape, stride, padding, wtype):
         return WINOGRAD
-    return gemm if gemm is not None and wtype == gemm_type(gemm) else PLAIN
+    return PLAIN
+
+
+def packed_winograd(layout: str, shape: tuple[int, ...], stride: int, padding: int, wtype: Type,
+                    winograd: bool | None, image: tuple[int, int]) -> bool:
+    """Whether a conv with packed weights runs as Winograd F(2x2,3x3) products over its packed 3x3 weights,
+    for an input of `image` (width, height): always where `winograd` is True and it applies, never where
+    False; by default (None) where it applies and the image has WINOGRAD_MIN_TILES 2x2 tiles or more. The
+    choice never depends on the batch, so an image's logits do not either."""
+    if layout in (PLAIN, WINOGRAD) or winograd is False or not winograd_applies(shape, stride, padding, wtype):
+        return False
+    width, height = image
+    return winograd or -(-width // 2) * -(-height // 2) >= WINOGRAD_MIN_TILES
+
+
+# Below this many 2x2 output tiles per image (ResNet-101's layer4 at 7x7 has 16) the 16 products are too
+# short to beat the direct product at batch 1: each transformed weight serves too few pixels (measured,
+# docs/benchmarks.md).
+WINOGRAD_MIN_TILES = 32
 
 
 def conv_weight_shape(shape: tuple[int, ...], layout: str = PLAIN) -> tuple[int, ...]:
@@ -94,16 +115,19 @@ def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray
 
 def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding: int, layout: str = PLAIN,
            channels: int | None = None, bias: Tensor | None = None, residual: Tensor | None = None,
-           relu: bool = False, groups: int = 1) -> Tensor:
+           relu: bool = False, groups: int = 1, winograd: bool = False) -> Tensor:
     """Convolution: x [C, W, H, N], w from `conv_weight` with this `layout` -> [OC, OW, OH, N], then + bias
     ([OC]), + residual (shaped like the result), ReLU. The packed GEMM does those as it writes its output;
     the other layouts add them as separate ops, after a gathering of patches (above 1x1) that the packed
     layout does not need: it reads its windows straight from x. `channels` (OC) is needed by it only.
-    `groups` > 1 (plain layout only): see `grouped_product`."""
+    `groups` > 1 (plain layout only): see `grouped_product`. `winograd` (a packed 3x3 stride-1 conv, see
+    `packed_winograd`): its 16 Winograd products in the packed GEMM, the epilogue in the output transform."""
     if groups > 1:
         y = grouped_product(g, x, w, kernel=kernel, stride=stride, padding=padding, groups=groups)
-    elif layout == WINOGRAD:
-        y = g.winograd_output(g.mul_mat(w, g.winograd_input(x)), x)
+    elif layout == WINOGRAD or winograd:
+        v = g.winograd_input(x)
+        products = g.mul_mat(w, v) if layout == WINOGRAD else g.gemm_winograd(w, v, channels, path=layout)
+        return g.winograd_output(products, x, bias=bias, residual=residual, relu=relu)
     elif layout != PLAIN:
         return g.gemm(w, x, channels, kernel=kernel, stride=stride, padding=padding, bias=bias,
                       residual=residual, relu=relu, path=layout)

@@ -74,7 +74,7 @@ class Model(_Closable):
     """
 
     def __init__(self, model_file: loader.ModelFile, *, threads: int | None = None,
-                 batchnorm: str = "folded", dtype: str | None = None, winograd: bool = False,
+                 batchnorm: str = "folded", dtype: str | None = None, winograd: bool | None = None,
                  gemm: str | None = None):
         resnet.check_batchnorm(batchnorm)
         wtype = Type.parse(dtype or model_file.dtype)
@@ -91,7 +91,8 @@ class Model(_Closable):
         self._eps = model_file.eps
         self._lock = threading.RLock()
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
-        self._layout = resnet.layouts(self.config, wtype, bool(winograd), path, model_file.infos["fc.weight"].shape)
+        self._winograd = winograd
+        self._layout = resnet.layouts(self.config, wtype, winograd, path, model_file.infos["fc.weight"].shape)
         self._backend = Backend(threads)
         try:
             self._weights = resnet.upload_weights(self._backend, model_file, batchnorm, wtype, self._layout)
@@ -273,7 +274,8 @@ class Model(_Closable):
             return self._graphs[key]
         graph = Graph(self._backend, max_nodes=resnet.max_nodes(self.config))
         try:
-            out = resnet.build(graph, self._weights, self.config, self._eps, self.batchnorm, n, h, w, self._layout)
+            out = resnet.build(graph, self._weights, self.config, self._eps, self.batchnorm, n, h, w, self._layout,
+                               self._winograd)
             names = resnet.STAGES + ("features", "logits") if stages else ("features", "logits", "probs")
             graph.finalize(*(out[k] for k in names))
         except BaseException:
@@ -299,17 +301,20 @@ class Model(_Closable):
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str = "folded",
-         dtype: str | None = None, winograd: bool = False, gemm: str | None = None) -> Model:
+         dtype: str | None = None, winograd: bool | None = None, gemm: str | None = None) -> Model:
     """Loads a GGUF model file written by `python -m pyggml_resnet.convert`.
 
     threads: CPU threads per computation (default: `ggml.default_threads()`: OMP_NUM_THREADS if set, else
         every CPU this process may use, within its cgroup's CPU quota).
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
-    winograd: run f32 3x3 stride-1 convs as Winograd F(2x2,3x3): ~9% faster for ResNet-101 here, still
-        exact, but those weights take 16/9 of the memory (+54 MB for ResNet-101). Those convs multiply
-        with ggml's mul_mat.
-    gemm: what runs the other matrix products. "packed": our GEMM over weights packed at load, with the
+    winograd: run f32 3x3 stride-1 convs as Winograd F(2x2,3x3) (16 multiplies per 2x2 outputs instead of
+        36; as exact as the direct product, docs/benchmarks.md). With the packed GEMM the transformed weights
+        are made from the packed ones as they are used, so memory is unchanged; by default (None) it runs
+        for images of 32 or more 2x2 tiles (layers 1-3 of a 224x224 input), where it was measured to pay.
+        With ggml's mul_mat (gemm="ggml") it is off by default, and True stores the transformed weights
+        (16/9 of those convs' memory, +54 MB for ResNet-101). True and False force it on and off.
+    gemm: what runs the matrix products. "packed": our GEMM over weights packed at load, with the
         BatchNorm bias, residual add and ReLU fused in; bit-identical results for any batch and thread count
         (csrc/gemm.h). Its path is chosen from the CPU: "avx512" or "avx2" (AVX2+FMA) for f32 weights,
         "avx512bf16" (AVX512-BF16: bf16 weights and inputs, f32 sums) for bf16; a path may also be named to
@@ -321,4 +326,6 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
     if dtype is not None:
         Type.parse(dtype)
     _check_gemm(gemm)
+    if winograd is not None and not isinstance(winograd, bool):
+        raise InputError(f"winograd must be True, False or None, got {winograd!r}")
     return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype, winograd=winograd, gemm=gemm)

@@ -32,7 +32,7 @@ def _matrix_type(wtype: Type, k: int) -> Type:
     return wtype if k % wtype.block_size == 0 else Type.F32
 
 
-def layouts(cfg: ResNetConfig, wtype: Type, winograd: bool, gemm: str | None,
+def layouts(cfg: ResNetConfig, wtype: Type, winograd: bool | None, gemm: str | None,
             fc_shape: tuple[int, int]) -> dict[str, str]:
     """Each conv's and the fc's weight layout (`layers.matrix_layout`) under the model's options, by
     weight name."""
@@ -94,14 +94,18 @@ def max_nodes(cfg: ResNetConfig) -> int:
 
 
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
-          batch: int, height: int, width: int, layout: dict[str, str]) -> dict[str, Tensor]:
-    """Adds the forward pass to `g`, for weights uploaded with these `layout`s. Returns the input ("image",
+          batch: int, height: int, width: int, layout: dict[str, str], winograd: bool | None = False
+          ) -> dict[str, Tensor]:
+    """Adds the forward pass to `g`, for weights uploaded with these `layout`s; `winograd` as for
+    `layers.packed_winograd` (convs with other layouts are as `layout` says). Returns the input ("image",
     ggml [W, H, 3, N]) and the outputs: "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]),
     "logits" and "probs" ([classes, N])."""
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
         bn = conv.bn
+        wino = layers.packed_winograd(layout[conv.name], conv.shape, conv.stride, conv.padding, w[conv.name].type,
+                                      winograd, (x.ne[1], x.ne[2]))
         args = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding, layout=layout[conv.name],
-                    channels=conv.out_ch, groups=conv.groups)
+                    channels=conv.out_ch, groups=conv.groups, winograd=wino)
         if batchnorm == "folded":
             # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
             return layers.conv2d(g, x, w[conv.name], **args, bias=w[f"{bn}.folded_bias"], residual=residual,

@@ -61,14 +61,16 @@ def resnet101_references(resnet101):
     return x, exact, torch32
 
 
-@pytest.mark.parametrize("batchnorm", ["folded", "explicit"])
-def test_resnet101_every_stage_is_as_close_to_float64_as_pytorch_f32(resnet101, resnet101_references, batchnorm):
+@pytest.mark.parametrize("batchnorm,winograd", [("folded", None), ("explicit", None), ("folded", False)])
+def test_resnet101_every_stage_is_as_close_to_float64_as_pytorch_f32(resnet101, resnet101_references, batchnorm,
+                                                                      winograd):
     """Layer by layer, so a failure says where it starts: against the same network in float64, each stage
     of ours is no further off than PyTorch's own f32 result (measured: about 0.6x of it with the packed
-    GEMM, 0.45x with ggml's mul_mat), and the features and logits are within BOUND of PyTorch's."""
+    GEMM, with or without its Winograd products, 0.45x with ggml's mul_mat), and the features and logits are
+    within BOUND of PyTorch's."""
     _, _, path = resnet101
     x, exact, torch32 = resnet101_references
-    with pyggml_resnet.load(path, threads=2, batchnorm=batchnorm) as model:
+    with pyggml_resnet.load(path, threads=2, batchnorm=batchnorm, winograd=winograd) as model:
         got = model.stages(x)
         features = model.features(x)
     for name in ("stem", "layer1", "layer2", "layer3", "layer4", "features", "logits"):
@@ -143,17 +145,27 @@ def test_legacy_bin_gives_the_same_logits(model_files, tmp_path):
 
 
 def test_winograd_option_matches_pytorch(model_files):
-    """load(winograd=True) runs 3x3 stride-1 convs as Winograd F(2x2,3x3): same bound as the direct path."""
+    """winograd=True runs every 3x3 stride-1 f32 conv as Winograd F(2x2,3x3), False none, the default (None)
+    those on images of 32 or more 2x2 tiles: each within the direct path's bound. With ggml's mul_mat the
+    transformed weights are stored (16 values per 3x3 kernel instead of 9); the packed GEMM makes them from
+    its packed 3x3 weights as it multiplies, so the model is no larger."""
     ref, _, path = model_files(50, num_classes=10)
-    x = images(2, size=96, seed=9)
+    x = images(2, size=96, seed=9)  # layer2's 12x12 has 36 tiles, layer3's 6x6 has 9
     with torch.no_grad():
         want = ref(torch.from_numpy(x)).numpy()
-    with pyggml_resnet.load(path, threads=2) as direct:
-        direct_bytes = direct.weights_bytes
-    for batchnorm in ("folded", "explicit"):
-        with pyggml_resnet.load(path, threads=2, batchnorm=batchnorm, winograd=True) as model:
-            assert model.weights_bytes > direct_bytes  # 16 transformed values per 3x3 kernel instead of 9
-            assert rel_l2(model.logits(x), want) <= BOUND
+    for gemm in ("ggml", None):
+        with pyggml_resnet.load(path, threads=2, gemm=gemm, winograd=False) as direct:
+            direct_bytes, direct_logits = direct.weights_bytes, direct.logits(x)
+        logits = []
+        for winograd, batchnorm in ((True, "folded"), (True, "explicit"), (None, "folded")):
+            if gemm == "ggml" and winograd is None:
+                continue
+            with pyggml_resnet.load(path, threads=2, batchnorm=batchnorm, gemm=gemm, winograd=winograd) as model:
+                if batchnorm == "folded":  # as the direct model is (explicit BatchNorm stores four vectors)
+                    assert (model.weights_bytes > direct_bytes) if gemm == "ggml" else (model.weights_bytes == direct_bytes)
+                logits.append(model.logits(x))
+                assert rel_l2(logits[-1], want) <= BOUND
+        assert not any(np.array_equal(direct_logits, y) for y in logits)  # Winograd did run
 
 
 def _rounded_reference(ref, dtype):
@@ -230,6 +242,9 @@ def test_gemm_option(model_files):
         assert model.gemm == "ggml"  # the only engine for f16 and q8_0
     with pytest.raises(InputError, match="gemm must be"):
         pyggml_resnet.load(path, gemm="blas")
+    for bad in ("yes", 1, 0.0):
+        with pytest.raises(InputError, match="winograd must be"):
+            pyggml_resnet.load(path, winograd=bad)
     for name in GEMM_PATHS:
         if name not in gemm_paths():
             with pytest.raises(InputError, match="cannot run"):

@@ -37,20 +37,26 @@ def assert_close(got, want, rtol=RTOL):
     assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
-def run(backend, weights: dict, build, x_nchw, spatial=True):
+def run(backend, weights: dict, build, x_nchw, spatial=True, residual=None):
     """Runs `build(g, x_channel_fastest, w)` on an NCHW input; returns its output as NCHW, or as [N, C]
-    when it is not `spatial`."""
+    when it is not `spatial`. With an NCHW `residual`, `build` gets it channel-fastest as a fourth argument."""
     weights = weights or {"unused": np.zeros(1, np.float32)}  # Weights holds at least one tensor
     specs = {k: (Type.F32, tuple(reversed(v.shape))) for k, v in weights.items()}
     with Weights(backend, specs) as w, Graph(backend) as g:
         for k, v in weights.items():
             w.set(k, v)
         x = g.input("x", tuple(reversed(x_nchw.shape)))
-        y = build(g, layers.nchw_to_channels_fastest(g, x), w)
+        if residual is None:
+            y = build(g, layers.nchw_to_channels_fastest(g, x), w)
+        else:
+            r = g.input("r", tuple(reversed(residual.shape)))
+            y = build(g, layers.nchw_to_channels_fastest(g, x), w, layers.nchw_to_channels_fastest(g, r))
         if spatial:
             y = layers.channels_fastest_to_nchw(g, y)
         g.finalize(y)
         g.set(x, x_nchw)
+        if residual is not None:
+            g.set(r, residual)
         g.compute()
         out = g.get(y)
         return out if spatial else out.reshape(y.ne[1], y.ne[0])
@@ -74,14 +80,22 @@ CONV_CASES = [
 @pytest.mark.parametrize("n,ic,h,w,oc,k,s,p", CONV_CASES)
 def test_conv2d(backend, n, ic, h, w, oc, k, s, p):
     x, wt = rand(n, ic, h, w, seed=1), rand(oc, ic, k, k, seed=2) / np.float32(np.sqrt(ic * k * k))
+    bias, res = rand(oc, seed=3), rand(n, oc, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, seed=4)
     want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy()
-    for layout in LAYOUTS:  # the direct (patches) path, Winograd F(2x2,3x3) where it applies, packed GEMMs
-        if layout == layers.WINOGRAD and not layers.winograd_applies(wt.shape, s, p, Type.F32):
-            continue
-        got = run(backend, {"w": layers.conv_weight(wt, layout)},
-                  lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p, layout=layout,
-                                                 channels=oc), x)
+    want_fused = np.maximum(want + bias[:, None, None] + res, 0)
+    applies = layers.winograd_applies(wt.shape, s, p, Type.F32)
+    # The direct (patches) path, Winograd F(2x2,3x3) over ggml's mul_mat where it applies, the packed GEMMs,
+    # and where it applies the packed GEMMs' Winograd; each plain and with the bias, residual and ReLU.
+    variants = [(layout, False) for layout in LAYOUTS if layout != layers.WINOGRAD or applies]
+    variants += [(path, True) for path in gemm_paths() if applies]
+    for layout, winograd in variants:
+        weights = {"w": layers.conv_weight(wt, layout), "b": bias}
+        args = dict(kernel=k, stride=s, padding=p, layout=layout, channels=oc, winograd=winograd)
+        got = run(backend, weights, lambda g, xc, W: layers.conv2d(g, xc, W["w"], **args), x)
         assert_close(got, want)
+        got = run(backend, weights, lambda g, xc, W, r: layers.conv2d(g, xc, W["w"], **args, bias=W["b"], residual=r,
+                                                                      relu=True), x, residual=res)
+        assert_close(got, want_fused)
 
 
 GROUPED_CASES = [
@@ -108,7 +122,24 @@ def test_grouped_convs_stay_on_mul_mat():
     """Neither the packed GEMM nor Winograd takes a grouped conv: its layout is plain whatever the options."""
     for gemm in ("avx512", "avx2", None):
         assert layers.matrix_layout((128, 4, 3, 3), 1, 1, Type.F32, winograd=True, gemm=gemm, groups=32) == layers.PLAIN
-    assert layers.matrix_layout((128, 128, 3, 3), 1, 1, Type.F32, winograd=True, gemm="avx2") == layers.WINOGRAD
+    assert layers.matrix_layout((128, 128, 3, 3), 1, 1, Type.F32, winograd=True, gemm=None) == layers.WINOGRAD
+
+
+def test_packed_winograd_choice():
+    """Packed 3x3 stride-1 f32 convs run Winograd from their packed weights: by default on images of 32 or
+    more 2x2 tiles (ResNet's layers 1-3 at 224x224, not layer4's 7x7), whatever the batch; True and False
+    force it on and off; it never applies to other convs, plain layouts or bf16 weights."""
+    conv = (256, 256, 3, 3)
+    assert layers.matrix_layout(conv, 1, 1, Type.F32, winograd=True, gemm="avx2") == "avx2"
+    assert layers.packed_winograd("avx2", conv, 1, 1, Type.F32, None, (14, 14))
+    assert layers.packed_winograd("avx2", conv, 1, 1, Type.F32, None, (8, 15))  # 4 x 8 tiles
+    assert not layers.packed_winograd("avx2", conv, 1, 1, Type.F32, None, (7, 7))  # 16 tiles
+    assert layers.packed_winograd("avx2", conv, 1, 1, Type.F32, True, (7, 7))
+    assert not layers.packed_winograd("avx2", conv, 1, 1, Type.F32, False, (14, 14))
+    for args in [("avx2", conv, 2, 1, Type.F32), ("avx2", (256, 256, 1, 1), 1, 0, Type.F32),
+                 (layers.PLAIN, conv, 1, 1, Type.F32), (layers.WINOGRAD, conv, 1, 1, Type.F32),
+                 ("avx512bf16", conv, 1, 1, Type.BF16)]:
+        assert not layers.packed_winograd(*args, True, (56, 56))
 
 
 def test_grouped_conv2d_in_bf16_rounds_as_torch_does(backend):
@@ -311,6 +342,15 @@ BAD_GRAPH_CALLS = [
     # 5 output rows do not split into 2 groups
     ("grouped-conv-rows", None, lambda g, a, b: layers.conv2d(g, g.input("img4", (4, 3, 3, 1)), g.input("w5", (18, 5)),
                                                                kernel=3, stride=1, padding=1, groups=2), "elements"),
+    # Winograd: the products need [C, T, 16, 1] and packed 3x3 weights for C; the output transform needs
+    # products for its image's tiles and an [OC] bias
+    ("winograd-v-shape", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)), a, 20), "16, 1"),
+    ("winograd-weights", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)),
+                                                               g.input("v", (5, 4, 16)), 20), "packed 3x3"),
+    ("winograd-tiles", None, lambda g, a, b: g.winograd_output(g.input("m", (6, 3, 16)), g.input("l", (2, 4, 4, 1))),
+     "must be"),
+    ("winograd-bias", None, lambda g, a, b: g.winograd_output(g.input("m", (6, 4, 16)), g.input("l", (2, 4, 4, 1)),
+                                                              bias=g.input("bias", (5,))), "bias"),
 ]
 BAD_OTHER_CALLS = [
     ("unknown-type", lambda backend: Weights(backend, {"w": ("f64", (4,))}), "unknown tensor type"),
