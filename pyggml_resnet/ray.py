@@ -138,6 +138,11 @@ def _check_output(output: str) -> None:
         raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _objects(items: list) -> np.ndarray:
     """A 1-D object array of lists (np.array would make a 2-D array when the lists have equal lengths)."""
     arr = np.empty(len(items), dtype=object)
@@ -163,8 +168,8 @@ def map_batches_kwargs(model: str | os.PathLike, *, output: str = "classify", to
         raise TypeError("map_batches_kwargs takes the model's path or registry name, not a loaded Model: "
                         "each actor loads its own copy")
     for name, value in (("threads", threads), ("batch_size", batch_size), ("actors", actors)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if value is not None:
+            _check_positive(name, value)
     if actors is None:
         actors = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
     return {
@@ -188,18 +193,30 @@ def predict(ds, model: str | os.PathLike, *, cls: type = Predictor, **options):
         return ds.map_batches(cls, **kwargs)
 
 
-def read_paths(inputs: list[str | os.PathLike]):
+def read_paths(inputs: list[str | os.PathLike], *, batch_size: int = MAX_BATCH):
     """A Dataset with one row {"path": ...} per image file: files as given, folders searched recursively
-    (the CLI's rules). Only the paths travel; each actor reads its images, so on a cluster the files must
-    be on storage every node sees at the same path."""
-    import ray
-
+    (the CLI's rules), in blocks of `batch_size` rows (give `predict` the same batch_size). Only the paths
+    travel; each actor reads its images, so on a cluster the files must be on storage every node sees at the
+    same path."""
     from .transforms import image_paths
 
+    _check_positive("batch_size", batch_size)
     paths = image_paths([os.fspath(p) for p in inputs])
     if not paths:
         raise InputError("no images found")
-    return ray.data.from_items([{"path": str(p)} for p in paths])
+    return _path_blocks([str(p) for p in paths], batch_size)
+
+
+def _path_blocks(paths: list[str], batch_size: int):
+    """A Dataset of {"path": ...} rows in blocks of exactly `batch_size` rows (the last one fewer). Ray Data
+    gives an actor's task whole blocks, at least batch_size rows, and cuts the task's last batch short:
+    `from_items`' blocks (1 row each up to 200 rows, then len/200 rows) made 600 paths into tasks of 18 rows,
+    computed as batches of 16 and 2. With batch-sized blocks every task is one batch, as in a plain loop."""
+    import pyarrow as pa
+    import ray
+
+    return ray.data.from_arrow([pa.table({"path": paths[i:i + batch_size]})
+                                for i in range(0, len(paths), batch_size)])
 
 
 def run_cli(args, paths: list) -> int:
@@ -234,7 +251,7 @@ def run_cli(args, paths: list) -> int:
         kwargs = dict(output=output, top_k=args.top_k, actors=args.actors, threads=args.threads or 1,
                       batch_size=args.batch_size, dtype=args.dtype)
         # Workers may run elsewhere: they get absolute paths, the output keeps the paths as given.
-        ds = predict(ray.data.from_items([{"path": os.path.abspath(p)} for p in rows]), model, **kwargs)
+        ds = predict(_path_blocks([os.path.abspath(p) for p in rows], args.batch_size), model, **kwargs)
         batches = _as_given(ds.iter_batches(batch_format="numpy", batch_size=None), rows)
         return write_results(batches, args.out, len(rows))
     finally:

@@ -88,8 +88,8 @@ def recording():
 
 def run(folder, model_path, output):
     """The pipeline as a user writes it, with Recording for Predictor: rows keyed by path."""
-    ds = pr.predict(pr.read_paths([folder]), model_path, cls=recording(), output=output, actors=2, threads=1,
-                    batch_size=BATCH)
+    ds = pr.predict(pr.read_paths([folder], batch_size=BATCH), model_path, cls=recording(), output=output,
+                    actors=2, threads=1, batch_size=BATCH)
     return {row["path"]: row for row in ds.take_all()}
 
 
@@ -127,6 +127,19 @@ def test_two_actors_match_one_process(local_ray, folder, model_path, model, outp
     assert BATCH in sizes and min(sizes) < BATCH  # full batches and at least one remainder
     assert len({r["actor"] for r in rows.values()}) == 2  # both actors did work
     assert {int(r["threads"]) for r in rows.values()} == {1}  # a 1-CPU actor computes with 1 thread
+
+
+def test_read_paths_gives_blocks_of_one_batch(local_ray, tmp_path):
+    """Ray Data cuts a task's last batch at the end of its blocks: from_items' blocks of 2 rows (for 300 rows)
+    would give tasks of 16 + 2 rows; read_paths' blocks are whole batches, in the paths' order."""
+    for i in range(300):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"")  # only listed, never read here
+    ds = pr.read_paths([tmp_path], batch_size=16)
+    blocks = [list(b["path"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert [len(b) for b in blocks] == [16] * 18 + [12]
+    assert sum(blocks, []) == [str(tmp_path / f"{i:03d}.jpg") for i in range(300)]
+    with pytest.raises(pyggml_resnet.InputError, match="batch_size"):
+        pr.read_paths([tmp_path], batch_size=0)
 
 
 @pytest.mark.parametrize("cpus, threads", [(0.5, 1), (1, 1), (2, 2)])
