@@ -8,12 +8,24 @@ that a shared machine's drift spreads over every setup:
 
 * plain: one fresh process, `load(threads=2)` then the CLI's loop (preprocess, batches of 16); "plain1"
   the same with 1 thread (not run unless asked for with --setups);
-* Ray AxT: A actors of T threads (`pyggml_resnet.ray.predict`, batches of 16) in one local Ray session
-  started with num_cpus=4, so that 2 actors x 2 threads can be placed on the 2 cores at all.
+* Ray AxT: A actors of T threads (`pyggml_resnet.ray.predict` on `read_paths`, batches of 16) in one local
+  Ray session started with num_cpus=4, so that 2 actors x 2 threads can be placed on the 2 cores at all.
 
-images/s is images over the wall time from the start of the work to the last result, model loading
-included: for Ray this includes starting the actors' processes (Ray itself is already up; its start-up
-time and memory are reported apart). Peak RSS is per process (each actor's own).
+Three numbers per setup, all timed from the start of the work (for plain, once its process has imported
+pyggml_resnet; for Ray, the driver's calls of `read_paths` and `predict`):
+
+* images/s: images over the wall time from the start of the work to the last result, model loading
+  included: for Ray this includes starting the actors' processes (Ray itself is already up; its start-up
+  time and memory are reported apart, and so is Ray Data's first run in the session, which starts its own
+  bookkeeping actors once: a no-op pipeline does that before any setup is timed, so that no setup pays it
+  for being first in the order);
+* first result: seconds from the start of the work to the end of the first batch (start-up, model load
+  and one batch);
+* steady images/s: the images computed from the first result to the last, per second. A batch that was
+  being computed when the first result came (another actor's first batch) counts by the part of its time
+  that lies after it; the time actors wait between batches counts as time. It is what a long run tends to.
+
+Peak RSS is per process (each actor's own).
 """
 
 from __future__ import annotations
@@ -74,10 +86,13 @@ paths = sys.argv[3:]
 start = time.perf_counter()
 model = pyggml_resnet.load(sys.argv[1], threads=int(sys.argv[2]))
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+batches = []  # (began, done, images), seconds from the start
 for i in range(0, len(paths), 16):
+    began = time.perf_counter() - start
     model.probabilities(np.stack([model.preprocess(p) for p in paths[i:i + 16]]))
+    batches.append((began, time.perf_counter() - start, len(paths[i:i + 16])))
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "rss_loaded_kib": loaded,
+print(json.dumps({"seconds": seconds, "rss_loaded_kib": loaded, "batches": batches,
                   "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -85,7 +100,18 @@ print(json.dumps({"seconds": seconds, "rss_loaded_kib": loaded,
 def run_plain(model: Path, paths: list[str], threads: int) -> dict:
     out = subprocess.run([sys.executable, "-c", PLAIN, str(model), str(threads), *paths], capture_output=True,
                          text=True, check=True)
-    return json.loads(out.stdout.splitlines()[-1])
+    result = json.loads(out.stdout.splitlines()[-1])
+    return {**result, **timeline(result["batches"])}
+
+
+def timeline(batches: list) -> dict:
+    """first_result_s and steady_images_per_s (see the module's docstring) from (began, done, images) per
+    batch, in seconds from the start of the work."""
+    first = min(done for _, done, _ in batches)
+    last = max(done for _, done, _ in batches)
+    # a batch in progress at the first result counts by the part of its time after it
+    images = sum(n * (done - max(began, first)) / (done - began) for began, done, n in batches if done > first)
+    return {"first_result_s": first, "steady_images_per_s": images / (last - first) if last > first else float("nan")}
 
 
 def measuring():
@@ -99,12 +125,14 @@ def measuring():
             self.loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
         def __call__(self, batch):
+            began = time.time()
             out = super().__call__(batch)
             n = len(out["path"])
             out["pid"] = np.full(n, os.getpid())
             out["rss_loaded_kib"] = np.full(n, self.loaded)
             out["rss_peak_kib"] = np.full(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             out["threads"] = np.full(n, self.model.threads)
+            out["began"] = np.full(n, began)
             out["done"] = np.full(n, time.time())
             return out
 
@@ -117,16 +145,41 @@ def run_ray(model: Path, paths: list[str], actors: int, threads: int) -> dict:
     import pyggml_resnet.ray as pr
 
     start, wall = time.perf_counter(), time.time()
-    ds = pr.predict(ray.data.from_items([{"path": p} for p in paths]), str(model), cls=measuring(),
-                    actors=actors, threads=threads, batch_size=BATCH)
+    ds = pr.predict(pr.read_paths(paths, batch_size=BATCH), str(model), cls=measuring(), actors=actors,
+                    threads=threads, batch_size=BATCH)
     rows = ds.take_all()
     seconds = time.perf_counter() - start
     assert len(rows) == len(paths) and all(r["error"] is None for r in rows)
     assert {int(r["threads"]) for r in rows} == {threads}
     pids = {int(r["pid"]) for r in rows}
-    return {"seconds": seconds, "actors_used": len(pids), "first_result_s": min(r["done"] for r in rows) - wall,
+    batches = {}  # (pid, began) -> [began, done, images]: one per call
+    for r in rows:
+        batches.setdefault((int(r["pid"]), float(r["began"])), [r["began"] - wall, r["done"] - wall, 0])[2] += 1
+    return {"seconds": seconds, "actors_used": len(pids), "batches": sorted(batches.values()),
+            **timeline(list(batches.values())),
             "rss_loaded_kib": max(int(r["rss_loaded_kib"]) for r in rows),
             "rss_peak_kib": max(int(r["rss_peak_kib"]) for r in rows)}
+
+
+def first_ray_data_run() -> float:
+    """Runs a no-op pipeline on a 1-actor pool and returns its seconds: Ray Data's first run in a session
+    starts its own actors (statistics, actor locations) in processes that import ray.data, which on 2 cores
+    delays the first timed setup's actors by seconds. This pays it before any setup is timed."""
+    import warnings
+
+    import ray
+
+    class Nothing:
+        def __call__(self, batch):
+            return batch
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # max_restarts=0 as predict passes it (else Ray logs an error line)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        ds = ray.data.from_items([{"x": 0}]).map_batches(Nothing, compute=ray.data.ActorPoolStrategy(size=1),
+                                                         max_restarts=0)
+    ds.take_all()
+    return time.perf_counter() - start
 
 
 def ray_processes_rss_mib() -> float:
@@ -171,7 +224,9 @@ def main(argv=None) -> int:
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"ray.init: {startup:.1f} s; Ray's own processes: {ray_mib:.0f} MiB RSS", flush=True)
+    first_run = first_ray_data_run()
+    print(f"ray.init: {startup:.1f} s; Ray's own processes: {ray_mib:.0f} MiB RSS; Ray Data's first run in the "
+          f"session (a no-op pipeline): {first_run:.1f} s", flush=True)
 
     samples = []
     for r in range(args.rounds):
@@ -185,22 +240,32 @@ def main(argv=None) -> int:
                 result = run_ray(model, paths, actors, threads)
             result.update(setup=setup, round=r, load_before=load, images_per_s=len(paths) / result["seconds"])
             samples.append(result)
-            print(json.dumps(result), flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k != "batches"}), flush=True)
     ray.shutdown()
 
     print(f"\n| setup (actors x threads) | images/s, median (min-max) of {args.rounds} | vs plain | "
-          f"peak RSS per process |\n|---|---|---|---|")
-    plain = statistics.median([s["images_per_s"] for s in samples if s["setup"] == "plain"] or [float("nan")])
+          f"first result, s | steady images/s | steady vs plain | peak RSS per process |\n"
+          f"|---|---|---|---|---|---|---|")
+
+    def spread(key: str, setup: str) -> tuple[float, str]:
+        values = [s[key] for s in samples if s["setup"] == setup]
+        med = statistics.median(values)
+        return med, f"{med:.2f}" if len(values) == 1 else f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    plain = {key: spread(key, "plain")[0] if "plain" in args.setups else float("nan")
+             for key in ("images_per_s", "steady_images_per_s")}
     for setup in args.setups:
-        rates = [s["images_per_s"] for s in samples if s["setup"] == setup]
         rss = max(s["rss_peak_kib"] for s in samples if s["setup"] == setup) / 1024
-        med = statistics.median(rates)
-        print(f"| {setup} | {med:.2f} ({min(rates):.2f}-{max(rates):.2f}) | {med / plain:.2f}x | {rss:.0f} MiB |")
+        rate, rate_text = spread("images_per_s", setup)
+        steady, steady_text = spread("steady_images_per_s", setup)
+        print(f"| {setup} | {rate_text} | {rate / plain['images_per_s']:.2f}x | "
+              f"{spread('first_result_s', setup)[1]} | {steady_text} | "
+              f"{steady / plain['steady_images_per_s']:.2f}x | {rss:.0f} MiB |")
     print(f"\nload average (1 min) before each run: {min(s['load_before'] for s in samples):.1f}-"
           f"{max(s['load_before'] for s in samples):.1f}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu, "ray_init_s": startup, "ray_rss_mib": ray_mib,
-                                         "samples": samples}, indent=1))
+                                         "ray_data_first_run_s": first_run, "samples": samples}, indent=1))
     return 0
 
 
