@@ -111,7 +111,8 @@ def timeline(batches: list) -> dict:
     last = max(done for _, done, _ in batches)
     # a batch in progress at the first result counts by the part of its time after it
     images = sum(n * (done - max(began, first)) / (done - began) for began, done, n in batches if done > first)
-    return {"first_result_s": first, "steady_images_per_s": images / (last - first) if last > first else float("nan")}
+    steady = images / (last - first) if last > first else float("nan")
+    return {"first_result_s": first, "steady_images_per_s": steady}
 
 
 def measuring():
