@@ -115,6 +115,21 @@ struct gemm_problem {
     int relu;
 };
 
+// The weights of the tile at channel m for k block kb, and the distance between its two panels: in the
+// packed weights, or for Winograd in wbuf, transformed; a corner of G g G^T is one tap of g, read in place.
+static const void * block_weights(const struct gemm_problem * pr, int64_t m, int64_t kb, int64_t kc,
+                                  int64_t * w_panel) {
+    const int t = pr->wino_t, a = t / 4, b = t % 4;
+    const int64_t k_stored = t < 0 ? pr->Kp : 9 * pr->K;  // k per stored panel
+    const char * panels = pr->w + (m / 16) * 16 * k_stored * pr->es;
+    *w_panel = 16 * k_stored;
+    if (t < 0) return panels + 16 * kb * pr->es;
+    if (a % 3 == 0 && b % 3 == 0) return panels + 16 * ((a / 3 * 6 + b / 3 * 2) * pr->K + kb) * pr->es;
+    wino_weights((const float *) panels, pr->K, kb, kc, t);
+    *w_panel = 16 * kc;
+    return wbuf;
+}
+
 static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     const struct gemm_kernel * kern = pr->kern;
     const int mr = kern->mr, nr = kern->nr;
@@ -130,11 +145,10 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
             pack_pixels(&pr->geo, pr->K, N, px0, px1, kb, kc, nr, es);
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
-                const char * w_panels = pr->w + (m / 16) * 16 * (pr->wino_t < 0 ? pr->Kp : 9 * pr->K) * es;
-                if (pr->wino_t >= 0) wino_weights((const float *) w_panels, pr->K, kb, kc, pr->wino_t);
+                int64_t w_panel;
+                const void * w = block_weights(pr, m, kb, kc, &w_panel);
                 struct gemm_block b = {
-                    .w = pr->wino_t < 0 ? w_panels + 16 * kb * es : (const char *) wbuf,
-                    .w_panel = pr->wino_t < 0 ? 16 * pr->Kp : 16 * kc,
+                    .w = w, .w_panel = w_panel,
                     .ldx = kc, .kc = kc, .ldc = M,
                     .mr = M - m < mr ? (int) (M - m) : mr,
                     .first = kb == 0, .last = kb + kc == pr->Kp,

@@ -12,7 +12,6 @@ import cffi
 
 CDEF = r"""
 enum ggml_type { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_BF16, ... };
-enum ggml_op_pool { GGML_OP_POOL_MAX, GGML_OP_POOL_AVG, ... };
 enum ggml_status { GGML_STATUS_SUCCESS, ... };
 
 struct ggml_tensor {
@@ -71,8 +70,6 @@ struct ggml_tensor * ggml_permute(struct ggml_context * ctx, struct ggml_tensor 
                                   int axis0, int axis1, int axis2, int axis3);
 struct ggml_tensor * ggml_reshape_4d(struct ggml_context * ctx, struct ggml_tensor * a,
                                      int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3);
-struct ggml_tensor * ggml_pool_2d(struct ggml_context * ctx, struct ggml_tensor * a, enum ggml_op_pool op,
-                                  int k0, int k1, int s0, int s1, float p0, float p1);
 
 /* backends and allocation */
 ggml_backend_t ggml_backend_cpu_init(void);
@@ -99,6 +96,7 @@ struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor 
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
                                     int kh, int kw, int stride, int pad, int groups, int64_t k_pad,
                                     enum ggml_type type);
+struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x, int k, int stride, int pad);
 void q8_0_encode(const float * x, uint8_t * dst, int64_t n);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
@@ -119,6 +117,7 @@ SOURCE = r"""
 #include "ggml-cpu.h"
 #include "batch_repeat.h"
 #include "gemm.h"
+#include "max_pool.h"
 #include "patches.h"
 #include "q8_0.h"
 #include "winograd.h"

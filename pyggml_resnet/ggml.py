@@ -638,22 +638,18 @@ class Graph(_Closable):
             raise InputError(f"reshape: {a!r} has {np.prod(a.ne)} elements, {ne} has {np.prod(ne)}")
         return self._new(lib.ggml_reshape_4d(ctx, a._ptr, *ne))
 
-    def pool_2d(self, a: Tensor, op: str, kernel: int, stride: int, padding: int) -> Tensor:
-        """Max or average pooling over ne[0] (width) and ne[1] (height) of a [W, H, C, N] tensor.
-
-        "max" ignores padded cells, as PyTorch does; "avg" counts them (count_include_pad=True).
-        """
-        ctx = self._building(a)
-        self._need_f32(a, op="pool_2d")
-        self._need_contiguous(a, "pool_2d")
-        ops = {"max": lib.GGML_OP_POOL_MAX, "avg": lib.GGML_OP_POOL_AVG}
-        if op not in ops:
-            raise InputError(f"pool_2d: op must be 'max' or 'avg', got {op!r}")
-        kernel, stride, padding = self._check_window(a.ne[0], a.ne[1], kernel, stride, padding, "pool_2d")
+    def max_pool(self, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+        """Max pooling of a channel-fastest [C, W, H, N] f32 tensor -> [C, OW, OH, N] (csrc/max_pool.c):
+        padded cells are ignored and a NaN in a window wins, as in PyTorch."""
+        ctx = self._building(x)
+        self._need_f32(x, op="max_pool")
+        self._need_contiguous(x, "max_pool")
+        kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "max_pool")
+        if max(kernel, stride, padding) > 255:
+            raise InputError("max_pool: kernel, stride and padding must be below 256")
         if 2 * padding > kernel:
-            raise InputError(f"pool_2d: padding {padding} is more than half the kernel {kernel}")
-        return self._new(lib.ggml_pool_2d(ctx, a._ptr, ops[op], kernel, kernel, stride, stride,
-                                          float(padding), float(padding)))
+            raise InputError(f"max_pool: padding {padding} is more than half the kernel {kernel}")
+        return self._new(lib.max_pool(ctx, x._ptr, kernel, stride, padding))
 
     def gather_patches(self, x: Tensor, kernel: int, stride: int, padding: int, k_pad: int = 0,
                        ttype: Type | str = Type.F32, groups: int = 1) -> Tensor:

@@ -187,9 +187,8 @@ def batchnorm(g: Graph, x: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, bet
 
 
 def max_pool(g: Graph, x: Tensor, *, kernel: int, stride: int, padding: int) -> Tensor:
-    """Max pooling of [C, W, H, N]; ggml's pool works on [W, H, C, N], hence the two transposes."""
-    pooled = g.pool_2d(channels_fastest_to_nchw(g, x), "max", kernel, stride, padding)
-    return nchw_to_channels_fastest(g, pooled)
+    """Max pooling of [C, W, H, N], as PyTorch's max_pool2d."""
+    return g.max_pool(x, kernel, stride, padding)
 
 
 def global_avg_pool(g: Graph, x: Tensor) -> Tensor:

@@ -257,10 +257,13 @@ def test_conv_with_folded_batchnorm_residual_and_relu(backend, k, s, p, layout):
     assert_close(got, want, rtol=4e-6)  # folding rounds the scaled weights once more
 
 
-def test_max_pool_3_2_1_is_exact(backend):
-    x = rand(2, 8, 13, 10, seed=8)
-    want = F.max_pool2d(torch.from_numpy(x), 3, 2, 1).numpy()
-    got = run(backend, {}, lambda g, xc, W: layers.max_pool(g, xc, kernel=3, stride=2, padding=1), x)
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2)])
+def test_max_pool_is_exact(backend, k, s, p):
+    x = rand(2, 20, 13, 10, seed=8)
+    x[0, 3, 4, 5] = np.nan  # a NaN wins its windows, as in PyTorch
+    want = F.max_pool2d(torch.from_numpy(x), k, s, p).numpy()
+    got = run(backend, {}, lambda g, xc, W: layers.max_pool(g, xc, kernel=k, stride=s, padding=p), x)
+    assert np.isnan(want).any()
     np.testing.assert_array_equal(got, want)
 
 
@@ -332,8 +335,9 @@ BAD_GRAPH_CALLS = [
     ("set-size", _finalized, lambda g, a, b: g.set(a, np.zeros((3, 5), dtype=np.float32)), "bytes"),
     ("build-finalized", _finalized, lambda g, a, b: g.relu(a), "finalized"),
     ("compute-closed", _closed, lambda g, a, b: g.compute(), "closed"),
-    ("pool-float-kernel", None, lambda g, a, b: g.pool_2d(g.input("p", (8, 8, 2, 1)), "max", 3.0, 2, 1), "kernel"),
-    ("pool-bool-stride", None, lambda g, a, b: g.pool_2d(g.input("p", (8, 8, 2, 1)), "max", 3, True, 1), "stride"),
+    ("pool-float-kernel", None, lambda g, a, b: g.max_pool(g.input("p", (2, 8, 8, 1)), 3.0, 2, 1), "kernel"),
+    ("pool-bool-stride", None, lambda g, a, b: g.max_pool(g.input("p", (2, 8, 8, 1)), 3, True, 1), "stride"),
+    ("pool-padding", None, lambda g, a, b: g.max_pool(g.input("p", (2, 8, 8, 1)), 3, 2, 2), "more than half"),
     ("gather-negative-padding", None, lambda g, a, b: g.gather_patches(a, np.int64(1), 1, np.int64(-1)), "padding"),
     # groups must divide the channels (2 does not divide 3), and be a positive integer
     *((f"gather-groups-{v!r}", None, lambda g, a, b, v=v: g.gather_patches(g.input("img3", (3, 2, 2, 1)), 1, 1, 0,
@@ -378,12 +382,12 @@ def test_bad_calls_raise_our_errors_and_the_process_lives(backend, call, match):
 
 
 def test_window_arguments_take_numpy_integers_alike(backend):
-    """pool_2d and gather_patches check kernel, stride and padding the same way: NumPy integers are integers."""
+    """max_pool and gather_patches check kernel, stride and padding the same way: NumPy integers are integers."""
     with Graph(backend) as g:
-        x = g.input("x", (8, 8, 2, 1))
-        pooled = g.pool_2d(x, "max", np.int64(3), np.int32(2), np.int64(1))
-        patches = g.gather_patches(g.input("c", (2, 8, 8, 1)), np.int64(3), np.int64(2), np.int64(1))
-        assert pooled.ne == (4, 4, 2, 1) and patches.ne == (18, 4, 4, 1)
+        x = g.input("x", (2, 8, 8, 1))
+        pooled = g.max_pool(x, np.int64(3), np.int32(2), np.int64(1))
+        patches = g.gather_patches(x, np.int64(3), np.int64(2), np.int64(1))
+        assert pooled.ne == (2, 4, 4, 1) and patches.ne == (18, 4, 4, 1)
 
 
 def test_a_graph_refuses_to_run_on_closed_weights(backend):

@@ -1,0 +1,45 @@
+#include "max_pool.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#include "thread_range.h"
+
+#define FIELD(packed, i) ((int) (((uintptr_t) (packed) >> (8 * (i))) & 0xff))
+
+static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const struct ggml_tensor * x = dst->src[0];
+    const int k = FIELD(userdata, 0), stride = FIELD(userdata, 1), pad = FIELD(userdata, 2);
+    const int64_t C = x->ne[0], W = x->ne[1], H = x->ne[2], OW = dst->ne[1], OH = dst->ne[2];
+    int64_t first, last;
+    thread_range(OW * OH * dst->ne[3], ith, nth, &first, &last);
+
+    for (int64_t p = first; p < last; ++p) {
+        const int64_t ox = p % OW, oy = (p / OW) % OH, n = p / (OW * OH);
+        float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
+        int seen = 0;  // 2 pad <= k puts at least one cell of every window inside the image
+        for (int ky = 0; ky < k; ++ky) {
+            const int64_t iy = oy * stride - pad + ky;
+            if (iy < 0 || iy >= H) continue;
+            for (int kx = 0; kx < k; ++kx) {
+                const int64_t ix = ox * stride - pad + kx;
+                if (ix < 0 || ix >= W) continue;
+                const float * in = (const float *) ((const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3]);
+                if (!seen++) {
+                    memcpy(out, in, C * sizeof(float));
+                    continue;
+                }
+                // v != v: a NaN wins, as in PyTorch; written branch-free so that it vectorises.
+                for (int64_t c = 0; c < C; ++c) out[c] = (in[c] > out[c] || in[c] != in[c]) ? in[c] : out[c];
+            }
+        }
+    }
+}
+
+struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x, int k, int stride, int pad) {
+    const int64_t OW = (x->ne[1] + 2 * pad - k) / stride + 1, OH = (x->ne[2] + 2 * pad - k) / stride + 1;
+    const uintptr_t packed = (uintptr_t) k | (uintptr_t) stride << 8 | (uintptr_t) pad << 16;
+    struct ggml_tensor * args[1] = { x };
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], OW, OH, x->ne[3], args, 1, max_pool_run, GGML_N_TASKS_MAX,
+                          (void *) packed);
+}
