@@ -18,7 +18,7 @@ from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, gemm_type, pack_matrix, packed_shape
 
-KS = {"avx512bf16": 128}  # the summation block per path: GEMM_KS_BF16, else GEMM_KS (32) in csrc/gemm.h
+KS = {"avx512bf16": 128}  # the summation block per path: GEMM_KS_BF16, else GEMM_KS (64) in csrc/gemm.h
 U = 2.0 ** -24
 F32_PATHS = gemm_paths()
 PATHS = F32_PATHS + gemm_paths("bf16")
@@ -77,7 +77,7 @@ def check(got, w, x, bias, res, relu, path):
             want, scale = want + v, scale + np.abs(v)
     if relu:
         want = np.maximum(want, 0)
-    k, ks = w.shape[1], KS.get(path, 32)
+    k, ks = w.shape[1], KS.get(path, 64)
     steps = min(k, ks) + -(-k // ks) + 2
     gamma = steps * U / (1 - steps * U)
     assert got.shape == want.shape
