@@ -57,10 +57,11 @@ int gemm_path_supported(int path) {
 }
 
 // Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 into xbuf, rows of kc values, with zero rows
-// after N up to a whole tile of `nr`. es: bytes per value.
+// after N up to a whole tile of `nr`. es: bytes per value in xbuf (the weights'); an f32 image is rounded to
+// bf16 where es is 2.
 static void pack_pixels(const struct patch_geom * geo, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t kb,
                         int64_t kc, int nr, size_t es) {
-    const patch_put put = es == 2 ? patch_put_bf16 : patch_put_f32;
+    const patch_put put = es == sizeof(float) ? patch_put_f32 : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
     const int64_t k1 = kb + kc < K ? kb + kc : K;
     char * row = (char *) xbuf;
     for (int64_t n = n0; n < n1; ++n, row += kc * es) {

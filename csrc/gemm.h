@@ -5,7 +5,8 @@
 // channel-fastest f32 image [C, W, H, B], K = kh * kh * C ordered (ky, kx, c) with c fastest, as
 // csrc/patches.h gathers them; C [N, M] channel-fastest, N = OW * OH * B output pixels.
 // X is never stored whole: each cache block of pixels and k is copied from the image into a per-thread buffer
-// (rounded to bf16 on the bf16 path, as gather_patches rounds) and multiplied from there.
+// (on the bf16 path rounded to bf16 as gather_patches rounds, unless the image is bf16 already) and multiplied
+// from there.
 //
 // Packed weights (made once at load, by the caller): f32 [16, K, P, 1] in ggml's order (NumPy (P, K, 16)):
 // panel p holds output channels 16p..16p+15, k-major, so the 16 weights of one k are contiguous. P is even
@@ -39,7 +40,8 @@ enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2, GEMM_N_PA
 // Whether this CPU (and this build) can run `path`: checked at run time from cpuid.
 int gemm_path_supported(int path);
 
-// w: packed weights as above (K = kh * kh * x->ne[0], bf16: rounded up to even); x: contiguous f32 [C, W, H, B];
+// w: packed weights as above (K = kh * kh * x->ne[0], bf16: rounded up to even); x: contiguous f32 [C, W, H, B]
+// (or bf16 on the bf16 path);
 // bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32 [M, OW, OH, B]. kh, stride, pad: 0..15,
 // kh <= W + 2 pad and H + 2 pad. Returns f32 [M, OW, OH, B]. The caller validates every argument and that
 // `path` is supported.

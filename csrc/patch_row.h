@@ -14,22 +14,28 @@ static inline uint16_t patch_to_bf16(float f) {
     return (u & 0x7fffffff) > 0x7f800000 ? (uint16_t) ((u >> 16) | 64) : (uint16_t) ((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-// Writes n values from f32 `in` as the output's type.
-typedef void (*patch_put)(void * out, const float * in, int64_t n);
+// Writes n values of the image's type from `in` as the output's type.
+typedef void (*patch_put)(void * out, const void * in, int64_t n);
 
-static inline void patch_put_f32(void * out, const float * in, int64_t n) {
+static inline void patch_put_f32(void * out, const void * in, int64_t n) {
     memcpy(out, in, n * sizeof(float));
 }
 
-static inline void patch_put_bf16(void * out, const float * in, int64_t n) {
+static inline void patch_put_bf16(void * out, const void * in, int64_t n) {  // from f32
+    const float * f = in;
     uint16_t * o = out;
-    for (int64_t i = 0; i < n; ++i) o[i] = patch_to_bf16(in[i]);
+    for (int64_t i = 0; i < n; ++i) o[i] = patch_to_bf16(f[i]);
 }
 
-// The windows of an f32 image [C', W, H, N] (ggml order) read by a kh x kw convolution.
+static inline void patch_put_bf16_copy(void * out, const void * in, int64_t n) {  // from bf16
+    memcpy(out, in, n * sizeof(uint16_t));
+}
+
+// The windows of an image [C', W, H, N] (ggml order; f32, or bf16 for the bf16 GEMM) read by a kh x kw
+// convolution.
 struct patch_geom {
     const char * data;      // the first channel read (a group's first channel for a grouped convolution)
-    size_t nb1, nb2, nb3;   // bytes between pixels, image rows and images
+    size_t nb0, nb1, nb2, nb3;  // bytes per value, between pixels, image rows and images
     int64_t C, W, H;        // channels per window tap (C' / groups), image width and height
     int64_t OW, OH;         // output width and height
     int kh, kw, stride, pad;
@@ -38,7 +44,7 @@ struct patch_geom {
 static inline struct patch_geom patch_geom_of(const void * data, const int64_t ne[4], const size_t nb[4], int64_t C,
                                               int kh, int kw, int stride, int pad) {
     const struct patch_geom g = {
-        .data = data, .nb1 = nb[1], .nb2 = nb[2], .nb3 = nb[3], .C = C, .W = ne[1], .H = ne[2],
+        .data = data, .nb0 = nb[0], .nb1 = nb[1], .nb2 = nb[2], .nb3 = nb[3], .C = C, .W = ne[1], .H = ne[2],
         .OW = (ne[1] + 2 * pad - kw) / stride + 1, .OH = (ne[2] + 2 * pad - kh) / stride + 1,
         .kh = kh, .kw = kw, .stride = stride, .pad = pad,
     };
@@ -51,13 +57,13 @@ static inline void patch_row(char * out, size_t es, patch_put put, const struct 
                              int64_t k0, int64_t k1) {
     const int64_t ox = p % g->OW, oy = (p / g->OW) % g->OH, n = p / (g->OW * g->OH);
     const int64_t row = (int64_t) g->kw * g->C;  // values per window row
-    const int dense = g->nb1 == (size_t) g->C * sizeof(float);
+    const int dense = g->nb1 == (size_t) g->C * g->nb0;
     const char * img = g->data + n * g->nb3;
     for (int64_t k = k0; k < k1;) {
         const int64_t ky = k / row, kx = (k % row) / g->C, c = k % g->C;
         const int64_t iy = oy * g->stride - g->pad + ky, ix = ox * g->stride - g->pad + kx;
         int64_t run;
-        const float * src = NULL;
+        const char * src = NULL;
         if (iy < 0 || iy >= g->H) {
             run = row - k % row;  // the rest of this window row
         } else if (ix < 0 || ix >= g->W) {
@@ -65,7 +71,7 @@ static inline void patch_row(char * out, size_t es, patch_put put, const struct 
         } else {
             const int64_t taps = dense ? (g->kw - kx < g->W - ix ? g->kw - kx : g->W - ix) : 1;
             run = taps * g->C - c;
-            src = (const float *) (img + ix * g->nb1 + iy * g->nb2) + c;
+            src = img + ix * g->nb1 + iy * g->nb2 + c * g->nb0;
         }
         if (run > k1 - k) run = k1 - k;
         if (src) {

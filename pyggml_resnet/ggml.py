@@ -559,12 +559,13 @@ class Graph(_Closable):
     def gemm(self, w: Tensor, x: Tensor, m: int, *, kernel: int = 1, stride: int = 1, padding: int = 0,
              bias: Tensor | None = None, residual: Tensor | None = None, relu: bool = False,
              path: str | None = None) -> Tensor:
-        """A convolution of a channel-fastest f32 image x [C, W, H, N] by the packed weights w (`pack_matrix`
+        """A convolution of a channel-fastest f32 image x [C, W, H, N] (or bf16, for bf16 weights) by the packed
+        weights w (`pack_matrix`
         of an [m, K] matrix, K = kernel*kernel*C ordered (ky, kx, c) as `gather_patches` orders it; ggml
         [16, K, P, 1]) -> f32 [m, OW, OH, N], then + bias ([m]), + residual (shaped like the result), ReLU,
         fused into the product (csrc/gemm.h). With the defaults (kernel 1) it is x's rows times w: a Linear
-        layer of x [K, N]. The pixels are read straight from x (a bf16 path rounds them as `gather_patches`
-        does). Each output's summation order depends on K alone: results are bit-identical for any batch,
+        layer of x [K, N]. The pixels are read straight from x (a bf16 path rounds f32 ones as
+        `gather_patches` does). Each output's summation order depends on K alone: results are bit-identical for any batch,
         thread count and f32 path. `path`: one of `gemm_paths(w.type)` (default: the first)."""
         ctx = self._building(w, x, *(t for t in (bias, residual) if t is not None))
         paths = gemm_paths(w.type) if w.type in (Type.F32, Type.BF16) else ()
@@ -573,7 +574,9 @@ class Graph(_Closable):
         if path not in paths:
             raise InputError(f"gemm: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
         m = _integer(m, "gemm: m", 1)
-        self._need_f32(x, *(t for t in (bias, residual) if t is not None), op="gemm")
+        if not (x.type == Type.BF16 and w.type == Type.BF16):
+            self._need_f32(x, op="gemm")
+        self._need_f32(*(t for t in (bias, residual) if t is not None), op="gemm")
         for t in (w, x, bias, residual):
             if t is not None:
                 self._need_contiguous(t, "gemm")

@@ -129,6 +129,9 @@ def conv2d(g: Graph, x: Tensor, w: Tensor, *, kernel: int, stride: int, padding:
         products = g.mul_mat(w, v) if layout == WINOGRAD else g.gemm_winograd(w, v, channels, path=layout)
         return g.winograd_output(products, x, bias=bias, residual=residual, relu=relu)
     elif layout != PLAIN:
+        if w.type == Type.BF16 and kernel > 1:
+            # Rounded to bf16 once here, not for each of the kernel*kernel windows that read a pixel.
+            x = g.gather_patches(x, 1, 1, 0, ttype=Type.BF16)
         return g.gemm(w, x, channels, kernel=kernel, stride=stride, padding=padding, bias=bias,
                       residual=residual, relu=relu, path=layout)
     else:

@@ -157,13 +157,16 @@ def test_convolutions_read_their_windows(backend, path, c, kernel, stride, paddi
         wt.set("w", wtype.encode(pack_matrix(wm, wtype)))
         wt.set("b", bias)
         xi = g.input("x", (c, w, h, b))
-        y = g.gemm(wt["w"], xi, m, kernel=kernel, stride=stride, padding=padding, bias=wt["b"], relu=True,
-                   path=path)
-        assert y.ne == (m, ow, oh, b)
-        g.finalize(y)
+        args = dict(kernel=kernel, stride=stride, padding=padding, bias=wt["b"], relu=True, path=path)
+        y = g.gemm(wt["w"], xi, m, **args)
+        # A bf16 path also takes the image as bf16 (rounded once by a kernel-1 gather): the same bits.
+        y16 = g.gemm(wt["w"], g.gather_patches(xi, 1, 1, 0, ttype=wtype), m, **args) if wtype != Type.F32 else y
+        assert y.ne == y16.ne == (m, ow, oh, b)
+        g.finalize(y, y16)
         g.set(xi, img)
         g.compute()
         got = g.get(y).reshape(-1, m)
+        np.testing.assert_array_equal(g.get(y16).reshape(-1, m), got)
     check(got, wm, patches, bias, None, True, path)
 
 
@@ -232,7 +235,8 @@ def test_gemm_bf16_refuses_bad_arguments(backend):
     specs = {"w": ("bf16", (16, k + 1, 2)), "unpadded": ("bf16", (16, k, 2)), "w32": ("f32", (16, k, 2))}
     with Weights(backend, specs) as wt, Graph(backend) as g:
         x = g.input("x", (k, n))
-        for w, xx, path in ((wt["w"], g.input("x16", (k, n), "bf16"), None),  # the op rounds f32 pixels itself
+        for w, xx, path in ((wt["w32"], g.input("x16", (k, n), "bf16"), F32_PATHS[0] if F32_PATHS else "avx2"),
+                            # bf16 pixels go with bf16 weights only
                             (wt["unpadded"], x, None),  # K = 9 is padded to 10 in packed bf16 weights
                             (wt["w32"], x, "avx512bf16"),  # f32 weights on the bf16 path
                             (wt["w"], x, F32_PATHS[0] if F32_PATHS else "avx2")):  # bf16 on an f32 path
