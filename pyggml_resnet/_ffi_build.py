@@ -97,6 +97,7 @@ struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tenso
                                     int kh, int kw, int stride, int pad, int groups, int64_t k_pad,
                                     enum ggml_type type);
 struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x, int k, int stride, int pad);
+struct ggml_tensor * mean_pool(struct ggml_context * ctx, struct ggml_tensor * x);
 void q8_0_encode(const float * x, uint8_t * dst, int64_t n);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
@@ -117,7 +118,7 @@ SOURCE = r"""
 #include "ggml-cpu.h"
 #include "batch_repeat.h"
 #include "gemm.h"
-#include "max_pool.h"
+#include "pool.h"
 #include "patches.h"
 #include "q8_0.h"
 #include "winograd.h"

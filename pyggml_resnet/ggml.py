@@ -642,7 +642,7 @@ class Graph(_Closable):
         return self._new(lib.ggml_reshape_4d(ctx, a._ptr, *ne))
 
     def max_pool(self, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
-        """Max pooling of a channel-fastest [C, W, H, N] f32 tensor -> [C, OW, OH, N] (csrc/max_pool.c):
+        """Max pooling of a channel-fastest [C, W, H, N] f32 tensor -> [C, OW, OH, N] (csrc/pool.c):
         padded cells are ignored and a NaN in a window wins, as in PyTorch."""
         ctx = self._building(x)
         self._need_f32(x, op="max_pool")
@@ -653,6 +653,14 @@ class Graph(_Closable):
         if 2 * padding > kernel:
             raise InputError(f"max_pool: padding {padding} is more than half the kernel {kernel}")
         return self._new(lib.max_pool(ctx, x._ptr, kernel, stride, padding))
+
+    def mean_pool(self, x: Tensor) -> Tensor:
+        """Each channel's mean over the pixels of a channel-fastest [C, W, H, N] f32 tensor -> [C, N]
+        (csrc/pool.c; summed in double, rounded once)."""
+        ctx = self._building(x)
+        self._need_f32(x, op="mean_pool")
+        self._need_contiguous(x, "mean_pool")
+        return self._new(lib.mean_pool(ctx, x._ptr))
 
     def gather_patches(self, x: Tensor, kernel: int, stride: int, padding: int, k_pad: int = 0,
                        ttype: Type | str = Type.F32, groups: int = 1) -> Tensor:

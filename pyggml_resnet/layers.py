@@ -196,9 +196,7 @@ def max_pool(g: Graph, x: Tensor, *, kernel: int, stride: int, padding: int) -> 
 
 def global_avg_pool(g: Graph, x: Tensor) -> Tensor:
     """[C, W, H, N] -> [C, N], the mean over all pixels of each channel."""
-    c, width, height, n = x.ne
-    pixels_first = g.reshape(channels_fastest_to_nchw(g, x), (width * height, c, n, 1))
-    return g.reshape(g.mean(pixels_first), (c, n))
+    return g.mean_pool(x)
 
 
 def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor, layout: str = PLAIN) -> Tensor:
@@ -207,13 +205,3 @@ def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor, layout: str = PLAIN) -> Te
     if layout != PLAIN:
         return g.gemm(w, x, b.ne[0], bias=b, path=layout)
     return g.add(g.mul_mat(w, x), b)
-
-
-def nchw_to_channels_fastest(g: Graph, x: Tensor) -> Tensor:
-    """A NumPy NCHW input (ggml [W, H, C, N]) -> [C, W, H, N]."""
-    return g.cont(g.permute(x, (1, 2, 0, 3)))
-
-
-def channels_fastest_to_nchw(g: Graph, x: Tensor) -> Tensor:
-    """[C, W, H, N] -> ggml [W, H, C, N] (NumPy NCHW): the layout ggml's pool works on."""
-    return g.cont(g.permute(x, (2, 0, 1, 3)))

@@ -98,7 +98,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
           ) -> dict[str, Tensor]:
     """Adds the forward pass to `g`, for weights uploaded with these `layout`s; `winograd` as for
     `layers.packed_winograd` (convs with other layouts are as `layout` says). Returns the input ("image",
-    ggml [W, H, 3, N]) and the outputs: "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]),
+    ggml [3, W, H, N]: NumPy NHWC) and the outputs: "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]),
     "logits" and "probs" ([classes, N])."""
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
         bn = conv.bn
@@ -116,9 +116,9 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
         return layers.epilogue(g, y, residual=residual, relu=relu)
 
     out: dict[str, Tensor] = {}
-    image = g.input("image", (width, height, 3, batch))
+    image = g.input("image", (3, width, height, batch))  # channel-fastest: NumPy NHWC
     out["image"] = image
-    x = conv_bn(layers.nchw_to_channels_fastest(g, image), arch.STEM, relu=True)
+    x = conv_bn(image, arch.STEM, relu=True)
     x = out["stem"] = layers.max_pool(g, x, kernel=3, stride=2, padding=1)
     for block in arch.block_names(cfg):
         main, down_conv = arch.block_convs(cfg, block)

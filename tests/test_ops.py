@@ -37,6 +37,16 @@ def assert_close(got, want, rtol=RTOL):
     assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
+def to_channels_fastest(g, x):
+    """A NumPy NCHW array's ggml [W, H, C, N] -> [C, W, H, N], the layout the layers work on."""
+    return g.cont(g.permute(x, (1, 2, 0, 3)))
+
+
+def to_nchw(g, x):
+    """[C, W, H, N] -> ggml [W, H, C, N], read back as NumPy NCHW."""
+    return g.cont(g.permute(x, (2, 0, 1, 3)))
+
+
 def run(backend, weights: dict, build, x_nchw, spatial=True, residual=None):
     """Runs `build(g, x_channel_fastest, w)` on an NCHW input; returns its output as NCHW, or as [N, C]
     when it is not `spatial`. With an NCHW `residual`, `build` gets it channel-fastest as a fourth argument."""
@@ -47,12 +57,12 @@ def run(backend, weights: dict, build, x_nchw, spatial=True, residual=None):
             w.set(k, v)
         x = g.input("x", tuple(reversed(x_nchw.shape)))
         if residual is None:
-            y = build(g, layers.nchw_to_channels_fastest(g, x), w)
+            y = build(g, to_channels_fastest(g, x), w)
         else:
             r = g.input("r", tuple(reversed(residual.shape)))
-            y = build(g, layers.nchw_to_channels_fastest(g, x), w, layers.nchw_to_channels_fastest(g, r))
+            y = build(g, to_channels_fastest(g, x), w, to_channels_fastest(g, r))
         if spatial:
-            y = layers.channels_fastest_to_nchw(g, y)
+            y = to_nchw(g, y)
         g.finalize(y)
         g.set(x, x_nchw)
         if residual is not None:
@@ -152,7 +162,7 @@ def test_grouped_conv2d_in_bf16_rounds_as_torch_does(backend):
     with Weights(backend, {"w": (Type.BF16, tuple(reversed(m.shape)))}) as wts, Graph(backend) as g:
         wts.set("w", Type.BF16.dtype.encode(m))
         xi = g.input("x", (w, h, ic, n))
-        y = layers.channels_fastest_to_nchw(g, layers.conv2d(g, layers.nchw_to_channels_fastest(g, xi), wts["w"],
+        y = to_nchw(g, layers.conv2d(g, to_channels_fastest(g, xi), wts["w"],
                                                              kernel=3, stride=2, padding=1, groups=groups))
         g.finalize(y)
         g.set(xi, x)
@@ -187,7 +197,7 @@ def test_bf16_patches_round_as_ggml_and_torch_do(backend, k, s, p):
     with Weights(backend, {"eye": ("bf16", (kk, kk))}) as wt, Graph(backend) as g:
         wt.set("eye", Type.BF16.dtype.encode(eye))
         xi = g.input("x", (w, h, c, 1))
-        xc = layers.nchw_to_channels_fastest(g, xi)
+        xc = to_channels_fastest(g, xi)
         ours = g.mul_mat(wt["eye"], g.gather_patches(xc, k, s, p, ttype=Type.BF16))
         ggmls = g.mul_mat(wt["eye"], g.gather_patches(xc, k, s, p))  # f32: ggml rounds it for the product
         g.finalize(ours, ggmls)
@@ -245,10 +255,10 @@ def test_conv_with_folded_batchnorm_residual_and_relu(backend, k, s, p, layout):
         for name, v in specs.items():
             w.set(name, v)
         xi, ri = g.input("x", tuple(reversed(x.shape))), g.input("res", tuple(reversed(res.shape)))
-        y = layers.conv2d(g, layers.nchw_to_channels_fastest(g, xi), w["w"], kernel=k, stride=s, padding=p,
-                          layout=layout, channels=oc, bias=w["b"], residual=layers.nchw_to_channels_fastest(g, ri),
+        y = layers.conv2d(g, to_channels_fastest(g, xi), w["w"], kernel=k, stride=s, padding=p,
+                          layout=layout, channels=oc, bias=w["b"], residual=to_channels_fastest(g, ri),
                           relu=True)
-        y = layers.channels_fastest_to_nchw(g, y)
+        y = to_nchw(g, y)
         g.finalize(y)
         g.set(xi, x)
         g.set(ri, res)

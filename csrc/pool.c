@@ -1,4 +1,4 @@
-#include "max_pool.h"
+#include "pool.h"
 
 #include <stdint.h>
 #include <string.h>
@@ -42,4 +42,32 @@ struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x,
     struct ggml_tensor * args[1] = { x };
     return ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], OW, OH, x->ne[3], args, 1, max_pool_run, GGML_N_TASKS_MAX,
                           (void *) packed);
+}
+
+static void mean_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const struct ggml_tensor * x = dst->src[0];
+    const int64_t C = x->ne[0], P = x->ne[1] * x->ne[2];
+    int64_t first, last;  // channels, over all images: every thread has work even at batch 1
+    thread_range(C * x->ne[3], ith, nth, &first, &last);
+    enum { CH = 64 };
+    for (int64_t i = first; i < last;) {
+        const int64_t n = i / C, c0 = i % C;
+        int64_t nc = C - c0 < CH ? C - c0 : CH;  // channels of image n from c0, in this thread's range
+        if (nc > last - i) nc = last - i;
+        double sum[CH] = { 0 };
+        const float * in = (const float *) ((const char *) x->data + n * x->nb[3]) + c0;
+        for (int64_t p = 0; p < P; ++p, in += C) {
+            for (int64_t c = 0; c < nc; ++c) sum[c] += in[c];
+        }
+        float * out = (float *) ((char *) dst->data + n * dst->nb[1]) + c0;
+        for (int64_t c = 0; c < nc; ++c) out[c] = (float) (sum[c] / (double) P);
+        i += nc;
+    }
+}
+
+struct ggml_tensor * mean_pool(struct ggml_context * ctx, struct ggml_tensor * x) {
+    struct ggml_tensor * args[1] = { x };
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[3], 1, 1, args, 1, mean_pool_run, GGML_N_TASKS_MAX,
+                          NULL);
 }

@@ -1,5 +1,5 @@
-// Max pooling of channel-fastest activations, so ResNet's stem pool needs no transposes around ggml's
-// pool_2d (which works on [W, H, C, N]).
+// Pooling of channel-fastest activations, so ResNet's stem pool and its global average pool need no
+// transposes around ggml's pool_2d and mean (which work on [W, H, C, N] and along rows).
 #pragma once
 
 #include "ggml.h"
@@ -13,6 +13,10 @@ extern "C" {
 // PyTorch's max_pool2d does. k, stride, pad in 0..255, 2 pad <= k, and the window must fit the padded input;
 // the caller validates every argument (ggml aborts on bad shapes).
 struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x, int k, int stride, int pad);
+
+// x: contiguous f32 [C, W, H, N]. Returns f32 [C, N]: each channel's mean over the W x H pixels of each image,
+// summed in double and rounded once.
+struct ggml_tensor * mean_pool(struct ggml_context * ctx, struct ggml_tensor * x);
 
 #ifdef __cplusplus
 }
