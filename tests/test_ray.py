@@ -87,7 +87,10 @@ def recording():
 
 
 def run(folder, model_path, output):
-    """The pipeline as a user writes it, with Recording for Predictor: rows keyed by path."""
+    """The pipeline as a user writes it, with Recording for Predictor: rows keyed by path. Ray Data is told to
+    hand out batches only once both actors are up: otherwise, on a loaded machine, the first one ready can take
+    every batch before the second has started, and "both actors (nodes) did work" would fail by chance."""
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 120
     ds = pr.predict(pr.read_paths([folder], batch_size=BATCH), model_path, cls=recording(), output=output,
                     actors=2, threads=1, batch_size=BATCH)
     return {row["path"]: row for row in ds.take_all()}
