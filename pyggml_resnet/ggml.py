@@ -173,22 +173,61 @@ def packed_shape(m: int, k: int, wtype: Type | str = Type.F32) -> tuple[int, int
     return -(-m // _PANEL_PAIR) * 2, k, _PANEL
 
 
-def pack_matrix(w: np.ndarray, wtype: Type | str = Type.F32) -> np.ndarray:
+def pack_matrix(w: np.ndarray, wtype: Type | str = Type.F32, scale: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
     """An [M, K] float32 matrix as the packed weights `Graph.gemm` reads: M zero-padded to a multiple of 32,
     cut into panels of 16 rows, each panel stored k-major (the 16 weights of one k side by side). For bf16
     (still float32 here: the caller rounds), K is zero-padded to even and each panel holds pairs of k, the
-    two weights of one channel side by side, as vdpbf16ps multiplies them."""
+    two weights of one channel side by side, as vdpbf16ps multiplies them.
+
+    w may have more axes, [M, ...]: its K columns are then the trailing axes in C order, read through
+    any strides (a transposed view packs without a copy first). `scale` ([M]) multiplies each row on the way,
+    in float32 (a folded BatchNorm's), as `w * scale[:, None]` would. `out` (f32 only): an array of
+    `packed_shape` to pack into, C-contiguous float32, such as `Weights.fill`'s, instead of a new one."""
     w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2 or not w.size:
-        raise InputError(f"pack_matrix takes a non-empty 2-D matrix, got shape {w.shape}")
-    m, k = w.shape
-    panels, kp, _ = packed_shape(m, k, wtype)
-    padded = np.zeros((panels * _PANEL, kp), np.float32)
-    padded[:m, :k] = w
-    if Type.parse(wtype) != Type.BF16:
-        return np.ascontiguousarray(padded.reshape(panels, _PANEL, k).transpose(0, 2, 1))
-    pairs = padded.reshape(panels, _PANEL, kp // 2, 2).transpose(0, 2, 1, 3)  # (P, K/2, 16, 2)
-    return np.ascontiguousarray(pairs).reshape(panels, kp, _PANEL)
+    if w.ndim < 2 or not w.size:
+        raise InputError(f"pack_matrix takes a non-empty matrix of 2 or more axes, got shape {w.shape}")
+    m, rest = w.shape[0], w.shape[1:]
+    k = math.prod(rest)
+    if scale is not None:
+        scale = np.asarray(scale, dtype=np.float32)
+        if scale.shape != (m,):
+            raise InputError(f"pack_matrix: scale must have shape ({m},), got {scale.shape}")
+    shape = packed_shape(m, k, wtype)
+    panels, kp, _ = shape
+    if Type.parse(wtype) == Type.BF16:
+        if out is not None:
+            raise InputError("pack_matrix: out is for f32 weights only")
+        padded = np.zeros((panels * _PANEL, kp), np.float32)
+        _scaled_copy(padded[:m, :k].reshape(w.shape), w,
+                     None if scale is None else scale.reshape(m, *(1,) * len(rest)))
+        pairs = padded.reshape(panels, _PANEL, kp // 2, 2).transpose(0, 2, 1, 3)  # (P, K/2, 16, 2)
+        return np.ascontiguousarray(pairs).reshape(shape)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise InputError(f"pack_matrix: out must be a C-contiguous float32 array of shape {shape}, got "
+                         f"{out.dtype} {out.shape}")
+    # out as (panel, *K's axes, channel in panel); row r of w goes to panel r // 16, channel r % 16.
+    dst = out.reshape(panels, *rest, _PANEL)
+    full = m // _PANEL
+    if full:
+        _scaled_copy(dst[:full], np.moveaxis(w[:full * _PANEL].reshape(full, _PANEL, *rest), 1, -1),
+                     None if scale is None else scale[:full * _PANEL].reshape(full, *(1,) * len(rest), _PANEL))
+    if full < panels:  # the last rows, and the zeros that pad M
+        dst[full:] = 0
+        if m % _PANEL:
+            _scaled_copy(dst[full, ..., :m % _PANEL], np.moveaxis(w[full * _PANEL:], 0, -1),
+                         None if scale is None else scale[full * _PANEL:])
+    return out
+
+
+def _scaled_copy(dst: np.ndarray, src: np.ndarray, scale: np.ndarray | None) -> None:
+    """dst = src * scale (broadcast), or a plain copy without scale: one pass, no temporary."""
+    if scale is None:
+        dst[...] = src
+    else:
+        np.multiply(src, scale, out=dst)
 
 
 def _shape4(ne) -> tuple[int, int, int, int]:
@@ -405,6 +444,16 @@ class Weights(_Closable):
         array = _host_bytes(t, array)
         _alive(self._ctx, "weight set")
         lib.ggml_backend_tensor_set(t._ptr, ffi.from_buffer(array), 0, t.nbytes)
+
+    def fill(self, name: str, write) -> None:
+        """Calls `write(a)` with `a` the f32 tensor's own memory, as a flat float32 NumPy array, to fill in
+        place: `set` copies from a host array, which a loader must first make (and the OS fault in). `a` is
+        valid only during the call: it must not outlive it."""
+        t = self[name]
+        _alive(self._ctx, "weight fill")
+        if t.type != Type.F32:
+            raise InputError(f"fill: {t!r} is not f32")
+        write(np.frombuffer(ffi.buffer(t._ptr.data, t.nbytes), np.float32))
 
     def close(self):
         self._ctx = None

@@ -79,16 +79,20 @@ def conv_weight_shape(shape: tuple[int, ...], layout: str = PLAIN) -> tuple[int,
     return oc, k
 
 
-def conv_weight(w: np.ndarray, layout: str = PLAIN, scale: np.ndarray | None = None) -> np.ndarray:
+def conv_weight(w: np.ndarray, layout: str = PLAIN, scale: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
     """PyTorch [OC, IC, KH, KW] -> the weight array `conv2d` multiplies by, each output channel's weights
     multiplied by `scale` (a folded BatchNorm's) when given.
 
     Plain: a 2-D [OC, K] matrix, K running over (ky, kx, c) with c fastest (the order `gather_patches`
     emits), zero-padded to a multiple of K_ALIGN for kernels above 1x1 (only the 7x7 stem, K=147).
-    Packed (a GEMM path): the same matrix unpadded, packed by `ggml.pack_matrix` for the path's type.
+    Packed (a GEMM path): the same matrix unpadded, packed by `ggml.pack_matrix` for the path's type
+    straight from `w` (into `out` when given, f32 only).
     Winograd: [16, OC, IC], G w G^T for each of the 16 tile positions, in float64 and rounded once.
     """
     oc, ic, kh, kw = w.shape
+    if layout not in (PLAIN, WINOGRAD):
+        return pack_matrix(w.transpose(0, 2, 3, 1), gemm_type(layout), scale, out=out)
     if layout == WINOGRAD:
         u = _WINOGRAD_G @ w.astype(np.float64) @ _WINOGRAD_G.T  # [OC, IC, 4, 4]
         m = np.ascontiguousarray(u.reshape(oc, ic, 16).transpose(2, 0, 1), dtype=np.float32)
@@ -96,8 +100,6 @@ def conv_weight(w: np.ndarray, layout: str = PLAIN, scale: np.ndarray | None = N
         m = np.ascontiguousarray(w.transpose(0, 2, 3, 1), dtype=np.float32).reshape(oc, kh * kw * ic)
     if scale is not None:
         m = m * scale[:, None]  # rows are output channels in both layouts; `w` itself stays as it was
-    if layout not in (PLAIN, WINOGRAD):
-        return pack_matrix(m, gemm_type(layout))
     k = conv_weight_shape(w.shape)[1]
     return np.pad(m, ((0, 0), (0, k - m.shape[1]))) if layout == PLAIN and k > m.shape[1] else m
 

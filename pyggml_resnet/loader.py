@@ -86,12 +86,17 @@ class ModelFile:
         """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
         return {name: self.tensor(name) for name in self.infos}
 
-    def tensor(self, name: str) -> np.ndarray:
+    def tensor(self, name: str, scratch: np.ndarray | None = None) -> np.ndarray:
         """The tensor's values as float32 in its PyTorch shape. Raises ModelFormatError if the file changed
         since it was checked (replaced, rewritten, truncated), and for NaN or infinite values or negative
-        BatchNorm variances."""
+        BatchNorm variances.
+
+        `scratch`, a uint8 array at least as large as the tensor's data (for a loader reading one tensor
+        after another): the bytes are read into it rather than into fresh memory, which the OS would have to
+        fault in page by page, and an f32 tensor's values are a view of it, overwritten by the next read."""
         info = self.infos[name]
-        raw = np.empty(info.n_bytes, np.uint8)
+        fits = scratch is not None and scratch.size >= info.n_bytes
+        raw = scratch[:info.n_bytes] if fits else np.empty(info.n_bytes, np.uint8)
         with open(self.path, "rb") as f:
             if _identity(os.fstat(f.fileno())) != self.identity:
                 raise ModelFormatError(f"{self.path}: the file changed after it was checked")

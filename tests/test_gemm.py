@@ -196,8 +196,36 @@ def test_pack_matrix_layout():
     assert p.shape == packed_shape(40, 3) == (4, 3, 16)  # M padded to 64: two pairs of 16-row panels
     assert p[1, 2, 5] == w[16 + 5, 2] and p[2, 0, 7] == w[39, 0]
     assert not p[2, :, 8:].any() and not p[3].any()
-    with pytest.raises(InputError):
-        pack_matrix(np.zeros((3, 4, 5), np.float32))
+    for bad in (np.zeros(5, np.float32), np.zeros((0, 3), np.float32)):
+        with pytest.raises(InputError):
+            pack_matrix(bad)
+
+
+@pytest.mark.parametrize("wtype", ["f32", "bf16"])
+def test_pack_matrix_of_a_view_with_scale_and_out(wtype):
+    """More axes are K's, read through any strides; scale multiplies rows as w * scale[:, None] does, bit for
+    bit; out is filled in place (f32) and refused when it does not fit."""
+    rng = np.random.default_rng(3)
+    w4 = rng.standard_normal((40, 5, 3, 3), dtype=np.float32)
+    view = w4.transpose(0, 2, 3, 1)  # a conv weight in (ky, kx, c) order, not contiguous
+    matrix = np.ascontiguousarray(view).reshape(40, -1)
+    scale = rng.standard_normal(40, dtype=np.float32)
+    want = pack_matrix(matrix * scale[:, None], wtype)
+    np.testing.assert_array_equal(pack_matrix(view, wtype, scale).view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(pack_matrix(view, wtype), pack_matrix(matrix, wtype))
+    if wtype == "bf16":
+        with pytest.raises(InputError, match="f32"):
+            pack_matrix(view, wtype, out=np.empty_like(want))
+        return
+    out = np.full(want.shape, np.nan, np.float32)  # the padding rows must be written as zeros
+    assert pack_matrix(view, wtype, scale, out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+    for bad in (np.empty(want.shape, np.float64), np.empty(want.shape[::-1], np.float32).T,
+                np.empty((want.shape[0] - 2, *want.shape[1:]), np.float32)):
+        with pytest.raises(InputError, match="out"):
+            pack_matrix(view, wtype, out=bad)
+    with pytest.raises(InputError, match="scale"):
+        pack_matrix(view, wtype, scale[:-1])
 
 
 def test_pack_matrix_bf16_layout():
