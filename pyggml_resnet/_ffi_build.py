@@ -82,6 +82,7 @@ void ggml_backend_free(ggml_backend_t backend);
 ggml_backend_buffer_type_t ggml_backend_get_default_buffer_type(ggml_backend_t backend);
 ggml_backend_buffer_t ggml_backend_alloc_ctx_tensors(struct ggml_context * ctx, ggml_backend_t backend);
 size_t ggml_backend_buffer_get_size(ggml_backend_buffer_t buffer);
+void * ggml_backend_buffer_get_base(ggml_backend_buffer_t buffer);
 void ggml_backend_buffer_free(ggml_backend_buffer_t buffer);
 void ggml_backend_tensor_set(struct ggml_tensor * tensor, const void * data, size_t offset, size_t size);
 void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
@@ -89,6 +90,9 @@ enum ggml_status ggml_backend_graph_compute(ggml_backend_t backend, struct ggml_
 ggml_gallocr_t ggml_gallocr_new(ggml_backend_buffer_type_t buft);
 void ggml_gallocr_free(ggml_gallocr_t galloc);
 bool ggml_gallocr_alloc_graph(ggml_gallocr_t galloc, struct ggml_cgraph * graph);
+
+/* libc */
+int madvise(void * addr, size_t length, int advice);
 
 /* csrc/ */
 struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor * v,
@@ -112,6 +116,7 @@ struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor
 """
 
 SOURCE = r"""
+#include <sys/mman.h>
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"

