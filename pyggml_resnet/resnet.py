@@ -64,14 +64,20 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: 
 
     weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
 
-    def put(name: str, make, check=lambda m: m) -> None:
-        """Sets a conv's or the fc's matrix to check(make(out=None)). Packed f32 weights are packed straight
-        into the weights' memory (make(out=...)): no host copy to make and fault in, then copy."""
+    def put(name: str, make, folded: tuple[str, np.ndarray] | None = None) -> None:
+        """Stores a conv's or the fc's matrix, make(out=None). Packed f32 weights are packed straight into
+        the weights' memory, make(out=...): no host copy to make, fault in and copy again. `folded`: the
+        name and bias of a BatchNorm folded into it, refused (ModelFormatError) where folding overflowed."""
         ttype, shape = plan[name]
+
+        def checked(m: np.ndarray) -> np.ndarray:
+            if folded is not None and not (np.isfinite(m).all() and np.isfinite(folded[1]).all()):
+                raise ModelFormatError(f"{mf.path}: folding {folded[0]} into {name} overflows float32")
+            return m
         if ttype == Type.F32 and layout[name] not in (layers.PLAIN, layers.WINOGRAD):
-            weights.fill(name, lambda a: check(make(out=a.reshape(shape))))
+            weights.fill(name, lambda a: checked(make(out=a.reshape(shape))))
         else:
-            weights.set(name, ttype.encode(check(make())))
+            weights.set(name, ttype.encode(checked(make())))
 
     # Every matrix is read into this one buffer, each in turn, and used before the next read.
     scratch = np.empty(max(info.n_bytes for info in mf.infos.values()), np.uint8)
@@ -79,22 +85,19 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: 
     try:
         for conv in convolutions(mf.config):
             bn_values = {p: mf.tensor(f"{conv.bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
-            scale = None
-            check = lambda m: m  # noqa: E731
+            scale = folded = None
             if batchnorm == "folded":
-                scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
-                                                          bn_values["running_mean"], bn_values["running_var"], mf.eps)
+                with np.errstate(over="ignore"):  # an overflow is refused by `put`, as a bad file
+                    scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
+                                                              bn_values["running_mean"], bn_values["running_var"],
+                                                              mf.eps)
                 weights.set(f"{conv.bn}.folded_bias", bias)
-
-                def check(m, conv=conv, bias=bias):
-                    if not (np.isfinite(m).all() and np.isfinite(bias).all()):  # a near-zero variance
-                        raise ModelFormatError(f"{mf.path}: folding {conv.bn} into {conv.name} overflows float32")
-                    return m
+                folded = conv.bn, bias
             else:
                 for p, v in bn_values.items():
                     weights.set(f"{conv.bn}.{p}", v)
             w = mf.tensor(conv.name, scratch)
-            put(conv.name, lambda out=None: layers.conv_weight(w, layout[conv.name], scale, out=out), check)
+            put(conv.name, lambda out=None: layers.conv_weight(w, layout[conv.name], scale, out=out), folded)
         fc_weight = mf.tensor("fc.weight", scratch)
         put("fc.weight", lambda out=None: pack_matrix(fc_weight, fc_type, out=out) if packed_fc else fc_weight)
         weights.set("fc.bias", mf.tensor("fc.bias"))

@@ -587,6 +587,19 @@ def test_non_finite_weights_refused(corpus, tmp_path, dtype, name, index, packed
     refused(write(tmp_path, g.bytes()), match)
 
 
+@pytest.mark.parametrize("gemm", [None, "ggml"])  # weights packed into ggml's memory as they are folded, or not
+def test_batchnorm_that_overflows_when_folded_refused(corpus, tmp_path, gemm):
+    """Finite values whose folded product is not: a huge gain over a zero variance (scale 3e38 / sqrt(eps))."""
+    g = corpus()
+    g.poke("layer2.0.bn1.weight", 4 * 3, struct.pack("<f", 3e38))
+    g.poke("layer2.0.bn1.running_var", 4 * 3, struct.pack("<f", 0.0))
+    path = write(tmp_path, g.bytes())
+    with pytest.raises(ModelFormatError, match="folding layer2.0.bn1 into layer2.0.conv1.weight overflows float32"):
+        pyggml_resnet.load(path, threads=1, gemm=gemm)
+    with pyggml_resnet.load(path, threads=1, gemm=gemm, batchnorm="explicit"):  # nothing folded: loads
+        pass
+
+
 def test_file_changed_after_checking(corpus, tmp_path):
     path = write(tmp_path, corpus().bytes())
     mf = loader.read(path)
