@@ -8,7 +8,6 @@
 
 from .errors import Error, InputError, ModelFormatError
 from .model import Model, Prediction, load
-from .transforms import load_image, preprocess
 
 __version__ = "0.1.0"
 
@@ -16,10 +15,14 @@ __all__ = ["Error", "InputError", "ModelFormatError", "DownloadError", "Model", 
            "from_pretrained", "load_image", "preprocess", "__version__"]
 
 
+# Names from modules that import much (hub: hashing, temporary files, URLs; transforms: Pillow), loaded on
+# first use: a cold start that runs a local model file on arrays pays for neither.
+_LAZY = {"DownloadError": "hub", "from_pretrained": "hub", "load_image": "transforms", "preprocess": "transforms"}
+
+
 def __getattr__(name):
-    # The download code and what it imports (hashing, temporary files, URLs) load on first use, not with
-    # the package: a cold start that classifies with a local file does not pay for them.
-    if name in ("DownloadError", "from_pretrained"):
-        from . import hub
-        return getattr(hub, name)
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arch, loader, resnet, transforms
+from . import arch, loader, resnet
 from .errors import InputError
 from .ggml import GEMM_PATHS, Backend, Graph, Type, _Closable, gemm_paths
 
@@ -195,6 +195,8 @@ class Model(_Closable):
     def preprocess(self, img) -> np.ndarray:
         """An image (path, PIL image, HxWx3 uint8 array) as the float32 (3, crop, crop) array this model's
         weights expect: torchvision's transforms with the preprocessing recorded in the model file."""
+        from . import transforms  # Pillow: imported with the first image, not with the package
+
         return transforms.preprocess(img, **dataclasses.asdict(self.preprocessing))
 
     def classify(self, img, top_k: int = 5):

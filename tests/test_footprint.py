@@ -1,5 +1,6 @@
-"""Memory at load: issue 12's target (loading ResNet-101 f32 and classifying one image peaks at <= 250 MB
-resident), and the prefaulting of the weights' memory that makes the load faster.
+"""What a cold start costs beside compute: memory (issue 12's target: loading ResNet-101 f32 and classifying
+one image peaks at <= 250 MB resident), the prefaulting of the weights' memory that makes loading faster,
+and the modules that running a model imports.
 
 The target is measured in a fresh interpreter (this test process already holds torch and other models):
 load, then `classify` of a decoded image (224x224 crop, 2 threads as in the benchmark's targets), then the
@@ -83,3 +84,27 @@ def test_prefault_maps_the_weights_memory_in_at_once():
         assert _resident_bytes_of_mapping(address[0]) - before >= size - 3 * 4096
         weights.close()
         assert not weights.prefault()
+
+
+_IMPORTS_CHILD = r"""
+import json, sys
+import numpy as np
+import pyggml_resnet
+
+model = pyggml_resnet.load(sys.argv[1], threads=1)
+model.logits(np.zeros((1, 3, 32, 32), np.float32))
+heavy = ("PIL", "pyggml_resnet.hub", "urllib.request", "tempfile", "gguf", "torch", "tqdm")
+before = [m for m in heavy if m in sys.modules]
+model.classify(np.zeros((40, 40, 3), np.uint8))
+print(json.dumps({"logits": before, "classify": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def test_running_a_model_on_arrays_imports_no_image_or_download_code(model_files):
+    """Pillow comes with the first image, the download code (hashing, temporary files, URLs) with the first
+    download, the converter's gguf and torch never: a cold start on arrays pays for none of them."""
+    out = subprocess.run([sys.executable, "-c", _IMPORTS_CHILD, str(model_files(18)[2])], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got == {"logits": [], "classify": ["PIL"]}
