@@ -7,11 +7,11 @@
 #include "patch_row.h"
 #include "thread_range.h"
 
-// Cache blocks: GEMM_KC values of k (the weights' tile reused from L1) of up to GEMM_NB pixels (240 KB of
-// X, copied once per block into a thread's buffer and kept in L2 while every weight tile passes over it),
-// fewer when M is large so that the block's output, GEMM_C_BLOCK floats at most, stays in L2 across its K
-// blocks. They order the work, not the arithmetic. GEMM_KC is a multiple of GEMM_KS and GEMM_KS_BF16;
-// GEMM_NB of every path's tile heights.
+// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 (the weights' tile reused from L1), of up to
+// GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer and kept in L2 while every weight
+// tile passes over it), fewer when M is large so that the block's output, GEMM_C_BLOCK floats at most, stays
+// in L2 across its K blocks. They order the work, not the arithmetic. A block holds whole summation blocks
+// (GEMM_KS for f32, GEMM_KS_BF16 for bf16); GEMM_NB is a multiple of every path's tile heights.
 #define GEMM_KC 128
 #define GEMM_NB 480
 #define GEMM_C_BLOCK (96 * 1024)
@@ -136,13 +136,14 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     const int mr = kern->mr, nr = kern->nr;
     const int64_t M = pr->M, N = pr->N;
     const size_t es = pr->es;
+    const int64_t KC = GEMM_KC * sizeof(float) / es;  // bytes, not values, make the cache block
     int64_t nb_tiles = GEMM_C_BLOCK / (M * nr);
     nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > GEMM_NB / nr ? GEMM_NB / nr : nb_tiles;
     for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
         const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
         const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
-        for (int64_t kb = 0; kb < pr->Kp; kb += GEMM_KC) {
-            const int64_t kc = pr->Kp - kb < GEMM_KC ? pr->Kp - kb : GEMM_KC;
+        for (int64_t kb = 0; kb < pr->Kp; kb += KC) {
+            const int64_t kc = pr->Kp - kb < KC ? pr->Kp - kb : KC;
             pack_pixels(&pr->geo, pr->K, N, px0, px1, kb, kc, nr, es);
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;

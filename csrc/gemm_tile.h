@@ -12,7 +12,7 @@ struct gemm_block {
     int64_t w_panel;       // elements from one 16-channel panel to the next (16 * K)
     const void * x;        // the tile's first pixel row at the block's first k (the weights' type)
     int64_t ldx;           // elements between pixel rows
-    int64_t kc;            // k values in this cache block (a multiple of GEMM_KS, except at K's end)
+    int64_t kc;            // k values in this cache block (whole summation blocks, except at K's end)
     int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
     float * c;             // output of the tile's first pixel and channel
     int64_t ldc;           // floats between output rows (M); also between residual rows

@@ -8,7 +8,7 @@ L = min(K, KS) + ceil(K / KS) + 2 roundings touch each term, so |error| <= gamma
 stride, tile edge or epilogue gives errors of the data's own size. We also hold the pooled relative L2
 error of products with 1000 outputs or more to 3e-7: on these random operands we measured 1.1-2.4e-7,
 against 1.1-3.8e-7 for NumPy's float32 product (OpenBLAS) on the same data. The bf16 path (vdpbf16ps: per
-pair of k, two exact products added in at most two roundings; KS = 128) meets the same bound.
+pair of k, two exact products added in at most two roundings; KS = 256) meets the same bound.
 """
 
 import numpy as np
@@ -18,7 +18,7 @@ from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_paths, gemm_type, pack_matrix, packed_shape
 
-KS = {"avx512bf16": 128}  # the summation block per path: GEMM_KS_BF16, else GEMM_KS (64) in csrc/gemm.h
+KS = {"avx512bf16": 256}  # the summation block per path: GEMM_KS_BF16, else GEMM_KS (64) in csrc/gemm.h
 U = 2.0 ** -24
 F32_PATHS = gemm_paths()
 PATHS = F32_PATHS + gemm_paths("bf16")
