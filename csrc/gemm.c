@@ -75,16 +75,20 @@ static void pack_pixels(const struct patch_geom * geo, int64_t K, int64_t N, int
 // of the two panels of 3x3 weights at w (packed as above, K = 9 C, k = (ky, kx, c)), made as their tile needs
 // them into wbuf: panels kc * 16 floats apart, each k-major. G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2,
 // (0 0 1); the halving is exact, so each value is rounded by its sums only, in this order whatever the path.
-// out = row s of G times (v0, v1, v2), over 16 lanes (one panel's channels).
-static inline void wino_comb(int s, float * out, const float * v0, const float * v1, const float * v2) {
-    switch (s) {
-        case 0: memcpy(out, v0, 16 * sizeof(float)); break;
-        case 1: for (int l = 0; l < 16; ++l) out[l] = (v0[l] + v1[l] + v2[l]) * 0.5f; break;
-        case 2: for (int l = 0; l < 16; ++l) out[l] = (v0[l] - v1[l] + v2[l]) * 0.5f; break;
-        default: memcpy(out, v2, 16 * sizeof(float)); break;
+// Row s of G times (v0, v1, v2), over 16 lanes (one panel's channels): v0 or v2 itself for G's unit rows,
+// else made in `out`.
+static inline const float * wino_comb(int s, float * out, const float * v0, const float * v1, const float * v2) {
+    if (s == 0) return v0;
+    if (s == 3) return v2;
+    if (s == 1) {
+        for (int l = 0; l < 16; ++l) out[l] = (v0[l] + v1[l] + v2[l]) * 0.5f;
+    } else {
+        for (int l = 0; l < 16; ++l) out[l] = (v0[l] - v1[l] + v2[l]) * 0.5f;
     }
+    return out;
 }
 
+// Not for the corners (a and b both 0 or 3: single taps, read in place by block_weights).
 static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc, int t) {
     const int a = t / 4, b = t % 4;
     const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
@@ -93,11 +97,14 @@ static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc, int
         float * out = wbuf + j * kc * 16;
         for (int64_t c = kb; c < kb + kc; ++c, out += 16) {
             const float * g = panel + c * 16;
-            float h[3][16];
-            for (int i = 0; i < 3; ++i) {
-                if ((a == 0 && i > 0) || (a == 3 && i < 2)) continue;  // rows G's row a does not read
-                wino_comb(b, h[i], g + 3 * i * tap, g + (3 * i + 1) * tap, g + (3 * i + 2) * tap);
+            if (a % 3 == 0) {  // one row of g, combined by G's row b (1 or 2) straight into out
+                const float * row = g + 3 * (a / 3 * 2) * tap;
+                wino_comb(b, out, row, row + tap, row + 2 * tap);
+                continue;
             }
+            float hbuf[3][16];
+            const float * h[3];
+            for (int i = 0; i < 3; ++i) h[i] = wino_comb(b, hbuf[i], g + 3 * i * tap, g + (3 * i + 1) * tap, g + (3 * i + 2) * tap);
             wino_comb(a, out, h[0], h[1], h[2]);
         }
     }
