@@ -625,20 +625,16 @@ class Graph(_Closable):
     def gemm(self, w: Tensor, x: Tensor, m: int, *, kernel: int = 1, stride: int = 1, padding: int = 0,
              bias: Tensor | None = None, residual: Tensor | None = None, relu: bool = False,
              path: str | None = None) -> Tensor:
-        """A convolution of a channel-fastest f32 image x [C, W, H, N] (or bf16, for bf16 weights) by the packed
-        weights w (`pack_matrix`
-        of an [m, K] matrix, K = kernel*kernel*C ordered (ky, kx, c) as `gather_patches` orders it; ggml
-        [16, K, P, 1]) -> f32 [m, OW, OH, N], then + bias ([m]), + residual (shaped like the result), ReLU,
-        fused into the product (csrc/gemm.h). With the defaults (kernel 1) it is x's rows times w: a Linear
-        layer of x [K, N]. The pixels are read straight from x (a bf16 path rounds f32 ones as
-        `gather_patches` does). Each output's summation order depends on K alone: results are bit-identical for any batch,
-        thread count and f32 path. `path`: one of `gemm_paths(w.type)` (default: the first)."""
+        """A convolution of a channel-fastest f32 image x [C, W, H, N] (or bf16, for bf16 weights) by the
+        packed weights w (`pack_matrix` of an [m, K] matrix, K = kernel*kernel*C ordered (ky, kx, c) as
+        `gather_patches` orders it; ggml [16, K, P, 1]) -> f32 [m, OW, OH, N], then + bias ([m]), + residual
+        (shaped like the result), ReLU, fused into the product (csrc/gemm.h). With the defaults (kernel 1) it
+        is x's rows times w: a Linear layer of x [K, N]. The pixels are read straight from x (a bf16 path
+        rounds f32 ones as `gather_patches` does). Each output's summation order depends on K alone: results
+        are bit-identical for any batch, thread count and f32 path. `path`: one of `gemm_paths(w.type)`
+        (default: the first)."""
         ctx = self._building(w, x, *(t for t in (bias, residual) if t is not None))
-        paths = gemm_paths(w.type) if w.type in (Type.F32, Type.BF16) else ()
-        if path is None and paths:
-            path = paths[0]
-        if path not in paths:
-            raise InputError(f"gemm: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
+        path = self._gemm_path(w, path, (Type.F32, Type.BF16), "gemm")
         m = _integer(m, "gemm: m", 1)
         if not (x.type == Type.BF16 and w.type == Type.BF16):
             self._need_f32(x, op="gemm")
@@ -669,11 +665,7 @@ class Graph(_Closable):
         `winograd_output`. The weights are transformed as the product needs them, so nothing else is stored.
         `path`: one of `gemm_paths("f32")` (default: the first)."""
         ctx = self._building(w, v)
-        paths = gemm_paths(Type.F32) if w.type == Type.F32 else ()
-        if path is None and paths:
-            path = paths[0]
-        if path not in paths:
-            raise InputError(f"gemm_winograd: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
+        path = self._gemm_path(w, path, (Type.F32,), "gemm_winograd")
         m = _integer(m, "gemm_winograd: m", 1)
         self._need_f32(v, op="gemm_winograd")
         self._need_contiguous(v, "gemm_winograd")
@@ -685,6 +677,16 @@ class Graph(_Closable):
             raise InputError(f"gemm_winograd: {w!r} is not packed 3x3 weights for m={m} and {v.ne[0]} channels "
                              f"(want ne {(_PANEL, k, panels, 1)})")
         return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, m, GEMM_PATHS[path]))
+
+    @staticmethod
+    def _gemm_path(w: Tensor, path: str | None, types: tuple[Type, ...], op: str) -> str:
+        """`path`, or the first of `gemm_paths(w.type)` when None, checked to run w here (weights of `types`)."""
+        paths = gemm_paths(w.type) if w.type in types else ()
+        if path is None and paths:
+            path = paths[0]
+        if path not in paths:
+            raise InputError(f"{op}: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
+        return path
 
     def cont(self, a: Tensor) -> Tensor:
         """A contiguous copy of a (possibly strided) view."""

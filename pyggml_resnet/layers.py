@@ -33,7 +33,7 @@ def winograd_applies(shape: tuple[int, ...], stride: int, padding: int, wtype: T
 PLAIN, WINOGRAD = "plain", "winograd"
 
 
-def matrix_layout(shape: tuple[int, ...], stride: int, padding: int, wtype: Type, *, winograd: bool,
+def matrix_layout(shape: tuple[int, ...], stride: int, padding: int, wtype: Type, *, winograd: bool | None,
                   gemm: str | None, groups: int = 1) -> str:
     """The layout of a conv weight (PyTorch shape [OC, IC, KH, KW]) or fc weight ([OUT, IN]) under the
     model's options: the packed GEMM on path `gemm` for weights of its type (which runs Winograd from the

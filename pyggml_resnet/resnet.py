@@ -114,8 +114,7 @@ def max_nodes(cfg: ResNetConfig) -> int:
 
 
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
-          batch: int, height: int, width: int, layout: dict[str, str], winograd: bool | None = False
-          ) -> dict[str, Tensor]:
+          batch: int, height: int, width: int, layout: dict[str, str], winograd: bool | None) -> dict[str, Tensor]:
     """Adds the forward pass to `g`, for weights uploaded with these `layout`s; `winograd` as for
     `layers.packed_winograd` (convs with other layouts are as `layout` says). Returns the input ("image",
     ggml [3, W, H, N]: NumPy NHWC) and the outputs: "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]),
