@@ -15,6 +15,9 @@
 #define GEMM_KC 128
 #define GEMM_NB 480
 #define GEMM_C_BLOCK (96 * 1024)
+#ifndef GEMM_ALIAS_BYTES
+#define GEMM_ALIAS_BYTES 4096
+#endif
 
 // Op parameters, packed into the userdata pointer so nothing needs freeing.
 #define P_PATH(u) ((int) ((uintptr_t) (u) & 0xf))
@@ -75,39 +78,53 @@ static void pack_pixels(const struct patch_geom * geo, int64_t K, int64_t N, int
 // of the two panels of 3x3 weights at w (packed as above, K = 9 C, k = (ky, kx, c)), made as their tile needs
 // them into wbuf: panels kc * 16 floats apart, each k-major. G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2,
 // (0 0 1); the halving is exact, so each value is rounded by its sums only, in this order whatever the path.
-// Row s of G times (v0, v1, v2), over 16 lanes (one panel's channels): v0 or v2 itself for G's unit rows,
-// else made in `out`.
-static inline const float * wino_comb(int s, float * out, const float * v0, const float * v1, const float * v2) {
-    if (s == 0) return v0;
-    if (s == 3) return v2;
-    if (s == 1) {
-        for (int l = 0; l < 16; ++l) out[l] = (v0[l] + v1[l] + v2[l]) * 0.5f;
-    } else {
-        for (int l = 0; l < 16; ++l) out[l] = (v0[l] - v1[l] + v2[l]) * 0.5f;
+// Written over whole 16-lane vectors (one panel's channels, 64 bytes), which GCC maps to the widest registers
+// the build targets: element-wise loops over lanes were left scalar and took 30% of a Winograd product.
+typedef float wino_vec __attribute__((vector_size(64), aligned(4)));
+
+// Row s of G times (v0, v1, v2).
+static inline wino_vec wino_comb(int s, wino_vec v0, wino_vec v1, wino_vec v2) {
+    switch (s) {
+        case 0: return v0;
+        case 1: return (v0 + v1 + v2) * 0.5f;
+        case 2: return (v0 - v1 + v2) * 0.5f;
+        default: return v2;
     }
-    return out;
 }
 
-// Not for the corners (a and b both 0 or 3: single taps, read in place by block_weights).
-static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc, int t) {
-    const int a = t / 4, b = t % 4;
+// Row s of G times the three taps at g, tap values apart.
+static inline wino_vec wino_comb_at(int s, const float * g, int64_t tap) {
+    const wino_vec * v0 = (const wino_vec *) g, * v1 = (const wino_vec *) (g + tap), * v2 = (const wino_vec *) (g + 2 * tap);
+    return s == 0 ? *v0 : s == 3 ? *v2 : wino_comb(s, *v0, *v1, *v2);
+}
+
+// Not for the corners (a and b both 0 or 3: single taps, read in place by block_weights). Inlined for each
+// constant (a, b) by wino_weights, so no branch is left in the loop.
+static inline __attribute__((always_inline)) void wino_weights_ab(const float * w, int64_t C, int64_t kb,
+                                                                  int64_t kc, int a, int b) {
     const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
     for (int j = 0; j < 2; ++j) {
-        const float * panel = w + j * 16 * K;
-        float * out = wbuf + j * kc * 16;
-        for (int64_t c = kb; c < kb + kc; ++c, out += 16) {
-            const float * g = panel + c * 16;
-            if (a % 3 == 0) {  // one row of g, combined by G's row b (1 or 2) straight into out
-                const float * row = g + 3 * (a / 3 * 2) * tap;
-                wino_comb(b, out, row, row + tap, row + 2 * tap);
-                continue;
+        const float * g = w + j * 16 * K + kb * 16;
+        wino_vec * out = (wino_vec *) (wbuf + j * kc * 16);
+        if (a % 3 == 0) {  // one row of g (ky = 0 or 2), combined by G's row b
+            for (int64_t c = 0; c < kc; ++c) out[c] = wino_comb_at(b, g + 3 * (a / 3 * 2) * tap + c * 16, tap);
+        } else {
+            for (int64_t c = 0; c < kc; ++c) {
+                const float * gc = g + c * 16;
+                out[c] = wino_comb(a, wino_comb_at(b, gc, tap), wino_comb_at(b, gc + 3 * tap, tap),
+                                   wino_comb_at(b, gc + 6 * tap, tap));
             }
-            float hbuf[3][16];
-            const float * h[3];
-            for (int i = 0; i < 3; ++i) h[i] = wino_comb(b, hbuf[i], g + 3 * i * tap, g + (3 * i + 1) * tap, g + (3 * i + 2) * tap);
-            wino_comb(a, out, h[0], h[1], h[2]);
         }
     }
+}
+
+static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc, int t) {
+#define WINO_T(a, b) case 4 * (a) + (b): wino_weights_ab(w, C, kb, kc, a, b); break;
+    switch (t) {
+        WINO_T(0, 1) WINO_T(0, 2) WINO_T(1, 0) WINO_T(1, 1) WINO_T(1, 2) WINO_T(1, 3)
+        WINO_T(2, 0) WINO_T(2, 1) WINO_T(2, 2) WINO_T(2, 3) WINO_T(3, 1) WINO_T(3, 2)
+    }
+#undef WINO_T
 }
 
 // One product of the op: C = X W^T (+ epilogue) over the output tiles [m0, m1) x [n0, n1) of this thread.
@@ -121,6 +138,7 @@ struct gemm_problem {
     float * c;
     const float * bias, * res;
     int relu;
+    int in_place;           // X is a dense matrix of rows of K values: read whole tiles in place, not copied
 };
 
 // The weights of the tile at channel m for k block kb, and the distance between its two panels: in the
@@ -149,25 +167,40 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
         const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
         const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
+        // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
+        // from the thread's buffer.
+        const int64_t packed0 = pr->in_place ? px0 + (px1 - px0) / nr * nr : px0;
         for (int64_t kb = 0; kb < pr->Kp; kb += KC) {
             const int64_t kc = pr->Kp - kb < KC ? pr->Kp - kb : KC;
-            pack_pixels(&pr->geo, pr->K, N, px0, px1, kb, kc, nr, es);
+            if (packed0 < px1) pack_pixels(&pr->geo, pr->K, N, packed0, px1, kb, kc, nr, es);
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
                 int64_t w_panel;
                 const void * w = block_weights(pr, m, kb, kc, &w_panel);
                 struct gemm_block b = {
                     .w = w, .w_panel = w_panel,
-                    .ldx = kc, .kc = kc, .ldc = M,
+                    .kc = kc, .ldc = M,
                     .mr = M - m < mr ? (int) (M - m) : mr,
                     .first = kb == 0, .last = kb + kc == pr->Kp,
                     .bias = pr->bias ? pr->bias + m : NULL,
                     .relu = pr->relu,
                 };
+                // Weights stream from memory once per block: ask for the next tile's (the next channels', else
+                // the next K block's first) while this one computes. Winograd's are made in place instead.
+                if (pr->wino_t < 0 && (mt + 1 < m1 || kb + KC < pr->Kp)) {
+                    const int64_t next_m = mt + 1 < m1 ? m + mr : m0 * mr, next_kb = mt + 1 < m1 ? kb : kb + KC;
+                    b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
+                }
                 // Whole tiles, then the last pixels (N = 49 or 196 leaves 1 or 4) in narrower ones.
                 for (int64_t n = px0; n < px1;) {
                     const int height = px1 - n >= nr ? nr : kern->nr_narrow;
-                    b.x = (const char *) xbuf + (n - px0) * kc * es;
+                    if (n < packed0) {
+                        b.x = pr->geo.data + n * pr->geo.nb1 + kb * es;
+                        b.ldx = pr->K;
+                    } else {
+                        b.x = (const char *) xbuf + (n - packed0) * kc * es;
+                        b.ldx = kc;
+                    }
                     b.c = pr->c + n * M + m;
                     b.res = pr->res ? pr->res + n * M + m : NULL;
                     b.nr = px1 - n < height ? (int) (px1 - n) : height;
@@ -200,6 +233,12 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     } else {
         pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, P_STRIDE(userdata), P_PAD(userdata));
     }
+    // A 1x1 stride-1 conv's (or Winograd product's) pixels are already rows of K values: copying them would
+    // only cost time, except where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1.
+    const struct patch_geom * geo = &pr.geo;
+    pr.in_place = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es && geo->nb1 == pr.K * pr.es
+                  && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1)
+                  && pr.K == pr.Kp && geo->nb1 % GEMM_ALIAS_BYTES != 0;
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
     // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output

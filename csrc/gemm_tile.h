@@ -20,6 +20,7 @@ struct gemm_block {
     const float * bias;    // at the tile's first channel, or NULL
     const float * res;     // residual at the tile's first pixel and channel, or NULL
     int relu;
+    const void * next_w;   // the next tile's weights (same layout as w), fetched into cache as this one runs, or NULL
 };
 
 // Each ISA path provides one of these: its tile size and tile function, and a narrower tile for the last

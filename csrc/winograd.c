@@ -10,6 +10,16 @@
 enum { CH = 16 };
 static const float zeros[CH];
 
+// nc <= CH floats; a whole chunk is one constant-size copy the compiler inlines as a vector load and store,
+// where a call to memcpy per 64 bytes took a fifth of a transform's time.
+static inline void copy_chunk(void * dst, const void * src, int nc) {
+    if (nc == CH) {
+        memcpy(dst, src, CH * sizeof(float));
+    } else {
+        memcpy(dst, src, nc * sizeof(float));
+    }
+}
+
 static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * x = dst->src[0];
@@ -37,7 +47,7 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
         for (int64_t c0 = 0; c0 < C; c0 += CH) {
             const int nc = C - c0 < CH ? (int) (C - c0) : CH;
             float d[16][CH], u[16][CH], v[16][CH];
-            for (int k = 0; k < 16; ++k) memcpy(d[k], inside[k] ? rows[k] + c0 : zeros, nc * sizeof(float));
+            for (int k = 0; k < 16; ++k) copy_chunk(d[k], inside[k] ? rows[k] + c0 : zeros, nc);
             // u = B^T d (rows), then v = u B (columns); B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
             for (int j = 0; j < 4; ++j) {
                 for (int l = 0; l < CH; ++l) {
@@ -55,7 +65,7 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
                     v[4 * i + 3][l] = u[4 * i + 1][l] - u[4 * i + 3][l];
                 }
             }
-            for (int k = 0; k < 16; ++k) memcpy(out[k] + c0, v[k], nc * sizeof(float));
+            for (int k = 0; k < 16; ++k) copy_chunk(out[k] + c0, v[k], nc);
         }
     }
 }
@@ -91,7 +101,7 @@ static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void
         for (int64_t c0 = 0; c0 < OC; c0 += CH) {
             const int nc = OC - c0 < CH ? (int) (OC - c0) : CH;
             float v[16][CH], u[8][CH], y[4][CH];
-            for (int k = 0; k < 16; ++k) memcpy(v[k], in[k] + c0, nc * sizeof(float));
+            for (int k = 0; k < 16; ++k) copy_chunk(v[k], in[k] + c0, nc);
             // u = A^T v (rows), then y = u A (columns); A^T = [1 1 1 0; 0 1 -1 -1].
             for (int j = 0; j < 4; ++j) {
                 for (int l = 0; l < CH; ++l) {
@@ -110,17 +120,17 @@ static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void
                 if (!inside[k]) continue;
                 float r[CH] = { 0 };
                 if (bias) {
-                    memcpy(r, bias + c0, nc * sizeof(float));
+                    copy_chunk(r, bias + c0, nc);
                     for (int l = 0; l < CH; ++l) y[k][l] += r[l];
                 }
                 if (res) {
-                    memcpy(r, (const char *) res->data + offs[k] + c0 * sizeof(float), nc * sizeof(float));
+                    copy_chunk(r, (const char *) res->data + offs[k] + c0 * sizeof(float), nc);
                     for (int l = 0; l < CH; ++l) y[k][l] += r[l];
                 }
                 if (relu) {
                     for (int l = 0; l < CH; ++l) y[k][l] = y[k][l] > 0.0f ? y[k][l] : 0.0f;
                 }
-                memcpy((char *) dst->data + offs[k] + c0 * sizeof(float), y[k], nc * sizeof(float));
+                copy_chunk((char *) dst->data + offs[k] + c0 * sizeof(float), y[k], nc);
             }
         }
     }
