@@ -8,16 +8,15 @@
 #include "thread_range.h"
 
 // Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 (the weights' tile reused from L1), of up to
-// GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer and kept in L2 while every weight
-// tile passes over it), fewer when M is large so that the block's output, GEMM_C_BLOCK floats at most, stays
-// in L2 across its K blocks. They order the work, not the arithmetic. A block holds whole summation blocks
-// (GEMM_KS for f32, GEMM_KS_BF16 for bf16); GEMM_NB is a multiple of every path's tile heights.
+// GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
+// while every weight tile passes over it), fewer when the thread's channels are many so that the block's
+// output, GEMM_C_BLOCK floats at most, stays in L2 across its K blocks. They order the work, not the
+// arithmetic. A block holds whole summation blocks (GEMM_KS for f32, GEMM_KS_BF16 for bf16); GEMM_NB is a
+// multiple of every path's tile heights. Pixel rows GEMM_ALIAS_BYTES apart are always copied (see in_place).
 #define GEMM_KC 128
 #define GEMM_NB 480
-#define GEMM_C_BLOCK (96 * 1024)
-#ifndef GEMM_ALIAS_BYTES
+#define GEMM_C_BLOCK (128 * 1024)
 #define GEMM_ALIAS_BYTES 4096
-#endif
 
 // Op parameters, packed into the userdata pointer so nothing needs freeing.
 #define P_PATH(u) ((int) ((uintptr_t) (u) & 0xf))
@@ -162,8 +161,12 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     const int64_t M = pr->M, N = pr->N;
     const size_t es = pr->es;
     const int64_t KC = GEMM_KC * sizeof(float) / es;  // bytes, not values, make the cache block
-    int64_t nb_tiles = GEMM_C_BLOCK / (M * nr);
+    int64_t nb_tiles = GEMM_C_BLOCK / ((m1 - m0) * mr * nr);
     nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > GEMM_NB / nr ? GEMM_NB / nr : nb_tiles;
+    // Blocks of equal size: each block reads all of its weights again, and a last block of a few pixels
+    // would do that for almost no work (ResNet-101's 2048 x 1024 conv at 7x7: blocks of 48 pixels and 1).
+    const int64_t n_blocks = (n1 - n0 + nb_tiles - 1) / nb_tiles;
+    nb_tiles = (n1 - n0 + n_blocks - 1) / n_blocks;
     for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
         const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
         const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
