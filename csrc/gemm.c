@@ -29,9 +29,10 @@
 #define P_WINO(u) ((int) (((uintptr_t) (u) >> 7) & 1))
 
 // A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
-// and, for Winograd, of the current tile's transformed weights: two panels of kc x 16.
+// and, for Winograd, the current tile's transformed weights for each of the 16 products: two panels of kc x 16
+// each (the four corners' stay unused: they are read in place).
 static _Thread_local float xbuf[GEMM_NB * GEMM_KC] __attribute__((aligned(64)));
-static _Thread_local float wbuf[2 * GEMM_KC * 16] __attribute__((aligned(64)));
+static _Thread_local float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
 
 static const struct gemm_kernel * kernel_for(int path) {
 #ifdef GEMM_X86
@@ -73,12 +74,13 @@ static void pack_pixels(const struct patch_geom * geo, int64_t K, int64_t N, int
     if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
 }
 
-// Winograd F(2x2, 3x3) weights of product t (4a + b), U_t = (G g G^T)[a][b], for k (input channels) kb..kb+kc-1
-// of the two panels of 3x3 weights at w (packed as above, K = 9 C, k = (ky, kx, c)), made as their tile needs
-// them into wbuf: panels kc * 16 floats apart, each k-major. G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2,
-// (0 0 1); the halving is exact, so each value is rounded by its sums only, in this order whatever the path.
-// Written over whole 16-lane vectors (one panel's channels, 64 bytes), which GCC maps to the widest registers
-// the build targets: element-wise loops over lanes were left scalar and took 30% of a Winograd product.
+// Winograd F(2x2, 3x3) weights of every product t = 4a + b but the corners, U_t = (G g G^T)[a][b], for k (input
+// channels) kb..kb+kc-1 of the two panels of 3x3 weights at w (packed as above, K = 9 C, k = (ky, kx, c)), made
+// into wbuf[t]: panels kc * 16 floats apart, each k-major. G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2, (0 0 1);
+// the halving is exact, so each value is rounded by its sums only, in this order whatever the path: each row
+// of g combined by G's row b, then those three by G's row a. All 16 are made together, each row combination
+// once, from the 9 taps read once. Written over whole 16-lane vectors (one panel's channels, 64 bytes),
+// which GCC maps to the widest registers the build targets: element-wise loops were left scalar.
 typedef float wino_vec __attribute__((vector_size(64), aligned(4)));
 
 // Row s of G times (v0, v1, v2).
@@ -91,77 +93,93 @@ static inline wino_vec wino_comb(int s, wino_vec v0, wino_vec v1, wino_vec v2) {
     }
 }
 
-// Row s of G times the three taps at g, tap values apart.
-static inline wino_vec wino_comb_at(int s, const float * g, int64_t tap) {
-    const wino_vec * v0 = (const wino_vec *) g, * v1 = (const wino_vec *) (g + tap), * v2 = (const wino_vec *) (g + 2 * tap);
-    return s == 0 ? *v0 : s == 3 ? *v2 : wino_comb(s, *v0, *v1, *v2);
-}
-
-// Not for the corners (a and b both 0 or 3: single taps, read in place by block_weights). Inlined for each
-// constant (a, b) by wino_weights, so no branch is left in the loop.
-static inline __attribute__((always_inline)) void wino_weights_ab(const float * w, int64_t C, int64_t kb,
-                                                                  int64_t kc, int a, int b) {
+static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc) {
     const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
     for (int j = 0; j < 2; ++j) {
-        const float * g = w + j * 16 * K + kb * 16;
-        wino_vec * out = (wino_vec *) (wbuf + j * kc * 16);
-        if (a % 3 == 0) {  // one row of g (ky = 0 or 2), combined by G's row b
-            for (int64_t c = 0; c < kc; ++c) out[c] = wino_comb_at(b, g + 3 * (a / 3 * 2) * tap + c * 16, tap);
-        } else {
-            for (int64_t c = 0; c < kc; ++c) {
-                const float * gc = g + c * 16;
-                out[c] = wino_comb(a, wino_comb_at(b, gc, tap), wino_comb_at(b, gc + 3 * tap, tap),
-                                   wino_comb_at(b, gc + 6 * tap, tap));
+        const float * panel = w + j * 16 * K + kb * 16;
+        for (int64_t c = 0; c < kc; ++c) {
+            wino_vec g[9], h[3][4];
+#pragma GCC unroll 9
+            for (int i = 0; i < 9; ++i) g[i] = *(const wino_vec *) (panel + i * tap + c * 16);
+#pragma GCC unroll 3
+            for (int ky = 0; ky < 3; ++ky) {
+#pragma GCC unroll 4
+                for (int b = 0; b < 4; ++b) h[ky][b] = wino_comb(b, g[3 * ky], g[3 * ky + 1], g[3 * ky + 2]);
+            }
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; ++t) {
+                const int a = t / 4, b = t % 4;
+                if (a % 3 == 0 && b % 3 == 0) continue;
+                *(wino_vec *) (wbuf[t] + (j * kc + c) * 16) = wino_comb(a, h[0][b], h[1][b], h[2][b]);
             }
         }
     }
 }
 
-static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc, int t) {
-#define WINO_T(a, b) case 4 * (a) + (b): wino_weights_ab(w, C, kb, kc, a, b); break;
-    switch (t) {
-        WINO_T(0, 1) WINO_T(0, 2) WINO_T(1, 0) WINO_T(1, 1) WINO_T(1, 2) WINO_T(1, 3)
-        WINO_T(2, 0) WINO_T(2, 1) WINO_T(2, 2) WINO_T(2, 3) WINO_T(3, 1) WINO_T(3, 2)
-    }
-#undef WINO_T
-}
-
-// One product of the op: C = X W^T (+ epilogue) over the output tiles [m0, m1) x [n0, n1) of this thread.
+// The op's product C = X W^T (+ epilogue), or its 16 Winograd products, over the output tiles [m0, m1) x
+// [n0, n1) of this thread.
 struct gemm_problem {
     const struct gemm_kernel * kern;
-    struct patch_geom geo;  // where X's rows come from
+    struct patch_geom geo;  // where X's rows come from (Winograd: product 0's)
     size_t es;              // bytes per weight and pixel value
     int64_t M, K, Kp, N;    // Kp: K, or K rounded up to even for bf16 (the packed weights' K)
     const char * w;         // packed weights; for Winograd the 3x3 ones, transformed per block into wbuf
-    int wino_t;             // Winograd product t, or -1
+    int wino;               // 16 Winograd products, X and C of each x_step and c_step bytes after the last's
+    size_t x_step, c_step;
     float * c;
     const float * bias, * res;
     int relu;
     int in_place;           // X is a dense matrix of rows of K values: read whole tiles in place, not copied
 };
 
-// The weights of the tile at channel m for k block kb, and the distance between its two panels: in the
-// packed weights, or for Winograd in wbuf, transformed; a corner of G g G^T is one tap of g, read in place.
-static const void * block_weights(const struct gemm_problem * pr, int64_t m, int64_t kb, int64_t kc,
+// The weights of the tile at channel m for k block kb (of product t for Winograd), and the distance between its
+// two panels: in the packed weights, or for Winograd in wbuf[t], transformed; a corner of G g G^T is one tap
+// of g, read in place.
+static const void * block_weights(const struct gemm_problem * pr, int64_t m, int64_t kb, int64_t kc, int t,
                                   int64_t * w_panel) {
-    const int t = pr->wino_t, a = t / 4, b = t % 4;
-    const int64_t k_stored = t < 0 ? pr->Kp : 9 * pr->K;  // k per stored panel
+    const int a = t / 4, b = t % 4;
+    const int64_t k_stored = pr->wino ? 9 * pr->K : pr->Kp;  // k per stored panel
     const char * panels = pr->w + (m / 16) * 16 * k_stored * pr->es;
     *w_panel = 16 * k_stored;
-    if (t < 0) return panels + 16 * kb * pr->es;
+    if (!pr->wino) return panels + 16 * kb * pr->es;
     if (a % 3 == 0 && b % 3 == 0) return panels + 16 * ((a / 3 * 6 + b / 3 * 2) * pr->K + kb) * pr->es;
-    wino_weights((const float *) panels, pr->K, kb, kc, t);
     *w_panel = 16 * kc;
-    return wbuf;
+    return wbuf[t];
+}
+
+// The tiles of pixels px0..px1-1 for one tile of channels (b: weights, epilogue and K block set), X in place
+// before packed0, from xbuf after it, C at c: whole tiles, then the last pixels (N = 49 or 196 leaves 1 or 4)
+// in narrower ones.
+static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, const char * x, float * c,
+                      int64_t m, int64_t px0, int64_t px1, int64_t packed0, int64_t kb) {
+    const struct gemm_kernel * kern = pr->kern;
+    const int nr = kern->nr;
+    for (int64_t n = px0; n < px1;) {
+        const int height = px1 - n >= nr ? nr : kern->nr_narrow;
+        if (n < packed0) {
+            b->x = x + n * pr->geo.nb1 + kb * pr->es;
+            b->ldx = pr->K;
+        } else {
+            b->x = (const char *) xbuf + (n - packed0) * b->kc * pr->es;
+            b->ldx = b->kc;
+        }
+        b->c = c + n * pr->M + m;
+        b->res = pr->res ? pr->res + n * pr->M + m : NULL;
+        b->nr = px1 - n < height ? (int) (px1 - n) : height;
+        (height == nr ? kern->tile : kern->tile_narrow)(b);
+        n += height;
+    }
 }
 
 static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    const struct gemm_kernel * kern = pr->kern;
-    const int mr = kern->mr, nr = kern->nr;
+    const int mr = pr->kern->mr, nr = pr->kern->nr;
     const int64_t M = pr->M, N = pr->N;
     const size_t es = pr->es;
     const int64_t KC = GEMM_KC * sizeof(float) / es;  // bytes, not values, make the cache block
-    int64_t nb_tiles = GEMM_C_BLOCK / ((m1 - m0) * mr * nr);
+    const int products = pr->wino ? 16 : 1;
+    // The block's output is read again by each K block after the first, so should stay in L2 (for Winograd,
+    // only one product's: making the weights again for smaller blocks costs more than L3 does).
+    int64_t nb_tiles = pr->Kp <= KC ? GEMM_NB / nr : GEMM_C_BLOCK / ((m1 - m0) * mr * nr);
     nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > GEMM_NB / nr ? GEMM_NB / nr : nb_tiles;
     // Blocks of equal size: each block reads all of its weights again, and a last block of a few pixels
     // would do that for almost no work (ResNet-101's 2048 x 1024 conv at 7x7: blocks of 48 pixels and 1).
@@ -175,40 +193,31 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
         const int64_t packed0 = pr->in_place ? px0 + (px1 - px0) / nr * nr : px0;
         for (int64_t kb = 0; kb < pr->Kp; kb += KC) {
             const int64_t kc = pr->Kp - kb < KC ? pr->Kp - kb : KC;
-            if (packed0 < px1) pack_pixels(&pr->geo, pr->K, N, packed0, px1, kb, kc, nr, es);
+            if (!pr->wino && packed0 < px1) pack_pixels(&pr->geo, pr->K, N, packed0, px1, kb, kc, nr, es);
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
-                int64_t w_panel;
-                const void * w = block_weights(pr, m, kb, kc, &w_panel);
-                struct gemm_block b = {
-                    .w = w, .w_panel = w_panel,
-                    .kc = kc, .ldc = M,
-                    .mr = M - m < mr ? (int) (M - m) : mr,
-                    .first = kb == 0, .last = kb + kc == pr->Kp,
-                    .bias = pr->bias ? pr->bias + m : NULL,
-                    .relu = pr->relu,
-                };
-                // Weights stream from memory once per block: ask for the next tile's (the next channels', else
-                // the next K block's first) while this one computes. Winograd's are made in place instead.
-                if (pr->wino_t < 0 && (mt + 1 < m1 || kb + KC < pr->Kp)) {
-                    const int64_t next_m = mt + 1 < m1 ? m + mr : m0 * mr, next_kb = mt + 1 < m1 ? kb : kb + KC;
-                    b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
-                }
-                // Whole tiles, then the last pixels (N = 49 or 196 leaves 1 or 4) in narrower ones.
-                for (int64_t n = px0; n < px1;) {
-                    const int height = px1 - n >= nr ? nr : kern->nr_narrow;
-                    if (n < packed0) {
-                        b.x = pr->geo.data + n * pr->geo.nb1 + kb * es;
-                        b.ldx = pr->K;
-                    } else {
-                        b.x = (const char *) xbuf + (n - packed0) * kc * es;
-                        b.ldx = kc;
+                if (pr->wino) wino_weights((const float *) pr->w + (m / 16) * 16 * 9 * pr->K, pr->K, kb, kc);
+                // The products in turn (Winograd's reusing the weights just made), each over this pixel block.
+                for (int t = 0; t < products; ++t) {
+                    struct patch_geom geo = pr->geo;
+                    geo.data += t * pr->x_step;
+                    if (pr->wino && packed0 < px1) pack_pixels(&geo, pr->K, N, packed0, px1, kb, kc, nr, es);
+                    int64_t w_panel;
+                    struct gemm_block b = {
+                        .w = block_weights(pr, m, kb, kc, t, &w_panel), .w_panel = w_panel,
+                        .kc = kc, .ldc = M,
+                        .mr = M - m < mr ? (int) (M - m) : mr,
+                        .first = kb == 0, .last = kb + kc == pr->Kp,
+                        .bias = pr->bias ? pr->bias + m : NULL,
+                        .relu = pr->relu,
+                    };
+                    // Weights stream from memory once per block: ask for the next tile's (the next channels',
+                    // else the next K block's first) while this one computes. Winograd's are made in wbuf.
+                    if (!pr->wino && (mt + 1 < m1 || kb + KC < pr->Kp)) {
+                        const int64_t next_m = mt + 1 < m1 ? m + mr : m0 * mr, next_kb = mt + 1 < m1 ? kb : kb + KC;
+                        b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
                     }
-                    b.c = pr->c + n * M + m;
-                    b.res = pr->res ? pr->res + n * M + m : NULL;
-                    b.nr = px1 - n < height ? (int) (px1 - n) : height;
-                    (height == nr ? kern->tile : kern->tile_narrow)(&b);
-                    n += height;
+                    run_tiles(pr, &b, geo.data, (float *) ((char *) pr->c + t * pr->c_step), m, px0, px1, packed0, kb);
                 }
             }
         }
@@ -222,7 +231,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     struct gemm_problem pr = {
         .kern = kernel_for(P_PATH(userdata)), .es = ggml_type_size(w->type),
         .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0], .Kp = wino ? x->ne[0] : w->ne[1],
-        .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino_t = -1, .c = dst->data,
+        .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino, .c = dst->data,
         .bias = P_BIAS(userdata) ? (const float *) dst->src[2]->data : NULL,
         .res = P_RES(userdata) ? (const float *) dst->src[2 + P_BIAS(userdata)]->data : NULL,
         .relu = P_RELU(userdata),
@@ -233,15 +242,18 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         const size_t nb[4] = { x->nb[0], x->nb[1], x->nb[2], x->nb[2] };
         pr.geo = patch_geom_of(x->data, ne, nb, x->ne[0], 1, 1, 1, 0);
         pr.N = dst->ne[1];
+        pr.x_step = x->nb[2];
+        pr.c_step = dst->nb[2];
     } else {
         pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, P_STRIDE(userdata), P_PAD(userdata));
     }
     // A 1x1 stride-1 conv's (or Winograd product's) pixels are already rows of K values: copying them would
-    // only cost time, except where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1.
+    // only cost time, except where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1 (Winograd's
+    // are read in place even so: a copy would be made once per tile of channels).
     const struct patch_geom * geo = &pr.geo;
     pr.in_place = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es && geo->nb1 == pr.K * pr.es
                   && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1)
-                  && pr.K == pr.Kp && geo->nb1 % GEMM_ALIAS_BYTES != 0;
+                  && pr.K == pr.Kp && (wino || geo->nb1 % GEMM_ALIAS_BYTES != 0);
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
     // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output
@@ -253,17 +265,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     } else {
         thread_range(n_tiles, ith, nth, &n0, &n1);
     }
-    if (m0 >= m1 || n0 >= n1) return;
-    if (!wino) {
-        gemm_tiles(&pr, m0, m1, n0, n1);
-        return;
-    }
-    for (int t = 0; t < 16; ++t) {
-        pr.wino_t = t;
-        pr.geo.data = (const char *) x->data + t * x->nb[2];
-        pr.c = (float *) ((char *) dst->data + t * dst->nb[2]);
-        gemm_tiles(&pr, m0, m1, n0, n1);
-    }
+    if (m0 < m1 && n0 < n1) gemm_tiles(&pr, m0, m1, n0, n1);
 }
 
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
