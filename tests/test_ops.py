@@ -84,6 +84,11 @@ CONV_CASES = [
     (2, 32, 1, 1, 16, 3, 1, 1),
     (1, 64, 7, 7, 64, 3, 1, 1),
     (2, 3, 33, 29, 16, 7, 2, 3),
+    # The packed GEMM's blocks: two K blocks (the second short), a partial tile of channels, pixels in several
+    # blocks (1152 Winograd tiles); and pixel rows 4 KiB apart (copied for the direct product, read in place
+    # by Winograd's).
+    (2, 160, 48, 48, 48, 3, 1, 1),
+    (1, 1024, 5, 4, 40, 3, 1, 1),
 ]
 
 
