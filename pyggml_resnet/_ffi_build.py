@@ -68,6 +68,9 @@ struct ggml_tensor * ggml_mul_mat(struct ggml_context * ctx, struct ggml_tensor 
 struct ggml_tensor * ggml_cont(struct ggml_context * ctx, struct ggml_tensor * a);
 struct ggml_tensor * ggml_permute(struct ggml_context * ctx, struct ggml_tensor * a,
                                   int axis0, int axis1, int axis2, int axis3);
+struct ggml_tensor * ggml_view_4d(struct ggml_context * ctx, struct ggml_tensor * a,
+                                  int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                                  size_t nb1, size_t nb2, size_t nb3, size_t offset);
 struct ggml_tensor * ggml_reshape_4d(struct ggml_context * ctx, struct ggml_tensor * a,
                                      int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3);
 
@@ -106,6 +109,7 @@ void q8_0_encode(const float * x, uint8_t * dst, int64_t n);
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x);
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
                                      struct ggml_tensor * bias, struct ggml_tensor * residual, int relu);
+struct ggml_tensor * stack_batch(struct ggml_context * ctx, struct ggml_tensor ** srcs, int n);
 enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, ... };
 int gemm_path_supported(int path);
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
@@ -126,6 +130,7 @@ SOURCE = r"""
 #include "pool.h"
 #include "patches.h"
 #include "q8_0.h"
+#include "stack.h"
 #include "winograd.h"
 """
 

@@ -75,6 +75,7 @@ def version() -> str:
 
 
 MAX_THREADS = 512  # the most compute threads a Backend takes
+_MAX_SRC = 9  # the most source tensors a ggml custom op takes (fewer than GGML_MAX_SRC, 10)
 
 # Where the cgroup file systems are mounted; tests point it elsewhere.
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -708,6 +709,32 @@ class Graph(_Closable):
         if np.prod(ne) != np.prod(a.ne):
             raise InputError(f"reshape: {a!r} has {np.prod(a.ne)} elements, {ne} has {np.prod(ne)}")
         return self._new(lib.ggml_reshape_4d(ctx, a._ptr, *ne))
+
+    def batch_slice(self, a: Tensor, index: int) -> Tensor:
+        """A view of item `index` along the last dimension (the batch) of a contiguous tensor: [ne0, ne1, ne2, 1],
+        itself contiguous."""
+        ctx = self._building(a)
+        self._need_contiguous(a, "batch_slice")
+        index = _integer(index, "batch_slice: index", 0, a.ne[3] - 1)
+        ne0, ne1, ne2, _ = a.ne
+        _, nb1, nb2, nb3 = a.nb
+        return self._new(lib.ggml_view_4d(ctx, a._ptr, ne0, ne1, ne2, 1, nb1, nb2, nb3, index * nb3))
+
+    def stack_batch(self, tensors) -> Tensor:
+        """Contiguous f32 tensors of equal ne0..ne2 stacked along the last dimension (the batch), in order, in one
+        copy (csrc/stack.c; more than the 9 sources a ggml custom op takes need a second copy)."""
+        tensors = list(tensors)
+        ctx = self._building(*tensors)
+        if not tensors:
+            raise InputError("stack_batch needs at least one tensor")
+        self._need_f32(*tensors, op="stack_batch")
+        for t in tensors:
+            self._need_contiguous(t, "stack_batch")
+            if t.ne[:3] != tensors[0].ne[:3]:
+                raise InputError(f"stack_batch: {t!r} does not match {tensors[0]!r} in ne0..ne2")
+        if len(tensors) > _MAX_SRC:
+            return self.stack_batch([self.stack_batch(tensors[i:i + _MAX_SRC]) for i in range(0, len(tensors), _MAX_SRC)])
+        return self._new(lib.stack_batch(ctx, ffi.new("struct ggml_tensor *[]", [t._ptr for t in tensors]), len(tensors)))
 
     def max_pool(self, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
         """Max pooling of a channel-fastest [C, W, H, N] f32 tensor -> [C, OW, OH, N] (csrc/pool.c):

@@ -274,10 +274,10 @@ class Model(_Closable):
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
-        graph = Graph(self._backend, max_nodes=resnet.max_nodes(self.config))
+        graph = Graph(self._backend, max_nodes=resnet.max_nodes(self.config, n))
         try:
             out = resnet.build(graph, self._weights, self.config, self._eps, self.batchnorm, n, h, w, self._layout,
-                               self._winograd)
+                               self._winograd, stages)
             names = resnet.STAGES + ("features", "logits") if stages else ("features", "logits", "probs")
             graph.finalize(*(out[k] for k in names))
         except BaseException:

@@ -107,18 +107,36 @@ def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: 
     return weights
 
 
-def max_nodes(cfg: ResNetConfig) -> int:
-    # At most 18 graph nodes per convolution (explicit BatchNorm is the larger), plus the stem and head.
+# The stem and stages 1..PER_IMAGE_STAGES run image by image, then the later stages over the whole batch:
+# early activations are large and their weights small, so one image's stay in cache where a batch's would
+# not; later weights are large, so a batch reads them once instead of once per image. Results are the same
+# (every op is batch-invariant). Batches above PER_IMAGE_MAX_BATCH (only `Model.stages` makes them) run whole.
+PER_IMAGE_STAGES = 2
+PER_IMAGE_MAX_BATCH = 16
+
+
+def _per_image(batch: int) -> bool:
+    return 1 < batch <= PER_IMAGE_MAX_BATCH
+
+
+def max_nodes(cfg: ResNetConfig, batch: int = 1) -> int:
+    """Graph nodes `build` may need for this batch: at most 18 per convolution (explicit BatchNorm is the
+    larger), the early ones once per image when they run image by image, plus the stem, head and stacking."""
+    copies = batch if _per_image(batch) else 1
     n_convs = sum(1 for _ in convolutions(cfg))
-    return 18 * n_convs + 64
+    early = 1 + sum(len(main) + (down is not None) for main, down in
+                    (arch.block_convs(cfg, b) for b in arch.block_names(cfg) if b.stage <= PER_IMAGE_STAGES))
+    return 18 * (early * copies + n_convs - early) + 64 + 8 * copies
 
 
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
-          batch: int, height: int, width: int, layout: dict[str, str], winograd: bool | None) -> dict[str, Tensor]:
+          batch: int, height: int, width: int, layout: dict[str, str], winograd: bool | None,
+          stages: bool = False) -> dict[str, Tensor]:
     """Adds the forward pass to `g`, for weights uploaded with these `layout`s; `winograd` as for
     `layers.packed_winograd` (convs with other layouts are as `layout` says). Returns the input ("image",
-    ggml [3, W, H, N]: NumPy NHWC) and the outputs: "stem" and "layer1".."layer4" ([C, W, H, N]), "features" ([F, N]),
-    "logits" and "probs" ([classes, N])."""
+    ggml [3, W, H, N]: NumPy NHWC) and the outputs: "features" ([F, N]), "logits" and "probs" ([classes, N]),
+    "layer3" and "layer4" ([C, W, H, N]), and with `stages` also "stem", "layer1" and "layer2" (else they
+    may exist only image by image, see PER_IMAGE_STAGES)."""
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
         bn = conv.bn
         wino = layers.packed_winograd(layout[conv.name], conv.shape, conv.stride, conv.padding, w[conv.name].type,
@@ -134,19 +152,34 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
                              w[f"{bn}.bias"], eps)
         return layers.epilogue(g, y, residual=residual, relu=relu)
 
+    def stage(x: Tensor, number: int) -> Tensor:
+        for block in arch.block_names(cfg):
+            if block.stage != number:
+                continue
+            main, down_conv = arch.block_convs(cfg, block)
+            # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
+            shortcut = conv_bn(x, down_conv, relu=False) if down_conv else x
+            for i, conv in enumerate(main):
+                x = conv_bn(x, conv, relu=True, residual=shortcut if i == len(main) - 1 else None)
+        return x
+
     out: dict[str, Tensor] = {}
     image = g.input("image", (3, width, height, batch))  # channel-fastest: NumPy NHWC
     out["image"] = image
-    x = conv_bn(image, arch.STEM, relu=True)
-    x = out["stem"] = layers.max_pool(g, x, kernel=3, stride=2, padding=1)
-    for block in arch.block_names(cfg):
-        main, down_conv = arch.block_convs(cfg, block)
-        # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
-        shortcut = conv_bn(x, down_conv, relu=False) if down_conv else x
-        for i, conv in enumerate(main):
-            x = conv_bn(x, conv, relu=True, residual=shortcut if i == len(main) - 1 else None)
-        if block.index == cfg.layers[block.stage - 1] - 1:
-            out[f"layer{block.stage}"] = x
+    early = STAGES[:PER_IMAGE_STAGES + 1]
+    split = _per_image(batch)
+    per_image: dict[str, list[Tensor]] = {name: [] for name in early}
+    for x in [g.batch_slice(image, i) for i in range(batch)] if split else [image]:
+        x = conv_bn(x, arch.STEM, relu=True)
+        per_image["stem"].append(layers.max_pool(g, x, kernel=3, stride=2, padding=1))
+        for number in range(1, PER_IMAGE_STAGES + 1):
+            per_image[f"layer{number}"].append(stage(per_image[STAGES[number - 1]][-1], number))
+    for name in early:
+        if stages or name == early[-1]:
+            out[name] = g.stack_batch(per_image[name]) if split else per_image[name][0]
+    x = out[early[-1]]
+    for number in range(PER_IMAGE_STAGES + 1, len(cfg.layers) + 1):
+        x = out[f"layer{number}"] = stage(x, number)
     out["features"] = layers.global_avg_pool(g, x)
     out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"], layout["fc.weight"])
     out["probs"] = g.softmax(out["logits"])

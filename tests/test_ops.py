@@ -282,6 +282,23 @@ def test_max_pool_is_exact(backend, k, s, p):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("n", [1, 2, 9, 10, 100])
+def test_batch_slices_stack_back_in_any_order(backend, n):
+    """batch_slice views one image; stack_batch copies images into one batch, in the order given, through a
+    second copy past the 9 sources a ggml custom op takes."""
+    x = rand(n, 5, 3, 2, seed=13)  # NHWC: ggml [2, 3, 5, n]
+    order = np.random.default_rng(0).permutation(n)
+    with Graph(backend) as g:
+        xt = g.input("x", (2, 3, 5, n))
+        slices = [g.batch_slice(xt, int(i)) for i in order]
+        assert all(s.ne == (2, 3, 5, 1) and s.is_contiguous for s in slices)
+        y = g.stack_batch(slices)
+        g.finalize(y)
+        g.set(xt, x)
+        g.compute()
+        np.testing.assert_array_equal(g.get(y), x[order])
+
+
 def test_relu_and_residual_add(backend):
     x = rand(3, 8, 5, 6, seed=9)
     want = F.relu(torch.from_numpy(x) + torch.from_numpy(x) * 0.5).numpy()
@@ -363,6 +380,12 @@ BAD_GRAPH_CALLS = [
                                                                kernel=3, stride=1, padding=1, groups=2), "elements"),
     # Winograd: the products need [C, T, 16, 1] and packed 3x3 weights for C; the output transform needs
     # products for its image's tiles and an [OC] bias
+    ("slice-index", None, lambda g, a, b: g.batch_slice(g.input("s", (2, 3, 4, 5)), 5), "index"),
+    ("slice-view", None, lambda g, a, b: g.batch_slice(g.permute(g.input("s", (2, 3, 4, 5)), (1, 0, 2, 3)), 0),
+     "contiguous"),
+    ("stack-none", None, lambda g, a, b: g.stack_batch([]), "at least one"),
+    ("stack-shapes", None, lambda g, a, b: g.stack_batch([a, b]), "does not match"),
+    ("stack-type", None, lambda g, a, b: g.stack_batch([g.input("h", (4, 3), "f16")]), "f32"),
     ("winograd-v-shape", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)), a, 20), "16, 1"),
     ("winograd-weights", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)),
                                                                g.input("v", (5, 4, 16)), 20), "packed 3x3"),
