@@ -155,7 +155,7 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
     const struct gemm_kernel * kern = pr->kern;
     const int nr = kern->nr;
     for (int64_t n = px0; n < px1;) {
-        const int height = px1 - n >= nr ? nr : kern->nr_narrow;
+        const int height = px1 - n == nr + 1 && kern->tile_wide ? nr + 1 : px1 - n >= nr ? nr : kern->nr_narrow;
         if (n < packed0) {
             b->x = x + n * pr->geo.nb1 + kb * pr->es;
             b->ldx = pr->K;
@@ -166,7 +166,7 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
         b->c = c + n * pr->M + m;
         b->res = pr->res ? pr->res + n * pr->M + m : NULL;
         b->nr = px1 - n < height ? (int) (px1 - n) : height;
-        (height == nr ? kern->tile : kern->tile_narrow)(b);
+        (height == nr ? kern->tile : height > nr ? kern->tile_wide : kern->tile_narrow)(b);
         n += height;
     }
 }

@@ -29,4 +29,4 @@ static const int ones_then_zeros[16] = { -1, -1, -1, -1, -1, -1, -1, -1 };
 #define TILE_FN tile_avx2_narrow
 #include "gemm_tile.inc"
 
-const struct gemm_kernel gemm_kernel_avx2 = { MV * VL, 6, 2, tile_avx2, tile_avx2_narrow };
+const struct gemm_kernel gemm_kernel_avx2 = { MV * VL, 6, 2, tile_avx2, tile_avx2_narrow, NULL };

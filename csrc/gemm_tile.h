@@ -23,12 +23,14 @@ struct gemm_block {
     const void * next_w;   // the next tile's weights (same layout as w), fetched into cache as this one runs, or NULL
 };
 
-// Each ISA path provides one of these: its tile size and tile function, and a narrower tile for the last
-// pixels of a product (N = 49 or 196 leaves 1 or 4 over a tile of 12).
+// Each ISA path provides one of these: its tile size and tile function, a narrower tile for the last
+// pixels of a product (N = 196 leaves 4 over a tile of 12), and where registers allow a tile one pixel wider
+// for a remainder of one (N = 49: 12 + 12 + 12 + 13), or NULL.
 struct gemm_kernel {
     int mr, nr, nr_narrow;
     void (*tile)(const struct gemm_block * b);
     void (*tile_narrow)(const struct gemm_block * b);
+    void (*tile_wide)(const struct gemm_block * b);
 };
 
 extern const struct gemm_kernel gemm_kernel_avx512;

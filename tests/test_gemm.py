@@ -112,7 +112,7 @@ def test_every_resnet101_product(backend, path):
 
 AWKWARD = [
     # (M, K, N): tile edges in M (not a multiple of 16 or 32) and N (not a multiple of 6 or 12), K below,
-    # at and across the 32 and 128 blocks, N = 1, N across the 480-pixel cache block
+    # at and across the 32 and 128 blocks, N = 1, N = 13 and 25 (the 13-pixel tile), N across the 480-pixel block
     (1, 1, 1), (17, 3, 1), (31, 129, 13), (33, 127, 7), (48, 300, 25), (100, 1, 50), (64, 128, 12),
     (5, 700, 481), (1000, 2048, 1), (16, 256, 6), (40, 257, 961), (2, 4608, 3),
 ]
