@@ -570,7 +570,7 @@ static struct ggml_state g_state = {0};
 // arrives (a futex on Linux, sched_yield elsewhere). Spinning alone collapses when there are more runnable
 // threads than free CPUs: the waiters use up the CPU time of the thread they wait for.
 #ifndef GGML_BARRIER_SPIN
-#define GGML_BARRIER_SPIN 1000
+#define GGML_BARRIER_SPIN 10000
 #endif
 #ifndef GGML_BARRIER_SPIN_OVERSUBSCRIBED
 #define GGML_BARRIER_SPIN_OVERSUBSCRIBED 100
