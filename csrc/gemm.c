@@ -17,6 +17,8 @@
 #define GEMM_NB 480
 #define GEMM_C_BLOCK (128 * 1024)
 #define GEMM_ALIAS_BYTES 4096
+// The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
+_Static_assert(16 * 12 <= GEMM_NB, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
 
 // Op parameters, packed into the userdata pointer so nothing needs freeing.
 #define P_PATH(u) ((int) ((uintptr_t) (u) & 0xf))
@@ -59,14 +61,14 @@ int gemm_path_supported(int path) {
     return 0;
 }
 
-// Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 into xbuf, rows of kc values, with zero rows
-// after N up to a whole tile of `nr`. es: bytes per value in xbuf (the weights'); an f32 image is rounded to
-// bf16 where es is 2.
-static void pack_pixels(const struct patch_geom * geo, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t kb,
-                        int64_t kc, int nr, size_t es) {
+// Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 to `dst` (in xbuf), rows of kc values, with zero
+// rows after N up to a whole tile of `nr`. es: bytes per value in xbuf (the weights'); an f32 image is rounded
+// to bf16 where es is 2.
+static void pack_pixels(char * dst, const struct patch_geom * geo, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                        int64_t kb, int64_t kc, int nr, size_t es) {
     const patch_put put = es == sizeof(float) ? patch_put_f32 : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
     const int64_t k1 = kb + kc < K ? kb + kc : K;
-    char * row = (char *) xbuf;
+    char * row = dst;
     for (int64_t n = n0; n < n1; ++n, row += kc * es) {
         patch_row(row, es, put, geo, n, kb, k1);
         if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);
@@ -148,10 +150,10 @@ static const void * block_weights(const struct gemm_problem * pr, int64_t m, int
 }
 
 // The tiles of pixels px0..px1-1 for one tile of channels (b: weights, epilogue and K block set), X in place
-// before packed0, from xbuf after it, C at c: whole tiles, then the last pixels (N = 49 or 196 leaves 1 or 4)
-// in narrower ones.
-static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, const char * x, float * c,
-                      int64_t m, int64_t px0, int64_t px1, int64_t packed0, int64_t kb) {
+// before packed0, from `packed` after it, C at c: whole tiles, then the last pixels in one a pixel wider (one
+// left over, N = 49) or in narrower ones (N = 196 leaves 4).
+static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, const char * x, const char * packed,
+                      float * c, int64_t m, int64_t px0, int64_t px1, int64_t packed0, int64_t kb) {
     const struct gemm_kernel * kern = pr->kern;
     const int nr = kern->nr;
     for (int64_t n = px0; n < px1;) {
@@ -160,7 +162,7 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
             b->x = x + n * pr->geo.nb1 + kb * pr->es;
             b->ldx = pr->K;
         } else {
-            b->x = (const char *) xbuf + (n - packed0) * b->kc * pr->es;
+            b->x = packed + (n - packed0) * b->kc * pr->es;
             b->ldx = b->kc;
         }
         b->c = c + n * pr->M + m;
@@ -189,19 +191,22 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
         const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
         const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
         // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
-        // from the thread's buffer.
+        // from the thread's buffer, each product's in its own part of it: in place, at most a tile's worth
+        // (zero-padded), so Winograd's 16 fit; copied, the whole block, and only direct products copy.
         const int64_t packed0 = pr->in_place ? px0 + (px1 - px0) / nr * nr : px0;
+        const int64_t packed_rows = (px1 - packed0 + nr - 1) / nr * nr;
         for (int64_t kb = 0; kb < pr->Kp; kb += KC) {
             const int64_t kc = pr->Kp - kb < KC ? pr->Kp - kb : KC;
-            if (!pr->wino && packed0 < px1) pack_pixels(&pr->geo, pr->K, N, packed0, px1, kb, kc, nr, es);
+            for (int t = 0; t < products && packed0 < px1; ++t) {
+                struct patch_geom geo = pr->geo;
+                geo.data += t * pr->x_step;
+                pack_pixels((char *) xbuf + t * packed_rows * kc * es, &geo, pr->K, N, packed0, px1, kb, kc, nr, es);
+            }
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
                 if (pr->wino) wino_weights((const float *) pr->w + (m / 16) * 16 * 9 * pr->K, pr->K, kb, kc);
                 // The products in turn (Winograd's reusing the weights just made), each over this pixel block.
                 for (int t = 0; t < products; ++t) {
-                    struct patch_geom geo = pr->geo;
-                    geo.data += t * pr->x_step;
-                    if (pr->wino && packed0 < px1) pack_pixels(&geo, pr->K, N, packed0, px1, kb, kc, nr, es);
                     int64_t w_panel;
                     struct gemm_block b = {
                         .w = block_weights(pr, m, kb, kc, t, &w_panel), .w_panel = w_panel,
@@ -217,7 +222,8 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
                         const int64_t next_m = mt + 1 < m1 ? m + mr : m0 * mr, next_kb = mt + 1 < m1 ? kb : kb + KC;
                         b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
                     }
-                    run_tiles(pr, &b, geo.data, (float *) ((char *) pr->c + t * pr->c_step), m, px0, px1, packed0, kb);
+                    run_tiles(pr, &b, pr->geo.data + t * pr->x_step, (const char *) xbuf + t * packed_rows * kc * es,
+                              (float *) ((char *) pr->c + t * pr->c_step), m, px0, px1, packed0, kb);
                 }
             }
         }
@@ -247,13 +253,14 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     } else {
         pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, P_STRIDE(userdata), P_PAD(userdata));
     }
-    // A 1x1 stride-1 conv's (or Winograd product's) pixels are already rows of K values: copying them would
-    // only cost time, except where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1 (Winograd's
-    // are read in place even so: a copy would be made once per tile of channels).
+    // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
+    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1. Winograd's (winograd_input's dense
+    // [C, T, 16] result) are always read in place: its 16 products' whole blocks would not fit the buffer.
     const struct patch_geom * geo = &pr.geo;
-    pr.in_place = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es && geo->nb1 == pr.K * pr.es
-                  && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1)
-                  && pr.K == pr.Kp && (wino || geo->nb1 % GEMM_ALIAS_BYTES != 0);
+    pr.in_place = wino || (geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es
+                           && geo->nb1 == pr.K * pr.es && geo->nb2 == geo->W * geo->nb1
+                           && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1) && pr.K == pr.Kp
+                           && geo->nb1 % GEMM_ALIAS_BYTES != 0);
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
     // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output

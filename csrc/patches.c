@@ -3,15 +3,14 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "op_params.h"
 #include "patch_row.h"
 #include "thread_range.h"
 
-// The four small parameters travel packed in the op's userdata pointer, so nothing needs freeing.
-#define FIELD(packed, i) ((int) (((uintptr_t) (packed) >> (8 * (i))) & 0xff))
-
 static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
-    const int kh = FIELD(userdata, 0), kw = FIELD(userdata, 1), stride = FIELD(userdata, 2), pad = FIELD(userdata, 3);
+    const int kh = OP_FIELD(userdata, 0), kw = OP_FIELD(userdata, 1);
+    const int stride = OP_FIELD(userdata, 2), pad = OP_FIELD(userdata, 3);
     const int64_t P = ((x->ne[1] + 2 * pad - kw) / stride + 1) * ((x->ne[2] + 2 * pad - kh) / stride + 1) * x->ne[3];
     // Both layouts hold one row per (group, patch), groups slowest: the row count gives the group count.
     const int64_t groups = ggml_nrows(dst) / P;

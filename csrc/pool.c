@@ -3,13 +3,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "op_params.h"
 #include "thread_range.h"
-
-#define FIELD(packed, i) ((int) (((uintptr_t) (packed) >> (8 * (i))) & 0xff))
 
 static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
-    const int k = FIELD(userdata, 0), stride = FIELD(userdata, 1), pad = FIELD(userdata, 2);
+    const int k = OP_FIELD(userdata, 0), stride = OP_FIELD(userdata, 1), pad = OP_FIELD(userdata, 2);
     const int64_t C = x->ne[0], W = x->ne[1], H = x->ne[2], OW = dst->ne[1], OH = dst->ne[2];
     int64_t first, last;
     thread_range(OW * OH * dst->ne[3], ith, nth, &first, &last);

@@ -30,16 +30,14 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
 
     for (int64_t t = first; t < last; ++t) {
         const int64_t tx = t % tw, ty = (t / tw) % th, n = t / (tw * th);
-        const float * rows[16];
-        int inside[16];
+        const float * rows[16];  // NULL outside the image
         // The 4x4 window starts one pixel up and left of the tile: the convolution's zero padding.
         for (int i = 0; i < 4; ++i) {
             const int64_t iy = 2 * ty - 1 + i;
             for (int j = 0; j < 4; ++j) {
                 const int64_t ix = 2 * tx - 1 + j;
-                inside[4 * i + j] = iy >= 0 && iy < H && ix >= 0 && ix < W;
-                rows[4 * i + j] = inside[4 * i + j]
-                    ? (const float *) ((const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3]) : zeros;
+                rows[4 * i + j] = iy >= 0 && iy < H && ix >= 0 && ix < W
+                    ? (const float *) ((const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3]) : NULL;
             }
         }
         float * out[16];
@@ -47,7 +45,7 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
         for (int64_t c0 = 0; c0 < C; c0 += CH) {
             const int nc = C - c0 < CH ? (int) (C - c0) : CH;
             float d[16][CH], u[16][CH], v[16][CH];
-            for (int k = 0; k < 16; ++k) copy_chunk(d[k], inside[k] ? rows[k] + c0 : zeros, nc);
+            for (int k = 0; k < 16; ++k) copy_chunk(d[k], rows[k] ? rows[k] + c0 : zeros, nc);
             // u = B^T d (rows), then v = u B (columns); B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
             for (int j = 0; j < 4; ++j) {
                 for (int l = 0; l < CH; ++l) {

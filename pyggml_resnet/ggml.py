@@ -650,11 +650,7 @@ class Graph(_Closable):
         if w.ne != (_PANEL, k, panels, 1):
             raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(_PANEL, k, panels, 1)})")
         out_w, out_h = ((n + 2 * padding - kernel) // stride + 1 for n in x.ne[1:3])
-        out_ne = (m, out_w, out_h, x.ne[3])
-        if bias is not None and bias.ne != (m, 1, 1, 1):
-            raise InputError(f"gemm: bias {bias!r} must be [{m}]")
-        if residual is not None and residual.ne != out_ne:
-            raise InputError(f"gemm: residual {residual!r} must have ne {out_ne}")
+        self._check_epilogue("gemm", (m, out_w, out_h, x.ne[3]), bias, residual)
         return self._new(lib.gemm_packed(ctx, w._ptr, x._ptr, m, kernel, stride, padding,
                                          bias._ptr if bias is not None else ffi.NULL,
                                          residual._ptr if residual is not None else ffi.NULL, bool(relu),
@@ -678,6 +674,14 @@ class Graph(_Closable):
             raise InputError(f"gemm_winograd: {w!r} is not packed 3x3 weights for m={m} and {v.ne[0]} channels "
                              f"(want ne {(_PANEL, k, panels, 1)})")
         return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, m, GEMM_PATHS[path]))
+
+    @staticmethod
+    def _check_epilogue(op: str, out_ne: tuple[int, ...], bias: Tensor | None, residual: Tensor | None) -> None:
+        """A fused epilogue's operands fit a result of ne `out_ne`: bias [out_ne[0]], residual out_ne."""
+        if bias is not None and bias.ne != (out_ne[0], 1, 1, 1):
+            raise InputError(f"{op}: bias {bias!r} must be [{out_ne[0]}]")
+        if residual is not None and residual.ne != out_ne:
+            raise InputError(f"{op}: residual {residual!r} must have ne {out_ne}")
 
     @staticmethod
     def _gemm_path(w: Tensor, path: str | None, types: tuple[Type, ...], op: str) -> str:
@@ -801,11 +805,7 @@ class Graph(_Closable):
         tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
         if m.ne[1:] != (tiles, 16, 1):
             raise InputError(f"winograd_output: {m!r} must be [OC, {tiles}, 16, 1] for {like!r}")
-        out_ne = (m.ne[0], width, height, n)
-        if bias is not None and bias.ne != (m.ne[0], 1, 1, 1):
-            raise InputError(f"winograd_output: bias {bias!r} must be [{m.ne[0]}]")
-        if residual is not None and residual.ne != out_ne:
-            raise InputError(f"winograd_output: residual {residual!r} must have ne {out_ne}")
+        self._check_epilogue("winograd_output", (m.ne[0], width, height, n), bias, residual)
         return self._new(lib.winograd_output(ctx, m._ptr, like._ptr, bias._ptr if bias is not None else ffi.NULL,
                                              residual._ptr if residual is not None else ffi.NULL, bool(relu)))
 
