@@ -6,11 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
-import pytest
-
-from pyggml_resnet import ggml
-from pyggml_resnet.ggml import Backend, Graph
+from pyggml_resnet.ggml import Backend
 
 
 # The oversubscribed case, checked by how threads wait rather than by time: a process pinned to one CPU
