@@ -84,7 +84,7 @@ if _GEMM_CODES.keys() != GEMM_PATHS.keys():
 
 def gemm_path_supported(path: str) -> bool:
     """Whether this CPU (and this build) runs the packed GEMM's `path`, one of `packing.GEMM_PATHS`."""
-    if path not in _GEMM_CODES:
+    if not isinstance(path, str) or path not in _GEMM_CODES:
         raise InputError(f"the packed GEMM has no path {path!r}; its paths are {', '.join(_GEMM_CODES)}")
     return bool(lib.gemm_path_supported(_GEMM_CODES[path]))
 
@@ -554,7 +554,8 @@ class Graph(_Closable):
     @staticmethod
     def _gemm_code(w: Tensor, path: str, op: str) -> int:
         """csrc/gemm.h's number of `path`, checked to be a path for w's type that this CPU runs."""
-        if path not in GEMM_PATHS or Type.parse(GEMM_PATHS[path]) != w.type or not gemm_path_supported(path):
+        if (not isinstance(path, str) or path not in GEMM_PATHS or Type.parse(GEMM_PATHS[path]) != w.type
+                or not gemm_path_supported(path)):
             raise InputError(f"{op}: path {path!r} cannot run {w!r} on this CPU")
         return _GEMM_CODES[path]
 

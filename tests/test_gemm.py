@@ -200,7 +200,7 @@ def test_gemm_refuses_bad_arguments(backend):
         x, r = g.input("x", (k, n)), g.input("r", (m, n))
         img = g.input("img", (k, 3, 2))
         for kwargs in (dict(w=wt["plain"]), dict(x=g.input("x2", (k + 1, n))), dict(m=33), dict(m=0),
-                       dict(bias=r), dict(residual=g.input("r2", (m, n + 1))), dict(path="sse"),
+                       dict(bias=r), dict(residual=g.input("r2", (m, n + 1))), dict(path="sse"), dict(path=["avx2"]),
                        dict(x=g.input("x16", (k, n), "f16")), dict(kernel=3),  # K = 9 k: not w's
                        dict(w=wt["w3"], x=img, kernel=3, residual=None),  # a 3x3 window does not fit 3x2
                        dict(w=wt["w3"], x=img, kernel=3, padding=16, residual=None),  # above the op's 4 bits

@@ -9,7 +9,7 @@ import pytest
 from pyggml_resnet import arch
 from pyggml_resnet.arch import Conv
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import Type
+from pyggml_resnet.ggml import Type, gemm_path_supported
 from pyggml_resnet.plan import GEMM_CHOICES, Layout, Winograd, gemm_paths, matrix_plan, plan_model
 
 NETS = ("resnet18", "resnet50", "resnet101", "resnext50_32x4d")
@@ -131,3 +131,11 @@ def test_impossible_requests_are_refused():
         with pytest.raises(InputError, match="no packed GEMM path for bf16 .it needs AVX512-BF16"):
             plan("resnet18", dtype="bf16", gemm="packed")
     assert GEMM_CHOICES == ("packed", "ggml", "avx512", "avx2", "avx512bf16")
+
+
+def test_the_cpu_query_knows_only_the_packed_paths():
+    assert set(gemm_paths()) | set(gemm_paths("bf16")) <= set(GEMM_CHOICES[2:])
+    assert all(gemm_path_supported(p) for p in gemm_paths() + gemm_paths("bf16"))
+    for bad in ("sse", "packed", None, ["avx2"]):
+        with pytest.raises(InputError, match="no path"):
+            gemm_path_supported(bad)
