@@ -107,13 +107,12 @@ def gemm_paths(wtype: Type | str = Type.F32) -> tuple[str, ...]:
 def gemm_path(gemm: str | None, wtype: Type) -> str | None:
     """The packed GEMM path a model with these options uses, or None for ggml's mul_mat (see `model.load`)."""
     check_gemm(gemm)
-    packed_types = tuple(dict.fromkeys(GEMM_PATHS.values()))
-    paths = gemm_paths(wtype) if wtype.name.lower() in packed_types else ()
+    paths = gemm_paths(wtype)
     if gemm is None:
         return paths[0] if paths else None
     if gemm == "ggml":
         return None
-    name = wtype.name.lower()
+    name, packed_types = wtype.name.lower(), tuple(dict.fromkeys(GEMM_PATHS.values()))
     if name not in packed_types:
         raise InputError(f"the packed GEMM is {' and '.join(packed_types)} only: use gemm='ggml' for {name} weights")
     if gemm == "packed":
