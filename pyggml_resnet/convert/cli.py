@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .. import dtypes
+from .. import atomic, dtypes
 from ..arch import BY_NAME, INTERPOLATIONS, Preprocessing
 from ..errors import Error, InputError, print_error
 from .checkpoint import Checkpoint
@@ -73,5 +73,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130
+    except atomic.Terminated as e:
+        print("terminated; nothing written", file=sys.stderr)
+        return e.code
     print(_summary(out, checkpoint, args.dtype))
     return 0
