@@ -342,7 +342,7 @@ def test_more_strings_than_the_file_can_hold(corpus, tmp_path):
 
 
 def test_metadata_section_limit(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(loader, "_MAX_META_BYTES", 4096)
+    monkeypatch.setattr(gguf_container, "_MAX_META_BYTES", 4096)
     refused(write(tmp_path, corpus(), sparse=True), "larger than 4096 bytes")
 
 
