@@ -134,21 +134,6 @@ def test_sigterm_during_classify_out(model_files, tmp_path):
     assert listing(out_dir) == []
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs, with a file `old` on it; unmounted after the test."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {p.stderr.strip()}")
-    try:
-        (mnt / "old").write_bytes(b"yesterday's file")
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_full_disk_names_the_output_and_keeps_the_old_file(small_disk):
     out = small_disk / "old"
     with pytest.raises(OSError) as info:

@@ -263,6 +263,7 @@ def test_pretrained_name_uses_the_cache(capsys, model_path, folder, expected, tm
                                    "(--out FILE.jsonl writes JSON lines)"),
     (["--out", "."], "--out .: the suffix picks the format, .parquet, .csv, .jsonl"),
     (["--out", "dir.csv"], "--out dir.csv is a directory"),
+    (["--out", "no/r.csv"], "--out no/r.csv: its directory no does not exist"),
 ])
 def test_out_and_json_conflicts_refused_before_any_work(capsys, folder, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

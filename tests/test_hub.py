@@ -4,6 +4,7 @@ Every download goes to a ThreadingHTTPServer on 127.0.0.1 that the test starts a
 switched off), with timeouts of a fraction of a second: nothing here leaves the machine.
 """
 
+import errno
 import hashlib
 import http.server
 import socket
@@ -316,6 +317,17 @@ def test_network_failures(server, tmp_path, failure):
     assert url in message and "mirror" in message  # what failed, and what to do
     assert isinstance(info.value, OSError) and isinstance(info.value, Error)
     assert files_in(tmp_path / "c") == []
+
+
+def test_full_disk_is_not_a_network_failure(server, small_disk):
+    """A cache on a full disk: an OSError naming the file it was making, not "check the network"."""
+    body = b"y" * (2 << 20)
+    url = server.serve(f"resnet18-{hashlib.sha256(body).hexdigest()[:8]}.pth", body)
+    with pytest.raises(OSError) as info:
+        hub.from_pretrained("resnet18", url=url, cache_dir=small_disk, progress=False)
+    assert not isinstance(info.value, DownloadError) and info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(hub.cached_path("resnet18", url=url, cache_dir=small_disk))
+    assert files_in(small_disk) == ["old"]
 
 
 def test_torch_missing(server, resnet18, tmp_path, monkeypatch):
