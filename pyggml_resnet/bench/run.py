@@ -23,7 +23,8 @@ from ..dtypes import NAMES as DTYPES
 
 GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffix each gives its row's name
 from ..errors import Error, print_error
-from ..ggml import available_cpus, default_threads, gemm_paths
+from ..cpu import available_cpus, default_threads
+from ..plan import gemm_paths
 from . import contention, quiet
 from .child import ENGINES, iterations
 from .procs import Worker, WorkerError, child_command, run_child
