@@ -331,14 +331,15 @@ class Weights(_Closable):
         return end > start and lib.madvise(ffi.cast("void *", start), end - start, _MADV_POPULATE_WRITE) == 0
 
     def fill(self, name: str, write) -> None:
-        """Calls `write(a)` with `a` the f32 tensor's own memory, as a flat float32 NumPy array, to fill in
-        place: `set` copies from a host array, which a loader must first make (and the OS fault in). `a` is
-        valid only during the call: it must not outlive it."""
+        """Calls `write(a)` with `a` the f32 or bf16 tensor's own memory, as a flat NumPy array (float32, or
+        uint16 holding bf16 bits), to fill in place: `set` copies from a host array, which a loader must first
+        make (and the OS fault in). `a` is valid only during the call: it must not outlive it."""
         t = self[name]
         _alive(self._ctx, "weight fill")
-        if t.type != Type.F32:
-            raise InputError(f"fill: {t!r} is not f32")
-        write(np.frombuffer(ffi.buffer(t._ptr.data, t.nbytes), np.float32))
+        storage = {Type.F32: np.float32, Type.BF16: np.uint16}.get(t.type)
+        if storage is None:
+            raise InputError(f"fill: {t!r} is neither f32 nor bf16")
+        write(np.frombuffer(ffi.buffer(t._ptr.data, t.nbytes), storage))
 
     def close(self):
         self._ctx = None

@@ -30,7 +30,7 @@ def arrange_weight(w: np.ndarray, plan: MatrixPlan, scale: np.ndarray | None = N
     Plain: a 2-D [OC, K] matrix, K running over (ky, kx, c) with c fastest (the order `gather_patches`
     emits), zero-padded to the plan's K (a multiple of `plan.K_ALIGN` for kernels above 1x1: only the 7x7 stem).
     Packed: the same matrix unpadded, packed by `packing.pack_matrix` for the path's type straight from `w`
-    (into `out` when given, f32 only).
+    (into `out` when given: float32, or uint16 bf16 bits, rounded as they are packed).
     Winograd: [16, OC, IC], G w G^T for each of the 16 tile positions, in float64 and rounded once.
     """
     rows = w.transpose(0, 2, 3, 1) if w.ndim == 4 else w  # K in (ky, kx, c) order, c fastest
