@@ -38,8 +38,8 @@ class Key:
     BN_EPS = "resnet.batchnorm_eps"
     LABELS = "resnet.class_labels"
     WEIGHTS = "resnet.weights"  # e.g. "IMAGENET1K_V2", or "custom"
-    RESIZE = "resnet.preprocess.resize"  # N (shorter side), [H, W] (exact size) or 0 (none)
-    CROP = "resnet.preprocess.crop"  # N (square), [H, W] or 0 (none)
+    RESIZE = "resnet.preprocess.resize"  # N (shorter side), [H, W] (exact size) or [] (none)
+    CROP = "resnet.preprocess.crop"  # N (square), [H, W] or [] (none)
     MEAN = "resnet.preprocess.mean"
     STD = "resnet.preprocess.std"
     INTERPOLATION = "resnet.preprocess.interpolation"
@@ -69,7 +69,7 @@ class Preprocessing:
     antialias: bool = True
 
     def __post_init__(self):
-        for name in ("resize", "crop"):  # a list [H, W] (as JSON gives) is the tuple (H, W)
+        for name in ("resize", "crop", "mean", "std"):  # lists (as JSON and argparse give them) as tuples
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
@@ -89,8 +89,9 @@ class Preprocessing:
         for name, key, value in (("resize", Key.RESIZE, self.resize), ("crop", Key.CROP, self.crop)):
             if value is not None and not _is_size(value):
                 what = f"metadata {key!r}" if keys else name
-                return (f"{what} must be an integer in 1..{MAX_IMAGE_SIZE} or two of them (height, width), "
-                        f"got {reprlib.repr(value)}")
+                if isinstance(value, tuple):
+                    return f"{what} must be two integers (height, width) in 1..{MAX_IMAGE_SIZE}, got {value!r}"
+                return f"{what} must be an integer in 1..{MAX_IMAGE_SIZE}, got {reprlib.repr(value)}"
         if self.crop is None and (self.resize is None or isinstance(self.resize, int)):
             return ("without a crop the resize must be an exact (height, width), else each image's shape "
                     f"differs; got resize {self.resize!r}")

@@ -47,7 +47,7 @@ _DEFAULT_ALIGNMENT = 32
 _FIRST_READ = 1 << 16  # bytes read to parse the header; doubled while the tables need more
 
 # GGUF metadata value types: code -> (name, struct format; None for STRING and ARRAY).
-_UINT32, _STRING, _ARRAY = 4, 8, 9
+_UINT32, _BOOL, _STRING, _ARRAY = 4, 7, 8, 9
 _VALUE_TYPES = {0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"), 4: ("UINT32", "I"),
                 5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"), 8: ("STRING", None),
                 9: ("ARRAY", None), 10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d")}
@@ -215,7 +215,9 @@ def _parse(c: _Cursor) -> _Container:
     start = c.take(4, "the magic number")
     magic = bytes(c.buf[start:start + 4])
     if magic != _GGUF_MAGIC:
-        raise ModelFormatError(f"not a GGUF file (it starts with {magic!r}, not {_GGUF_MAGIC!r})")
+        raise ModelFormatError(f"not a GGUF file (it starts with {magic!r}, not {_GGUF_MAGIC!r}); a checkpoint "
+                               "(.pth, .ckpt, .safetensors) runs once converted: pyggml-resnet convert CHECKPOINT "
+                               "MODEL.gguf")
     version = c.u32("the version")
     if version not in _VERSIONS:
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
@@ -313,6 +315,19 @@ def _array(fields, key, item_types, what):
     return list(_get(fields, key, item_types, f"an ARRAY of {what}", array=True))
 
 
+def _size(fields, key):
+    """A resize or crop: an integer N, or an ARRAY of two (height, width) as a tuple, or of none (None: no
+    resize or crop); its range is `Preprocessing.problem`'s to check."""
+    kind = fields[key][0] if key in fields else None
+    if not isinstance(kind, tuple):
+        return _integer(fields, key)
+    value = tuple(_array(fields, key, _INT_TYPES, "integers"))
+    if len(value) not in (0, 2):
+        raise ModelFormatError(f"metadata {key!r} must be an integer, or an ARRAY of 2 (height, width) or of none "
+                               f"(no {key.rsplit('.', 1)[1]}), got {len(value)} items")
+    return value or None
+
+
 def _positive_int(value: int, key: str, limit: int) -> int:
     if not 0 < value <= limit:
         raise ModelFormatError(f"metadata {key!r} must be an integer in 1..{limit}, got {value!r}")
@@ -344,10 +359,12 @@ def _metadata(fields) -> tuple[ResNetConfig, int, tuple[str, ...], float, Prepro
     eps = _float(fields, Key.BN_EPS)
     if not (math.isfinite(eps) and 0 < eps < 1):
         raise ModelFormatError(f"{Key.BN_EPS} must be in (0, 1), got {eps!r}")
-    pre = Preprocessing(resize=_integer(fields, Key.RESIZE), crop=_integer(fields, Key.CROP),
+    antialias = _get(fields, Key.ANTIALIAS, frozenset({_BOOL}), "a BOOL", required=False)
+    pre = Preprocessing(resize=_size(fields, Key.RESIZE), crop=_size(fields, Key.CROP),
                         mean=tuple(_array(fields, Key.MEAN, _FLOAT_TYPES, "floats")),
                         std=tuple(_array(fields, Key.STD, _FLOAT_TYPES, "floats")),
-                        interpolation=_string(fields, Key.INTERPOLATION))
+                        interpolation=_string(fields, Key.INTERPOLATION),
+                        antialias=True if antialias is None else antialias)
     problem = pre.problem(keys=True)
     if problem:
         raise ModelFormatError(problem)

@@ -77,8 +77,8 @@ def _progress(text: str, end: str = "\n") -> None:
     print(text, end=end, file=sys.stderr, flush=True)
 
 
-def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pyggml-resnet bench",
+def parse_args(argv, prog: str = "pyggml-resnet bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Time ggml against PyTorch eager and ONNX Runtime on the same "
                                             "ResNet weights, each engine in its own process, and check that "
                                             "they agree.")
@@ -122,8 +122,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "pyggml-resnet bench") -> int:
+    args = parse_args(argv, prog)
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
@@ -205,7 +205,8 @@ def make_model(run: Run) -> None:
     """The model: the GGUF file given, or a seeded random one written to the run's directory."""
     if run.args.model:
         mf = loader.read(run.args.model)  # validates the file before any worker starts
-        run.cfg, run.num_classes, run.size = mf.config, mf.num_classes, mf.preprocessing.crop
+        # Timed on square inputs: a file that records another shape is timed at its height.
+        run.cfg, run.num_classes, run.size = mf.config, mf.num_classes, mf.preprocessing.input_size[0]
         run.gguf_path = run.args.model
         run.source = f"{os.path.abspath(run.args.model)} ({mf.weights_name}, stored {mf.dtype})"
         return
