@@ -38,8 +38,8 @@ class Key:
     BN_EPS = "resnet.batchnorm_eps"
     LABELS = "resnet.class_labels"
     WEIGHTS = "resnet.weights"  # e.g. "IMAGENET1K_V2", or "custom"
-    RESIZE = "resnet.preprocess.resize"  # N (shorter side), [H, W] (exact size) or [] (none)
-    CROP = "resnet.preprocess.crop"  # N (square), [H, W] or [] (none)
+    RESIZE = "resnet.preprocess.resize"  # N (shorter side), [H, W] (exact size) or "none"
+    CROP = "resnet.preprocess.crop"  # N (square), [H, W] or "none"
     MEAN = "resnet.preprocess.mean"
     STD = "resnet.preprocess.std"
     INTERPOLATION = "resnet.preprocess.interpolation"

@@ -316,16 +316,21 @@ def _array(fields, key, item_types, what):
 
 
 def _size(fields, key):
-    """A resize or crop: an integer N, or an ARRAY of two (height, width) as a tuple, or of none (None: no
-    resize or crop); its range is `Preprocessing.problem`'s to check."""
+    """A resize or crop: an integer N, an ARRAY of two, (height, width) as a tuple, or the STRING "none" (no
+    resize or crop: None); its range is `Preprocessing.problem`'s to check."""
     kind = fields[key][0] if key in fields else None
+    what = f"metadata {key!r} must be an integer, an ARRAY of 2 (height, width) or \"none\""
+    if kind == _STRING:
+        if _string(fields, key) != "none":
+            raise ModelFormatError(f"metadata {key!r} must be an integer, got STRING {_string(fields, key)[:100]!r} "
+                                   "(or an ARRAY of 2, (height, width), or \"none\")")
+        return None
     if not isinstance(kind, tuple):
         return _integer(fields, key)
     value = tuple(_array(fields, key, _INT_TYPES, "integers"))
-    if len(value) not in (0, 2):
-        raise ModelFormatError(f"metadata {key!r} must be an integer, or an ARRAY of 2 (height, width) or of none "
-                               f"(no {key.rsplit('.', 1)[1]}), got {len(value)} items")
-    return value or None
+    if len(value) != 2:
+        raise ModelFormatError(f"{what}, got {len(value)} items")
+    return value
 
 
 def _positive_int(value: int, key: str, limit: int) -> int:

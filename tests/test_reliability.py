@@ -453,12 +453,13 @@ BAD_VALUES = [
     (Key.RESIZE, A, [224, 0], T.UINT32, r"'resnet.preprocess.resize' must be two integers \(height, width\) in "
                                         r"1..8192, got \(224, 0\)"),
     (Key.CROP, A, [224, 8193], T.INT64, "got \\(224, 8193\\)"),
-    (Key.RESIZE, A, [224, 224, 224], T.UINT32, r"'resnet.preprocess.resize' must be an integer, or an ARRAY of 2 "
-                                              r"\(height, width\) or of none \(no resize\), got 3 items"),
+    (Key.RESIZE, A, [224, 224, 224], T.UINT32, r"'resnet.preprocess.resize' must be an integer, an ARRAY of 2 "
+                                              r"\(height, width\) or \"none\", got 3 items"),
     (Key.CROP, A, [1.5, 2.5], T.FLOAT32, r"'resnet.preprocess.crop' must be an ARRAY of integers, got "
                                         r"ARRAY\[FLOAT32\]"),
-    (Key.CROP, A, [], T.UINT32, "without a crop the resize must be an exact \\(height, width\\)"),
-    (Key.CROP, T.STRING, "none", None, "'resnet.preprocess.crop' must be an integer, got STRING"),
+    (Key.CROP, T.STRING, "none", None, "without a crop the resize must be an exact \\(height, width\\)"),
+    (Key.CROP, T.STRING, "all", None, "'resnet.preprocess.crop' must be an integer, got STRING 'all' \\(or an ARRAY "
+                                      "of 2, \\(height, width\\), or \"none\"\\)"),
     (Key.ANTIALIAS, T.UINT8, 0, None, "'resnet.preprocess.antialias' must be a BOOL, got UINT8"),
     (Key.ANTIALIAS, T.STRING, "false", None, "'resnet.preprocess.antialias' must be a BOOL, got STRING"),
     # general.alignment

@@ -90,11 +90,13 @@ def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Prep
     w.add_float32(K.BN_EPS, BN_EPS)
     w.add_key_value(K.LABELS, labels, T.ARRAY, sub_type=T.STRING)
     w.add_string(K.WEIGHTS, weights)
-    for key, size in ((K.RESIZE, p.resize), (K.CROP, p.crop)):  # N, [H, W], or [] for none (docs/gguf.md)
-        if isinstance(size, int):
+    for key, size in ((K.RESIZE, p.resize), (K.CROP, p.crop)):  # N, [H, W], or "none" (docs/gguf.md)
+        if size is None:
+            w.add_string(key, "none")
+        elif isinstance(size, int):
             w.add_uint32(key, size)
         else:
-            w.add_key_value(key, list(size or ()), T.ARRAY, sub_type=T.UINT32)
+            w.add_key_value(key, list(size), T.ARRAY, sub_type=T.UINT32)
     w.add_key_value(K.MEAN, [float(v) for v in p.mean], T.ARRAY, sub_type=T.FLOAT32)
     w.add_key_value(K.STD, [float(v) for v in p.std], T.ARRAY, sub_type=T.FLOAT32)
     w.add_string(K.INTERPOLATION, p.interpolation)
