@@ -119,7 +119,12 @@ def _named(target: Path, prefix: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        ours = e.filename is None or os.path.basename(e.filename).startswith(prefix)
-        if type(e) not in (OSError, PermissionError) or e.errno not in _STORAGE_ERRNOS or not ours:
+        if type(e) not in (OSError, PermissionError):  # the package's own errors, a missing input, ...
+            raise
+        if e.errno is None and e.filename is None:  # NumPy's tofile says only "N requested and M written"
+            raise OSError(f"{target}: a write was cut short ({e}): is the disk full? Nothing written; any "
+                          "previous file is kept") from e
+        about_ours = e.filename is None or os.path.basename(e.filename).startswith(prefix)
+        if e.errno not in _STORAGE_ERRNOS or not about_ours:
             raise
         raise OSError(e.errno, f"{e.strerror} (nothing written; any previous file is kept)", str(target)) from e

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .argtypes import positive
 from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError, print_error
+
 
 def _print_stage_shapes(model, shape) -> None:
     """The design document's --verbose print-out: each stage's shape in ggml order (W x H x C x N)."""
@@ -32,7 +33,7 @@ def _print_stage_shapes(model, shape) -> None:
 
 def _check_classify_args(args) -> None:
     """Refuses options that would otherwise be ignored or misread, before any work starts."""
-    from . import hub, results
+    from . import atomic, hub, results
 
     if args.out:
         if args.json:
@@ -40,8 +41,7 @@ def _check_classify_args(args) -> None:
                              "(--out FILE.jsonl writes JSON lines)")
         if not args.out.lower().endswith(tuple(results.FORMATS)):
             raise InputError(f"--out {args.out}: the suffix picks the format, {', '.join(results.FORMATS)}")
-        if os.path.isdir(args.out):
-            raise InputError(f"--out {args.out} is a directory")
+        atomic.check_target(args.out, "--out")
         if results.format_of(args.out) == "parquet" and importlib.util.find_spec("pyarrow") is None:
             raise InputError("writing Parquet needs pyarrow: pip install pyarrow (or 'pyggml-resnet[ray]')")
     elif args.ray is not None or args.features:
@@ -86,7 +86,8 @@ def _classify(args) -> int:
 
 
 def _classify_paths(model, args, paths: list[Path]) -> int:
-    from .ray import Predictor  # the rows --ray computes, here computed in this process
+    from .predictor import Predictor  # the rows --ray computes on actors, here in this process
+    from .results import write_results
 
     pre = model.preprocessing
     if args.top_k > model.num_classes:
@@ -117,32 +118,6 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
         print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
         return 1
     return 0
-
-
-def write_results(batches, out: str, total: int) -> int:
-    """--out for every classify path (in this process or on Ray): the rows go through `results.write`, so the
-    file appears whole or not at all, with a progress bar; returns the exit code (1 if no image was read)."""
-    from tqdm import tqdm
-
-    from . import results
-
-    # Redrawn at every batch (one image by default): a forward pass takes longer than tqdm's default interval.
-    with tqdm(total=total, unit="img", file=sys.stderr, mininterval=0) as bar:
-        written, errors = results.write(batches, out, progress=bar.update)
-    print(f"wrote {written} rows to {out}"
-          + (f"; {errors} unreadable file(s), see the error column" if errors else ""), file=sys.stderr)
-    if errors == written:
-        print(f"error: none of the {written} image file(s) could be read", file=sys.stderr)
-        return 1
-    return 0
-
-
-def positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _download(args) -> int:

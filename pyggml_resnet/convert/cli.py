@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .. import dtypes
+from .. import atomic, dtypes
 from ..arch import BY_NAME, INTERPOLATIONS, Preprocessing
 from ..errors import Error, InputError, print_error
 from .checkpoint import Checkpoint
@@ -106,5 +106,8 @@ def main(argv=None, prog: str = "python -m pyggml_resnet.convert") -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130
+    except atomic.Terminated as e:
+        print("terminated; nothing written", file=sys.stderr)
+        return e.code
     print(_summary(out, checkpoint, args.dtype))
     return 0
