@@ -18,9 +18,14 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 def test_layout_table_lists_every_module():
     listed = set(re.findall(r"^\| `(pyggml_resnet/[^`]+)` \|", README, re.M))
     package = ROOT / "pyggml_resnet"
-    modules = {f"pyggml_resnet/{p.name}" for p in package.glob("*.py") if not p.name.startswith("_")}
+    modules = {f"pyggml_resnet/{p.name}" for p in package.glob("*.py") if not p.name.startswith("__")}
     modules |= {f"pyggml_resnet/{p.parent.name}/" for p in package.glob("*/__init__.py")}
     assert listed == modules
+    # A package's row names each of its modules.
+    for init in package.glob("*/__init__.py"):
+        row = re.search(rf"^\| `pyggml_resnet/{init.parent.name}/` \|(.*)$", README, re.M).group(1)
+        missing = [p.name for p in init.parent.glob("*.py") if not p.name.startswith("__") and f"`{p.name}`" not in row]
+        assert not missing, (init.parent.name, missing)
 
 
 def test_extras_pin_the_readmes_torch():
