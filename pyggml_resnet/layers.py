@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ggml import Graph, Tensor, Type
+from .ggml import Graph, Tensor, Type, bf16_bits
 from .packing import pack_matrix
 from .plan import Layout, MatrixPlan, gemm_type
 
@@ -35,7 +35,7 @@ def arrange_weight(w: np.ndarray, plan: MatrixPlan, scale: np.ndarray | None = N
     """
     rows = w.transpose(0, 2, 3, 1) if w.ndim == 4 else w  # K in (ky, kx, c) order, c fastest
     if plan.layout is Layout.PACKED:
-        return pack_matrix(rows, gemm_type(plan.path), scale, out=out)
+        return pack_matrix(rows, gemm_type(plan.path), scale, out=out, round_bf16=bf16_bits)
     if plan.layout is Layout.WINOGRAD:
         oc, ic = w.shape[:2]
         u = _WINOGRAD_G @ w.astype(np.float64) @ _WINOGRAD_G.T  # [OC, IC, 4, 4]

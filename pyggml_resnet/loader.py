@@ -58,14 +58,16 @@ class ModelFile:
         """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
         return {name: self.tensor(name) for name in self.infos}
 
-    def tensor(self, name: str, scratch: np.ndarray | None = None) -> np.ndarray:
+    def tensor(self, name: str, scratch: np.ndarray | None = None, decode=None) -> np.ndarray:
         """The tensor's values as float32 in its PyTorch shape. Raises ModelFormatError if the file changed
         since it was checked (replaced, rewritten, truncated), and for NaN or infinite values or negative
         BatchNorm variances.
 
         `scratch`, a uint8 array at least as large as the tensor's data (for a loader reading one tensor
         after another): the bytes are read into it rather than into fresh memory, which the OS would have to
-        fault in page by page, and an f32 tensor's values are a view of it, overwritten by the next read."""
+        fault in page by page, and an f32 tensor's values are a view of it, overwritten by the next read.
+        `decode(kind, raw)`: the stored bytes of a type ("f16", ...) -> flat float32, the values `dtypes` gives
+        (the binding's C conversions, which the model's loading passes)."""
         info = self.infos[name]
         fits = scratch is not None and scratch.size >= info.n_bytes
         raw = scratch[:info.n_bytes] if fits else np.empty(info.n_bytes, np.uint8)
@@ -75,12 +77,16 @@ class ModelFile:
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.n_bytes:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} is cut short (file truncated?)")
-        values = dtypes.BY_NAME[info.kind].decode(raw).reshape(info.shape)
+        values = (decode or _decode)(info.kind, raw).reshape(info.shape)
         if not np.isfinite(values).all():
             raise ModelFormatError(f"{self.path}: tensor {name!r} contains NaN or infinite values")
         if name.endswith(".running_var") and (values < 0).any():
             raise ModelFormatError(f"{self.path}: tensor {name!r} holds negative variances")
         return values
+
+
+def _decode(kind: str, raw: np.ndarray) -> np.ndarray:
+    return dtypes.BY_NAME[kind].decode(raw)
 
 
 def _identity(st: os.stat_result) -> tuple:

@@ -40,7 +40,7 @@ def packed_shape(m: int, k: int, wtype="f32") -> tuple[int, int, int]:
 
 
 def pack_matrix(w: np.ndarray, wtype="f32", scale: np.ndarray | None = None,
-                out: np.ndarray | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, round_bf16=dtypes.bf16_round) -> np.ndarray:
     """An [M, K] float32 matrix as the packed weights `ggml.Graph.gemm` reads for `wtype` (see the module's
     docstring). bf16 weights are rounded here (to nearest even, as `dtypes.BF16.encode`): into `out` as their
     bits, else returned as the float32 values they round to, which the caller's encoding keeps exactly.
@@ -49,7 +49,8 @@ def pack_matrix(w: np.ndarray, wtype="f32", scale: np.ndarray | None = None,
     any strides (a transposed view packs without a copy first). `scale` ([M]) multiplies each row on the way,
     in float32 (a folded BatchNorm's), as `w * scale[:, None]` would. `out`: an array of `packed_shape` to
     pack into, C-contiguous, such as `Weights.fill`'s, instead of a new one: float32 for f32, uint16 (the
-    bits) for bf16."""
+    bits) for bf16. `round_bf16`: float32 -> bf16 bits as `dtypes.bf16_round` does them (the binding passes its C
+    conversion)."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim < 2 or not w.size:
         raise InputError(f"pack_matrix takes a non-empty matrix of 2 or more axes, got shape {w.shape}")
@@ -70,19 +71,20 @@ def pack_matrix(w: np.ndarray, wtype="f32", scale: np.ndarray | None = None,
         _pack_rows(out, w, scale)
         return out
     bits = np.empty(shape, np.uint16) if out is None else out
-    _pack_rows(bits.view(np.uint32), _rounded_groups(w, scale, shape[1]), None)
+    _pack_rows(bits.view(np.uint32), _rounded_groups(w, scale, shape[1], round_bf16), None)
     return bits if out is not None else dtypes.BF16.decode(bits).reshape(shape)
 
 
-def _rounded_groups(w: np.ndarray, scale: np.ndarray | None, kp: int) -> np.ndarray:
+def _rounded_groups(w: np.ndarray, scale: np.ndarray | None, kp: int, round_bf16) -> np.ndarray:
     """w (times scale) rounded to bf16 bits, K zero-padded to kp, as [M, kp / 2] uint32: each a channel's pair
     of k, the unit `_pack_rows` moves (half the bytes of f32 to move, and rounding in w's own order). A value
     beyond bf16's range becomes infinity: the caller checks (`dtypes.bf16_finite`)."""
     m, rest = w.shape[0], w.shape[1:]
-    rows = np.zeros((m, kp), np.float32)
-    _scaled_copy(rows[:, :math.prod(rest)].reshape(w.shape), w,
-                 None if scale is None else scale.reshape(m, *(1,) * len(rest)))
-    return dtypes.bf16_round(rows).view(np.uint32)
+    k = math.prod(rest)
+    rows = np.empty((m, kp), np.float32)  # not zeros: each page is written once, below
+    rows[:, k:] = 0
+    _scaled_copy(rows[:, :k].reshape(w.shape), w, None if scale is None else scale.reshape(m, *(1,) * len(rest)))
+    return round_bf16(rows).view(np.uint32)
 
 
 def _pack_rows(out: np.ndarray, w: np.ndarray, scale: np.ndarray | None) -> None:
