@@ -216,3 +216,24 @@ def test_busy_cpus_from_proc_stat_deltas():
     if os.path.exists("/proc/stat"):
         busy, total, cpus = quiet._cpu_times()
         assert 0 <= busy <= total and cpus >= 1
+
+
+def test_timed_rounds_wait_for_quiet_and_say_when_it_never_came(monkeypatch, capsys):
+    """The bench's first output is trustworthy: its timed rounds start after the wait, and a machine still busy
+    then is noted with what was measured (not the lagging load average the build left behind)."""
+    from pyggml_resnet.bench import quiet, run as bench_run
+
+    waits = []
+    r = bench_run.Run(bench_run.parse_args(["--wait-quiet", "7"]), "/nonexistent")
+    for busy, noted in ((0.1, False), (1.6, True)):
+        monkeypatch.setattr(quiet, "wait_until_quiet", lambda limit, progress, b=busy: waits.append(limit) or b)
+        r.notes.clear()
+        assert bench_run._wait_until_quiet(r, load_avg=9.0) == busy
+        assert bool(r.notes) == noted
+    assert waits == [7, 7]
+    assert re.match(r"the machine is busy \(1\.6 of \d+ CPUs busy with other work as the timed rounds started\)",
+                    r.notes[0])
+    monkeypatch.setattr(quiet, "wait_until_quiet", lambda limit, progress: None)  # no /proc/stat
+    r.notes.clear()
+    bench_run._wait_until_quiet(r, load_avg=9.0)
+    assert r.notes[0].startswith("the machine may be busy (1-minute load average 9.0")
