@@ -54,14 +54,15 @@ def _parse_args(argv, prog):
                    help=f"Resize: N the shorter side, H,W exactly that size (squash), none (default: "
                         f"{default.resize}, {inputs})")
     p.add_argument("--crop", type=_size, metavar="N|H,W|none",
-                   help=f"CenterCrop: N square, H,W, or none, after an H,W resize (default: {default.crop})")
+                   help=f"CenterCrop: N square, H,W, or none, after an H,W resize (default: {default.crop}, "
+                        f"{inputs})")
     p.add_argument("--mean", type=float, nargs=3, metavar="M",
-                   help="Normalize's per-channel mean (default: ImageNet's 0.485 0.456 0.406)")
+                   help=f"Normalize's per-channel mean (default: ImageNet's 0.485 0.456 0.406, {inputs})")
     p.add_argument("--std", type=float, nargs=3, metavar="S",
-                   help="Normalize's per-channel std (default: ImageNet's 0.229 0.224 0.225)")
+                   help=f"Normalize's per-channel std (default: ImageNet's 0.229 0.224 0.225, {inputs})")
     p.add_argument("--interpolation", choices=INTERPOLATIONS,
                    help=f"the resize filter, as torchvision applies it to a PIL image (default: "
-                        f"{default.interpolation})")
+                        f"{default.interpolation}, {inputs})")
     p.add_argument("--antialias", action=argparse.BooleanOptionalAction,
                    help="--no-antialias: the resize is Resize(antialias=False) of a float tensor after "
                         "ToTensor (torch's interpolate; bilinear or bicubic), not of a PIL image (default: "
