@@ -153,14 +153,23 @@ def _add_pretrained_source(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from PIL import Image
-
     from . import __version__, ggml
 
     version = f"pyggml-resnet {__version__} (ggml {ggml.version()})"
     parser = argparse.ArgumentParser(prog="pyggml-resnet", description=__doc__)
     parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_classify, _add_download, _add_cache):  # a subcommand is one function here
+        add(sub, version)
+    # These two have parsers of their own (see _DELEGATED); listed here for --help.
+    sub.add_parser("bench", help="time ggml against PyTorch (and ONNX Runtime) side by side", add_help=False)
+    sub.add_parser("convert", help="convert a PyTorch checkpoint to GGUF (python -m pyggml_resnet.convert)",
+                   add_help=False)
+    return parser
+
+
+def _add_classify(sub, version: str) -> None:
+    from PIL import Image
 
     c = sub.add_parser("classify", help="classify images, files or folders")
     c.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
@@ -193,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the cluster's CPUs // threads)")
     c.set_defaults(run=_classify)
 
+
+def _add_download(sub, version: str) -> None:
     d = sub.add_parser("download", help="download and convert a pretrained model into the cache ahead of "
                                         "time (for machines without network access)")
     d.add_argument("name", help="a pretrained name such as resnet101 or resnet50.IMAGENET1K_V1")
@@ -201,16 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrained_source(d)
     d.set_defaults(run=_download)
 
+
+def _add_cache(sub, version: str) -> None:
     k = sub.add_parser("cache", help="list or clear the pretrained models' cache")
     k.add_argument("action", nargs="?", choices=("list", "clear"), default="list",
                    help="list (default) the cached files, or clear: delete them")
     k.set_defaults(run=_cache)
-
-    # These two have parsers of their own (see _DELEGATED); listed here for --help.
-    sub.add_parser("bench", help="time ggml against PyTorch (and ONNX Runtime) side by side", add_help=False)
-    sub.add_parser("convert", help="convert a PyTorch checkpoint to GGUF (python -m pyggml_resnet.convert)",
-                   add_help=False)
-    return parser
 
 
 _DELEGATED = {"bench": "pyggml_resnet.bench", "convert": "pyggml_resnet.convert"}

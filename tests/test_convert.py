@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyggml_resnet import arch, convert as cv
+from pyggml_resnet import arch, atomic, convert as cv
 from pyggml_resnet.errors import InputError, ModelFormatError
 from pyggml_resnet.labels import imagenet_labels
 from reference_resnet import make_model, resnet
@@ -575,6 +575,15 @@ def test_failure_midway_leaves_nothing(ckpt_dir, tmp_path, monkeypatch, exc):
     with pytest.raises(type(exc)):
         cv.convert(ckpt_dir / "r18.pth", tmp_path / "m.gguf", progress=False)
     assert len(calls) == 21  # it really failed partway through the tensors
+    assert dir_listing(tmp_path) == []
+
+
+def test_sigterm_midway_is_reported_with_its_status(ckpt_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM while writing arrives as atomic.Terminated (test_atomic.py sends the real signal): the command
+    line says nothing was written and returns 143, as a process SIGTERM ended reports to a shell."""
+    _fail_after(monkeypatch, 5, atomic.Terminated())
+    assert cv.main([str(ckpt_dir / "r18.pth"), str(tmp_path / "m.gguf")]) == 143
+    assert capsys.readouterr().err.endswith("\nterminated; nothing written\n")
     assert dir_listing(tmp_path) == []
 
 
