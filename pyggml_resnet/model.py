@@ -166,7 +166,7 @@ class Model(_Closable):
         return result
 
     def preprocess(self, img) -> np.ndarray:
-        """An image (path, PIL image, HxWx3 uint8 array) as the float32 (3, crop, crop) array this model's
+        """An image (path, PIL image, HxWx3 uint8 array) as the float32 (3, H, W) array this model's
         weights expect: torchvision's transforms with the preprocessing recorded in the model file."""
         from . import transforms  # Pillow: imported with the first image, not with the package
 
@@ -182,8 +182,8 @@ class Model(_Closable):
             raise InputError(f"top_k must be an integer from 1 to {self.num_classes}, got {top_k!r}")
         single = not isinstance(img, (list, tuple))
         images = [img] if single else list(img)
-        crop = self.preprocessing.crop
-        batch = np.stack([self.preprocess(i) for i in images]) if images else np.zeros((0, 3, crop, crop), np.float32)
+        empty = np.zeros((0, 3, *self.preprocessing.input_size), np.float32)
+        batch = np.stack([self.preprocess(i) for i in images]) if images else empty
         probs = self.probabilities(batch)
         results = [top_predictions(p, top_k, self.labels) for p in probs]
         return results[0] if single else results
