@@ -4,8 +4,10 @@
 #include <string.h>
 
 #include "gemm_tile.h"
+#include "op_params.h"
 #include "patch_row.h"
 #include "thread_range.h"
+#include "winograd.h"
 
 // Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 (the weights' tile reused from L1), of up to
 // GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
@@ -20,15 +22,9 @@
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
 _Static_assert(16 * 12 <= GEMM_NB, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
 
-// Op parameters, packed into the userdata pointer so nothing needs freeing.
-#define P_PATH(u) ((int) ((uintptr_t) (u) & 0xf))
-#define P_RELU(u) ((int) (((uintptr_t) (u) >> 4) & 1))
-#define P_BIAS(u) ((int) (((uintptr_t) (u) >> 5) & 1))
-#define P_RES(u) ((int) (((uintptr_t) (u) >> 6) & 1))
-#define P_KH(u) ((int) (((uintptr_t) (u) >> 8) & 0xf))
-#define P_STRIDE(u) ((int) (((uintptr_t) (u) >> 12) & 0xf))
-#define P_PAD(u) ((int) (((uintptr_t) (u) >> 16) & 0xf))
-#define P_WINO(u) ((int) (((uintptr_t) (u) >> 7) & 1))
+// Op parameters (csrc/op_params.h). WINO: the 16 Winograd products of gemm_winograd.
+enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_BIAS, GP_RES, GP_RELU, GP_WINO, GP_N_PARAMS };
+_Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 
 // A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
 // and, for Winograd, the current tile's transformed weights for each of the 16 products: two panels of kc x 16
@@ -74,48 +70,6 @@ static void pack_pixels(char * dst, const struct patch_geom * geo, int64_t K, in
         if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);
     }
     if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
-}
-
-// Winograd F(2x2, 3x3) weights of every product t = 4a + b but the corners, U_t = (G g G^T)[a][b], for k (input
-// channels) kb..kb+kc-1 of the two panels of 3x3 weights at w (packed as above, K = 9 C, k = (ky, kx, c)), made
-// into wbuf[t]: panels kc * 16 floats apart, each k-major. G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2, (0 0 1);
-// the halving is exact, so each value is rounded by its sums only, in this order whatever the path: each row
-// of g combined by G's row b, then those three by G's row a. All 16 are made together, each row combination
-// once, from the 9 taps read once. Written over whole 16-lane vectors (one panel's channels, 64 bytes),
-// which GCC maps to the widest registers the build targets: element-wise loops were left scalar.
-typedef float wino_vec __attribute__((vector_size(64), aligned(4)));
-
-// Row s of G times (v0, v1, v2).
-static inline wino_vec wino_comb(int s, wino_vec v0, wino_vec v1, wino_vec v2) {
-    switch (s) {
-        case 0: return v0;
-        case 1: return (v0 + v1 + v2) * 0.5f;
-        case 2: return (v0 - v1 + v2) * 0.5f;
-        default: return v2;
-    }
-}
-
-static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc) {
-    const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
-    for (int j = 0; j < 2; ++j) {
-        const float * panel = w + j * 16 * K + kb * 16;
-        for (int64_t c = 0; c < kc; ++c) {
-            wino_vec g[9], h[3][4];
-#pragma GCC unroll 9
-            for (int i = 0; i < 9; ++i) g[i] = *(const wino_vec *) (panel + i * tap + c * 16);
-#pragma GCC unroll 3
-            for (int ky = 0; ky < 3; ++ky) {
-#pragma GCC unroll 4
-                for (int b = 0; b < 4; ++b) h[ky][b] = wino_comb(b, g[3 * ky], g[3 * ky + 1], g[3 * ky + 2]);
-            }
-#pragma GCC unroll 16
-            for (int t = 0; t < 16; ++t) {
-                const int a = t / 4, b = t % 4;
-                if (a % 3 == 0 && b % 3 == 0) continue;
-                *(wino_vec *) (wbuf[t] + (j * kc + c) * 16) = wino_comb(a, h[0][b], h[1][b], h[2][b]);
-            }
-        }
-    }
 }
 
 // The op's product C = X W^T (+ epilogue), or its 16 Winograd products, over the output tiles [m0, m1) x
@@ -204,7 +158,10 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
             }
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
-                if (pr->wino) wino_weights((const float *) pr->w + (m / 16) * 16 * 9 * pr->K, pr->K, kb, kc);
+                if (pr->wino) {
+                    const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
+                    winograd_weights(wbuf[0], sizeof wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
+                }
                 // The products in turn (Winograd's reusing the weights just made), each over this pixel block.
                 for (int t = 0; t < products; ++t) {
                     int64_t w_panel;
@@ -231,16 +188,17 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
 }
 
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
-    const int wino = P_WINO(userdata), kh = wino ? 1 : P_KH(userdata);
+    const int wino = op_param(dst, GP_WINO), kh = wino ? 1 : op_param(dst, GP_KH), has_bias = op_param(dst, GP_BIAS);
     struct gemm_problem pr = {
-        .kern = kernel_for(P_PATH(userdata)), .es = ggml_type_size(w->type),
+        .kern = kernel_for(op_param(dst, GP_PATH)), .es = ggml_type_size(w->type),
         .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0], .Kp = wino ? x->ne[0] : w->ne[1],
         .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino, .c = dst->data,
-        .bias = P_BIAS(userdata) ? (const float *) dst->src[2]->data : NULL,
-        .res = P_RES(userdata) ? (const float *) dst->src[2 + P_BIAS(userdata)]->data : NULL,
-        .relu = P_RELU(userdata),
+        .bias = has_bias ? (const float *) dst->src[2]->data : NULL,
+        .res = op_param(dst, GP_RES) ? (const float *) dst->src[2 + has_bias]->data : NULL,
+        .relu = op_param(dst, GP_RELU),
     };
     const int mr = pr.kern->mr, nr = pr.kern->nr;
     if (wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
@@ -251,7 +209,8 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         pr.x_step = x->nb[2];
         pr.c_step = dst->nb[2];
     } else {
-        pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, P_STRIDE(userdata), P_PAD(userdata));
+        pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, op_param(dst, GP_STRIDE),
+                                op_param(dst, GP_PAD));
     }
     // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
     // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1. Winograd's (winograd_input's dense
@@ -282,18 +241,19 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
     int n_args = 2;
     if (bias) args[n_args++] = bias;
     if (residual) args[n_args++] = residual;
-    const uintptr_t packed = (uintptr_t) path | (uintptr_t) (relu != 0) << 4 | (uintptr_t) (bias != NULL) << 5
-                             | (uintptr_t) (residual != NULL) << 6 | (uintptr_t) kh << 8 | (uintptr_t) stride << 12
-                             | (uintptr_t) pad << 16;
+    const int32_t params[GP_N_PARAMS] = {
+        [GP_PATH] = path, [GP_KH] = kh, [GP_STRIDE] = stride, [GP_PAD] = pad,
+        [GP_BIAS] = bias != NULL, [GP_RES] = residual != NULL, [GP_RELU] = relu != 0,
+    };
     const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, m, OW, OH, x->ne[3], args, n_args, gemm_run, GGML_N_TASKS_MAX,
-                          (void *) packed);
+    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, OW, OH, x->ne[3], args, n_args, gemm_run,
+                                        GGML_N_TASKS_MAX, NULL), params, GP_N_PARAMS);
 }
 
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
                                    int64_t m, int path) {
     struct ggml_tensor * args[2] = { w, v };
-    const uintptr_t packed = (uintptr_t) path | (uintptr_t) 1 << 7;
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, m, v->ne[1], 16, 1, args, 2, gemm_run, GGML_N_TASKS_MAX,
-                          (void *) packed);
+    const int32_t params[GP_N_PARAMS] = { [GP_PATH] = path, [GP_WINO] = 1 };
+    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, v->ne[1], 16, 1, args, 2, gemm_run, GGML_N_TASKS_MAX,
+                                        NULL), params, GP_N_PARAMS);
 }

@@ -1,5 +1,5 @@
-// A packed-weight f32 matrix product with a fused epilogue, run as a ggml custom op, for a convolution (or a
-// Linear layer, a 1x1 convolution of a one-pixel-wide image):
+// A packed-weight matrix product (f32, or bf16 with f32 sums) with a fused epilogue, run as a ggml custom op,
+// for a convolution (or a Linear layer, a 1x1 convolution of a one-pixel-wide image):
 //     C[n, m] = relu?( sum_k W[m, k] X[n, k] + bias[m] + R[n, m] )
 // for the weights W [M, K], and X [N, K] the windows of a kh x kh convolution (stride, zero padding) of a
 // channel-fastest f32 image [C, W, H, B], K = kh * kh * C ordered (ky, kx, c) with c fastest, as
@@ -43,10 +43,9 @@ enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2, GEMM_N_PA
 int gemm_path_supported(int path);
 
 // w: packed weights as above (K = kh * kh * x->ne[0], bf16: rounded up to even); x: contiguous f32 [C, W, H, B]
-// (or bf16 on the bf16 path);
-// bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32 [M, OW, OH, B]. kh, stride, pad: 0..15,
-// kh <= W + 2 pad and H + 2 pad. Returns f32 [M, OW, OH, B]. The caller validates every argument and that
-// `path` is supported.
+// (or bf16 on the bf16 path); bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32
+// [M, OW, OH, B]. kh, stride: 1 to OP_PARAM_INT_MAX (csrc/op_params.h), pad: 0 to that, kh <= W + 2 pad and
+// H + 2 pad. Returns f32 [M, OW, OH, B]. The caller validates every argument and that `path` is supported.
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path);

@@ -98,6 +98,7 @@ bool ggml_gallocr_alloc_graph(ggml_gallocr_t galloc, struct ggml_cgraph * graph)
 int madvise(void * addr, size_t length, int advice);
 
 /* csrc/ */
+#define OP_PARAM_INT_MAX ...
 struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor * v,
                                   struct ggml_tensor * like, int channel_dim);
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
@@ -127,6 +128,7 @@ SOURCE = r"""
 #include "ggml-cpu.h"
 #include "batch_repeat.h"
 #include "gemm.h"
+#include "op_params.h"
 #include "pool.h"
 #include "patches.h"
 #include "q8_0.h"

@@ -75,6 +75,7 @@ def version() -> str:
 
 
 MAX_THREADS = 512  # the most compute threads a Backend takes
+MAX_WINDOW = lib.OP_PARAM_INT_MAX  # the largest kernel, stride or padding an op takes (csrc/op_params.h)
 _MAX_SRC = 9  # the most source tensors a ggml custom op takes (fewer than GGML_MAX_SRC, 10)
 
 # Where the cgroup file systems are mounted; tests point it elsewhere.
@@ -644,8 +645,6 @@ class Graph(_Closable):
             if t is not None:
                 self._need_contiguous(t, "gemm")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gemm")
-        if max(kernel, stride, padding) > 15:
-            raise InputError("gemm: kernel, stride and padding must be below 16")
         panels, k, _ = packed_shape(m, kernel * kernel * x.ne[0], w.type)
         if w.ne != (_PANEL, k, panels, 1):
             raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(_PANEL, k, panels, 1)})")
@@ -747,8 +746,6 @@ class Graph(_Closable):
         self._need_f32(x, op="max_pool")
         self._need_contiguous(x, "max_pool")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "max_pool")
-        if max(kernel, stride, padding) > 255:
-            raise InputError("max_pool: kernel, stride and padding must be below 256")
         if 2 * padding > kernel:
             raise InputError(f"max_pool: padding {padding} is more than half the kernel {kernel}")
         return self._new(lib.max_pool(ctx, x._ptr, kernel, stride, padding))
@@ -774,8 +771,6 @@ class Graph(_Closable):
         self._need_f32(x, op="gather_patches")
         self._need_contiguous(x, "gather_patches")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gather_patches")
-        if max(kernel, stride, padding) > 255:
-            raise InputError("gather_patches: kernel, stride and padding must be below 256")
         groups = _integer(groups, "gather_patches: groups", 1, 2**31 - 1)
         if x.ne[0] % groups:
             raise InputError(f"gather_patches: groups must divide the {x.ne[0]} channels, got {groups}")
@@ -811,9 +806,11 @@ class Graph(_Closable):
 
     @staticmethod
     def _check_window(w, h, kernel, stride, padding, op) -> tuple[int, int, int]:
-        """(kernel, stride, padding) as ints, checked to be integers that fit a w x h input."""
-        kernel, stride = _integer(kernel, f"{op}: kernel", 1), _integer(stride, f"{op}: stride", 1)
-        padding = _integer(padding, f"{op}: padding", 0)
+        """(kernel, stride, padding) as ints, checked to be integers that fit a w x h input and the ops' parameter
+        fields (MAX_WINDOW)."""
+        kernel = _integer(kernel, f"{op}: kernel", 1, MAX_WINDOW)
+        stride = _integer(stride, f"{op}: stride", 1, MAX_WINDOW)
+        padding = _integer(padding, f"{op}: padding", 0, MAX_WINDOW)
         if w + 2 * padding < kernel or h + 2 * padding < kernel:
             raise InputError(f"{op}: a {kernel}x{kernel} window with padding {padding} does not fit a {w}x{h} input")
         return kernel, stride, padding
