@@ -9,11 +9,11 @@
 #include "thread_range.h"
 #include "winograd.h"
 
-// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 (the weights' tile reused from L1), of up to
+// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 or int8 (the weights' tile reused from L1), of up to
 // GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
 // while every weight tile passes over it), fewer when the thread's channels are many so that the block's
 // output, GEMM_C_BLOCK floats at most, stays in L2 across its K blocks. They order the work, not the
-// arithmetic. A block holds whole summation blocks (GEMM_KS for f32, GEMM_KS_BF16 for bf16); GEMM_NB is a
+// arithmetic. A block holds whole summation blocks (GEMM_KS, GEMM_KS_BF16, GEMM_KS_INT8); GEMM_NB is a
 // multiple of every path's tile heights. Pixel rows GEMM_ALIAS_BYTES apart are always copied (see in_place).
 #define GEMM_KC 128
 #define GEMM_NB 480
@@ -21,9 +21,11 @@
 #define GEMM_ALIAS_BYTES 4096
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
 _Static_assert(16 * 12 <= GEMM_NB, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
+_Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is one summation block");
 
-// Op parameters (csrc/op_params.h). WINO: the 16 Winograd products of gemm_winograd.
-enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_BIAS, GP_RES, GP_RELU, GP_WINO, GP_N_PARAMS };
+// Op parameters (csrc/op_params.h). WINO: the 16 Winograd products of gemm_winograd; X_SCALE (a float's bits)
+// and X_ZERO: the int8 pixels' sx and zx.
+enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_BIAS, GP_RES, GP_RELU, GP_WINO, GP_X_SCALE, GP_X_ZERO, GP_N_PARAMS };
 _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 
 // A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
@@ -31,6 +33,9 @@ _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 // each (the four corners' stay unused: they are read in place).
 static _Thread_local float xbuf[GEMM_NB * GEMM_KC] __attribute__((aligned(64)));
 static _Thread_local float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
+// int8: the current tile of channels' epilogue terms (gemm_block's corr and scale).
+static _Thread_local int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
+static _Thread_local float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
 
 static const struct gemm_kernel * kernel_for(int path) {
 #ifdef GEMM_X86
@@ -38,10 +43,11 @@ static const struct gemm_kernel * kernel_for(int path) {
         case GEMM_AVX512: return &gemm_kernel_avx512;
         case GEMM_AVX2: return &gemm_kernel_avx2;
         case GEMM_AVX512_BF16: return &gemm_kernel_avx512bf16;
+        case GEMM_INT8_AVX512_VNNI: return &gemm_kernel_int8_avx512vnni;
+        case GEMM_INT8_AVX2: return &gemm_kernel_int8_avx2;
     }
 #endif
-    (void) path;
-    return NULL;
+    return path == GEMM_INT8_SCALAR ? &gemm_kernel_int8_scalar : NULL;
 }
 
 int gemm_path_supported(int path) {
@@ -51,25 +57,11 @@ int gemm_path_supported(int path) {
         case GEMM_AVX512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
         case GEMM_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         case GEMM_AVX512_BF16: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+        case GEMM_INT8_AVX512_VNNI: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+        case GEMM_INT8_AVX2: return __builtin_cpu_supports("avx2");
     }
 #endif
-    (void) path;
-    return 0;
-}
-
-// Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 to `dst` (in xbuf), rows of kc values, with zero
-// rows after N up to a whole tile of `nr`. es: bytes per value in xbuf (the weights'); an f32 image is rounded
-// to bf16 where es is 2.
-static void pack_pixels(char * dst, const struct patch_geom * geo, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                        int64_t kb, int64_t kc, int nr, size_t es) {
-    const patch_put put = es == sizeof(float) ? patch_put_f32 : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
-    const int64_t k1 = kb + kc < K ? kb + kc : K;
-    char * row = dst;
-    for (int64_t n = n0; n < n1; ++n, row += kc * es) {
-        patch_row(row, es, put, geo, n, kb, k1);
-        if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);
-    }
-    if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
+    return path == GEMM_INT8_SCALAR;
 }
 
 // The op's product C = X W^T (+ epilogue), or its 16 Winograd products, over the output tiles [m0, m1) x
@@ -78,7 +70,7 @@ struct gemm_problem {
     const struct gemm_kernel * kern;
     struct patch_geom geo;  // where X's rows come from (Winograd: product 0's)
     size_t es;              // bytes per weight and pixel value
-    int64_t M, K, Kp, N;    // Kp: K, or K rounded up to even for bf16 (the packed weights' K)
+    int64_t M, K, Kp, N;    // Kp: the packed weights' K: K, rounded up to even for bf16, to a multiple of 4 for int8
     const char * w;         // packed weights; for Winograd the 3x3 ones, transformed per block into wbuf
     int wino;               // 16 Winograd products, X and C of each x_step and c_step bytes after the last's
     size_t x_step, c_step;
@@ -86,7 +78,40 @@ struct gemm_problem {
     const float * bias, * res;
     int relu;
     int in_place;           // X is a dense matrix of rows of K values: read whole tiles in place, not copied
+    const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
+    float x_scale;
+    const float * w_scale;
+    const int32_t * colsum;
 };
+
+// Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 of geo's image to `dst` (in xbuf), rows of kc
+// values of the path's type, with zero rows after N up to a whole tile: an f32 image is rounded to bf16 where
+// the type is, quantized where it is u8.
+static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct patch_geom * geo, int64_t n0,
+                        int64_t n1, int64_t kb, int64_t kc) {
+    const size_t es = pr->es;
+    const int64_t K = pr->K, N = pr->N, nr = pr->kern->nr;
+    const patch_put put = es == sizeof(float) ? patch_put_f32 : es == 1 ? patch_put_u8
+                          : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
+    const int64_t k1 = kb + kc < K ? kb + kc : K;
+    char * row = dst;
+    for (int64_t n = n0; n < n1; ++n, row += kc * es) {
+        patch_row(row, es, put, pr->quant, geo, n, kb, k1);
+        if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);  // times zero weights
+    }
+    if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
+}
+
+// int8: the epilogue's terms of the tile of channels from m, zx * colsum[m] and sx * sw[m] (one float
+// product), into qcorr and qscale; zeros past M.
+static void quant_terms(const struct gemm_problem * pr, int64_t m) {
+    for (int64_t i = 0; i < GEMM_MR_MAX; ++i) {
+        const int in = i < pr->kern->mr && m + i < pr->M;
+        qcorr[i] = in ? pr->quant->zero * pr->colsum[m + i] : 0;
+        qscale[i] = in ? pr->x_scale * pr->w_scale[m + i] : 0.0f;
+    }
+}
+
 
 // The weights of the tile at channel m for k block kb (of product t for Winograd), and the distance between its
 // two panels: in the packed weights, or for Winograd in wbuf[t], transformed; a corner of G g G^T is one tap
@@ -154,10 +179,11 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
             for (int t = 0; t < products && packed0 < px1; ++t) {
                 struct patch_geom geo = pr->geo;
                 geo.data += t * pr->x_step;
-                pack_pixels((char *) xbuf + t * packed_rows * kc * es, &geo, pr->K, N, packed0, px1, kb, kc, nr, es);
+                pack_pixels((char *) xbuf + t * packed_rows * kc * es, pr, &geo, packed0, px1, kb, kc);
             }
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
+                if (pr->quant) quant_terms(pr, m);
                 if (pr->wino) {
                     const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
                     winograd_weights(wbuf[0], sizeof wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
@@ -171,7 +197,7 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
                         .mr = M - m < mr ? (int) (M - m) : mr,
                         .first = kb == 0, .last = kb + kc == pr->Kp,
                         .bias = pr->bias ? pr->bias + m : NULL,
-                        .relu = pr->relu,
+                        .relu = pr->relu, .corr = qcorr, .scale = qscale,
                     };
                     // Weights stream from memory once per block: ask for the next tile's (the next channels',
                     // else the next K block's first) while this one computes. Winograd's are made in wbuf.
@@ -192,13 +218,22 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
     const int wino = op_param(dst, GP_WINO), kh = wino ? 1 : op_param(dst, GP_KH), has_bias = op_param(dst, GP_BIAS);
+    const struct gemm_kernel * kern = kernel_for(op_param(dst, GP_PATH));
+    // int8: the weights' scales and column sums come before the epilogue's operands.
+    const int quant = kern->es == 1, extra = quant ? 4 : 2;
+    const float x_scale = op_param_f32(dst, GP_X_SCALE);
+    const struct patch_quant q = { quant ? 1.0f / x_scale : 0.0f, op_param(dst, GP_X_ZERO) };
     struct gemm_problem pr = {
-        .kern = kernel_for(op_param(dst, GP_PATH)), .es = ggml_type_size(w->type),
-        .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0], .Kp = wino ? x->ne[0] : w->ne[1],
+        .kern = kern, .es = kern->es,
+        .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0],
+        .Kp = wino ? x->ne[0] : w->ne[1] * (int64_t) ggml_type_size(w->type) / kern->es,
         .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino, .c = dst->data,
-        .bias = has_bias ? (const float *) dst->src[2]->data : NULL,
-        .res = op_param(dst, GP_RES) ? (const float *) dst->src[2 + has_bias]->data : NULL,
+        .bias = has_bias ? (const float *) dst->src[extra]->data : NULL,
+        .res = op_param(dst, GP_RES) ? (const float *) dst->src[extra + has_bias]->data : NULL,
         .relu = op_param(dst, GP_RELU),
+        .quant = quant ? &q : NULL, .x_scale = x_scale,
+        .w_scale = quant ? (const float *) dst->src[2]->data : NULL,
+        .colsum = quant ? (const int32_t *) dst->src[3]->data : NULL,
     };
     const int mr = pr.kern->mr, nr = pr.kern->nr;
     if (wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
@@ -213,10 +248,11 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
                                 op_param(dst, GP_PAD));
     }
     // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
-    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1. Winograd's (winograd_input's dense
-    // [C, T, 16] result) are always read in place: its 16 products' whole blocks would not fit the buffer.
+    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1, or where they must be quantized
+    // (int8). Winograd's (winograd_input's dense [C, T, 16] result) are always read in place: its 16 products'
+    // whole blocks would not fit the buffer.
     const struct patch_geom * geo = &pr.geo;
-    pr.in_place = wino || (geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es
+    pr.in_place = wino || (!quant && geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es
                            && geo->nb1 == pr.K * pr.es && geo->nb2 == geo->W * geo->nb1
                            && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1) && pr.K == pr.Kp
                            && geo->nb1 % GEMM_ALIAS_BYTES != 0);
@@ -234,20 +270,36 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     if (m0 < m1 && n0 < n1) gemm_tiles(&pr, m0, m1, n0, n1);
 }
 
-struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
-                                 int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
-                                 struct ggml_tensor * residual, int relu, int path) {
-    struct ggml_tensor * args[4] = { w, x };
-    int n_args = 2;
+// A convolution's product: args holds w, x and (int8) the scales and column sums; bias and residual follow.
+static struct ggml_tensor * gemm_conv(struct ggml_context * ctx, struct ggml_tensor ** args, int n_args, int64_t m,
+                                      int kh, int stride, int pad, struct ggml_tensor * bias,
+                                      struct ggml_tensor * residual, int relu, int path, float x_scale, int x_zero) {
     if (bias) args[n_args++] = bias;
     if (residual) args[n_args++] = residual;
     const int32_t params[GP_N_PARAMS] = {
         [GP_PATH] = path, [GP_KH] = kh, [GP_STRIDE] = stride, [GP_PAD] = pad,
         [GP_BIAS] = bias != NULL, [GP_RES] = residual != NULL, [GP_RELU] = relu != 0,
+        [GP_X_SCALE] = op_param_of_f32(x_scale), [GP_X_ZERO] = x_zero,
     };
+    const struct ggml_tensor * x = args[1];
     const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
     return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, OW, OH, x->ne[3], args, n_args, gemm_run,
                                         GGML_N_TASKS_MAX, NULL), params, GP_N_PARAMS);
+}
+
+struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
+                                 int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
+                                 struct ggml_tensor * residual, int relu, int path) {
+    struct ggml_tensor * args[4] = { w, x };
+    return gemm_conv(ctx, args, 2, m, kh, stride, pad, bias, residual, relu, path, 0.0f, 0);
+}
+
+struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
+                               int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
+                               float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
+                               int relu, int path) {
+    struct ggml_tensor * args[6] = { w, x, scales, colsums };
+    return gemm_conv(ctx, args, 4, m, kh, stride, pad, bias, residual, relu, path, x_scale, x_zero);
 }
 
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,

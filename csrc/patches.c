@@ -33,7 +33,7 @@ static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void 
                                                         kh, kw, stride, pad);
             for (int64_t p = p0; p < p1; ++p) {
                 char * out = (char *) dst->data + (g * P + p) * dst->nb[1];
-                patch_row(out, esize, put, &geo, p, 0, K);
+                patch_row(out, esize, put, NULL, &geo, p, 0, K);
                 if (k_pad > K) memset(out + K * esize, 0, (k_pad - K) * esize);
             }
         }
