@@ -91,7 +91,7 @@ static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct
                         int64_t n1, int64_t kb, int64_t kc) {
     const size_t es = pr->es;
     const int64_t K = pr->K, N = pr->N, nr = pr->kern->nr;
-    const patch_put put = es == sizeof(float) ? patch_put_f32 : es == 1 ? patch_put_u8
+    const patch_put put = es == sizeof(float) ? patch_put_f32 : es == 1 ? pr->kern->put_u8
                           : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
     const int64_t k1 = kb + kc < K ? kb + kc : K;
     char * row = dst;

@@ -51,4 +51,7 @@ static inline __m256i channel_sums(struct wv a) {
 #define TILE_FN tile_int8_avx2_narrow
 #include "gemm_tile.inc"
 
-const struct gemm_kernel gemm_kernel_int8_avx2 = { MV * VL, 2, 1, tile_int8_avx2, tile_int8_avx2_narrow, NULL, 1 };
+// Pixels quantized by the portable loop, vectorised for AVX2 by the compiler.
+const struct gemm_kernel gemm_kernel_int8_avx2 = {
+    MV * VL, 2, 1, tile_int8_avx2, tile_int8_avx2_narrow, NULL, 1, patch_put_u8,
+};

@@ -58,5 +58,5 @@ static inline int32_t bits_i(float f) {
 #include "gemm_tile.inc"
 
 const struct gemm_kernel gemm_kernel_int8_scalar = {
-    MV * VL, 4, 1, tile_int8_scalar, tile_int8_scalar_narrow, NULL, 1,
+    MV * VL, 4, 1, tile_int8_scalar, tile_int8_scalar_narrow, NULL, 1, patch_put_u8,
 };

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "gemm.h"
+#include "patch_row.h"
 
 struct gemm_block {
     const void * w;        // packed weights of the tile's first channel at the block's first k (f32, bf16 or s8)
@@ -28,14 +29,16 @@ struct gemm_block {
 
 // Each ISA path provides one of these: its tile size and tile function, a narrower tile for the last
 // pixels of a product (N = 196 leaves 4 over a tile of 12), and where registers allow a tile one pixel wider
-// for a remainder of one (N = 49: 12 + 12 + 12 + 13), or NULL; and the bytes of each weight and pixel value
-// it reads (4: f32, 2: bf16, 1: int8, whose pixels gemm.c quantizes as it packs them).
+// for a remainder of one (N = 49: 12 + 12 + 12 + 13), or NULL; the bytes of each weight and pixel value
+// it reads (4: f32, 2: bf16, 1: int8); and for int8, how it quantizes f32 pixels as gemm.c packs them: the
+// bytes of patch_put_u8 (csrc/patch_row.h), in the path's own vectors.
 struct gemm_kernel {
     int mr, nr, nr_narrow;
     void (*tile)(const struct gemm_block * b);
     void (*tile_narrow)(const struct gemm_block * b);
     void (*tile_wide)(const struct gemm_block * b);
     int es;
+    patch_put put_u8;
 };
 #define GEMM_MR_MAX 32  // the widest tile of channels
 

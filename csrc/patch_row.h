@@ -48,12 +48,13 @@ static inline void patch_put_bf16_copy(void * out, const void * in, int64_t n, c
 static inline void patch_put_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
     const float * f = in;
     uint8_t * o = out;
-    const float inv = q->inv_scale, lo = (float) -q->zero, hi = (float) (255 - q->zero), magic = 0x1.8p23f;
+    const int zero = q->zero;  // in a local: a byte store could alias q, which would stop vectorisation
+    const float inv = q->inv_scale, lo = (float) -zero, hi = (float) (255 - zero), magic = 0x1.8p23f;
     for (int64_t i = 0; i < n; ++i) {
         float v = f[i] * inv;
         v = v > lo ? v : lo;
         v = v < hi ? v : hi;
-        o[i] = (uint8_t) ((int32_t) ((v + magic) - magic) + q->zero);
+        o[i] = (uint8_t) ((int32_t) ((v + magic) - magic) + zero);
     }
 }
 
