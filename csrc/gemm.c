@@ -9,8 +9,8 @@
 #include "thread_range.h"
 #include "winograd.h"
 
-// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 or int8 (the weights' tile reused from L1), of up to
-// GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
+// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 or int8 (the weights' tile reused from L1), of
+// up to GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
 // while every weight tile passes over it), fewer when the thread's channels are many so that the block's
 // output, GEMM_C_BLOCK floats at most, stays in L2 across its K blocks. They order the work, not the
 // arithmetic. A block holds whole summation blocks (GEMM_KS, GEMM_KS_BF16, GEMM_KS_INT8); GEMM_NB is a

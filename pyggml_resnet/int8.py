@@ -51,7 +51,8 @@ class Int8Matrix:
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An [M, ...] float matrix (K: the trailing axes in C order) -> (s8 quants [M, K], float32 scales [M])."""
+    """An [M, ...] float matrix (K: the trailing axes in C order; for a convolution (ky, kx, c), as `Graph.gemm`
+    reads windows: a PyTorch weight transposed by (0, 2, 3, 1)) -> (s8 quants [M, K], float32 scales [M])."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim < 2 or not w.size:
         raise InputError(f"int8 quantize takes a non-empty matrix of 2 or more axes, got shape {w.shape}")
