@@ -77,7 +77,8 @@ struct gemm_problem {
     float * c;
     const float * bias, * res;
     int relu;
-    int in_place;           // X is a dense matrix of rows of K values: read whole tiles in place, not copied
+    int dense_rows;         // X is a dense matrix of rows of K values (the image's pixels)...
+    int in_place;           // ... read whole tiles in place, not copied
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
     float x_scale;
     const float * w_scale;
@@ -96,7 +97,11 @@ static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct
     const int64_t k1 = kb + kc < K ? kb + kc : K;
     char * row = dst;
     for (int64_t n = n0; n < n1; ++n, row += kc * es) {
-        patch_row(row, es, put, pr->quant, geo, n, kb, k1);
+        if (pr->dense_rows) {  // one run: patch_row's divisions per pixel would cost more than copying it
+            put(row, geo->data + n * geo->nb1 + kb * geo->nb0, k1 - kb, pr->quant);
+        } else {
+            patch_row(row, es, put, pr->quant, geo, n, kb, k1);
+        }
         if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);  // times zero weights
     }
     if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
@@ -249,12 +254,12 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     }
     // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
     // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1, or where they must be quantized
-    // (int8). Winograd's (winograd_input's dense [C, T, 16] result) are always read in place: its 16 products'
-    // whole blocks would not fit the buffer.
+    // (int8): those are copied a row at a time. Winograd's (winograd_input's dense [C, T, 16] result) are
+    // always read in place: its 16 products' whole blocks would not fit the buffer.
     const struct patch_geom * geo = &pr.geo;
-    pr.in_place = wino || (!quant && geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es
-                           && geo->nb1 == pr.K * pr.es && geo->nb2 == geo->W * geo->nb1
-                           && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1) && pr.K == pr.Kp
+    pr.dense_rows = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb1 == pr.K * geo->nb0
+                    && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
+    pr.in_place = wino || (pr.dense_rows && !quant && geo->nb0 == pr.es && pr.K == pr.Kp
                            && geo->nb1 % GEMM_ALIAS_BYTES != 0);
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
