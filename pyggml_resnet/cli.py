@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .argtypes import positive
 from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError, print_error
+
 
 def _print_stage_shapes(model, shape) -> None:
     """The design document's --verbose print-out: each stage's shape in ggml order (W x H x C x N)."""
@@ -32,7 +33,7 @@ def _print_stage_shapes(model, shape) -> None:
 
 def _check_classify_args(args) -> None:
     """Refuses options that would otherwise be ignored or misread, before any work starts."""
-    from . import hub, results
+    from . import atomic, hub, results
 
     if args.out:
         if args.json:
@@ -40,8 +41,7 @@ def _check_classify_args(args) -> None:
                              "(--out FILE.jsonl writes JSON lines)")
         if not args.out.lower().endswith(tuple(results.FORMATS)):
             raise InputError(f"--out {args.out}: the suffix picks the format, {', '.join(results.FORMATS)}")
-        if os.path.isdir(args.out):
-            raise InputError(f"--out {args.out} is a directory")
+        atomic.check_target(args.out, "--out")
         if results.format_of(args.out) == "parquet" and importlib.util.find_spec("pyarrow") is None:
             raise InputError("writing Parquet needs pyarrow: pip install pyarrow (or 'pyggml-resnet[ray]')")
     elif args.ray is not None or args.features:
@@ -83,7 +83,8 @@ def _classify(args) -> int:
 
 
 def _classify_paths(model, args, paths: list[Path]) -> int:
-    from .ray import Predictor  # the rows --ray computes, here computed in this process
+    from .predictor import Predictor  # the rows --ray computes on actors, here in this process
+    from .results import write_results
 
     pre = model.preprocessing
     if args.top_k > model.num_classes:
@@ -114,32 +115,6 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
         print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
         return 1
     return 0
-
-
-def write_results(batches, out: str, total: int) -> int:
-    """--out for every classify path (in this process or on Ray): the rows go through `results.write`, so the
-    file appears whole or not at all, with a progress bar; returns the exit code (1 if no image was read)."""
-    from tqdm import tqdm
-
-    from . import results
-
-    # Redrawn at every batch (one image by default): a forward pass takes longer than tqdm's default interval.
-    with tqdm(total=total, unit="img", file=sys.stderr, mininterval=0) as bar:
-        written, errors = results.write(batches, out, progress=bar.update)
-    print(f"wrote {written} rows to {out}"
-          + (f"; {errors} unreadable file(s), see the error column" if errors else ""), file=sys.stderr)
-    if errors == written:
-        print(f"error: none of the {written} image file(s) could be read", file=sys.stderr)
-        return 1
-    return 0
-
-
-def positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _download(args) -> int:
@@ -174,14 +149,23 @@ def _add_pretrained_source(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from PIL import Image
-
     from . import __version__, ggml
 
     version = f"pyggml-resnet {__version__} (ggml {ggml.version()})"
     parser = argparse.ArgumentParser(prog="pyggml-resnet", description=__doc__)
     parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_classify, _add_download, _add_cache):  # a subcommand is one function here
+        add(sub, version)
+    # These two have parsers of their own (see _DELEGATED); listed here for --help.
+    sub.add_parser("bench", help="time ggml against PyTorch (and ONNX Runtime) side by side", add_help=False)
+    sub.add_parser("convert", help="convert a PyTorch checkpoint to GGUF (python -m pyggml_resnet.convert)",
+                   add_help=False)
+    return parser
+
+
+def _add_classify(sub, version: str) -> None:
+    from PIL import Image
 
     c = sub.add_parser("classify", help="classify images, files or folders")
     c.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
@@ -213,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the cluster's CPUs // threads)")
     c.set_defaults(run=_classify)
 
+
+def _add_download(sub, version: str) -> None:
     d = sub.add_parser("download", help="download and convert a pretrained model into the cache ahead of "
                                         "time (for machines without network access)")
     d.add_argument("name", help="a pretrained name such as resnet101 or resnet50.IMAGENET1K_V1")
@@ -221,16 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrained_source(d)
     d.set_defaults(run=_download)
 
+
+def _add_cache(sub, version: str) -> None:
     k = sub.add_parser("cache", help="list or clear the pretrained models' cache")
     k.add_argument("action", nargs="?", choices=("list", "clear"), default="list",
                    help="list (default) the cached files, or clear: delete them")
     k.set_defaults(run=_cache)
-
-    # These two have parsers of their own (see _DELEGATED); listed here for --help.
-    sub.add_parser("bench", help="time ggml against PyTorch (and ONNX Runtime) side by side", add_help=False)
-    sub.add_parser("convert", help="convert a PyTorch checkpoint to GGUF (python -m pyggml_resnet.convert)",
-                   add_help=False)
-    return parser
 
 
 _DELEGATED = {"bench": "pyggml_resnet.bench", "convert": "pyggml_resnet.convert"}

@@ -9,17 +9,17 @@ Shapes use ggml's order: `ne[0]` is the fastest-varying dimension (NumPy's last 
 from __future__ import annotations
 
 import enum
-import math
 import os
 import threading
-import warnings
 import weakref
 
 import numpy as np
 
 from . import dtypes, int8
 from ._ggml import ffi, lib
+from .cpu import MAX_THREADS, default_threads
 from .errors import InputError
+from .packing import GEMM_PATHS, PANEL, packed_shape
 
 
 class _Type(enum.IntEnum):
@@ -74,69 +74,20 @@ def version() -> str:
     return ffi.string(lib.ggml_version()).decode()
 
 
-MAX_THREADS = 512  # the most compute threads a Backend takes
 MAX_WINDOW = lib.OP_PARAM_INT_MAX  # the largest kernel, stride or padding an op takes (csrc/op_params.h)
 _MAX_SRC = 9  # the most source tensors a ggml custom op takes (fewer than GGML_MAX_SRC, 10)
 
-# Where the cgroup file systems are mounted; tests point it elsewhere.
-CGROUP_ROOT = "/sys/fs/cgroup"
+# The packed GEMM's paths (packing.GEMM_PATHS) as csrc/gemm.h's enum numbers them.
+_GEMM_CODES = {"avx512": lib.GEMM_AVX512, "avx2": lib.GEMM_AVX2, "avx512bf16": lib.GEMM_AVX512_BF16}
+if _GEMM_CODES.keys() != GEMM_PATHS.keys():
+    raise ImportError("pyggml_resnet.packing and the binding disagree on the packed GEMM's paths")
 
 
-def _read_fields(path: str) -> list[str] | None:
-    try:
-        with open(path) as f:
-            return f.read().split()
-    except OSError:
-        return None
-
-
-def cgroup_cpu_limit() -> float | None:
-    """The CPUs this process's cgroup may use per period (its CPU quota), or None without a quota.
-
-    cgroup v2's `cpu.max` ("QUOTA PERIOD", QUOTA "max" for none), else cgroup v1's `cpu.cfs_quota_us` and
-    `cpu.cfs_period_us` (quota -1 for none), as a container sees them at the cgroup root."""
-    fields = _read_fields(os.path.join(CGROUP_ROOT, "cpu.max"))
-    if fields is None:
-        for controller in ("cpu", "cpu,cpuacct"):
-            quota = _read_fields(os.path.join(CGROUP_ROOT, controller, "cpu.cfs_quota_us"))
-            period = _read_fields(os.path.join(CGROUP_ROOT, controller, "cpu.cfs_period_us"))
-            if quota is not None and period is not None:
-                fields = quota + period
-                break
-    try:
-        quota, period = (int(v) for v in fields)
-    except (TypeError, ValueError):  # no such file, no quota ("max"), or a format we do not know
-        return None
-    return quota / period if quota > 0 and period > 0 else None
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask), capped by its cgroup's CPU quota (rounded up)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_limit()
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
-    return max(1, cpus)
-
-
-def default_threads() -> int:
-    """Compute threads when none are given: OMP_NUM_THREADS when it is set to a positive integer (Ray sets
-    it to an actor's CPUs; as in OpenMP, a list "N,M" means N here), else `available_cpus()`. Any other
-    value of OMP_NUM_THREADS is ignored with a warning, as OpenMP runtimes ignore it."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value:
-        try:
-            n = int(value.split(",")[0])
-        except ValueError:
-            n = 0
-        if n >= 1:
-            return min(n, MAX_THREADS)
-        warnings.warn(f"ignoring OMP_NUM_THREADS={value!r}: not a positive integer", RuntimeWarning, stacklevel=2)
-    return min(available_cpus(), MAX_THREADS)
-
+def gemm_path_supported(path: str) -> bool:
+    """Whether this CPU (and this build) runs the packed GEMM's `path`, one of `packing.GEMM_PATHS`."""
+    if not isinstance(path, str) or path not in _GEMM_CODES:
+        raise InputError(f"the packed GEMM has no path {path!r}; its paths are {', '.join(_GEMM_CODES)}")
+    return bool(lib.gemm_path_supported(_GEMM_CODES[path]))
 
 def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
     """`value` as an int, if it is an integer (Python's or NumPy's, not a bool) in lo..hi; else InputError.
@@ -148,13 +99,6 @@ def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
-# The packed GEMM's ISA paths (csrc/gemm.h), widest first, and the weight type each multiplies.
-GEMM_PATHS = {"avx512": lib.GEMM_AVX512, "avx2": lib.GEMM_AVX2, "avx512bf16": lib.GEMM_AVX512_BF16}
-_GEMM_TYPES = {"avx512bf16": Type.BF16}  # the others: f32
-_PANEL = 16  # output channels per panel of packed weights
-_PANEL_PAIR = 2 * _PANEL  # M is padded to a multiple of this
-
-
 # The packed GEMM's int8 paths (csrc/gemm.h's gemm_int8), widest first: the last runs on every CPU.
 GEMM_INT8_PATHS = {"int8-avx512vnni": lib.GEMM_INT8_AVX512_VNNI, "int8-avx2": lib.GEMM_INT8_AVX2,
                    "int8-scalar": lib.GEMM_INT8_SCALAR}
@@ -163,83 +107,6 @@ GEMM_INT8_PATHS = {"int8-avx512vnni": lib.GEMM_INT8_AVX512_VNNI, "int8-avx2": li
 def gemm_int8_paths() -> tuple[str, ...]:
     """The int8 paths this CPU (and this build) can run, widest first; "int8-scalar" always."""
     return tuple(name for name, path in GEMM_INT8_PATHS.items() if lib.gemm_path_supported(path))
-
-
-def gemm_type(path: str) -> Type:
-    """The type of the weights and pixels the packed GEMM's `path` multiplies."""
-    return _GEMM_TYPES.get(path, Type.F32)
-
-
-def gemm_paths(wtype: Type | str = Type.F32) -> tuple[str, ...]:
-    """The packed GEMM's paths for `wtype` weights this CPU (and this build) can run, widest first; empty
-    where none can."""
-    wtype = Type.parse(wtype)
-    return tuple(name for name, path in GEMM_PATHS.items()
-                 if gemm_type(name) == wtype and lib.gemm_path_supported(path))
-
-
-def packed_shape(m: int, k: int, wtype: Type | str = Type.F32) -> tuple[int, int, int]:
-    """The NumPy shape (panels, K, 16) that `pack_matrix` gives an [M, K] matrix (bf16: K rounded up to even)."""
-    if Type.parse(wtype) == Type.BF16:
-        k += k % 2
-    return -(-m // _PANEL_PAIR) * 2, k, _PANEL
-
-
-def pack_matrix(w: np.ndarray, wtype: Type | str = Type.F32, scale: np.ndarray | None = None,
-                out: np.ndarray | None = None) -> np.ndarray:
-    """An [M, K] float32 matrix as the packed weights `Graph.gemm` reads: M zero-padded to a multiple of 32,
-    cut into panels of 16 rows, each panel stored k-major (the 16 weights of one k side by side). For bf16
-    (still float32 here: the caller rounds), K is zero-padded to even and each panel holds pairs of k, the
-    two weights of one channel side by side, as vdpbf16ps multiplies them.
-
-    w may have more axes, [M, ...]: its K columns are then the trailing axes in C order, read through
-    any strides (a transposed view packs without a copy first). `scale` ([M]) multiplies each row on the way,
-    in float32 (a folded BatchNorm's), as `w * scale[:, None]` would. `out` (f32 only): an array of
-    `packed_shape` to pack into, C-contiguous float32, such as `Weights.fill`'s, instead of a new one."""
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim < 2 or not w.size:
-        raise InputError(f"pack_matrix takes a non-empty matrix of 2 or more axes, got shape {w.shape}")
-    m, rest = w.shape[0], w.shape[1:]
-    k = math.prod(rest)
-    if scale is not None:
-        scale = np.asarray(scale, dtype=np.float32)
-        if scale.shape != (m,):
-            raise InputError(f"pack_matrix: scale must have shape ({m},), got {scale.shape}")
-    shape = packed_shape(m, k, wtype)
-    panels, kp, _ = shape
-    if Type.parse(wtype) == Type.BF16:
-        if out is not None:
-            raise InputError("pack_matrix: out is for f32 weights only")
-        padded = np.zeros((panels * _PANEL, kp), np.float32)
-        _scaled_copy(padded[:m, :k].reshape(w.shape), w,
-                     None if scale is None else scale.reshape(m, *(1,) * len(rest)))
-        pairs = padded.reshape(panels, _PANEL, kp // 2, 2).transpose(0, 2, 1, 3)  # (P, K/2, 16, 2)
-        return np.ascontiguousarray(pairs).reshape(shape)
-    if out is None:
-        out = np.empty(shape, np.float32)
-    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise InputError(f"pack_matrix: out must be a C-contiguous float32 array of shape {shape}, got "
-                         f"{out.dtype} {out.shape}")
-    # out as (panel, *K's axes, channel in panel); row r of w goes to panel r // 16, channel r % 16.
-    dst = out.reshape(panels, *rest, _PANEL)
-    full = m // _PANEL
-    if full:
-        _scaled_copy(dst[:full], np.moveaxis(w[:full * _PANEL].reshape(full, _PANEL, *rest), 1, -1),
-                     None if scale is None else scale[:full * _PANEL].reshape(full, *(1,) * len(rest), _PANEL))
-    if full < panels:  # the last rows, and the zeros that pad M
-        dst[full:] = 0
-        if m % _PANEL:
-            _scaled_copy(dst[full, ..., :m % _PANEL], np.moveaxis(w[full * _PANEL:], 0, -1),
-                         None if scale is None else scale[full * _PANEL:])
-    return out
-
-
-def _scaled_copy(dst: np.ndarray, src: np.ndarray, scale: np.ndarray | None) -> None:
-    """dst = src * scale (broadcast), or a plain copy without scale: one pass, no temporary."""
-    if scale is None:
-        dst[...] = src
-    else:
-        np.multiply(src, scale, out=dst)
 
 
 def _shape4(ne) -> tuple[int, int, int, int]:
@@ -636,17 +503,17 @@ class Graph(_Closable):
 
     def gemm(self, w: Tensor, x: Tensor, m: int, *, kernel: int = 1, stride: int = 1, padding: int = 0,
              bias: Tensor | None = None, residual: Tensor | None = None, relu: bool = False,
-             path: str | None = None) -> Tensor:
+             path: str) -> Tensor:
         """A convolution of a channel-fastest f32 image x [C, W, H, N] (or bf16, for bf16 weights) by the
-        packed weights w (`pack_matrix` of an [m, K] matrix, K = kernel*kernel*C ordered (ky, kx, c) as
+        packed weights w (`packing.pack_matrix` of an [m, K] matrix, K = kernel*kernel*C ordered (ky, kx, c) as
         `gather_patches` orders it; ggml [16, K, P, 1]) -> f32 [m, OW, OH, N], then + bias ([m]), + residual
         (shaped like the result), ReLU, fused into the product (csrc/gemm.h). With the defaults (kernel 1) it
         is x's rows times w: a Linear layer of x [K, N]. The pixels are read straight from x (a bf16 path
         rounds f32 ones as `gather_patches` does). Each output's summation order depends on K alone: results
-        are bit-identical for any batch, thread count and f32 path. `path`: one of `gemm_paths(w.type)`
-        (default: the first)."""
+        are bit-identical for any batch, thread count and f32 path. `path`: a path of `packing.GEMM_PATHS` for
+        w's type that this CPU runs (`gemm_path_supported`)."""
         ctx = self._building(w, x, *(t for t in (bias, residual) if t is not None))
-        path = self._gemm_path(w, path, (Type.F32, Type.BF16), "gemm")
+        code = self._gemm_code(w, path, "gemm")
         m = _integer(m, "gemm: m", 1)
         if not (x.type == Type.BF16 and w.type == Type.BF16):
             self._need_f32(x, op="gemm")
@@ -656,22 +523,23 @@ class Graph(_Closable):
                 self._need_contiguous(t, "gemm")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gemm")
         panels, k, _ = packed_shape(m, kernel * kernel * x.ne[0], w.type)
-        if w.ne != (_PANEL, k, panels, 1):
-            raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(_PANEL, k, panels, 1)})")
+        if w.ne != (PANEL, k, panels, 1):
+            raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(PANEL, k, panels, 1)})")
         out_w, out_h = ((n + 2 * padding - kernel) // stride + 1 for n in x.ne[1:3])
         self._check_epilogue("gemm", (m, out_w, out_h, x.ne[3]), bias, residual)
         return self._new(lib.gemm_packed(ctx, w._ptr, x._ptr, m, kernel, stride, padding,
                                          bias._ptr if bias is not None else ffi.NULL,
                                          residual._ptr if residual is not None else ffi.NULL, bool(relu),
-                                         GEMM_PATHS[path]))
+                                         code))
 
-    def gemm_winograd(self, w: Tensor, v: Tensor, m: int, *, path: str | None = None) -> Tensor:
+    def gemm_winograd(self, w: Tensor, v: Tensor, m: int, *, path: str) -> Tensor:
         """The 16 Winograd F(2x2,3x3) products of a 3x3 stride-1 convolution (csrc/gemm.h): v [C, T, 16, 1]
         from `winograd_input`, w the packed f32 3x3 weights `gemm` takes (K = 9 C) -> [m, T, 16, 1] for
         `winograd_output`. The weights are transformed as the product needs them, so nothing else is stored.
-        `path`: one of `gemm_paths("f32")` (default: the first)."""
+        `path`: an f32 path, as for `gemm`."""
         ctx = self._building(w, v)
-        path = self._gemm_path(w, path, (Type.F32,), "gemm_winograd")
+        code = self._gemm_code(w, path, "gemm_winograd")
+        self._need_f32(w, op="gemm_winograd")
         m = _integer(m, "gemm_winograd: m", 1)
         self._need_f32(v, op="gemm_winograd")
         self._need_contiguous(v, "gemm_winograd")
@@ -679,10 +547,10 @@ class Graph(_Closable):
         if v.ne[2:] != (16, 1):
             raise InputError(f"gemm_winograd: v {v!r} must be [C, T, 16, 1]")
         panels, k, _ = packed_shape(m, 9 * v.ne[0])
-        if w.ne != (_PANEL, k, panels, 1):
+        if w.ne != (PANEL, k, panels, 1):
             raise InputError(f"gemm_winograd: {w!r} is not packed 3x3 weights for m={m} and {v.ne[0]} channels "
-                             f"(want ne {(_PANEL, k, panels, 1)})")
-        return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, m, GEMM_PATHS[path]))
+                             f"(want ne {(PANEL, k, panels, 1)})")
+        return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, m, code))
 
     def gemm_int8(self, w: Tensor, x: Tensor, m: int, *, scales: Tensor, colsums: Tensor, x_scale: float,
                   x_zero: int, kernel: int = 1, stride: int = 1, padding: int = 0, bias: Tensor | None = None,
@@ -744,14 +612,12 @@ class Graph(_Closable):
             raise InputError(f"{op}: residual {residual!r} must have ne {out_ne}")
 
     @staticmethod
-    def _gemm_path(w: Tensor, path: str | None, types: tuple[Type, ...], op: str) -> str:
-        """`path`, or the first of `gemm_paths(w.type)` when None, checked to run w here (weights of `types`)."""
-        paths = gemm_paths(w.type) if w.type in types else ()
-        if path is None and paths:
-            path = paths[0]
-        if path not in paths:
-            raise InputError(f"{op}: path {path!r} cannot run {w!r} here; this CPU runs {paths or 'none'}")
-        return path
+    def _gemm_code(w: Tensor, path: str, op: str) -> int:
+        """csrc/gemm.h's number of `path`, checked to be a path for w's type that this CPU runs."""
+        if (not isinstance(path, str) or path not in GEMM_PATHS or Type.parse(GEMM_PATHS[path]) != w.type
+                or not gemm_path_supported(path)):
+            raise InputError(f"{op}: path {path!r} cannot run {w!r} on this CPU")
+        return _GEMM_CODES[path]
 
     def cont(self, a: Tensor) -> Tensor:
         """A contiguous copy of a (possibly strided) view."""

@@ -4,15 +4,12 @@
     model = pyggml_resnet.from_pretrained("resnet50.IMAGENET1K_V1")   # one weights version
     pyggml-resnet classify dog.jpg --model resnet50                   # the same from the command line
 
-Names are ``ARCH`` or ``ARCH.WEIGHTS`` (``ARCH:WEIGHTS`` is accepted too), ARCH one of resnet18/34/50/101/152,
-wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, resnext101_32x8d or resnext101_64x4d, and WEIGHTS a
-torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, or DEFAULT), matched without regard to case. A bare
-ARCH means torchvision's DEFAULT weights: IMAGENET1K_V2 where they exist, else IMAGENET1K_V1.
-`PRETRAINED` lists the 17 official checkpoints with torchvision 0.29.1's URLs and preprocessing.
+Names are those of the registry, `pyggml_resnet.pretrained` (``ARCH`` or ``ARCH.WEIGHTS``; `PRETRAINED`, its
+table of torchvision's 17 official checkpoints, and `resolve` are importable from here too).
 
 The first call downloads the checkpoint (stdlib urllib, streamed to a temporary file in the cache
-directory), verifies it, converts it once to GGUF in the cache (this step needs torch) and deletes the
-downloaded ``.pth``: only the GGUF is kept. Later calls load that GGUF and touch no network at all.
+directory: `atomic.scratch`, deleted on every way out), verifies it, converts it once to GGUF in the cache
+(this step needs torch) and deletes the downloaded ``.pth``: only the GGUF is kept. Later calls load that GGUF and touch no network at all.
 """
 
 from __future__ import annotations
@@ -23,119 +20,24 @@ import importlib.util
 import os
 import re
 import sys
-import tempfile
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 
-from .arch import BY_NAME, Preprocessing
+from . import atomic
+from .arch import BY_NAME
 from .dtypes import NAMES as DTYPES
 from .errors import Error, InputError, ModelFormatError
+from .pretrained import DEFAULT_WEIGHTS, PRETRAINED, Source, resolve  # noqa: F401 (also the hub's API)
 
 TIMEOUT = 30.0  # seconds: to connect, and for each read of the download (not for the whole transfer)
 CHUNK = 1 << 20  # bytes per read while streaming
 ENV_CACHE = "PYGGML_RESNET_CACHE"
 HASH_REGEX = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's check_hash convention: "resnet18-f37072fd.pth"
-# How `_gguf_path` names a cached file: ARCH.WEIGHTS.TAG.DTYPE.gguf (see Source.filename).
+# How `_gguf_path` names a cached file: ARCH.WEIGHTS.TAG.DTYPE.gguf (see `_stem`).
 _CACHED_NAME = re.compile(rf"({'|'.join(map(re.escape, BY_NAME))})\.[A-Za-z0-9_.-]+\.[a-f0-9]+\.({'|'.join(DTYPES)})\.gguf")
-
-_V1 = Preprocessing(resize=256, crop=224)  # torchvision's ImageClassification(crop_size=224)
-_V2 = Preprocessing(resize=232, crop=224)  # ImageClassification(crop_size=224, resize_size=232): the new recipe
-
 
 class DownloadError(Error, OSError):
     """A checkpoint could not be downloaded or failed its checksum. Nothing of the attempt is left behind."""
-
-
-@dataclass(frozen=True)
-class Pretrained:
-    """One official torchvision checkpoint."""
-
-    arch: str  # "resnet101"
-    weights: str  # "IMAGENET1K_V2"
-    url: str
-    preprocessing: Preprocessing
-
-    @property
-    def name(self) -> str:
-        return f"{self.arch}.{self.weights}"
-
-
-_BASE = "https://download.pytorch.org/models/"
-PRETRAINED: dict[str, Pretrained] = {p.name: p for p in (
-    # From torchvision 0.29.1, torchvision/models/resnet.py (ResNet*_Weights).
-    Pretrained("resnet18", "IMAGENET1K_V1", _BASE + "resnet18-f37072fd.pth", _V1),
-    Pretrained("resnet34", "IMAGENET1K_V1", _BASE + "resnet34-b627a593.pth", _V1),
-    Pretrained("resnet50", "IMAGENET1K_V1", _BASE + "resnet50-0676ba61.pth", _V1),
-    Pretrained("resnet50", "IMAGENET1K_V2", _BASE + "resnet50-11ad3fa6.pth", _V2),
-    Pretrained("resnet101", "IMAGENET1K_V1", _BASE + "resnet101-63fe2227.pth", _V1),
-    Pretrained("resnet101", "IMAGENET1K_V2", _BASE + "resnet101-cd907fc2.pth", _V2),
-    Pretrained("resnet152", "IMAGENET1K_V1", _BASE + "resnet152-394f9c45.pth", _V1),
-    Pretrained("resnet152", "IMAGENET1K_V2", _BASE + "resnet152-f82ba261.pth", _V2),
-    # ResNeXt*_Weights and Wide_ResNet*_Weights, the same file. resnext101_64x4d has only one version,
-    # trained with the new recipe, so its IMAGENET1K_V1 takes the V2 preprocessing.
-    Pretrained("resnext50_32x4d", "IMAGENET1K_V1", _BASE + "resnext50_32x4d-7cdf4587.pth", _V1),
-    Pretrained("resnext50_32x4d", "IMAGENET1K_V2", _BASE + "resnext50_32x4d-1a0047aa.pth", _V2),
-    Pretrained("resnext101_32x8d", "IMAGENET1K_V1", _BASE + "resnext101_32x8d-8ba56ff5.pth", _V1),
-    Pretrained("resnext101_32x8d", "IMAGENET1K_V2", _BASE + "resnext101_32x8d-110c445d.pth", _V2),
-    Pretrained("resnext101_64x4d", "IMAGENET1K_V1", _BASE + "resnext101_64x4d-173b62eb.pth", _V2),
-    Pretrained("wide_resnet50_2", "IMAGENET1K_V1", _BASE + "wide_resnet50_2-95faca4d.pth", _V1),
-    Pretrained("wide_resnet50_2", "IMAGENET1K_V2", _BASE + "wide_resnet50_2-9ba9bcbe.pth", _V2),
-    Pretrained("wide_resnet101_2", "IMAGENET1K_V1", _BASE + "wide_resnet101_2-32ee1156.pth", _V1),
-    Pretrained("wide_resnet101_2", "IMAGENET1K_V2", _BASE + "wide_resnet101_2-d733dc28.pth", _V2),
-)}
-# torchvision's *_Weights.DEFAULT
-DEFAULT_WEIGHTS = {"resnet18": "IMAGENET1K_V1", "resnet34": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2",
-                   "resnet101": "IMAGENET1K_V2", "resnet152": "IMAGENET1K_V2", "resnext50_32x4d": "IMAGENET1K_V2",
-                   "resnext101_32x8d": "IMAGENET1K_V2", "resnext101_64x4d": "IMAGENET1K_V1",
-                   "wide_resnet50_2": "IMAGENET1K_V2", "wide_resnet101_2": "IMAGENET1K_V2"}
-
-
-@dataclass(frozen=True)
-class Source:
-    """What `from_pretrained` downloads and how it labels the result."""
-
-    arch: str
-    weights: str  # recorded in the GGUF as resnet.weights
-    url: str
-    preprocessing: Preprocessing
-
-    @property
-    def filename(self) -> str:
-        """The cached GGUF's name without ".{dtype}.gguf": architecture, weights, and a tag for the file
-        downloaded (the hash prefix in the URL's file name, as in resnet18-f37072fd.pth, else a hash of the
-        URL)."""
-        tag = _url_hash_prefix(self.url) or hashlib.sha256(self.url.encode()).hexdigest()[:12]
-        return f"{self.arch}.{_safe(self.weights)}.{tag}"
-
-
-def resolve(name: str, url: str | None = None) -> Source:
-    """The checkpoint a name stands for (see the module docstring). Raises InputError for unknown names.
-
-    With ``url`` (a mirror, or your own checkpoint) the registry's URL is replaced. A registry name keeps its
-    weights name and preprocessing; ``ARCH.NAME`` with any other NAME means your own weights, recorded as
-    NAME, with torchvision's classic preprocessing (resize 256, crop 224).
-    """
-    if not isinstance(name, str):
-        raise InputError(f"a pretrained model name must be a string, got {type(name).__name__}")
-    if name.lower().endswith(".gguf"):
-        raise InputError(f"{name!r} is a file name, not a pretrained model name: use pyggml_resnet.load()")
-    arch, sep, weights = re.match(r"([^.:]*)([.:]?)(.*)$", name.strip(), re.S).groups()
-    arch, weights = arch.lower(), weights.strip()
-    if arch not in BY_NAME:
-        raise InputError(f"unknown pretrained model {name!r}: the architecture must be one of "
-                         f"{', '.join(BY_NAME)} (e.g. 'resnet50' or 'resnet50.IMAGENET1K_V1'); to load a "
-                         "converted file, give its path")
-    if sep and not weights:
-        raise InputError(f"{name!r}: give a weights name after {sep!r}, e.g. {arch}.{DEFAULT_WEIGHTS[arch]}")
-    wanted = DEFAULT_WEIGHTS[arch] if not weights or weights.upper() == "DEFAULT" else weights
-    entry = PRETRAINED.get(f"{arch}.{wanted.upper()}")
-    if entry is not None:
-        return Source(arch, entry.weights, url or entry.url, entry.preprocessing)
-    if url is None:
-        known = ", ".join(n for n in PRETRAINED if n.startswith(arch + "."))
-        raise InputError(f"no pretrained weights {name!r}; {arch} has {known} (or pass url= for your own)")
-    return Source(arch, wanted, url, Preprocessing())
 
 
 def is_path(spec: str) -> bool:
@@ -150,7 +52,7 @@ def open_model(spec: str, *, threads: int | None = None, dtype: str | None = Non
     """The model a spec names: `pyggml_resnet.load` for a file, else `from_pretrained` (downloaded and
     converted once)."""
     if is_path(spec):
-        from . import load
+        from .model import load
 
         return load(spec, threads=threads, dtype=dtype)
     return from_pretrained(spec, url=url, sha256=sha256, dtype=dtype or "f32", threads=threads)
@@ -178,7 +80,14 @@ def _cache_root(cache_dir) -> Path:
 
 
 def _gguf_path(source: Source, dtype: str, cache_dir) -> Path:
-    return _cache_root(cache_dir) / f"{source.filename}.{dtype}.gguf"
+    return _cache_root(cache_dir) / f"{_stem(source)}.{dtype}.gguf"
+
+
+def _stem(source: Source) -> str:
+    """The cached GGUF's name without ".{dtype}.gguf": architecture, weights, and a tag for the file
+    downloaded (the hash prefix in the URL's file name, as in resnet18-f37072fd.pth, else a hash of the URL)."""
+    tag = _url_hash_prefix(source.url) or hashlib.sha256(source.url.encode()).hexdigest()[:12]
+    return f"{source.arch}.{_safe(source.weights)}.{tag}"
 
 
 def from_pretrained(name: str, *, url: str | None = None, sha256: str | None = None, cache_dir=None,
@@ -268,19 +177,14 @@ def _download_and_convert(source: Source, out: Path, dtype: str, sha256: str | N
         raise Error(f"converting the downloaded checkpoint of {source.arch}.{source.weights} needs torch: "
                     "pip install torch (CPU is enough), or convert it elsewhere "
                     "(python -m pyggml_resnet.convert X.pth X.gguf) and load the .gguf file")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{_safe(_url_filename(source.url))}.", suffix=".part")
-    os.close(fd)
-    try:
-        _download(source.url, Path(tmp), sha256, progress)
+    with atomic.scratch(out.parent, _safe(_url_filename(source.url)), target=out) as tmp:  # only the GGUF stays
+        _download(source.url, tmp, sha256, progress)
         try:
             convert.convert(tmp, out, dtype=dtype, arch=source.arch, weights=source.weights,
                             preprocessing=source.preprocessing, progress=progress)
         except ModelFormatError as e:
             raise ModelFormatError(f"the file downloaded from {source.url} is not a usable {source.arch} "
                                    f"checkpoint: {e}") from e
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # success or not, only the GGUF stays
 
 
 def _reencode(f32: Path, out: Path, dtype: str, progress: bool) -> None:
@@ -311,35 +215,47 @@ def _safe(text: str) -> str:
 
 
 def _download(url: str, dest: Path, sha256: str | None, progress: bool) -> None:
-    """Streams `url` into `dest` and checks it. The caller deletes `dest` on failure."""
+    """Streams `url` into `dest` and checks it. The caller deletes `dest` on failure. Network failures raise
+    DownloadError; a failure to write `dest` (a full disk) is the OSError that says so, not a network one."""
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    chunks = _stream(url)
+    total = next(chunks)
+    with open(dest, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                                     desc=_url_filename(url), disable=not progress) as bar:
+        for chunk in chunks:
+            f.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+    _verify(url, digest.hexdigest(), sha256)
+
+
+def _stream(url: str):
+    """Yields the response's Content-Length (None if it has none), then its body in chunks. Every failure of
+    the network or the server raises DownloadError, with what to do about it."""
     import http.client  # these three take ~0.1 s to import (email parsing): only when downloading
     import urllib.error
     import urllib.request
 
-    from tqdm import tqdm
-
     hint = ("check the network connection, or pass url= (--url on the command line) a mirror, or download the "
             ".pth yourself, convert it with python -m pyggml_resnet.convert and load the .gguf")
-    digest = hashlib.sha256()
-    received = 0
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "pyggml_resnet"})
     except ValueError as e:
         raise InputError(f"not a URL: {url!r} ({e})") from None
+    received = 0
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response, open(dest, "wb") as f:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                      desc=_url_filename(url), disable=not progress) as bar:
-                while True:
-                    chunk = response.read(CHUNK)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
+            yield total
+            while True:
+                chunk = response.read(CHUNK)
+                if not chunk:
+                    break
+                received += len(chunk)
+                yield chunk
     except urllib.error.HTTPError as e:
         raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}; {hint}") from None
     except urllib.error.URLError as e:
@@ -349,7 +265,6 @@ def _download(url: str, dest: Path, sha256: str | None, progress: bool) -> None:
     if total is not None and received != total:
         raise DownloadError(f"could not download {url}: the connection closed after {received} of {total} "
                             f"bytes; {hint}")
-    _verify(url, digest.hexdigest(), sha256)
 
 
 def _verify(url: str, actual: str, sha256: str | None) -> None:

@@ -4,14 +4,9 @@ Like ggml's examples/mnist: one file, dispatch on `general.architecture`, every 
 checked against what the architecture expects. Anything wrong raises ModelFormatError; nothing from the
 file reaches ggml unchecked. Weights are read one at a time, as float32 NumPy arrays in PyTorch's shapes.
 
-The header, metadata and tensor table are parsed here, in pure Python, not with `gguf.GGUFReader`. On hostile
-input that reader loops and allocates without bound (a 149-byte file claiming a 2**40-item array grows it by
-~150 MB/s until the machine runs out of memory; a 48 MB file of two million empty tensor entries keeps it
-busy for more than 30 s), recurses on nested arrays, and reads through a memory map, which turns a file
-truncated while it is being read into SIGBUS, killing the process. This parser checks every count and length against the bytes left in the file and
-against fixed limits (`_MAX_*`) before using it, reads with plain `read()` calls, and keeps only the keys
-the loader uses, so whatever a file holds, reading it costs a bounded amount of memory and time, and a bad
-one raises ModelFormatError.
+The container (header, metadata, tensor table) is parsed by `gguf_container`, a bounded reader that knows
+nothing of ResNets; this module checks what it found against the ResNet schema (`arch`): the keys and their
+values, and every tensor's name, type, shape and extent.
 """
 
 from __future__ import annotations
@@ -19,41 +14,18 @@ from __future__ import annotations
 import math
 import os
 import stat
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import arch, dtypes, errors
+from .gguf_container import FLOAT_TYPES, INT_TYPES, STRING, Container, RawTensor, read_container
 from .arch import Key, Preprocessing, ResNetConfig
 from .errors import ModelFormatError
 
 _MAX_CLASSES = 1_000_000
-
-# The parser's limits. A valid ResNet file is far below each (resnet152: 777 tensors, 16 keys, ~24 KB of
-# metadata, mostly ImageNet's labels); they bound what a hostile file can make the parser do.
-_GGUF_MAGIC = b"GGUF"
-_VERSIONS = (2, 3)  # the same layout; version 1 had 32-bit counts
-_MAX_META_BYTES = 64 << 20  # header + metadata + tensor table (a million labels of ~40 bytes fit)
-_MAX_KV = 4096
-_MAX_TENSORS = 4096
-_MAX_ARRAY = 1 << 20  # items in one metadata array (>= _MAX_CLASSES labels)
-_MAX_KEY_BYTES = 1024
-_MAX_STRING_BYTES = 1 << 20  # one metadata string
-_MAX_NAME_BYTES = 63  # ggml's own limit on tensor names (GGML_MAX_NAME - 1)
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-_DEFAULT_ALIGNMENT = 32
-_FIRST_READ = 1 << 16  # bytes read to parse the header; doubled while the tables need more
-
-# GGUF metadata value types: code -> (name, struct format; None for STRING and ARRAY).
-_UINT32, _STRING, _ARRAY = 4, 8, 9
-_VALUE_TYPES = {0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"), 4: ("UINT32", "I"),
-                5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"), 8: ("STRING", None),
-                9: ("ARRAY", None), 10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d")}
-_INT_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})
-_FLOAT_TYPES = frozenset({6, 12})
-_KEPT_KEYS = frozenset(v for k, v in vars(Key).items() if k.isupper()) | {"general.alignment"}
+_KEYS = frozenset(v for k, v in vars(Key).items() if k.isupper())  # the metadata the schema reads
 
 
 @dataclass(frozen=True)
@@ -116,201 +88,7 @@ def _identity(st: os.stat_result) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The GGUF container: header, metadata, tensor table
-
-
-class _NeedMore(Exception):
-    """The parse ran past the bytes read so far (but not past the end of the file)."""
-
-
-@dataclass(frozen=True)
-class _RawTensor:
-    name: str
-    ne: tuple[int, ...]  # ggml order
-    type_code: int
-    offset: int  # relative to the data section
-
-
-@dataclass
-class _Container:
-    fields: dict  # key -> (type, value); type is a code, or (ARRAY, item code) with a tuple value
-    tensors: list[_RawTensor]
-    data_start: int
-    alignment: int
-
-
-class _Cursor:
-    """Reads little-endian values from a file whose first len(buf) bytes are in buf. Every length is checked
-    against the bytes left in the file before anything is read or allocated for it."""
-
-    def __init__(self, buf: bytes, size: int):
-        self.buf, self.size, self.pos = buf, size, 0
-
-    def take(self, n: int, what: str) -> int:
-        """Claims the next n bytes; returns where they start."""
-        start = self.pos
-        if n > self.size - start:
-            raise ModelFormatError(f"the file ends inside {what} (at byte {start}, {n} bytes needed, "
-                                   f"{self.size - start} left; truncated?)")
-        if start + n > _MAX_META_BYTES:
-            raise ModelFormatError(f"the header, metadata and tensor table are larger than {_MAX_META_BYTES} "
-                                   f"bytes (reached at {what})")
-        if start + n > len(self.buf):
-            raise _NeedMore
-        self.pos = start + n
-        return start
-
-    def unpack(self, fmt: str, what: str) -> tuple:
-        return struct.unpack_from("<" + fmt, self.buf, self.take(struct.calcsize("<" + fmt), what))
-
-    def u32(self, what: str) -> int:
-        return self.unpack("I", what)[0]
-
-    def u64(self, what: str) -> int:
-        return self.unpack("Q", what)[0]
-
-    def string(self, what: str, limit: int, keep: bool = True) -> str | None:
-        n = self.u64(f"the length of {what}")
-        if n > limit:
-            raise ModelFormatError(f"{what} claims {n} bytes, more than the {limit} allowed")
-        start = self.take(n, what)
-        if not keep:
-            return None
-        try:
-            return self.buf[start:start + n].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ModelFormatError(f"{what} is not valid UTF-8") from None
-
-
-def _value(c: _Cursor, type_code: int, what: str, keep: bool):
-    """(type, value) of one metadata value; value is None unless kept."""
-    if type_code not in _VALUE_TYPES:
-        raise ModelFormatError(f"{what} has unknown value type {type_code}")
-    if type_code == _STRING:
-        return type_code, c.string(what, _MAX_STRING_BYTES, keep)
-    if type_code != _ARRAY:
-        value = c.unpack(_VALUE_TYPES[type_code][1], what)[0]
-        return type_code, (value if keep else None)
-    item_type = c.u32(f"the item type of {what}")
-    count = c.u64(f"the length of {what}")
-    if item_type == _ARRAY:
-        raise ModelFormatError(f"{what} is an array of arrays, which no model key is")
-    if item_type not in _VALUE_TYPES:
-        raise ModelFormatError(f"{what} is an array of unknown value type {item_type}")
-    if count > _MAX_ARRAY:
-        raise ModelFormatError(f"{what} claims {count} items, more than the {_MAX_ARRAY} allowed")
-    if item_type == _STRING:
-        if count * 8 > c.size - c.pos:  # each string takes at least its 8-byte length
-            raise ModelFormatError(f"{what} claims {count} strings, more than the rest of the file can hold "
-                                   "(truncated?)")
-        items = [c.string(f"item {i} of {what}", _MAX_STRING_BYTES, keep) for i in range(count)]
-    else:
-        fmt = _VALUE_TYPES[item_type][1]
-        start = c.take(count * struct.calcsize("<" + fmt), f"the {count} items of {what}")
-        items = struct.unpack_from(f"<{count}{fmt}", c.buf, start) if keep else ()
-    return (_ARRAY, item_type), (tuple(items) if keep else None)
-
-
-def _parse(c: _Cursor) -> _Container:
-    start = c.take(4, "the magic number")
-    magic = bytes(c.buf[start:start + 4])
-    if magic != _GGUF_MAGIC:
-        raise ModelFormatError(f"not a GGUF file (it starts with {magic!r}, not {_GGUF_MAGIC!r})")
-    version = c.u32("the version")
-    if version not in _VERSIONS:
-        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
-        if swapped in _VERSIONS:
-            raise ModelFormatError(f"a big-endian GGUF file (version {swapped}): only little-endian is supported")
-        raise ModelFormatError(f"GGUF version {version} is not supported (only {' and '.join(map(str, _VERSIONS))})")
-    n_tensors = c.u64("the tensor count")
-    n_kv = c.u64("the metadata count")
-    if n_tensors > _MAX_TENSORS:
-        raise ModelFormatError(f"the header claims {n_tensors} tensors, more than the {_MAX_TENSORS} allowed")
-    if n_kv > _MAX_KV:
-        raise ModelFormatError(f"the header claims {n_kv} metadata keys, more than the {_MAX_KV} allowed")
-
-    fields = {}
-    for i in range(n_kv):
-        key = c.string(f"the name of metadata key {i}", _MAX_KEY_BYTES)
-        if key in fields:
-            raise ModelFormatError(f"metadata key {key!r} appears twice")
-        type_code = c.u32(f"the type of metadata key {key!r}")
-        fields[key] = _value(c, type_code, f"metadata key {key!r}", keep=key in _KEPT_KEYS)
-
-    tensors = []
-    for i in range(n_tensors):
-        name = c.string(f"the name of tensor {i}", _MAX_NAME_BYTES)
-        n_dims = c.u32(f"the dimension count of tensor {name!r}")
-        if n_dims > _MAX_DIMS:
-            raise ModelFormatError(f"tensor {name!r} claims {n_dims} dimensions, more than ggml's {_MAX_DIMS}")
-        ne = c.unpack(f"{n_dims}Q", f"the dimensions of tensor {name!r}")
-        type_code, offset = c.unpack("IQ", f"the type and offset of tensor {name!r}")
-        tensors.append(_RawTensor(name, ne, type_code, offset))
-
-    alignment = _DEFAULT_ALIGNMENT
-    if "general.alignment" in fields:
-        kind, alignment = fields["general.alignment"]
-        if kind != _UINT32:
-            raise ModelFormatError(f"general.alignment must be a UINT32 power of two, got {_type_name(kind)}")
-        if not (alignment > 0 and alignment & (alignment - 1) == 0):
-            raise ModelFormatError(f"general.alignment must be a UINT32 power of two, got {alignment}")
-    data_start = c.pos + -c.pos % alignment
-    return _Container(fields, tensors, data_start, alignment)
-
-
-def _read_container(path: Path, size: int) -> _Container:
-    """Parses the header, metadata and tensor table, reading only as much of the file as they take."""
-    n = min(size, _FIRST_READ)
-    with open(path, "rb") as f:
-        while True:
-            f.seek(0)
-            buf = f.read(n)
-            if len(buf) != n:
-                raise ModelFormatError(f"{path}: the file shrank while it was read")
-            try:
-                return _parse(_Cursor(buf, size))
-            except _NeedMore:
-                n = min(size, 2 * n, _MAX_META_BYTES)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The metadata
-
-
-def _type_name(kind) -> str:
-    if isinstance(kind, tuple):
-        return f"ARRAY[{_VALUE_TYPES[kind[1]][0]}]"
-    return _VALUE_TYPES[kind][0]
-
-
-def _get(fields, key: str, allowed, what: str, *, array: bool = False, required: bool = True):
-    """The value of `key`: a scalar or string whose type code is in `allowed`, or with `array`, a tuple
-    whose item type code is in `allowed`."""
-    if key not in fields:
-        if required:
-            raise ModelFormatError(f"missing metadata key {key!r}")
-        return None
-    kind, value = fields[key]
-    ok = isinstance(kind, tuple) and kind[1] in allowed if array else not isinstance(kind, tuple) and kind in allowed
-    if not ok:
-        raise ModelFormatError(f"metadata key {key!r} must be {what}, got {_type_name(kind)}")
-    return value
-
-
-def _string(fields, key, required=True):
-    return _get(fields, key, frozenset({_STRING}), "a STRING", required=required)
-
-
-def _integer(fields, key, required=True):
-    return _get(fields, key, _INT_TYPES, "an integer", required=required)
-
-
-def _float(fields, key):
-    return _get(fields, key, _FLOAT_TYPES, "a FLOAT32 or FLOAT64")
-
-
-def _array(fields, key, item_types, what):
-    return list(_get(fields, key, item_types, f"an ARRAY of {what}", array=True))
+# The ResNet schema
 
 
 def _positive_int(value: int, key: str, limit: int) -> int:
@@ -319,43 +97,43 @@ def _positive_int(value: int, key: str, limit: int) -> int:
     return value
 
 
-def _metadata(fields) -> tuple[ResNetConfig, int, tuple[str, ...], float, Preprocessing, str]:
-    architecture = _string(fields, Key.ARCH)
+def _metadata(c: Container) -> tuple[ResNetConfig, int, tuple[str, ...], float, Preprocessing, str]:
+    architecture = c.string(Key.ARCH)
     if architecture != arch.GGUF_ARCH:
         raise ModelFormatError(f"general.architecture is {architecture[:100]!r}, expected {arch.GGUF_ARCH!r}")
-    block = _string(fields, Key.BLOCK)
+    block = c.string(Key.BLOCK)
     if block not in ("basic", "bottleneck"):
         raise ModelFormatError(f"{Key.BLOCK} is {block[:100]!r}, expected 'basic' or 'bottleneck'")
-    layers = _array(fields, Key.LAYERS, _INT_TYPES, "integers")
+    layers = c.array(Key.LAYERS, INT_TYPES, "integers")
     if len(layers) != 4:
         raise ModelFormatError(f"{Key.LAYERS} must list 4 stages, got {layers[:8]!r}"
                                + (f" ({len(layers)} items)" if len(layers) > 8 else ""))
     # Files written before Wide ResNet and ResNeXt support have no groups key (and width 64): plain ResNets.
-    groups, width = _integer(fields, Key.GROUPS, required=False), _integer(fields, Key.WIDTH, required=False)
+    groups, width = c.integer(Key.GROUPS, required=False), c.integer(Key.WIDTH, required=False)
     cfg = arch.config_for(block, layers, 1 if groups is None else _positive_int(groups, Key.GROUPS, arch.MAX_GROUPS),
                           64 if width is None else _positive_int(width, Key.WIDTH, arch.MAX_WIDTH_PER_GROUP))
-    depth = _integer(fields, Key.DEPTH)
+    depth = c.integer(Key.DEPTH)
     if depth != cfg.depth:
         raise ModelFormatError(f"{Key.DEPTH} is {depth} but the blocks describe {cfg.name}")
-    num_classes = _positive_int(_integer(fields, Key.NUM_CLASSES), Key.NUM_CLASSES, _MAX_CLASSES)
-    labels = tuple(_array(fields, Key.LABELS, frozenset({_STRING}), "strings"))
+    num_classes = _positive_int(c.integer(Key.NUM_CLASSES), Key.NUM_CLASSES, _MAX_CLASSES)
+    labels = tuple(c.array(Key.LABELS, frozenset({STRING}), "strings"))
     if len(labels) != num_classes:
         raise ModelFormatError(f"{Key.LABELS} must hold {num_classes} strings, got {len(labels)}")
-    eps = _float(fields, Key.BN_EPS)
+    eps = c.real(Key.BN_EPS)
     if not (math.isfinite(eps) and 0 < eps < 1):
         raise ModelFormatError(f"{Key.BN_EPS} must be in (0, 1), got {eps!r}")
-    pre = Preprocessing(resize=_integer(fields, Key.RESIZE), crop=_integer(fields, Key.CROP),
-                        mean=tuple(_array(fields, Key.MEAN, _FLOAT_TYPES, "floats")),
-                        std=tuple(_array(fields, Key.STD, _FLOAT_TYPES, "floats")),
-                        interpolation=_string(fields, Key.INTERPOLATION))
+    pre = Preprocessing(resize=c.integer(Key.RESIZE), crop=c.integer(Key.CROP),
+                        mean=tuple(c.array(Key.MEAN, FLOAT_TYPES, "floats")),
+                        std=tuple(c.array(Key.STD, FLOAT_TYPES, "floats")),
+                        interpolation=c.string(Key.INTERPOLATION))
     problem = pre.problem(keys=True)
     if problem:
         raise ModelFormatError(problem)
-    weights_name = _string(fields, Key.WEIGHTS, required=False) or "custom"
+    weights_name = c.string(Key.WEIGHTS, required=False) or "custom"
     return cfg, num_classes, labels, eps, pre, weights_name
 
 
-def _tensor_info(t: _RawTensor, expected: tuple[int, ...], data_start: int, alignment: int,
+def _tensor_info(t: RawTensor, expected: tuple[int, ...], data_start: int, alignment: int,
                  size: int) -> TensorInfo:
     """Checks one tensor's type, shape and extent in the file, without reading its data."""
     name = t.name
@@ -394,8 +172,8 @@ def read(path: str | os.PathLike) -> ModelFile:
         raise ModelFormatError(f"{path} is not a regular file")
     size = st.st_size
     with errors.in_file(path):
-        container = _read_container(path, size)
-        cfg, num_classes, labels, eps, pre, weights_name = _metadata(container.fields)
+        container = read_container(path, size, _KEYS)
+        cfg, num_classes, labels, eps, pre, weights_name = _metadata(container)
         arch.check_tensor_names(cfg, num_classes, [t.name for t in container.tensors])
         expected = arch.expected_tensors(cfg, num_classes)
         found = {t.name: t for t in container.tensors}

@@ -12,7 +12,8 @@ import numpy as np
 
 from . import arch, loader, resnet
 from .errors import InputError
-from .ggml import GEMM_PATHS, Backend, Graph, Type, _Closable, gemm_paths
+from .ggml import Backend, Graph, Type, _Closable
+from .plan import check_gemm, plan_model
 
 MAX_BATCH = 16  # larger inputs run in chunks of this many images, reusing one graph
 MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
@@ -20,34 +21,6 @@ MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
 # pixels (~190 MiB): 16 images of 224x224, 4 of 448x448, one of anything larger.
 MAX_CHUNK_PIXELS = MAX_BATCH * 224 * 224
 _GRAPH_CACHE = 4  # compiled graphs kept per model (one per input shape in use)
-GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS)  # load(gemm=...): our packed GEMM, ggml's mul_mat, or a forced path
-
-
-def _check_gemm(gemm) -> None:
-    if gemm is not None and gemm not in GEMM_CHOICES:
-        raise InputError(f"gemm must be one of {GEMM_CHOICES} or None, got {gemm!r}")
-
-
-def gemm_path(gemm: str | None, wtype: Type) -> str | None:
-    """The packed GEMM path a model with these options uses, or None for ggml's mul_mat (see `load`)."""
-    _check_gemm(gemm)
-    paths = gemm_paths(wtype) if wtype in (Type.F32, Type.BF16) else ()
-    if gemm is None:
-        return paths[0] if paths else None
-    if gemm == "ggml":
-        return None
-    if wtype not in (Type.F32, Type.BF16):
-        raise InputError(f"the packed GEMM is f32 and bf16 only: use gemm='ggml' for {wtype.name.lower()} weights")
-    if gemm == "packed":
-        if not paths:
-            needs = "AVX512-BF16" if wtype == Type.BF16 else "AVX2 and FMA"
-            raise InputError(f"this CPU has no packed GEMM path for {wtype.name.lower()} (it needs {needs}): "
-                             "use gemm='ggml'")
-        return paths[0]
-    if gemm not in paths:
-        raise InputError(f"this CPU cannot run the packed GEMM's {gemm} path for {wtype.name.lower()} weights; "
-                         f"it runs: {', '.join(paths) or 'none'}")
-    return gemm
 
 
 @dataclass(frozen=True)
@@ -77,10 +50,12 @@ class Model(_Closable):
                  batchnorm: str = "folded", dtype: str | None = None, winograd: bool | None = None,
                  gemm: str | None = None):
         resnet.check_batchnorm(batchnorm)
-        wtype = Type.parse(dtype or model_file.dtype)
-        path = gemm_path(gemm, wtype)
-        self.dtype = wtype.name.lower()
-        self.gemm = path or "ggml"  # what runs the matrix products: a packed GEMM path, or ggml's mul_mat
+        # The path of a load, top-down: the file (read), the plan, the weights arranged by the plan, and (per
+        # input shape, in `_graph`) the graph built by the plan.
+        self._plan = plan_model(model_file.config, model_file.num_classes, dtype=Type.parse(dtype or model_file.dtype),
+                                gemm=gemm, winograd=winograd, batchnorm=batchnorm)
+        self.dtype = self._plan.weight_type.name.lower()
+        self.gemm = self._plan.gemm  # what runs the matrix products: a packed GEMM path, or ggml's mul_mat
         self.config = model_file.config
         self.num_classes = model_file.num_classes
         self.labels = model_file.labels
@@ -91,11 +66,9 @@ class Model(_Closable):
         self._eps = model_file.eps
         self._lock = threading.RLock()
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
-        self._winograd = winograd
-        self._layout = resnet.layouts(self.config, wtype, winograd, path, model_file.infos["fc.weight"].shape)
         self._backend = Backend(threads)
         try:
-            self._weights = resnet.upload_weights(self._backend, model_file, batchnorm, wtype, self._layout)
+            self._weights = resnet.upload_weights(self._backend, model_file, self._plan)
         except BaseException:
             self._backend.close()
             raise
@@ -276,8 +249,7 @@ class Model(_Closable):
             return self._graphs[key]
         graph = Graph(self._backend, max_nodes=resnet.max_nodes(self.config, n))
         try:
-            out = resnet.build(graph, self._weights, self.config, self._eps, self.batchnorm, n, h, w, self._layout,
-                               self._winograd, stages)
+            out = resnet.build(graph, self._weights, self.config, self._eps, self._plan, n, h, w, stages)
             names = resnet.STAGES + ("features", "logits") if stages else ("features", "logits", "probs")
             graph.finalize(*(out[k] for k in names))
         except BaseException:
@@ -306,7 +278,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
          dtype: str | None = None, winograd: bool | None = None, gemm: str | None = None) -> Model:
     """Loads a GGUF model file written by `python -m pyggml_resnet.convert`.
 
-    threads: CPU threads per computation (default: `ggml.default_threads()`: OMP_NUM_THREADS if set, else
+    threads: CPU threads per computation (default: `cpu.default_threads()`: OMP_NUM_THREADS if set, else
         every CPU this process may use, within its cgroup's CPU quota).
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
@@ -327,7 +299,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
     resnet.check_batchnorm(batchnorm)
     if dtype is not None:
         Type.parse(dtype)
-    _check_gemm(gemm)
+    check_gemm(gemm)
     if winograd is not None and not isinstance(winograd, bool):
         raise InputError(f"winograd must be True, False or None, got {winograd!r}")
     return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype, winograd=winograd, gemm=gemm)

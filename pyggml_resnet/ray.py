@@ -8,9 +8,10 @@
     ds = pr.predict(ds, "resnet50", output="features")  # = ds.map_batches(pr.Predictor, **pr.map_batches_kwargs(...))
     ds.write_parquet("embeddings/")                       # path, features, error
 
-`Predictor` is the callable class for `Dataset.map_batches`: each actor loads the model once, from a GGUF
-path or a registry name (`pyggml_resnet.from_pretrained`); a `Model` object never travels between processes
-(pickling one raises TypeError). It reads the "image" column when there is one (uint8 HxWx3 images from
+`Predictor` (from `pyggml_resnet.predictor`: the rows the CLI computes too) is the callable class for
+`Dataset.map_batches`: each actor loads the model once, from a GGUF path or a registry name
+(`pyggml_resnet.from_pretrained`); a `Model` object never travels between processes (pickling one raises
+TypeError). It reads the "image" column when there is one (uint8 HxWx3 images from
 `ray.data.read_images(..., mode="RGB")`), else the "path" column, and returns one row per input row:
 
     output="classify":  path, labels, indices, probs (top-k, as the CLI's JSON lines), error
@@ -39,116 +40,12 @@ import warnings
 import numpy as np
 
 from .errors import InputError
-from .model import MAX_BATCH, Model, top_predictions
-
-OUTPUTS = ("classify", "logits", "features")
-
-
-def _assigned_cpus() -> int | None:
-    """The CPUs Ray gave this actor or task (at least 1 when a fraction), or None outside a Ray worker."""
-    if "ray" not in sys.modules:  # not running under Ray: do not import it for nothing
-        return None
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    return None if cpus is None else max(1, int(cpus))
-
-
-class Predictor:
-    """A callable class for `Dataset.map_batches` (batch_format="numpy"); see the module's docstring.
-
-    model: a GGUF path or a registry name such as "resnet50" (loaded once per actor; a registry name is
-        downloaded into each node's cache on first use: see docs/scaling.md). Never a `Model` object.
-    output: "classify", "logits" or "features".
-    top_k: classes per row for "classify".
-    threads: ggml threads per actor; default the CPUs Ray assigned to the actor (its `num_cpus`), so actors
-        never oversubscribe the machine. Outside Ray, the package's default.
-    dtype: weight type at load, as for `pyggml_resnet.load` (default: as stored).
-    """
-
-    def __init__(self, model: str | os.PathLike, *, output: str = "classify", top_k: int = 5,
-                 threads: int | None = None, dtype: str | None = None):
-        from .hub import open_model
-
-        if isinstance(model, Model):
-            raise TypeError("Predictor takes the model's path or registry name, not a loaded Model: "
-                            "each actor loads its own copy")
-        _check_output(output)
-        self._setup(open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype), output, top_k)
-
-    @classmethod
-    def around(cls, model: Model, *, output: str = "classify", top_k: int = 5) -> Predictor:
-        """A Predictor on a model already open in this process (the CLI's in-process path), which stays the
-        caller's to close. Not for Ray: a Model cannot travel to an actor."""
-        _check_output(output)
-        self = cls.__new__(cls)
-        self._setup(model, output, top_k)
-        return self
-
-    def _setup(self, model: Model, output: str, top_k: int) -> None:
-        self.output = output
-        self.model = model
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.model.num_classes:
-            raise InputError(f"top_k must be an integer from 1 to {self.model.num_classes}, got {top_k!r}")
-        self.top_k = top_k
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if "image" in batch:
-            sources = batch["image"]
-        elif "path" in batch:
-            sources = batch["path"]
-        else:
-            raise InputError(f"Predictor needs an 'image' or a 'path' column, got {sorted(batch)}")
-        n = len(sources)
-        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * n
-        errors: list[str | None] = [None] * n
-        arrays, good = [], []
-        for i, source in enumerate(sources):
-            try:
-                arrays.append(self.model.preprocess(source))
-                good.append(i)
-            except Exception as e:  # any undecodable image: one error row, never a failed job
-                errors[i] = str(e) if paths[i] is None or paths[i] in str(e) else f"{paths[i]}: {e}"
-        out = {"path": np.array(paths, dtype=object)}
-        out.update(self._results(np.stack(arrays) if arrays else None, good, n))
-        out["error"] = np.array(errors, dtype=object)
-        return out
-
-    def _results(self, x: np.ndarray | None, good: list[int], n: int) -> dict[str, np.ndarray]:
-        model = self.model
-        if self.output == "classify":
-            labels, indices, probs = ([[] for _ in range(n)] for _ in range(3))
-            for i, p in zip(good, model.probabilities(x) if x is not None else []):
-                top = top_predictions(p, self.top_k, model.labels)
-                labels[i] = [t.label for t in top]
-                indices[i] = [t.index for t in top]
-                probs[i] = [round(t.prob, 6) for t in top]  # as the CLI's rows
-            return {"labels": _objects(labels), "indices": _objects(indices), "probs": _objects(probs)}
-        width = model.feature_dim if self.output == "features" else model.num_classes
-        result = np.full((n, width), np.nan, np.float32)  # NaN marks an error row's missing vector
-        if x is not None:
-            result[good] = model.features(x) if self.output == "features" else model.logits(x)
-        return {self.output: result}
-
-
-def _check_output(output: str) -> None:
-    if output not in OUTPUTS:
-        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-
+from .model import MAX_BATCH, Model
+from .predictor import Predictor
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _objects(items: list) -> np.ndarray:
-    """A 1-D object array of lists (np.array would make a 2-D array when the lists have equal lengths)."""
-    arr = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        arr[i] = item
-    return arr
 
 
 def map_batches_kwargs(model: str | os.PathLike, *, output: str = "classify", top_k: int = 5,
@@ -221,13 +118,13 @@ def _path_blocks(paths: list[str], batch_size: int):
 
 def run_cli(args, paths: list) -> int:
     """`pyggml-resnet classify ... --ray [ADDRESS] --out FILE`: Predictor on Ray actors, every image a row (bad
-    ones an error row), written by the CLI's one writer (`cli.write_results`)."""
+    ones an error row), written by the CLI's one writer (`results.write_results`)."""
     import logging
     import time
 
     import ray
 
-    from .cli import write_results
+    from .results import write_results
 
     for option in ("verbose", "url", "sha256", "max_pixels"):
         if getattr(args, option):

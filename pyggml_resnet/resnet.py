@@ -14,8 +14,9 @@ import numpy as np
 from . import arch, layers
 from .arch import Conv, ResNetConfig, convolutions
 from .errors import InputError, ModelFormatError
-from .ggml import Graph, Tensor, Type, Weights, pack_matrix, packed_shape
+from .ggml import Graph, Tensor, Type, Weights
 from .loader import ModelFile
+from .plan import Layout, MatrixPlan, ModelPlan
 
 BATCHNORM_MODES = ("folded", "explicit")
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -27,84 +28,67 @@ def check_batchnorm(mode) -> None:
         raise InputError(f"batchnorm must be one of {BATCHNORM_MODES}, got {mode!r}")
 
 
-def _matrix_type(wtype: Type, k: int) -> Type:
-    # A row length that does not fill whole blocks cannot be stored quantized: keep those weights f32.
-    return wtype if k % wtype.block_size == 0 else Type.F32
+_BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
-def layouts(cfg: ResNetConfig, wtype: Type, winograd: bool | None, gemm: str | None,
-            fc_shape: tuple[int, int]) -> dict[str, str]:
-    """Each conv's and the fc's weight layout (`layers.matrix_layout`) under the model's options, by
-    weight name."""
-    out = {conv.name: layers.matrix_layout(conv.shape, conv.stride, conv.padding, wtype, winograd=winograd, gemm=gemm,
-                                           groups=conv.groups)
-           for conv in convolutions(cfg)}
-    out["fc.weight"] = layers.matrix_layout(fc_shape, 1, 0, wtype, winograd=False, gemm=gemm)
-    return out
-
-
-def upload_weights(backend, mf: ModelFile, batchnorm: str, wtype: Type, layout: dict[str, str]) -> Weights:
-    """The model's tensors arranged for `build` in the given `layouts`, rounded to `wtype` where reduced,
-    in one backend buffer.
+def upload_weights(backend, mf: ModelFile, plan: ModelPlan) -> Weights:
+    """The model's tensors arranged for `build` as `plan` says, in one backend buffer.
 
     Tensors stream from the file one convolution at a time, so loading holds one model-sized copy: ggml's.
     """
-    plan: dict[str, tuple[Type, tuple[int, ...]]] = {}  # name -> (type, host shape), in upload order
-    for conv in convolutions(mf.config):
-        host_shape = layers.conv_weight_shape(mf.infos[conv.name].shape, layout[conv.name])
-        plan[conv.name] = (_matrix_type(wtype, host_shape[-1]), host_shape)
-        vectors = ("folded_bias",) if batchnorm == "folded" else ("weight", "bias", "running_mean", "running_var")
-        for p in vectors:
-            plan[f"{conv.bn}.{p}"] = (Type.F32, (conv.out_ch,))
-    fc = mf.infos["fc.weight"].shape
-    packed_fc = layout["fc.weight"] != layers.PLAIN
-    fc_type = _matrix_type(wtype, fc[1])
-    plan["fc.weight"] = (fc_type, packed_shape(*fc, fc_type) if packed_fc else fc)
-    plan["fc.bias"] = (Type.F32, (fc[0],))
+    specs: dict[str, tuple[Type, tuple[int, ...]]] = {}  # name -> (type, host shape), in upload order
+    vectors = ("folded_bias",) if plan.batchnorm == "folded" else _BN_PARAMS
+    for m in plan.matrices.values():
+        specs[m.name] = (m.weight_type, m.stored_shape)
+        for p in vectors if m.conv else ():
+            specs[f"{m.conv.bn}.{p}"] = (Type.F32, (m.conv.out_ch,))
+    specs["fc.bias"] = (Type.F32, (plan.fc.shape[0],))
 
-    weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in plan.items()})
+    weights = Weights(backend, {name: (ty, tuple(reversed(shape))) for name, (ty, shape) in specs.items()})
 
-    def put(name: str, make, folded: tuple[str, np.ndarray] | None = None) -> None:
-        """Stores a conv's or the fc's matrix, make(out=None). Packed f32 weights are packed straight into
-        the weights' memory, make(out=...): no host copy to make, fault in and copy again. `folded`: the
-        name and bias of a BatchNorm folded into it, refused (ModelFormatError) where folding overflowed."""
-        ttype, shape = plan[name]
+    def put(m: MatrixPlan, w: np.ndarray, folded: tuple[str, np.ndarray, np.ndarray] | None) -> None:
+        """Stores a conv's or the fc's weights `w` as its plan `m` says. Packed f32 weights are packed straight
+        into the weights' memory: no host copy to make, fault in and copy again. `folded`: the name, scale
+        and bias of a BatchNorm folded into it, refused (ModelFormatError) where folding overflowed."""
+        scale = None if folded is None else folded[1]
 
-        def checked(m: np.ndarray) -> np.ndarray:
-            if folded is not None and not (np.isfinite(m).all() and np.isfinite(folded[1]).all()):
-                raise ModelFormatError(f"{mf.path}: folding {folded[0]} into {name} overflows float32")
-            return m
-        if ttype == Type.F32 and layout[name] not in (layers.PLAIN, layers.WINOGRAD):
-            weights.fill(name, lambda a: checked(make(out=a.reshape(shape))))
+        def checked(a: np.ndarray) -> np.ndarray:
+            if folded is not None and not (np.isfinite(a).all() and np.isfinite(folded[2]).all()):
+                raise ModelFormatError(f"{mf.path}: folding {folded[0]} into {m.name} overflows float32")
+            return a
+        if m.weight_type == Type.F32 and m.layout is Layout.PACKED:
+            weights.fill(m.name, lambda a: checked(layers.arrange_weight(w, m, scale, out=a.reshape(m.stored_shape))))
         else:
-            weights.set(name, ttype.encode(checked(make())))
+            weights.set(m.name, m.weight_type.encode(checked(layers.arrange_weight(w, m, scale))))
 
     # Every matrix is read into this one buffer, each in turn, and used before the next read.
     scratch = np.empty(max(info.n_bytes for info in mf.infos.values()), np.uint8)
     weights.prefault()  # every byte of it is written below
     try:
-        for conv in convolutions(mf.config):
-            bn_values = {p: mf.tensor(f"{conv.bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")}
-            scale = folded = None
-            if batchnorm == "folded":
-                with np.errstate(over="ignore"):  # an overflow is refused by `put`, as a bad file
-                    scale, bias = layers.batchnorm_scale_bias(bn_values["weight"], bn_values["bias"],
-                                                              bn_values["running_mean"], bn_values["running_var"],
-                                                              mf.eps)
-                weights.set(f"{conv.bn}.folded_bias", bias)
-                folded = conv.bn, bias
-            else:
-                for p, v in bn_values.items():
-                    weights.set(f"{conv.bn}.{p}", v)
-            w = mf.tensor(conv.name, scratch)
-            put(conv.name, lambda out=None: layers.conv_weight(w, layout[conv.name], scale, out=out), folded)
-        fc_weight = mf.tensor("fc.weight", scratch)
-        put("fc.weight", lambda out=None: pack_matrix(fc_weight, fc_type, out=out) if packed_fc else fc_weight)
+        for m in plan.matrices.values():
+            folded = _upload_batchnorm(weights, mf, m.conv, plan.batchnorm) if m.conv is not None else None
+            put(m, mf.tensor(m.name, scratch), folded)
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()
         raise
     return weights
+
+
+def _upload_batchnorm(weights: Weights, mf: ModelFile, conv: Conv,
+                      batchnorm: str) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """Stores the BatchNorm after `conv`: its four vectors ("explicit"), or the bias of it folded into the
+    conv ("folded"), then returned with its name and scale for the conv's weights (may overflow: see `put`)."""
+    values = {p: mf.tensor(f"{conv.bn}.{p}") for p in _BN_PARAMS}
+    if batchnorm != "folded":
+        for p, v in values.items():
+            weights.set(f"{conv.bn}.{p}", v)
+        return None
+    with np.errstate(over="ignore"):  # an overflow is refused by `put`, as a bad file
+        scale, bias = layers.batchnorm_scale_bias(values["weight"], values["bias"], values["running_mean"],
+                                                  values["running_var"], mf.eps)
+    weights.set(f"{conv.bn}.folded_bias", bias)
+    return conv.bn, scale, bias
 
 
 # The stem and stages 1..PER_IMAGE_STAGES run image by image, then the later stages over the whole batch:
@@ -129,25 +113,18 @@ def max_nodes(cfg: ResNetConfig, batch: int = 1) -> int:
     return 18 * (early * copies + n_convs - early) + 64 + 8 * copies
 
 
-def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
-          batch: int, height: int, width: int, layout: dict[str, str], winograd: bool | None,
-          stages: bool = False) -> dict[str, Tensor]:
-    """Adds the forward pass to `g`, for weights uploaded with these `layout`s; `winograd` as for
-    `layers.packed_winograd` (convs with other layouts are as `layout` says). Returns the input ("image",
-    ggml [3, W, H, N]: NumPy NHWC) and the outputs: "features" ([F, N]), "logits" and "probs" ([classes, N]),
-    "layer3" and "layer4" ([C, W, H, N]), and with `stages` also "stem", "layer1" and "layer2" (else they
-    may exist only image by image, see PER_IMAGE_STAGES)."""
+def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, batch: int, height: int,
+          width: int, stages: bool = False) -> dict[str, Tensor]:
+    """Adds the forward pass to `g`, for weights uploaded by `upload_weights` with this `plan`, each matrix
+    multiplied as its plan says. Returns the input ("image", ggml [3, W, H, N]: NumPy NHWC) and the outputs:
+    "features" ([F, N]), "logits" and "probs" ([classes, N]), "layer3" and "layer4" ([C, W, H, N]), and with
+    `stages` also "stem", "layer1" and "layer2" (else they may exist only image by image, see PER_IMAGE_STAGES)."""
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
-        bn = conv.bn
-        wino = layers.packed_winograd(layout[conv.name], conv.shape, conv.stride, conv.padding, w[conv.name].type,
-                                      winograd, (x.ne[1], x.ne[2]))
-        args = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding, layout=layout[conv.name],
-                    channels=conv.out_ch, groups=conv.groups, winograd=wino)
-        if batchnorm == "folded":
+        bn, m = conv.bn, plan[conv.name]
+        if plan.batchnorm == "folded":
             # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
-            return layers.conv2d(g, x, w[conv.name], **args, bias=w[f"{bn}.folded_bias"], residual=residual,
-                                 relu=relu)
-        y = layers.conv2d(g, x, w[conv.name], **args)
+            return layers.conv2d(g, x, w[conv.name], m, bias=w[f"{bn}.folded_bias"], residual=residual, relu=relu)
+        y = layers.conv2d(g, x, w[conv.name], m)
         y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
                              w[f"{bn}.bias"], eps)
         return layers.epilogue(g, y, residual=residual, relu=relu)
@@ -181,6 +158,6 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, batchnorm: str,
     for number in range(PER_IMAGE_STAGES + 1, len(cfg.layers) + 1):
         x = out[f"layer{number}"] = stage(x, number)
     out["features"] = layers.global_avg_pool(g, x)
-    out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"], layout["fc.weight"])
+    out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"], plan.fc)
     out["probs"] = g.softmax(out["logits"])
     return out

@@ -1,6 +1,6 @@
 """Result rows (batches of columns, as `pyggml_resnet.ray.Predictor` returns them) -> a Parquet, CSV or JSON
-lines file chosen by the output path's suffix, written to a temporary file renamed into place at the end, so
-a failed or interrupted run never leaves a half-written file.
+lines file chosen by the output path's suffix, written through `atomic.replacing`, so a failed or interrupted
+run (SIGTERM included) never leaves a half-written file or a temporary one.
 
 Columns: path, then labels/indices/probs (classify), logits or features, then error (null for good rows).
 Parquet keeps lists as lists and vectors as fixed-size float32 lists (null for error rows); CSV joins a
@@ -10,16 +10,16 @@ to restore the float32 exactly); JSON lines write lists as arrays and null for a
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import tempfile
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .errors import InputError
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
@@ -35,25 +35,13 @@ def format_of(path: str | os.PathLike) -> str:
     return FORMATS[suffix]
 
 
-@contextlib.contextmanager
-def _replacing(path: Path, mode: str) -> Iterator:
-    """A temporary file beside `path`, renamed to it if the block succeeds and removed otherwise."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with open(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write(batches: Iterable[dict[str, np.ndarray]], out: str | os.PathLike, progress=None) -> tuple[int, int]:
     """Writes every batch's rows to `out`; returns (rows, error rows). `progress(n)` is called per batch."""
     out = Path(out)
     fmt = format_of(out)
     rows = errors = 0
-    with _replacing(out, "wb" if fmt == "parquet" else "w") as f:
+    text = {} if fmt == "parquet" else {"newline": "", "encoding": "utf-8"}
+    with atomic.replacing(out) as tmp, open(tmp, "wb" if fmt == "parquet" else "w", **text) as f:
         writer = None
         for batch in batches:
             n = len(batch.get("path", ()))
@@ -85,6 +73,22 @@ def write(batches: Iterable[dict[str, np.ndarray]], out: str | os.PathLike, prog
         if fmt == "parquet" and writer is not None:
             writer.close()
     return rows, errors
+
+
+def write_results(batches, out: str, total: int) -> int:
+    """`classify --out` (in this process or on Ray): the rows go through `write`, so the file appears whole or
+    not at all, with a progress bar and a summary on stderr; returns the exit code (1 if no image was read)."""
+    from tqdm import tqdm
+
+    # Redrawn at every batch (one image by default): a forward pass takes longer than tqdm's default interval.
+    with tqdm(total=total, unit="img", file=sys.stderr, mininterval=0) as bar:
+        written, errors = write(batches, out, progress=bar.update)
+    print(f"wrote {written} rows to {out}"
+          + (f"; {errors} unreadable file(s), see the error column" if errors else ""), file=sys.stderr)
+    if errors == written:
+        print(f"error: none of the {written} image file(s) could be read", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict]:

@@ -1,4 +1,7 @@
-"""Shared fixtures: seeded reference ResNets and their converted GGUF files, made once per test session."""
+"""Shared fixtures: seeded reference ResNets and their converted GGUF files, made once per test session; a
+small disk to fill."""
+
+import subprocess
 
 import pytest
 import torch
@@ -35,3 +38,28 @@ class ModelFiles:
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory):
     return ModelFiles(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, with a file `old` on it; unmounted after the test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {p.stderr.strip()}")
+    try:
+        (mnt / "old").write_bytes(b"yesterday's file")
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def drop_big_files(tmp_path):
+    """For tests that write model files of 22 to 180 MB, and pytest keeps the last three runs' temporary
+    directories: delete what takes real disk space once each test is done (sparse files take none)."""
+    yield
+    for p in tmp_path.rglob("*"):
+        if p.is_file() and p.stat().st_blocks * 512 > 1 << 20:
+            p.unlink()

@@ -14,7 +14,7 @@ import pyggml_resnet
 from pyggml_resnet import bench
 from pyggml_resnet.arch import BY_NAME
 from pyggml_resnet.bench import contention, procs
-from pyggml_resnet.ggml import gemm_paths
+from pyggml_resnet.plan import gemm_paths
 
 
 def _out(n, k, s, p):

@@ -21,6 +21,7 @@ from PIL import Image
 
 import pyggml_resnet
 from pyggml_resnet import cli, hub
+from pyggml_resnet import results as results_module
 
 LINE = re.compile(r"^  top\[(\d+)\]=(\d\.\d{6}) index = (\d+) label = (.+)$")
 READABLE = ["a.jpg", "b.png", "deep16.png", "gray.png", "palette.gif", "rgba.png", "sub/c.jpeg"]
@@ -262,6 +263,7 @@ def test_pretrained_name_uses_the_cache(capsys, model_path, folder, expected, tm
                                    "(--out FILE.jsonl writes JSON lines)"),
     (["--out", "."], "--out .: the suffix picks the format, .parquet, .csv, .jsonl"),
     (["--out", "dir.csv"], "--out dir.csv is a directory"),
+    (["--out", "no/r.csv"], "--out no/r.csv: its directory no does not exist"),
 ])
 def test_out_and_json_conflicts_refused_before_any_work(capsys, folder, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -361,7 +363,8 @@ def test_batch_size_default_depends_on_ray(monkeypatch, capsys, model_path, fold
 
     seen = []
     monkeypatch.setattr(pray, "run_cli", lambda args, paths: seen.append(args.batch_size) or 0)
-    monkeypatch.setattr(cli, "write_results", lambda batches, out, total: seen.append(len(next(batches)["path"])) or 0)
+    monkeypatch.setattr(results_module, "write_results",
+                        lambda batches, out, total: seen.append(len(next(batches)["path"])) or 0)
     out = tmp_path / "r.csv"
     assert run_main(capsys, folder, "--model", model_path, "--out", out, *extra)[0] == 0
     assert seen == [want]

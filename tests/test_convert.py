@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyggml_resnet import arch, convert as cv
+from pyggml_resnet import arch, atomic, convert as cv
 from pyggml_resnet.errors import InputError, ModelFormatError
 from pyggml_resnet.labels import imagenet_labels
 from reference_resnet import make_model, resnet
@@ -190,7 +190,7 @@ def test_bad_options_refused(ckpt_dir, tmp_path, kwargs, match):
 
 def test_preprocessing_the_loader_refuses_is_not_written(ckpt_dir, tmp_path, capsys, monkeypatch):
     """--resize 10000 fits the file's UINT32 but not the loader's 1..8192: refused before any file is made."""
-    monkeypatch.setattr(cv, "_atomic_output", lambda out: pytest.fail(f"{out} was about to be written"))
+    monkeypatch.setattr(cv.write.atomic, "replacing", lambda out: pytest.fail(f"{out} was about to be written"))
     assert cv.main([str(ckpt_dir / "r18.pth"), str(tmp_path / "m.gguf"), "--resize", "10000"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: resize must be an integer in 1..8192, got 10000"), err
@@ -334,7 +334,7 @@ def test_safetensors(models, tmp_path, monkeypatch, torch_there, wrap):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in wrap(sd).items()}, path)
     if not torch_there:
-        monkeypatch.setattr(cv, "_torch_or_none", lambda: None)
+        monkeypatch.setattr(cv.readers, "_torch_or_none", lambda: None)
     state = cv.read_checkpoint(path).state
     want = inference_arrays(sd)
     assert sorted(state) == sorted(want)  # safetensors keeps names sorted; the writer follows torchvision's order
@@ -350,7 +350,7 @@ def test_safetensors_bfloat16_without_torch(models, tmp_path, monkeypatch):
               path)
     state = cv.read_checkpoint(path).state  # torch reads bfloat16
     assert np.array_equal(state["fc.weight"], models["r18"]["fc.weight"].bfloat16().float().numpy())
-    monkeypatch.setattr(cv, "_torch_or_none", lambda: None)
+    monkeypatch.setattr(cv.readers, "_torch_or_none", lambda: None)
     with pytest.raises(ModelFormatError, match=r"cannot be read as a safetensors file: .*bfloat16.*; install torch "
                                                r"to read bfloat16 tensors$"):
         cv.read_checkpoint(path)
@@ -573,6 +573,15 @@ def test_failure_midway_leaves_nothing(ckpt_dir, tmp_path, monkeypatch, exc):
     with pytest.raises(type(exc)):
         cv.convert(ckpt_dir / "r18.pth", tmp_path / "m.gguf", progress=False)
     assert len(calls) == 21  # it really failed partway through the tensors
+    assert dir_listing(tmp_path) == []
+
+
+def test_sigterm_midway_is_reported_with_its_status(ckpt_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM while writing arrives as atomic.Terminated (test_atomic.py sends the real signal): the command
+    line says nothing was written and returns 143, as a process SIGTERM ended reports to a shell."""
+    _fail_after(monkeypatch, 5, atomic.Terminated())
+    assert cv.main([str(ckpt_dir / "r18.pth"), str(tmp_path / "m.gguf")]) == 143
+    assert capsys.readouterr().err.endswith("\nterminated; nothing written\n")
     assert dir_listing(tmp_path) == []
 
 

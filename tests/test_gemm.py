@@ -16,8 +16,9 @@ import pytest
 
 from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import (MAX_WINDOW, Backend, Graph, Type, Weights, gemm_paths, gemm_type, pack_matrix,
-                                packed_shape)
+from pyggml_resnet.ggml import MAX_WINDOW, Backend, Graph, Type, Weights
+from pyggml_resnet.packing import pack_matrix, packed_shape
+from pyggml_resnet.plan import gemm_paths, gemm_type
 
 KS = {"avx512bf16": 256}  # the summation block per path: GEMM_KS_BF16, else GEMM_KS (64) in csrc/gemm.h
 U = 2.0 ** -24
@@ -33,10 +34,11 @@ def backend():
 
 
 def run_gemm(backend, w, x, bias=None, res=None, relu=False, path=None):
-    """x [N, K] times w [M, K]^T through Graph.gemm -> [N, M]. A bf16 path gets w rounded to bf16 (K
-    zero-padded to even); the op rounds x itself."""
+    """x [N, K] times w [M, K]^T through Graph.gemm on `path` (default: the first this CPU runs) -> [N, M]. A bf16
+    path gets w rounded to bf16 (K zero-padded to even); the op rounds x itself."""
     m, k = w.shape
-    wtype = gemm_type(path or PATHS[0])
+    path = path or PATHS[0]
+    wtype = gemm_type(path)
     specs = {"w": (wtype, tuple(reversed(packed_shape(m, k, wtype))))}
     if bias is not None:
         specs["b"] = (Type.F32, (m,))
@@ -191,54 +193,6 @@ def test_paths_batches_and_threads_agree_bit_for_bit(paths):
         np.testing.assert_array_equal(r, results[0])
 
 
-def test_pack_matrix_layout():
-    w = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
-    p = pack_matrix(w)
-    assert p.shape == packed_shape(40, 3) == (4, 3, 16)  # M padded to 64: two pairs of 16-row panels
-    assert p[1, 2, 5] == w[16 + 5, 2] and p[2, 0, 7] == w[39, 0]
-    assert not p[2, :, 8:].any() and not p[3].any()
-    for bad in (np.zeros(5, np.float32), np.zeros((0, 3), np.float32)):
-        with pytest.raises(InputError):
-            pack_matrix(bad)
-
-
-@pytest.mark.parametrize("wtype", ["f32", "bf16"])
-def test_pack_matrix_of_a_view_with_scale_and_out(wtype):
-    """More axes are K's, read through any strides; scale multiplies rows as w * scale[:, None] does, bit for
-    bit; out is filled in place (f32) and refused when it does not fit."""
-    rng = np.random.default_rng(3)
-    w4 = rng.standard_normal((40, 5, 3, 3), dtype=np.float32)
-    view = w4.transpose(0, 2, 3, 1)  # a conv weight in (ky, kx, c) order, not contiguous
-    matrix = np.ascontiguousarray(view).reshape(40, -1)
-    scale = rng.standard_normal(40, dtype=np.float32)
-    want = pack_matrix(matrix * scale[:, None], wtype)
-    np.testing.assert_array_equal(pack_matrix(view, wtype, scale).view(np.uint32), want.view(np.uint32))
-    np.testing.assert_array_equal(pack_matrix(view, wtype), pack_matrix(matrix, wtype))
-    if wtype == "bf16":
-        with pytest.raises(InputError, match="f32"):
-            pack_matrix(view, wtype, out=np.empty_like(want))
-        return
-    out = np.full(want.shape, np.nan, np.float32)  # the padding rows must be written as zeros
-    assert pack_matrix(view, wtype, scale, out=out) is out
-    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
-    for bad in (np.empty(want.shape, np.float64), np.empty(want.shape[::-1], np.float32).T,
-                np.empty((want.shape[0] - 2, *want.shape[1:]), np.float32)):
-        with pytest.raises(InputError, match="out"):
-            pack_matrix(view, wtype, out=bad)
-    with pytest.raises(InputError, match="scale"):
-        pack_matrix(view, wtype, scale[:-1])
-
-
-def test_pack_matrix_bf16_layout():
-    """bf16: K padded to even, each panel's k in pairs with a channel's two weights side by side."""
-    w = np.arange(40 * 3, dtype=np.float32).reshape(40, 3) + 1
-    p = pack_matrix(w, "bf16")
-    assert p.shape == packed_shape(40, 3, "bf16") == (4, 4, 16)
-    pairs = p.reshape(4, 2, 16, 2)  # (panel, k pair, channel, k in pair)
-    assert pairs[1, 0, 5, 1] == w[16 + 5, 1] and pairs[1, 1, 5, 0] == w[16 + 5, 2] and pairs[2, 0, 7, 0] == w[39, 0]
-    assert not pairs[:, 1, :, 1].any() and not pairs[2, :, 8:].any() and not pairs[3].any()
-
-
 def test_gemm_refuses_bad_arguments(backend):
     m, k, n = 20, 9, 4
     with Weights(backend, {"w": ("f32", (16, k, 2)), "b": ("f32", (m,)), "plain": ("f32", (k, m)),
@@ -246,16 +200,16 @@ def test_gemm_refuses_bad_arguments(backend):
         x, r = g.input("x", (k, n)), g.input("r", (m, n))
         img = g.input("img", (k, 3, 2))
         for kwargs in (dict(w=wt["plain"]), dict(x=g.input("x2", (k + 1, n))), dict(m=33), dict(m=0),
-                       dict(bias=r), dict(residual=g.input("r2", (m, n + 1))), dict(path="sse"),
+                       dict(bias=r), dict(residual=g.input("r2", (m, n + 1))), dict(path="sse"), dict(path=["avx2"]),
                        dict(x=g.input("x16", (k, n), "f16")), dict(kernel=3),  # K = 9 k: not w's
                        dict(w=wt["w3"], x=img, kernel=3, residual=None),  # a 3x3 window does not fit 3x2
                        dict(w=wt["w3"], x=img, kernel=3, padding=MAX_WINDOW + 1, residual=None),  # above the op's limit
                        dict(w=wt["w3"], x=img, kernel=3, padding=1)):  # residual not [m, 3, 2]
-            args = dict(w=wt["w"], x=x, m=m, bias=wt["b"], residual=r, path=None) | kwargs
+            args = dict(w=wt["w"], x=x, m=m, bias=wt["b"], residual=r, path=F32_PATHS[0]) | kwargs
             with pytest.raises(InputError):
                 g.gemm(args.pop("w"), args.pop("x"), args.pop("m"), **args)
-        g.gemm(wt["w"], x, m, bias=wt["b"], residual=r)  # the same, well formed
-        g.gemm(wt["w3"], img, m, kernel=3, padding=1, bias=wt["b"])  # a 3x3 convolution, well formed
+        g.gemm(wt["w"], x, m, bias=wt["b"], residual=r, path=F32_PATHS[0])  # the same, well formed
+        g.gemm(wt["w3"], img, m, kernel=3, padding=1, bias=wt["b"], path=F32_PATHS[0])  # a 3x3 convolution
 
 
 @pytest.mark.skipif(not gemm_paths("bf16"), reason="no bf16 packed GEMM path on this CPU")
@@ -266,9 +220,9 @@ def test_gemm_bf16_refuses_bad_arguments(backend):
         x = g.input("x", (k, n))
         for w, xx, path in ((wt["w32"], g.input("x16", (k, n), "bf16"), F32_PATHS[0] if F32_PATHS else "avx2"),
                             # bf16 pixels go with bf16 weights only
-                            (wt["unpadded"], x, None),  # K = 9 is padded to 10 in packed bf16 weights
+                            (wt["unpadded"], x, "avx512bf16"),  # K = 9 is padded to 10 in packed bf16 weights
                             (wt["w32"], x, "avx512bf16"),  # f32 weights on the bf16 path
                             (wt["w"], x, F32_PATHS[0] if F32_PATHS else "avx2")):  # bf16 on an f32 path
             with pytest.raises(InputError):
                 g.gemm(w, xx, m, path=path)
-        g.gemm(wt["w"], x, m)  # well formed
+        g.gemm(wt["w"], x, m, path="avx512bf16")  # well formed

@@ -4,8 +4,10 @@ Every download goes to a ThreadingHTTPServer on 127.0.0.1 that the test starts a
 switched off), with timeouts of a fraction of a second: nothing here leaves the machine.
 """
 
+import errno
 import hashlib
 import http.server
+import re
 import socket
 import threading
 import time
@@ -16,33 +18,9 @@ import pytest
 import torch
 
 import pyggml_resnet
-from pyggml_resnet import DownloadError, Error, InputError, ModelFormatError, arch, hub
+from pyggml_resnet import DownloadError, Error, InputError, ModelFormatError, arch, hub, pretrained
 from pyggml_resnet.arch import Key
 
-# torchvision 0.29.1, torchvision/models/resnet.py: every ResNet*_Weights, ResNeXt*_Weights and
-# Wide_ResNet*_Weights url.
-TORCHVISION_URLS = {
-    "resnet18.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    "resnet34.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet34-b627a593.pth",
-    "resnet50.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    "resnet50.IMAGENET1K_V2": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-    "resnet101.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-    "resnet101.IMAGENET1K_V2": "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
-    "resnet152.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet152-394f9c45.pth",
-    "resnet152.IMAGENET1K_V2": "https://download.pytorch.org/models/resnet152-f82ba261.pth",
-    "resnext50_32x4d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
-    "resnext50_32x4d.IMAGENET1K_V2": "https://download.pytorch.org/models/resnext50_32x4d-1a0047aa.pth",
-    "resnext101_32x8d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth",
-    "resnext101_32x8d.IMAGENET1K_V2": "https://download.pytorch.org/models/resnext101_32x8d-110c445d.pth",
-    "resnext101_64x4d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext101_64x4d-173b62eb.pth",
-    "wide_resnet50_2.IMAGENET1K_V1": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
-    "wide_resnet50_2.IMAGENET1K_V2": "https://download.pytorch.org/models/wide_resnet50_2-9ba9bcbe.pth",
-    "wide_resnet101_2.IMAGENET1K_V1": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
-    "wide_resnet101_2.IMAGENET1K_V2": "https://download.pytorch.org/models/wide_resnet101_2-d733dc28.pth",
-}
-# The weights torchvision evaluates at resize 232 (ImageClassification(crop_size=224, resize_size=232)): every
-# IMAGENET1K_V2, and resnext101_64x4d's only weights, trained with the same new recipe.
-RESIZE_232 = {n for n in TORCHVISION_URLS if n.endswith("IMAGENET1K_V2")} | {"resnext101_64x4d.IMAGENET1K_V1"}
 FAST_TIMEOUT = 0.5  # s; hub.TIMEOUT during these tests
 SMALL = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
 
@@ -137,52 +115,15 @@ def files_in(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
 
-# -- the registry ---------------------------------------------------------------------------------------
-
-
-def test_registry_is_torchvisions():
-    assert {name: p.url for name, p in hub.PRETRAINED.items()} == TORCHVISION_URLS
-    for name, p in hub.PRETRAINED.items():
-        assert name == f"{p.arch}.{p.weights}"
-        assert (p.preprocessing.resize, p.preprocessing.crop) == ((232, 224) if name in RESIZE_232 else (256, 224))
-        assert p.preprocessing.interpolation == "bilinear"
-        assert p.preprocessing.mean == (0.485, 0.456, 0.406) and p.preprocessing.std == (0.229, 0.224, 0.225)
-    assert hub.DEFAULT_WEIGHTS == {"resnet18": "IMAGENET1K_V1", "resnet34": "IMAGENET1K_V1",
-                                   "resnet50": "IMAGENET1K_V2", "resnet101": "IMAGENET1K_V2",
-                                   "resnet152": "IMAGENET1K_V2", "resnext50_32x4d": "IMAGENET1K_V2",
-                                   "resnext101_32x8d": "IMAGENET1K_V2", "resnext101_64x4d": "IMAGENET1K_V1",
-                                   "wide_resnet50_2": "IMAGENET1K_V2", "wide_resnet101_2": "IMAGENET1K_V2"}
-
-
-def test_names():
-    assert hub.resolve("resnet101").url == TORCHVISION_URLS["resnet101.IMAGENET1K_V2"]
-    assert hub.resolve("resnet18").url == TORCHVISION_URLS["resnet18.IMAGENET1K_V1"]
-    v1 = hub.resolve("resnet101.IMAGENET1K_V1")
-    assert v1 == hub.resolve("resnet101:IMAGENET1K_V1") == hub.resolve("ResNet101.imagenet1k_v1")
-    assert (v1.weights, v1.url, v1.preprocessing.resize) == ("IMAGENET1K_V1",
-                                                             TORCHVISION_URLS["resnet101.IMAGENET1K_V1"], 256)
-    assert hub.resolve("resnet50.DEFAULT") == hub.resolve("resnet50")
-    # Wide ResNets and ResNeXts: every architecture has torchvision's weights.
-    assert set(hub.DEFAULT_WEIGHTS) == set(arch.BY_NAME)
-    wide = hub.resolve("Wide_ResNet50_2.imagenet1k_v1")
-    assert (wide.arch, wide.url, wide.preprocessing.resize) == ("wide_resnet50_2",
-                                                                TORCHVISION_URLS["wide_resnet50_2.IMAGENET1K_V1"], 256)
-    resnext = hub.resolve("resnext101_64x4d")
-    assert (resnext.weights, resnext.preprocessing.resize) == ("IMAGENET1K_V1", 232)
+def test_cache_file_names():
+    """The cache file name says which weights, which checkpoint (the URL's hash prefix) and which dtype."""
     assert hub.cached_path("resnext50_32x4d", cache_dir="/c").name == "resnext50_32x4d.IMAGENET1K_V2.1a0047aa.f32.gguf"
-    # A mirror keeps the registry's weights name and preprocessing; an unknown name needs url= and is custom.
-    mirror = hub.resolve("resnet50", url="http://mirror/resnet50-11ad3fa6.pth")
-    assert (mirror.weights, mirror.preprocessing.resize, mirror.url) == ("IMAGENET1K_V2", 232,
-                                                                         "http://mirror/resnet50-11ad3fa6.pth")
-    custom = hub.resolve("resnet50.my_finetune", url="http://host/ft.pth")
-    assert (custom.arch, custom.weights, custom.preprocessing.resize) == ("resnet50", "my_finetune", 256)
-    for bad in ("resnet18.IMAGENET1K_V2", "resnet50.my_finetune", "vgg16", "resnet50.", "", "resnet200",
-                "resnet50.gguf"):
-        with pytest.raises(InputError):
-            hub.resolve(bad)
-    # The cache file name says which weights, which checkpoint and which dtype.
     name = hub.cached_path("resnet101", dtype="q8_0", cache_dir="/c").name
     assert name == "resnet101.IMAGENET1K_V2.cd907fc2.q8_0.gguf"
+    # A URL without a hash prefix: a hash of the URL tags the file instead.
+    assert re.fullmatch(r"resnet50\.mine\.[0-9a-f]{12}\.f32\.gguf",
+                        hub.cached_path("resnet50.mine", url="http://h/ft.pth", cache_dir="/c").name)
+    assert hub.PRETRAINED is pretrained.PRETRAINED and hub.resolve is pretrained.resolve  # the hub's API too
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -316,6 +257,17 @@ def test_network_failures(server, tmp_path, failure):
     assert url in message and "mirror" in message  # what failed, and what to do
     assert isinstance(info.value, OSError) and isinstance(info.value, Error)
     assert files_in(tmp_path / "c") == []
+
+
+def test_full_disk_is_not_a_network_failure(server, small_disk):
+    """A cache on a full disk: an OSError naming the file it was making, not "check the network"."""
+    body = b"y" * (2 << 20)
+    url = server.serve(f"resnet18-{hashlib.sha256(body).hexdigest()[:8]}.pth", body)
+    with pytest.raises(OSError) as info:
+        hub.from_pretrained("resnet18", url=url, cache_dir=small_disk, progress=False)
+    assert not isinstance(info.value, DownloadError) and info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(hub.cached_path("resnet18", url=url, cache_dir=small_disk))
+    assert files_in(small_disk) == ["old"]
 
 
 def test_torch_missing(server, resnet18, tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from PIL import Image
 import pyggml_resnet
 from pyggml_resnet import Prediction, convert, labels
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import GEMM_PATHS, gemm_paths
+from pyggml_resnet.packing import GEMM_PATHS
+from pyggml_resnet.plan import gemm_paths
 from reference_resnet import stages as reference_stages
 
 BOUND = 1e-5

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from pyggml_resnet import layers
+from pyggml_resnet.arch import Conv
 from pyggml_resnet.errors import Error, InputError
-from pyggml_resnet.ggml import MAX_WINDOW, Backend, Graph, Type, Weights, gemm_paths
+from pyggml_resnet.ggml import MAX_WINDOW, Backend, Graph, Type, Weights
+from pyggml_resnet.plan import Layout, gemm_paths, matrix_plan, winograd_applies
 
 RTOL = 2e-6
 
@@ -72,7 +74,19 @@ def run(backend, weights: dict, build, x_nchw, spatial=True, residual=None):
         return out if spatial else out.reshape(y.ne[1], y.ne[0])
 
 
-LAYOUTS = (layers.PLAIN, layers.WINOGRAD, *gemm_paths())
+LAYOUTS = ("plain", "winograd", *gemm_paths())  # a layout by name, or a packed GEMM path
+
+
+def conv_plan(shape, stride, padding, layout="plain", winograd=False, groups=1):
+    """The plan of a conv of PyTorch weight `shape` (f32) in `layout`, one of LAYOUTS: a packed path runs
+    Winograd from its packed weights where `winograd` is True and it applies."""
+    oc, icg, k, _ = shape
+    conv = Conv("w", "bn", icg * groups, oc, k, stride, padding, groups)
+    packed = layout not in ("plain", "winograd")
+    m = matrix_plan("w", conv.shape, Type.F32, layout if packed else None,
+                    winograd if packed else layout == "winograd", conv)
+    assert m.layout is (Layout.PACKED if packed else Layout(layout))
+    return m
 
 CONV_CASES = [
     # (N, IC, H, W, OC, kernel, stride, padding)
@@ -98,17 +112,17 @@ def test_conv2d(backend, n, ic, h, w, oc, k, s, p):
     bias, res = rand(oc, seed=3), rand(n, oc, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, seed=4)
     want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p).numpy()
     want_fused = np.maximum(want + bias[:, None, None] + res, 0)
-    applies = layers.winograd_applies(wt.shape, s, p, Type.F32)
+    applies = winograd_applies(wt.shape, s, p, Type.F32)
     # The direct (patches) path, Winograd F(2x2,3x3) over ggml's mul_mat where it applies, the packed GEMMs,
     # and where it applies the packed GEMMs' Winograd; each plain and with the bias, residual and ReLU.
-    variants = [(layout, False) for layout in LAYOUTS if layout != layers.WINOGRAD or applies]
+    variants = [(layout, False) for layout in LAYOUTS if layout != "winograd" or applies]
     variants += [(path, True) for path in gemm_paths() if applies]
     for layout, winograd in variants:
-        weights = {"w": layers.conv_weight(wt, layout), "b": bias}
-        args = dict(kernel=k, stride=s, padding=p, layout=layout, channels=oc, winograd=winograd)
-        got = run(backend, weights, lambda g, xc, W: layers.conv2d(g, xc, W["w"], **args), x)
+        plan = conv_plan(wt.shape, s, p, layout, winograd)
+        weights = {"w": layers.arrange_weight(wt, plan), "b": bias}
+        got = run(backend, weights, lambda g, xc, W: layers.conv2d(g, xc, W["w"], plan), x)
         assert_close(got, want)
-        got = run(backend, weights, lambda g, xc, W, r: layers.conv2d(g, xc, W["w"], **args, bias=W["b"], residual=r,
+        got = run(backend, weights, lambda g, xc, W, r: layers.conv2d(g, xc, W["w"], plan, bias=W["b"], residual=r,
                                                                       relu=True), x, residual=res)
         assert_close(got, want_fused)
 
@@ -128,33 +142,9 @@ def test_grouped_conv2d(backend, n, ic, h, w, oc, k, s, p, groups):
     x = rand(n, ic, h, w, seed=1)
     wt = rand(oc, ic // groups, k, k, seed=2) / np.float32(np.sqrt(ic // groups * k * k))
     want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=s, padding=p, groups=groups).numpy()
-    got = run(backend, {"w": layers.conv_weight(wt)},
-              lambda g, xc, W: layers.conv2d(g, xc, W["w"], kernel=k, stride=s, padding=p, groups=groups), x)
+    plan = conv_plan(wt.shape, s, p, groups=groups)
+    got = run(backend, {"w": layers.arrange_weight(wt, plan)}, lambda g, xc, W: layers.conv2d(g, xc, W["w"], plan), x)
     assert_close(got, want)
-
-
-def test_grouped_convs_stay_on_mul_mat():
-    """Neither the packed GEMM nor Winograd takes a grouped conv: its layout is plain whatever the options."""
-    for gemm in ("avx512", "avx2", None):
-        assert layers.matrix_layout((128, 4, 3, 3), 1, 1, Type.F32, winograd=True, gemm=gemm, groups=32) == layers.PLAIN
-    assert layers.matrix_layout((128, 128, 3, 3), 1, 1, Type.F32, winograd=True, gemm=None) == layers.WINOGRAD
-
-
-def test_packed_winograd_choice():
-    """Packed 3x3 stride-1 f32 convs run Winograd from their packed weights: by default on images of 32 or
-    more 2x2 tiles (ResNet's layers 1-3 at 224x224, not layer4's 7x7), whatever the batch; True and False
-    force it on and off; it never applies to other convs, plain layouts or bf16 weights."""
-    conv = (256, 256, 3, 3)
-    assert layers.matrix_layout(conv, 1, 1, Type.F32, winograd=True, gemm="avx2") == "avx2"
-    assert layers.packed_winograd("avx2", conv, 1, 1, Type.F32, None, (14, 14))
-    assert layers.packed_winograd("avx2", conv, 1, 1, Type.F32, None, (8, 15))  # 4 x 8 tiles
-    assert not layers.packed_winograd("avx2", conv, 1, 1, Type.F32, None, (7, 7))  # 16 tiles
-    assert layers.packed_winograd("avx2", conv, 1, 1, Type.F32, True, (7, 7))
-    assert not layers.packed_winograd("avx2", conv, 1, 1, Type.F32, False, (14, 14))
-    for args in [("avx2", conv, 2, 1, Type.F32), ("avx2", (256, 256, 1, 1), 1, 0, Type.F32),
-                 (layers.PLAIN, conv, 1, 1, Type.F32), (layers.WINOGRAD, conv, 1, 1, Type.F32),
-                 ("avx512bf16", conv, 1, 1, Type.BF16)]:
-        assert not layers.packed_winograd(*args, True, (56, 56))
 
 
 def test_grouped_conv2d_in_bf16_rounds_as_torch_does(backend):
@@ -163,12 +153,12 @@ def test_grouped_conv2d_in_bf16_rounds_as_torch_does(backend):
     x, wt = rand(n, ic, h, w, seed=3), rand(oc, ic // groups, 3, 3, seed=4) / np.float32(24)
     rounded = [torch.from_numpy(a).to(torch.bfloat16).double() for a in (x, wt)]
     want = F.conv2d(*rounded, stride=2, padding=1, groups=groups).numpy()
-    m = layers.conv_weight(wt)
+    plan = conv_plan(wt.shape, 2, 1, groups=groups)
+    m = layers.arrange_weight(wt, plan)
     with Weights(backend, {"w": (Type.BF16, tuple(reversed(m.shape)))}) as wts, Graph(backend) as g:
         wts.set("w", Type.BF16.dtype.encode(m))
         xi = g.input("x", (w, h, ic, n))
-        y = to_nchw(g, layers.conv2d(g, to_channels_fastest(g, xi), wts["w"],
-                                                             kernel=3, stride=2, padding=1, groups=groups))
+        y = to_nchw(g, layers.conv2d(g, to_channels_fastest(g, xi), wts["w"], plan))
         g.finalize(y)
         g.set(xi, x)
         g.compute()
@@ -215,12 +205,14 @@ def test_bf16_patches_round_as_ggml_and_torch_do(backend, k, s, p):
     np.testing.assert_array_equal(got, want)
 
 
-def test_conv_weight_pads_k_for_the_fast_path():
-    assert layers.conv_weight(rand(64, 3, 7, 7)).shape == (64, 160)
-    assert layers.conv_weight(rand(64, 64, 3, 3)).shape == (64, 576)
-    assert layers.conv_weight(rand(64, 3, 1, 1)).shape == (64, 3)
+def test_arranged_weights_pad_k_for_the_fast_path():
+    """Plain weights above 1x1 pad K to a multiple of 32 for ggml's fast path, as their plan says."""
+    for shape, s, p, want in (((64, 3, 7, 7), 2, 3, (64, 160)), ((64, 64, 3, 3), 1, 1, (64, 576)),
+                              ((64, 3, 1, 1), 1, 0, (64, 3))):
+        assert layers.arrange_weight(rand(*shape), conv_plan(shape, s, p)).shape == want
     for path in gemm_paths():  # the packed GEMM takes any K
-        assert layers.conv_weight(rand(64, 3, 7, 7), path).shape == (4, 147, 16)
+        plan = conv_plan((64, 3, 7, 7), 2, 3, path)
+        assert layers.arrange_weight(rand(64, 3, 7, 7), plan).shape == plan.stored_shape == (4, 147, 16)
 
 
 def bn_params(c, seed):
@@ -244,7 +236,7 @@ def test_batchnorm_explicit_matches_torch(backend, n, c, h, w):
 
 @pytest.mark.parametrize("k,s,p,layout", [
     (k, s, p, layout) for k, s, p in [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1)] for layout in LAYOUTS
-    if layout != layers.WINOGRAD or (k, s) == (3, 1)])  # Winograd F(2x2,3x3) is for 3x3 stride-1 convs only
+    if layout != "winograd" or (k, s) == (3, 1)])  # Winograd F(2x2,3x3) is for 3x3 stride-1 convs only
 def test_conv_with_folded_batchnorm_residual_and_relu(backend, k, s, p, layout):
     """conv + folded BatchNorm + residual + ReLU: fused into the packed GEMM, separate ops otherwise."""
     n, ic, oc = 2, 16, 24
@@ -254,15 +246,15 @@ def test_conv_with_folded_batchnorm_residual_and_relu(backend, k, s, p, layout):
     want = F.relu(conv + torch.from_numpy(res)).numpy()
     scale, bias = layers.batchnorm_scale_bias(bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5)
 
-    specs = {"w": layers.conv_weight(wt, layout, scale), "b": bias}
+    plan = conv_plan(wt.shape, s, p, layout)
+    specs = {"w": layers.arrange_weight(wt, plan, scale), "b": bias}
     with Weights(backend, {name: (Type.F32, tuple(reversed(v.shape))) for name, v in specs.items()}) as w, \
             Graph(backend) as g:
         for name, v in specs.items():
             w.set(name, v)
         xi, ri = g.input("x", tuple(reversed(x.shape))), g.input("res", tuple(reversed(res.shape)))
-        y = layers.conv2d(g, to_channels_fastest(g, xi), w["w"], kernel=k, stride=s, padding=p,
-                          layout=layout, channels=oc, bias=w["b"], residual=to_channels_fastest(g, ri),
-                          relu=True)
+        y = layers.conv2d(g, to_channels_fastest(g, xi), w["w"], plan, bias=w["b"],
+                          residual=to_channels_fastest(g, ri), relu=True)
         y = to_nchw(g, y)
         g.finalize(y)
         g.set(xi, x)
@@ -313,12 +305,15 @@ def test_global_avg_pool_and_linear_and_softmax(backend):
     logits = F.linear(pooled, torch.from_numpy(wt), torch.from_numpy(b))
     got_pool = run(backend, {}, lambda g, xc, W: layers.global_avg_pool(g, xc), x, spatial=False)
     assert_close(got_pool, pooled.numpy())
-    got_logits = run(backend, {"w": wt, "b": b},
-                     lambda g, xc, W: layers.linear(g, layers.global_avg_pool(g, xc), W["w"], W["b"]), x,
-                     spatial=False)
-    assert_close(got_logits, logits.numpy())
+    for path in (None, *gemm_paths()):  # ggml's mul_mat, and the packed GEMM's paths
+        plan = matrix_plan("fc.weight", wt.shape, Type.F32, path, None)
+        got_logits = run(backend, {"w": layers.arrange_weight(wt, plan), "b": b},
+                         lambda g, xc, W: layers.linear(g, layers.global_avg_pool(g, xc), W["w"], W["b"], plan), x,
+                         spatial=False)
+        assert_close(got_logits, logits.numpy())
+    plan = matrix_plan("fc.weight", wt.shape, Type.F32, None, None)
     got_probs = run(backend, {"w": wt, "b": b}, lambda g, xc, W: g.softmax(
-        layers.linear(g, layers.global_avg_pool(g, xc), W["w"], W["b"])), x, spatial=False)
+        layers.linear(g, layers.global_avg_pool(g, xc), W["w"], W["b"], plan)), x, spatial=False)
     assert_close(got_probs, torch.softmax(logits, 1).numpy())
 
 
@@ -380,7 +375,7 @@ BAD_GRAPH_CALLS = [
       for v in (2, 0, True, 1.0)),
     # 5 output rows do not split into 2 groups
     ("grouped-conv-rows", None, lambda g, a, b: layers.conv2d(g, g.input("img4", (4, 3, 3, 1)), g.input("w5", (18, 5)),
-                                                               kernel=3, stride=1, padding=1, groups=2), "elements"),
+                                                               conv_plan((5, 2, 3, 3), 1, 1, groups=2)), "elements"),
     # Winograd: the products need [C, T, 16, 1] and packed 3x3 weights for C; the output transform needs
     # products for its image's tiles and an [OC] bias
     ("slice-index", None, lambda g, a, b: g.batch_slice(g.input("s", (2, 3, 4, 5)), 5), "index"),
@@ -389,9 +384,10 @@ BAD_GRAPH_CALLS = [
     ("stack-none", None, lambda g, a, b: g.stack_batch([]), "at least one"),
     ("stack-shapes", None, lambda g, a, b: g.stack_batch([a, b]), "does not match"),
     ("stack-type", None, lambda g, a, b: g.stack_batch([g.input("h", (4, 3), "f16")]), "f32"),
-    ("winograd-v-shape", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)), a, 20), "16, 1"),
+    ("winograd-v-shape", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)), a, 20, path="avx2"),
+     "16, 1"),
     ("winograd-weights", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)),
-                                                               g.input("v", (5, 4, 16)), 20), "packed 3x3"),
+                                                               g.input("v", (5, 4, 16)), 20, path="avx2"), "packed 3x3"),
     ("winograd-tiles", None, lambda g, a, b: g.winograd_output(g.input("m", (6, 3, 16)), g.input("l", (2, 4, 4, 1))),
      "must be"),
     ("winograd-bias", None, lambda g, a, b: g.winograd_output(g.input("m", (6, 4, 16)), g.input("l", (2, 4, 4, 1)),

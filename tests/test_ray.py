@@ -250,7 +250,8 @@ def test_cli_ray_failed_write_exits_promptly(local_ray, folder, model_path, tmp_
                            "--ray", address, "--actors", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.splitlines()[-1] == "error: [Errno 28] No space left on device", proc.stderr
+    assert proc.stderr.splitlines()[-1] == ("error: [Errno 28] No space left on device (nothing written; any "
+                                            f"previous file is kept): '{out}'"), proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 

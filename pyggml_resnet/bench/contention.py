@@ -51,8 +51,6 @@ def run_cases(run, ggml_row: str, progress) -> list[dict]:
 
 
 def _case(run, c: dict, ggml_row: str, extra: dict, progress) -> dict:
-    from .run import READY_TIMEOUT  # run imports this module
-
     a = run.args
     workers = {}
     for row in (ggml_row, "torch"):
@@ -61,11 +59,8 @@ def _case(run, c: dict, ggml_row: str, extra: dict, progress) -> dict:
             continue
         name = f"{row}-{c['threads']}threads"
         if name not in extra:
-            engine, dtype, path = run.rows[row]
             progress(f"starting {name} ...")
-            extra[name] = Worker(run.command("worker", engine, path, threads=c["threads"], dtype=dtype, batches=[1]),
-                                 os.path.join(run.tmp, f"{name}.log"))
-            extra[name].receive(READY_TIMEOUT)
+            extra[name], _ = run.start_worker(name, row, c["threads"], batches=[1])
         workers[row] = extra[name]
     busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(c["busy"])]
     try:
@@ -77,7 +72,7 @@ def _case(run, c: dict, ggml_row: str, extra: dict, progress) -> dict:
             for row in (list(workers) if r % 2 == 0 else list(reversed(workers))):
                 progress(f" {row}", end="")
                 reply = workers[row].request({"cmd": "time", "batch": 1, "iters": a.iters},
-                                             60 + 60 * a.iters * run.est.get(row, {}).get(1, 10.0))
+                                             run.timeout(row, 1, a.iters))
                 samples[row] += reply["times"]
         progress("")
     finally:

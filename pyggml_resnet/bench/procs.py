@@ -12,6 +12,8 @@ import time
 
 from . import child
 
+READY_TIMEOUT = 900.0  # s for a worker to import, load and warm up (resnet152 at batch 16 on few cores)
+
 # Runs child.py as a standalone module in a child process: `import pyggml_resnet` would otherwise be
 # paid for (time and RSS) by the torch and ONNX Runtime processes too. The name differs from
 # "pyggml_resnet.bench.child", but the bytecode cache is shared (it is keyed by the file's path).
@@ -104,6 +106,24 @@ class Worker:
         for f in (self.proc.stdin, self.proc.stdout, self._log):
             with contextlib.suppress(Exception):
                 f.close()
+
+
+def start_worker(cmd: list[str], log_path: str) -> tuple[Worker, dict]:
+    """The one way a worker starts: (the Worker, its ready message with load and warm-up times). A worker
+    that does not get ready is stopped, and its WorkerError raised."""
+    worker = Worker(cmd, log_path)
+    try:
+        return worker, worker.receive(READY_TIMEOUT)
+    except BaseException:
+        worker.stop()
+        raise
+
+
+def answer_timeout(estimate_s: float, iters: int) -> float:
+    """Seconds to wait for `iters` timed iterations estimated at `estimate_s` each: generous enough for the
+    contention cases, where a worker shares its CPUs with twice its threads or with busy processes, so that
+    only a hung worker runs out of it."""
+    return 60 + 60 * iters * estimate_s
 
 
 def _decode(line: bytes) -> dict:

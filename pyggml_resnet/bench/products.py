@@ -19,8 +19,9 @@ import time
 import numpy as np
 
 from .. import arch
-from ..ggml import Backend, Graph, Weights, gemm_paths, pack_matrix, packed_shape
-from ..layers import K_ALIGN
+from ..ggml import Backend, Graph, Weights
+from ..packing import pack_matrix, packed_shape
+from ..plan import K_ALIGN, gemm_paths
 from .workload import products
 
 

@@ -10,6 +10,7 @@ import platform
 import numpy as np
 
 from .. import __version__, ggml
+from ..cpu import available_cpus
 
 
 def _dist_version(name: str) -> str | None:
@@ -31,7 +32,7 @@ def machine_info() -> dict:
     # The instruction sets that decide which kernels the engines can use.
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
                        "asimd", "sve") if f in flags]
-    return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": ggml.available_cpus(), "isa": isa,
+    return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": available_cpus(), "isa": isa,
             "os": platform.platform(),
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "torch": _dist_version("torch"), "onnxruntime": _dist_version("onnxruntime"),

@@ -18,19 +18,19 @@ import numpy as np
 
 from .. import arch, convert, loader
 from ..arch import ResNetConfig
-from ..cli import positive
+from ..argtypes import positive
 from ..dtypes import NAMES as DTYPES
 
 GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffix each gives its row's name
 from ..errors import Error, print_error
-from ..ggml import available_cpus, default_threads, gemm_paths
+from ..cpu import available_cpus, default_threads
+from ..plan import gemm_paths
 from . import contention
 from .child import ENGINES, iterations
-from .procs import Worker, WorkerError, child_command, run_child
+from .procs import Worker, WorkerError, answer_timeout, child_command, run_child, start_worker
 from .report import format_report, machine_info
 from .workload import SEED, flops_per_image, random_state
 
-READY_TIMEOUT = 900.0  # s for a worker to import, load and warm up (resnet152 at batch 16 on few cores)
 COLD_TIMEOUT = 600.0
 PREPARE_TIMEOUT = 900.0
 SWITCH_PAUSE = 0.05  # s between engines: lets the last one's spinning worker threads (OpenMP, ORT) go idle
@@ -68,8 +68,15 @@ class Run:
     def command(self, mode: str, engine: str, path: str, **options) -> list[str]:
         return child_command(mode, engine, path, self.cfg, self.num_classes, size=self.size, **options)
 
+    def start_worker(self, name: str, row: str, threads: int, **options) -> tuple[Worker, dict]:
+        """Starts a worker for engine row `row` (logging to NAME.log): see `procs.start_worker`."""
+        engine, dtype, path = self.rows[row]
+        return start_worker(self.command("worker", engine, path, threads=threads, dtype=dtype,
+                                         gemm=self.gemm.get(row), **options), os.path.join(self.tmp, f"{name}.log"))
+
     def timeout(self, name: str, batch: int, iters: int) -> float:
-        return 60 + 10 * iters * self.est.get(name, {}).get(batch, 10.0)
+        """Seconds to wait for row `name`'s answer, from its warm-up time at this batch (10 s if unknown)."""
+        return answer_timeout(self.est.get(name, {}).get(batch, 10.0), iters)
 
 
 def _progress(text: str, end: str = "\n") -> None:
@@ -260,13 +267,10 @@ def engine_rows(run: Run, paths: dict[str, str]) -> None:
 
 def start_workers(run: Run) -> None:
     """Starts the workers one by one, each loading and warming up alone."""
-    for name, (engine, dt, path) in run.rows.items():
+    for name in run.rows:
         _progress(f"starting {name} ...", end=" ")
-        w = run.workers[name] = Worker(run.command("worker", engine, path, threads=run.args.threads, dtype=dt,
-                                                   gemm=run.gemm.get(name), batches=run.args.batch),
-                                       os.path.join(run.tmp, f"{name}.log"))
         try:
-            ready = w.receive(READY_TIMEOUT)
+            run.workers[name], ready = run.start_worker(name, name, run.args.threads, batches=run.args.batch)
         except WorkerError as e:
             run.fail(name, e)
             continue

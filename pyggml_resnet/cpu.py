@@ -1,0 +1,69 @@
+"""The CPUs this process may use, and the compute threads to run on them by default: its affinity mask, its
+cgroup's CPU quota and OMP_NUM_THREADS. Plain Python, no ggml."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+MAX_THREADS = 512  # the most compute threads a ggml Backend takes, and so the most `default_threads` gives
+
+# Where the cgroup file systems are mounted; tests point it elsewhere.
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read_fields(path: str) -> list[str] | None:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The CPUs this process's cgroup may use per period (its CPU quota), or None without a quota.
+
+    cgroup v2's `cpu.max` ("QUOTA PERIOD", QUOTA "max" for none), else cgroup v1's `cpu.cfs_quota_us` and
+    `cpu.cfs_period_us` (quota -1 for none), as a container sees them at the cgroup root."""
+    fields = _read_fields(os.path.join(CGROUP_ROOT, "cpu.max"))
+    if fields is None:
+        for controller in ("cpu", "cpu,cpuacct"):
+            quota = _read_fields(os.path.join(CGROUP_ROOT, controller, "cpu.cfs_quota_us"))
+            period = _read_fields(os.path.join(CGROUP_ROOT, controller, "cpu.cfs_period_us"))
+            if quota is not None and period is not None:
+                fields = quota + period
+                break
+    try:
+        quota, period = (int(v) for v in fields)
+    except (TypeError, ValueError):  # no such file, no quota ("max"), or a format we do not know
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), capped by its cgroup's CPU quota (rounded up)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def default_threads() -> int:
+    """Compute threads when none are given: OMP_NUM_THREADS when it is set to a positive integer (Ray sets
+    it to an actor's CPUs; as in OpenMP, a list "N,M" means N here), else `available_cpus()`. Any other
+    value of OMP_NUM_THREADS is ignored with a warning, as OpenMP runtimes ignore it."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value:
+        try:
+            n = int(value.split(",")[0])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return min(n, MAX_THREADS)
+        warnings.warn(f"ignoring OMP_NUM_THREADS={value!r}: not a positive integer", RuntimeWarning, stacklevel=2)
+    return min(available_cpus(), MAX_THREADS)

@@ -1,0 +1,193 @@
+"""How each convolution and the fc layer of a model runs, decided once when it loads.
+
+`plan_model` reads the architecture (arch.py), the model's options (dtype, gemm, winograd, batchnorm) and the
+CPU (which packed GEMM paths it runs), and gives one `MatrixPlan` per weight matrix: its `Layout`, the packed
+GEMM path, the type and shape it is stored in, and its Winograd rule. The weight upload arranges each matrix
+as its plan says (resnet.upload_weights, layers.arrange_weight), and the graph builder multiplies it as its
+plan says (resnet.build, layers.conv2d and layers.linear): nothing else decides.
+
+A new kind of weight (a new layout, or a new packed type with its path in packing.GEMM_PATHS) is one more
+case here, in `_layout` and `_stored_shape`, and one more branch where the weights are arranged and multiplied.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from .arch import Conv, ResNetConfig, convolutions
+from .errors import InputError
+from .ggml import Type, gemm_path_supported
+from .packing import GEMM_PATHS, packed_shape
+
+# ggml's fast matmul path (llamafile sgemm) wants K to be a multiple of 16 (f32) or 32 (bf16, q8_0).
+K_ALIGN = 32
+# load(gemm=...): our packed GEMM on the CPU's widest path, ggml's mul_mat, or a packed path by name.
+GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS)
+_PATH_NEEDS = {"f32": "AVX2 and FMA", "bf16": "AVX512-BF16"}  # what a CPU needs for a path of each type
+# Below this many 2x2 output tiles per image (ResNet-101's layer4 at 7x7 has 16) the 16 products are too
+# short to beat the direct product at batch 1: each transformed weight serves too few pixels (measured,
+# docs/benchmarks.md).
+WINOGRAD_MIN_TILES = 32
+
+
+class Layout(enum.Enum):
+    """How a weight matrix is stored and multiplied."""
+
+    PLAIN = "plain"  # an [OC, K] matrix for ggml's mul_mat (K padded to K_ALIGN above 1x1)
+    WINOGRAD = "winograd"  # F(2x2,3x3): the 16 transformed [OC, IC] matrices, each a ggml mul_mat
+    PACKED = "packed"  # panels for the packed GEMM (packing.pack_matrix) on the plan's path
+
+
+class Winograd(enum.Enum):
+    """When a conv runs as Winograd F(2x2,3x3) (16 multiplies per 2x2 outputs instead of 36). The rule never
+    depends on the batch, so an image's logits do not either."""
+
+    NEVER = "never"
+    ALWAYS = "always"
+    LARGE_IMAGES = "large images"  # images of WINOGRAD_MIN_TILES 2x2 output tiles or more
+
+    def runs(self, width: int, height: int) -> bool:
+        """Whether it runs for an input of width x height."""
+        if self is Winograd.LARGE_IMAGES:
+            return -(-width // 2) * -(-height // 2) >= WINOGRAD_MIN_TILES
+        return self is Winograd.ALWAYS
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """How one conv's or the fc layer's weights are stored and multiplied."""
+
+    name: str  # the weight's tensor name, e.g. "layer1.0.conv2.weight"
+    shape: tuple[int, ...]  # PyTorch's: [OC, IC / groups, KH, KW], or the fc's [OUT, IN]
+    conv: Conv | None  # the convolution; None for the fc layer
+    layout: Layout
+    path: str | None  # the packed GEMM's path (a key of packing.GEMM_PATHS) for Layout.PACKED, else None
+    weight_type: Type  # the type the weights are stored in
+    stored_shape: tuple[int, ...]  # the NumPy shape they are stored in
+    winograd: Winograd  # Layout.WINOGRAD: always; Layout.PACKED: from the packed weights, by this rule
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Every weight matrix's plan, and the model-wide options they came from."""
+
+    weight_type: Type  # the model's dtype (a matrix whose rows do not fill whole blocks is stored f32)
+    gemm: str  # what runs the matrix products, as `Model.gemm` shows it: a packed path, or "ggml"
+    batchnorm: str  # "folded" or "explicit" (resnet.BATCHNORM_MODES)
+    matrices: dict[str, MatrixPlan]  # by weight name: the convs in graph order, then "fc.weight"
+
+    def __getitem__(self, name: str) -> MatrixPlan:
+        return self.matrices[name]
+
+    @property
+    def fc(self) -> MatrixPlan:
+        return self.matrices["fc.weight"]
+
+
+def check_gemm(gemm) -> None:
+    """InputError unless `gemm` is one of GEMM_CHOICES or None."""
+    if gemm is not None and gemm not in GEMM_CHOICES:
+        raise InputError(f"gemm must be one of {GEMM_CHOICES} or None, got {gemm!r}")
+
+
+def gemm_type(path: str) -> Type:
+    """The type of the weights and pixels the packed GEMM's `path` multiplies."""
+    return Type.parse(GEMM_PATHS[path])
+
+
+def gemm_paths(wtype: Type | str = Type.F32) -> tuple[str, ...]:
+    """The packed GEMM's paths for `wtype` weights this CPU (and this build) runs, widest first; empty where
+    none does."""
+    wtype = Type.parse(wtype)
+    return tuple(path for path in GEMM_PATHS if gemm_type(path) == wtype and gemm_path_supported(path))
+
+
+def gemm_path(gemm: str | None, wtype: Type) -> str | None:
+    """The packed GEMM path a model with these options uses, or None for ggml's mul_mat (see `model.load`)."""
+    check_gemm(gemm)
+    paths = gemm_paths(wtype)
+    if gemm is None:
+        return paths[0] if paths else None
+    if gemm == "ggml":
+        return None
+    name, packed_types = wtype.name.lower(), tuple(dict.fromkeys(GEMM_PATHS.values()))
+    if name not in packed_types:
+        raise InputError(f"the packed GEMM is {' and '.join(packed_types)} only: use gemm='ggml' for {name} weights")
+    if gemm == "packed":
+        if not paths:
+            raise InputError(f"this CPU has no packed GEMM path for {name} (it needs {_PATH_NEEDS[name]}): "
+                             "use gemm='ggml'")
+        return paths[0]
+    if gemm not in paths:
+        raise InputError(f"this CPU cannot run the packed GEMM's {gemm} path for {name} weights; "
+                         f"it runs: {', '.join(paths) or 'none'}")
+    return gemm
+
+
+def winograd_applies(shape: tuple[int, ...], stride: int, padding: int, wtype: Type) -> bool:
+    """Whether a conv can run as Winograd F(2x2,3x3): 3x3, stride 1, padding 1, f32 weights
+    (reduced-precision weights keep the direct path)."""
+    return len(shape) == 4 and (shape[2], shape[3], stride, padding) == (3, 3, 1, 1) and wtype == Type.F32
+
+
+def _layout(shape: tuple[int, ...], stride: int, padding: int, groups: int, wtype: Type, path: str | None,
+            winograd: bool | None) -> Layout:
+    """The packed GEMM on `path` for weights of its type (which runs Winograd from the same weights, see
+    `_winograd`), else Winograd where asked for and it applies, else plain. A grouped conv is always plain:
+    ggml's mul_mat broadcasts it over the groups."""
+    if groups > 1:
+        return Layout.PLAIN
+    if path is not None and wtype == gemm_type(path):
+        return Layout.PACKED
+    if winograd and winograd_applies(shape, stride, padding, wtype):
+        return Layout.WINOGRAD
+    return Layout.PLAIN
+
+
+def _stored_shape(shape: tuple[int, ...], layout: Layout, path: str | None) -> tuple[int, ...]:
+    """The NumPy shape a PyTorch weight of `shape` is stored in (see `layers.arrange_weight`)."""
+    m, k = shape[0], math.prod(shape[1:])
+    if layout is Layout.PACKED:
+        return packed_shape(m, k, GEMM_PATHS[path])
+    if layout is Layout.WINOGRAD:
+        return 16, m, shape[1]
+    if len(shape) == 4 and shape[2] * shape[3] > 1 and k % K_ALIGN:
+        k += K_ALIGN - k % K_ALIGN
+    return m, k
+
+
+def _winograd(layout: Layout, shape, stride: int, padding: int, wtype: Type, winograd: bool | None) -> Winograd:
+    """Layout.WINOGRAD always runs it; packed 3x3 stride-1 f32 weights run it from the packed weights where
+    `winograd` is True, never where False, and by default (None) on large images."""
+    if layout is Layout.WINOGRAD:
+        return Winograd.ALWAYS
+    if layout is not Layout.PACKED or winograd is False or not winograd_applies(shape, stride, padding, wtype):
+        return Winograd.NEVER
+    return Winograd.ALWAYS if winograd else Winograd.LARGE_IMAGES
+
+
+def matrix_plan(name: str, shape: tuple[int, ...], wtype: Type, path: str | None, winograd: bool | None,
+                conv: Conv | None = None) -> MatrixPlan:
+    """The plan of one weight matrix of PyTorch `shape`: of `conv`, or without one the fc layer's (which
+    never runs Winograd), for `wtype` weights, the packed GEMM's `path` (None: ggml's mul_mat) and the
+    model's `winograd` option (see `model.load`)."""
+    stride, padding, groups = (conv.stride, conv.padding, conv.groups) if conv else (1, 0, 1)
+    layout = _layout(shape, stride, padding, groups, wtype, path, winograd)
+    stored = _stored_shape(shape, layout, path)
+    # A row length that does not fill whole blocks cannot be stored quantized: keep those weights f32.
+    stored_type = wtype if stored[-1] % wtype.block_size == 0 else Type.F32
+    return MatrixPlan(name, tuple(shape), conv, layout, path if layout is Layout.PACKED else None, stored_type,
+                      stored, _winograd(layout, shape, stride, padding, stored_type, winograd))
+
+
+def plan_model(cfg: ResNetConfig, num_classes: int, *, dtype: Type, gemm: str | None, winograd: bool | None,
+               batchnorm: str) -> ModelPlan:
+    """Every matrix's plan for a model of `cfg` with these options (as `model.load` takes them; `dtype` is
+    the weight type, already parsed): InputError where the options ask for what this CPU cannot run."""
+    path = gemm_path(gemm, dtype)
+    matrices = {conv.name: matrix_plan(conv.name, conv.shape, dtype, path, winograd, conv)
+                for conv in convolutions(cfg)}
+    matrices["fc.weight"] = matrix_plan("fc.weight", (num_classes, cfg.feature_dim), dtype, path, False)
+    return ModelPlan(dtype, path or "ggml", batchnorm, matrices)

@@ -1,0 +1,84 @@
+"""The CPUs this process may use and the default thread count (pyggml_resnet.cpu): OMP_NUM_THREADS, the
+affinity mask and the cgroup CPU quota, with cgroup files written under a temporary root."""
+
+import os
+
+import pytest
+
+from pyggml_resnet import cpu
+from pyggml_resnet.ggml import Backend
+
+
+@pytest.fixture
+def no_quota(monkeypatch, tmp_path):
+    """An empty cgroup root (no quota files) and no OMP_NUM_THREADS."""
+    monkeypatch.setattr(cpu, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return tmp_path
+
+
+def affinity() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_default_is_the_cpus_this_process_may_use(no_quota, monkeypatch):
+    assert cpu.default_threads() == affinity()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert cpu.default_threads() == 3
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), (" 7 ", 7), ("5,2", 5), ("1", 1), ("100000", 512)])
+def test_omp_num_threads_wins(no_quota, monkeypatch, value, expected):
+    (no_quota / "cpu.max").write_text("100000 100000\n")  # a 1-CPU quota does not override it
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert cpu.default_threads() == expected
+    with Backend() as b:
+        assert b.threads == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "2.5", ",", "1e3"])
+def test_bad_omp_num_threads_is_ignored_with_a_warning(no_quota, monkeypatch, value):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.warns(RuntimeWarning, match="OMP_NUM_THREADS"):
+        assert cpu.default_threads() == affinity()
+
+
+def test_empty_omp_num_threads_is_unset(no_quota, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert cpu.default_threads() == affinity()
+
+
+@pytest.mark.parametrize("content, cpus", [("150000 100000\n", 2), ("100000 100000", 1), ("50000 100000", 1),
+                                           ("max 100000\n", None), ("garbage", None), ("", None),
+                                           ("-1 100000", None)])
+def test_cgroup_v2_quota_caps_the_cpus(no_quota, monkeypatch, content, cpus):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (no_quota / "cpu.max").write_text(content)
+    assert cpu.default_threads() == (64 if cpus is None else cpus)
+
+
+@pytest.mark.parametrize("controller", ["cpu", "cpu,cpuacct"])
+@pytest.mark.parametrize("quota, period, cpus", [("250000", "100000", 3), ("-1", "100000", None),
+                                                 ("20000", "10000", 2), ("x", "100000", None)])
+def test_cgroup_v1_quota_caps_the_cpus(no_quota, monkeypatch, controller, quota, period, cpus):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (no_quota / controller).mkdir()
+    (no_quota / controller / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (no_quota / controller / "cpu.cfs_period_us").write_text(period + "\n")
+    assert cpu.cgroup_cpu_limit() == (None if cpus is None else int(quota) / int(period))
+    assert cpu.default_threads() == (64 if cpus is None else cpus)
+
+
+def test_cgroup_v2_is_read_before_v1(no_quota, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (no_quota / "cpu.max").write_text("400000 100000")
+    (no_quota / "cpu").mkdir()
+    (no_quota / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+    (no_quota / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cpu.default_threads() == 4
+
+
+def test_quota_never_raises_above_the_affinity(no_quota, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    (no_quota / "cpu.max").write_text("800000 100000")
+    assert cpu.default_threads() == 1
