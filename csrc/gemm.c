@@ -4,14 +4,16 @@
 #include <string.h>
 
 #include "gemm_tile.h"
+#include "op_params.h"
 #include "patch_row.h"
 #include "thread_range.h"
+#include "winograd.h"
 
-// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 (the weights' tile reused from L1), of up to
-// GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
+// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 or int8 (the weights' tile reused from L1), of
+// up to GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
 // while every weight tile passes over it), fewer when the thread's channels are many so that the block's
 // output, GEMM_C_BLOCK floats at most, stays in L2 across its K blocks. They order the work, not the
-// arithmetic. A block holds whole summation blocks (GEMM_KS for f32, GEMM_KS_BF16 for bf16); GEMM_NB is a
+// arithmetic. A block holds whole summation blocks (GEMM_KS, GEMM_KS_BF16, GEMM_KS_INT8); GEMM_NB is a
 // multiple of every path's tile heights. Pixel rows GEMM_ALIAS_BYTES apart are always copied (see in_place).
 #define GEMM_KC 128
 #define GEMM_NB 480
@@ -19,22 +21,21 @@
 #define GEMM_ALIAS_BYTES 4096
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
 _Static_assert(16 * 12 <= GEMM_NB, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
+_Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is one summation block");
 
-// Op parameters, packed into the userdata pointer so nothing needs freeing.
-#define P_PATH(u) ((int) ((uintptr_t) (u) & 0xf))
-#define P_RELU(u) ((int) (((uintptr_t) (u) >> 4) & 1))
-#define P_BIAS(u) ((int) (((uintptr_t) (u) >> 5) & 1))
-#define P_RES(u) ((int) (((uintptr_t) (u) >> 6) & 1))
-#define P_KH(u) ((int) (((uintptr_t) (u) >> 8) & 0xf))
-#define P_STRIDE(u) ((int) (((uintptr_t) (u) >> 12) & 0xf))
-#define P_PAD(u) ((int) (((uintptr_t) (u) >> 16) & 0xf))
-#define P_WINO(u) ((int) (((uintptr_t) (u) >> 7) & 1))
+// Op parameters (csrc/op_params.h). WINO: the 16 Winograd products of gemm_winograd; X_SCALE (a float's bits)
+// and X_ZERO: the int8 pixels' sx and zx.
+enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_BIAS, GP_RES, GP_RELU, GP_WINO, GP_X_SCALE, GP_X_ZERO, GP_N_PARAMS };
+_Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 
 // A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
 // and, for Winograd, the current tile's transformed weights for each of the 16 products: two panels of kc x 16
 // each (the four corners' stay unused: they are read in place).
 static _Thread_local float xbuf[GEMM_NB * GEMM_KC] __attribute__((aligned(64)));
 static _Thread_local float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
+// int8: the current tile of channels' epilogue terms (gemm_block's corr and scale).
+static _Thread_local int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
+static _Thread_local float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
 
 static const struct gemm_kernel * kernel_for(int path) {
 #ifdef GEMM_X86
@@ -42,10 +43,11 @@ static const struct gemm_kernel * kernel_for(int path) {
         case GEMM_AVX512: return &gemm_kernel_avx512;
         case GEMM_AVX2: return &gemm_kernel_avx2;
         case GEMM_AVX512_BF16: return &gemm_kernel_avx512bf16;
+        case GEMM_INT8_AVX512_VNNI: return &gemm_kernel_int8_avx512vnni;
+        case GEMM_INT8_AVX2: return &gemm_kernel_int8_avx2;
     }
 #endif
-    (void) path;
-    return NULL;
+    return path == GEMM_INT8_SCALAR ? &gemm_kernel_int8_scalar : NULL;
 }
 
 int gemm_path_supported(int path) {
@@ -55,67 +57,11 @@ int gemm_path_supported(int path) {
         case GEMM_AVX512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
         case GEMM_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         case GEMM_AVX512_BF16: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+        case GEMM_INT8_AVX512_VNNI: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+        case GEMM_INT8_AVX2: return __builtin_cpu_supports("avx2");
     }
 #endif
-    (void) path;
-    return 0;
-}
-
-// Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 to `dst` (in xbuf), rows of kc values, with zero
-// rows after N up to a whole tile of `nr`. es: bytes per value in xbuf (the weights'); an f32 image is rounded
-// to bf16 where es is 2.
-static void pack_pixels(char * dst, const struct patch_geom * geo, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                        int64_t kb, int64_t kc, int nr, size_t es) {
-    const patch_put put = es == sizeof(float) ? patch_put_f32 : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
-    const int64_t k1 = kb + kc < K ? kb + kc : K;
-    char * row = dst;
-    for (int64_t n = n0; n < n1; ++n, row += kc * es) {
-        patch_row(row, es, put, geo, n, kb, k1);
-        if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);
-    }
-    if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
-}
-
-// Winograd F(2x2, 3x3) weights of every product t = 4a + b but the corners, U_t = (G g G^T)[a][b], for k (input
-// channels) kb..kb+kc-1 of the two panels of 3x3 weights at w (packed as above, K = 9 C, k = (ky, kx, c)), made
-// into wbuf[t]: panels kc * 16 floats apart, each k-major. G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2, (0 0 1);
-// the halving is exact, so each value is rounded by its sums only, in this order whatever the path: each row
-// of g combined by G's row b, then those three by G's row a. All 16 are made together, each row combination
-// once, from the 9 taps read once. Written over whole 16-lane vectors (one panel's channels, 64 bytes),
-// which GCC maps to the widest registers the build targets: element-wise loops were left scalar.
-typedef float wino_vec __attribute__((vector_size(64), aligned(4)));
-
-// Row s of G times (v0, v1, v2).
-static inline wino_vec wino_comb(int s, wino_vec v0, wino_vec v1, wino_vec v2) {
-    switch (s) {
-        case 0: return v0;
-        case 1: return (v0 + v1 + v2) * 0.5f;
-        case 2: return (v0 - v1 + v2) * 0.5f;
-        default: return v2;
-    }
-}
-
-static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc) {
-    const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
-    for (int j = 0; j < 2; ++j) {
-        const float * panel = w + j * 16 * K + kb * 16;
-        for (int64_t c = 0; c < kc; ++c) {
-            wino_vec g[9], h[3][4];
-#pragma GCC unroll 9
-            for (int i = 0; i < 9; ++i) g[i] = *(const wino_vec *) (panel + i * tap + c * 16);
-#pragma GCC unroll 3
-            for (int ky = 0; ky < 3; ++ky) {
-#pragma GCC unroll 4
-                for (int b = 0; b < 4; ++b) h[ky][b] = wino_comb(b, g[3 * ky], g[3 * ky + 1], g[3 * ky + 2]);
-            }
-#pragma GCC unroll 16
-            for (int t = 0; t < 16; ++t) {
-                const int a = t / 4, b = t % 4;
-                if (a % 3 == 0 && b % 3 == 0) continue;
-                *(wino_vec *) (wbuf[t] + (j * kc + c) * 16) = wino_comb(a, h[0][b], h[1][b], h[2][b]);
-            }
-        }
-    }
+    return path == GEMM_INT8_SCALAR;
 }
 
 // The op's product C = X W^T (+ epilogue), or its 16 Winograd products, over the output tiles [m0, m1) x
@@ -124,15 +70,53 @@ struct gemm_problem {
     const struct gemm_kernel * kern;
     struct patch_geom geo;  // where X's rows come from (Winograd: product 0's)
     size_t es;              // bytes per weight and pixel value
-    int64_t M, K, Kp, N;    // Kp: K, or K rounded up to even for bf16 (the packed weights' K)
+    int64_t M, K, Kp, N;    // Kp: the packed weights' K: K, rounded up to even for bf16, to a multiple of 4 for int8
     const char * w;         // packed weights; for Winograd the 3x3 ones, transformed per block into wbuf
     int wino;               // 16 Winograd products, X and C of each x_step and c_step bytes after the last's
     size_t x_step, c_step;
     float * c;
     const float * bias, * res;
     int relu;
-    int in_place;           // X is a dense matrix of rows of K values: read whole tiles in place, not copied
+    int dense_rows;         // X is a dense matrix of rows of K values (the image's pixels)...
+    int in_place;           // ... read whole tiles in place, not copied
+    const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
+    float x_scale;
+    const float * w_scale;
+    const int32_t * colsum;
 };
+
+// Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 of geo's image to `dst` (in xbuf), rows of kc
+// values of the path's type, with zero rows after N up to a whole tile: an f32 image is rounded to bf16 where
+// the type is, quantized where it is u8.
+static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct patch_geom * geo, int64_t n0,
+                        int64_t n1, int64_t kb, int64_t kc) {
+    const size_t es = pr->es;
+    const int64_t K = pr->K, N = pr->N, nr = pr->kern->nr;
+    const patch_put put = es == sizeof(float) ? patch_put_f32 : es == 1 ? pr->kern->put_u8
+                          : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
+    const int64_t k1 = kb + kc < K ? kb + kc : K;
+    char * row = dst;
+    for (int64_t n = n0; n < n1; ++n, row += kc * es) {
+        if (pr->dense_rows) {  // one run: patch_row's divisions per pixel would cost more than copying it
+            put(row, geo->data + n * geo->nb1 + kb * geo->nb0, k1 - kb, pr->quant);
+        } else {
+            patch_row(row, es, put, pr->quant, geo, n, kb, k1);
+        }
+        if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);  // times zero weights
+    }
+    if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
+}
+
+// int8: the epilogue's terms of the tile of channels from m, zx * colsum[m] and sx * sw[m] (one float
+// product), into qcorr and qscale; zeros past M.
+static void quant_terms(const struct gemm_problem * pr, int64_t m) {
+    for (int64_t i = 0; i < GEMM_MR_MAX; ++i) {
+        const int in = i < pr->kern->mr && m + i < pr->M;
+        qcorr[i] = in ? pr->quant->zero * pr->colsum[m + i] : 0;
+        qscale[i] = in ? pr->x_scale * pr->w_scale[m + i] : 0.0f;
+    }
+}
+
 
 // The weights of the tile at channel m for k block kb (of product t for Winograd), and the distance between its
 // two panels: in the packed weights, or for Winograd in wbuf[t], transformed; a corner of G g G^T is one tap
@@ -200,11 +184,15 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
             for (int t = 0; t < products && packed0 < px1; ++t) {
                 struct patch_geom geo = pr->geo;
                 geo.data += t * pr->x_step;
-                pack_pixels((char *) xbuf + t * packed_rows * kc * es, &geo, pr->K, N, packed0, px1, kb, kc, nr, es);
+                pack_pixels((char *) xbuf + t * packed_rows * kc * es, pr, &geo, packed0, px1, kb, kc);
             }
             for (int64_t mt = m0; mt < m1; ++mt) {
                 const int64_t m = mt * mr;
-                if (pr->wino) wino_weights((const float *) pr->w + (m / 16) * 16 * 9 * pr->K, pr->K, kb, kc);
+                if (pr->quant) quant_terms(pr, m);
+                if (pr->wino) {
+                    const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
+                    winograd_weights(wbuf[0], sizeof wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
+                }
                 // The products in turn (Winograd's reusing the weights just made), each over this pixel block.
                 for (int t = 0; t < products; ++t) {
                     int64_t w_panel;
@@ -214,7 +202,7 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
                         .mr = M - m < mr ? (int) (M - m) : mr,
                         .first = kb == 0, .last = kb + kc == pr->Kp,
                         .bias = pr->bias ? pr->bias + m : NULL,
-                        .relu = pr->relu,
+                        .relu = pr->relu, .corr = qcorr, .scale = qscale,
                     };
                     // Weights stream from memory once per block: ask for the next tile's (the next channels',
                     // else the next K block's first) while this one computes. Winograd's are made in wbuf.
@@ -231,16 +219,26 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
 }
 
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
-    const int wino = P_WINO(userdata), kh = wino ? 1 : P_KH(userdata);
+    const int wino = op_param(dst, GP_WINO), kh = wino ? 1 : op_param(dst, GP_KH), has_bias = op_param(dst, GP_BIAS);
+    const struct gemm_kernel * kern = kernel_for(op_param(dst, GP_PATH));
+    // int8: the weights' scales and column sums come before the epilogue's operands.
+    const int quant = kern->es == 1, extra = quant ? 4 : 2;
+    const float x_scale = op_param_f32(dst, GP_X_SCALE);
+    const struct patch_quant q = { quant ? 1.0f / x_scale : 0.0f, op_param(dst, GP_X_ZERO) };
     struct gemm_problem pr = {
-        .kern = kernel_for(P_PATH(userdata)), .es = ggml_type_size(w->type),
-        .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0], .Kp = wino ? x->ne[0] : w->ne[1],
+        .kern = kern, .es = kern->es,
+        .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0],
+        .Kp = wino ? x->ne[0] : w->ne[1] * (int64_t) ggml_type_size(w->type) / kern->es,
         .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino, .c = dst->data,
-        .bias = P_BIAS(userdata) ? (const float *) dst->src[2]->data : NULL,
-        .res = P_RES(userdata) ? (const float *) dst->src[2 + P_BIAS(userdata)]->data : NULL,
-        .relu = P_RELU(userdata),
+        .bias = has_bias ? (const float *) dst->src[extra]->data : NULL,
+        .res = op_param(dst, GP_RES) ? (const float *) dst->src[extra + has_bias]->data : NULL,
+        .relu = op_param(dst, GP_RELU),
+        .quant = quant ? &q : NULL, .x_scale = x_scale,
+        .w_scale = quant ? (const float *) dst->src[2]->data : NULL,
+        .colsum = quant ? (const int32_t *) dst->src[3]->data : NULL,
     };
     const int mr = pr.kern->mr, nr = pr.kern->nr;
     if (wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
@@ -251,15 +249,17 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         pr.x_step = x->nb[2];
         pr.c_step = dst->nb[2];
     } else {
-        pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, P_STRIDE(userdata), P_PAD(userdata));
+        pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, op_param(dst, GP_STRIDE),
+                                op_param(dst, GP_PAD));
     }
     // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
-    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1. Winograd's (winograd_input's dense
-    // [C, T, 16] result) are always read in place: its 16 products' whole blocks would not fit the buffer.
+    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1, or where they must be quantized
+    // (int8): those are copied a row at a time. Winograd's (winograd_input's dense [C, T, 16] result) are
+    // always read in place: its 16 products' whole blocks would not fit the buffer.
     const struct patch_geom * geo = &pr.geo;
-    pr.in_place = wino || (geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb0 == pr.es
-                           && geo->nb1 == pr.K * pr.es && geo->nb2 == geo->W * geo->nb1
-                           && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1) && pr.K == pr.Kp
+    pr.dense_rows = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb1 == pr.K * geo->nb0
+                    && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
+    pr.in_place = wino || (pr.dense_rows && !quant && geo->nb0 == pr.es && pr.K == pr.Kp
                            && geo->nb1 % GEMM_ALIAS_BYTES != 0);
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
@@ -275,25 +275,42 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     if (m0 < m1 && n0 < n1) gemm_tiles(&pr, m0, m1, n0, n1);
 }
 
+// A convolution's product: args holds w, x and (int8) the scales and column sums; bias and residual follow.
+static struct ggml_tensor * gemm_conv(struct ggml_context * ctx, struct ggml_tensor ** args, int n_args, int64_t m,
+                                      int kh, int stride, int pad, struct ggml_tensor * bias,
+                                      struct ggml_tensor * residual, int relu, int path, float x_scale, int x_zero) {
+    if (bias) args[n_args++] = bias;
+    if (residual) args[n_args++] = residual;
+    const int32_t params[GP_N_PARAMS] = {
+        [GP_PATH] = path, [GP_KH] = kh, [GP_STRIDE] = stride, [GP_PAD] = pad,
+        [GP_BIAS] = bias != NULL, [GP_RES] = residual != NULL, [GP_RELU] = relu != 0,
+        [GP_X_SCALE] = op_param_of_f32(x_scale), [GP_X_ZERO] = x_zero,
+    };
+    const struct ggml_tensor * x = args[1];
+    const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
+    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, OW, OH, x->ne[3], args, n_args, gemm_run,
+                                        GGML_N_TASKS_MAX, NULL), params, GP_N_PARAMS);
+}
+
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path) {
     struct ggml_tensor * args[4] = { w, x };
-    int n_args = 2;
-    if (bias) args[n_args++] = bias;
-    if (residual) args[n_args++] = residual;
-    const uintptr_t packed = (uintptr_t) path | (uintptr_t) (relu != 0) << 4 | (uintptr_t) (bias != NULL) << 5
-                             | (uintptr_t) (residual != NULL) << 6 | (uintptr_t) kh << 8 | (uintptr_t) stride << 12
-                             | (uintptr_t) pad << 16;
-    const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, m, OW, OH, x->ne[3], args, n_args, gemm_run, GGML_N_TASKS_MAX,
-                          (void *) packed);
+    return gemm_conv(ctx, args, 2, m, kh, stride, pad, bias, residual, relu, path, 0.0f, 0);
+}
+
+struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
+                               int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
+                               float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
+                               int relu, int path) {
+    struct ggml_tensor * args[6] = { w, x, scales, colsums };
+    return gemm_conv(ctx, args, 4, m, kh, stride, pad, bias, residual, relu, path, x_scale, x_zero);
 }
 
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
                                    int64_t m, int path) {
     struct ggml_tensor * args[2] = { w, v };
-    const uintptr_t packed = (uintptr_t) path | (uintptr_t) 1 << 7;
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, m, v->ne[1], 16, 1, args, 2, gemm_run, GGML_N_TASKS_MAX,
-                          (void *) packed);
+    const int32_t params[GP_N_PARAMS] = { [GP_PATH] = path, [GP_WINO] = 1 };
+    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, v->ne[1], 16, 1, args, 2, gemm_run, GGML_N_TASKS_MAX,
+                                        NULL), params, GP_N_PARAMS);
 }

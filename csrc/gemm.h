@@ -1,5 +1,6 @@
-// A packed-weight f32 matrix product with a fused epilogue, run as a ggml custom op, for a convolution (or a
-// Linear layer, a 1x1 convolution of a one-pixel-wide image):
+// A packed-weight matrix product (f32; bf16 with f32 sums; int8 with int32 sums, see gemm_int8) with a fused
+// epilogue, run as a ggml custom op, for a convolution (or a Linear layer, a 1x1 convolution of a
+// one-pixel-wide image):
 //     C[n, m] = relu?( sum_k W[m, k] X[n, k] + bias[m] + R[n, m] )
 // for the weights W [M, K], and X [N, K] the windows of a kh x kh convolution (stride, zero padding) of a
 // channel-fastest f32 image [C, W, H, B], K = kh * kh * C ordered (ky, kx, c) with c fastest, as
@@ -36,20 +37,45 @@ extern "C" {
 // block costs no visible accuracy; merging sums into C less often makes its products faster (32 -> 128: ~14%;
 // 128 -> 256: ~4% of a whole bf16 ResNet-101, 1 thread).
 #define GEMM_KS_BF16 256
+// int8 sums are exact, so their block only orders the work: one per cache block (csrc/gemm.c's GEMM_KC
+// floats' worth of bytes).
+#define GEMM_KS_INT8 512
 
-enum gemm_path { GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2, GEMM_N_PATHS };
+// The int8 paths: AVX512-VNNI, AVX2, and portable C (every CPU).
+enum gemm_path {
+    GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2,
+    GEMM_INT8_AVX512_VNNI = 3, GEMM_INT8_AVX2 = 4, GEMM_INT8_SCALAR = 5, GEMM_N_PATHS
+};
 
 // Whether this CPU (and this build) can run `path`: checked at run time from cpuid.
 int gemm_path_supported(int path);
 
 // w: packed weights as above (K = kh * kh * x->ne[0], bf16: rounded up to even); x: contiguous f32 [C, W, H, B]
-// (or bf16 on the bf16 path);
-// bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32 [M, OW, OH, B]. kh, stride, pad: 0..15,
-// kh <= W + 2 pad and H + 2 pad. Returns f32 [M, OW, OH, B]. The caller validates every argument and that
-// `path` is supported.
+// (or bf16 on the bf16 path); bias: NULL or contiguous f32 [M]; residual: NULL or contiguous f32
+// [M, OW, OH, B]. kh, stride: 1 to OP_PARAM_INT_MAX (csrc/op_params.h), pad: 0 to that, kh <= W + 2 pad and
+// H + 2 pad. Returns f32 [M, OW, OH, B]. The caller validates every argument and that `path` is supported.
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path);
+
+// The int8 product: C[n, m] = relu?( (float) (sum_k Wq[m, k] (Xq[n, k] - zx)) * (sx * sw[m]) + bias[m] + R[n, m] ),
+// each operation rounded in that order (the int32 difference to float, its product with the float sx * sw[m],
+// then the adds), on every int8 path and for any batch and thread count: the integer sum is exact, so results
+// are bit-identical across paths. Xq, the windows of the f32 image quantized as they are packed:
+// Xq = clamp(rint(x * (1 / sx)) + zx, 0, 255), with 1 / sx one float division, x * (1 / sx) clamped to
+// [-zx, 255 - zx] before rounding (NaN to -zx) and rint to nearest even; padding is the value 0.0 (byte zx).
+// The sum is taken as sum_k Wq Xq - zx * colsum[m] in int32, exact while 255 * 127 * K fits an int32
+// (K <= GEMM_INT8_K_MAX).
+// w: s8 weights Wq in an f32 tensor of raw 32-bit words [16, K4/4, P, 1] (NumPy (P, K4/4, 16, 4) bytes): panels
+// of 16 channels, k in groups of 4 per channel as vpdpbusd reads them, K zero-padded to K4, a multiple of 4,
+// M to a multiple of 32, as above. scales: f32 [M], sw; colsums: [M] int32 words in an f32 tensor, each
+// channel's sum of Wq. x_scale: sx, positive, normal, and 1 / sx finite; x_zero: zx, 0..255. The rest as for
+// gemm_packed; `path` one of the GEMM_INT8_* paths.
+#define GEMM_INT8_K_MAX 66311  // (2^31 - 1) / (255 * 127)
+struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
+                               int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
+                               float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
+                               int relu, int path);
 
 // A 3x3 stride-1 convolution's 16 Winograd F(2x2, 3x3) products (csrc/winograd.h): w, packed f32 3x3 weights
 // as for gemm_packed (K = 9 C); v: contiguous f32 [C, T, 16, 1] from winograd_input. Returns f32 [M, T, 16, 1]

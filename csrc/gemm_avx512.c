@@ -28,4 +28,5 @@ static inline __m512 fma_bcast(__m512 a, const float * p, __m512 c) {
 #define TILE_FN tile_avx512_wide
 #include "gemm_tile.inc"
 
-const struct gemm_kernel gemm_kernel_avx512 = { MV * VL, 12, 4, tile_avx512, tile_avx512_narrow, tile_avx512_wide };
+const struct gemm_kernel gemm_kernel_avx512 = { MV * VL, 12, 4, tile_avx512, tile_avx512_narrow, tile_avx512_wide,
+                                                 sizeof(float) };

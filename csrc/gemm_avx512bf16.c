@@ -36,4 +36,5 @@ static inline __m512 dp_bcast(__m512bh a, const uint16_t * p, __m512 c) {
 #define TILE_FN tile_avx512bf16_wide
 #include "gemm_tile.inc"
 
-const struct gemm_kernel gemm_kernel_avx512bf16 = { MV * VL, 12, 4, tile_avx512bf16, tile_avx512bf16_narrow, tile_avx512bf16_wide };
+const struct gemm_kernel gemm_kernel_avx512bf16 = { MV * VL, 12, 4, tile_avx512bf16, tile_avx512bf16_narrow,
+                                                     tile_avx512bf16_wide, sizeof(uint16_t) };

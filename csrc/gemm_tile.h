@@ -1,16 +1,18 @@
-// The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c, gemm_avx512bf16.c): one tile of output channels by
-// pixels over one cache block of K, summed in registers GEMM_KS values of k at a time, each such sum merged
-// into C in memory, with the epilogue after K's last one. Internal to csrc/gemm*.c.
+// The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c, gemm_avx512bf16.c and the int8
+// paths gemm_int8_*.c): one tile of output channels by pixels over one cache block of K, summed in registers
+// a summation block of k at a time, each such sum merged into C in memory (int8: as int32 bits, exactly),
+// with the epilogue after K's last one. Internal to csrc/gemm*.c.
 #pragma once
 
 #include <stdint.h>
 
 #include "gemm.h"
+#include "patch_row.h"
 
 struct gemm_block {
-    const void * w;        // packed weights of the tile's first channel at the block's first k (f32 or bf16)
+    const void * w;        // packed weights of the tile's first channel at the block's first k (f32, bf16 or s8)
     int64_t w_panel;       // elements from one 16-channel panel to the next (16 * K)
-    const void * x;        // the tile's first pixel row at the block's first k (the weights' type)
+    const void * x;        // the tile's first pixel row at the block's first k (the weights' type; int8: u8)
     int64_t ldx;           // elements between pixel rows
     int64_t kc;            // k values in this cache block (whole summation blocks, except at K's end)
     int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
@@ -20,19 +22,29 @@ struct gemm_block {
     const float * bias;    // at the tile's first channel, or NULL
     const float * res;     // residual at the tile's first pixel and channel, or NULL
     int relu;
+    const int32_t * corr;  // int8: the tile's zx * colsum[m] and x_scale * w_scale[m], one per channel of a
+    const float * scale;   // whole tile (aligned, zeros past M)
     const void * next_w;   // the next tile's weights (same layout as w), fetched into cache as this one runs, or NULL
 };
 
 // Each ISA path provides one of these: its tile size and tile function, a narrower tile for the last
 // pixels of a product (N = 196 leaves 4 over a tile of 12), and where registers allow a tile one pixel wider
-// for a remainder of one (N = 49: 12 + 12 + 12 + 13), or NULL.
+// for a remainder of one (N = 49: 12 + 12 + 12 + 13), or NULL; the bytes of each weight and pixel value
+// it reads (4: f32, 2: bf16, 1: int8); and for int8, how it quantizes f32 pixels as gemm.c packs them: the
+// bytes of patch_put_u8 (csrc/patch_row.h), in the path's own vectors.
 struct gemm_kernel {
     int mr, nr, nr_narrow;
     void (*tile)(const struct gemm_block * b);
     void (*tile_narrow)(const struct gemm_block * b);
     void (*tile_wide)(const struct gemm_block * b);
+    int es;
+    patch_put put_u8;
 };
+#define GEMM_MR_MAX 32  // the widest tile of channels
 
 extern const struct gemm_kernel gemm_kernel_avx512;
 extern const struct gemm_kernel gemm_kernel_avx2;
 extern const struct gemm_kernel gemm_kernel_avx512bf16;
+extern const struct gemm_kernel gemm_kernel_int8_avx512vnni;
+extern const struct gemm_kernel gemm_kernel_int8_avx2;
+extern const struct gemm_kernel gemm_kernel_int8_scalar;

@@ -1,6 +1,7 @@
 // One convolution window of a channel-fastest image as a row of values, (ky, kx, c) with c fastest and zeros
 // outside the image: what gather_patches (csrc/patches.c) writes whole and what the packed GEMM
-// (csrc/gemm.c) copies a cache block at a time into its pixel buffer. Internal to csrc/.
+// (csrc/gemm.c) copies a cache block at a time into its pixel buffer (for int8, quantized to u8).
+// Internal to csrc/.
 #pragma once
 
 #include <stdint.h>
@@ -14,21 +15,47 @@ static inline uint16_t patch_to_bf16(float f) {
     return (u & 0x7fffffff) > 0x7f800000 ? (uint16_t) ((u >> 16) | 64) : (uint16_t) ((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-// Writes n values of the image's type from `in` as the output's type.
-typedef void (*patch_put)(void * out, const void * in, int64_t n);
+// How f32 values become the int8 GEMM's u8 (csrc/gemm.h's gemm_int8): q = clamp(rint(x * inv_scale) + zero).
+struct patch_quant {
+    float inv_scale;
+    int zero;
+};
 
-static inline void patch_put_f32(void * out, const void * in, int64_t n) {
+// Writes n values of the image's type from `in` as the output's type (q: the u8 output's quantization).
+typedef void (*patch_put)(void * out, const void * in, int64_t n, const struct patch_quant * q);
+
+static inline void patch_put_f32(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+    (void) q;
     memcpy(out, in, n * sizeof(float));
 }
 
-static inline void patch_put_bf16(void * out, const void * in, int64_t n) {  // from f32
+static inline void patch_put_bf16(void * out, const void * in, int64_t n, const struct patch_quant * q) {  // from f32
+    (void) q;
     const float * f = in;
     uint16_t * o = out;
     for (int64_t i = 0; i < n; ++i) o[i] = patch_to_bf16(f[i]);
 }
 
-static inline void patch_put_bf16_copy(void * out, const void * in, int64_t n) {  // from bf16
+static inline void patch_put_bf16_copy(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+    (void) q;  // from bf16
     memcpy(out, in, n * sizeof(uint16_t));
+}
+
+// From f32: x * inv_scale clamped to [-zero, 255 - zero] (max and min as maxps and minps take them, NaN to
+// -zero), rounded to nearest even by adding and taking away 1.5 * 2^23 (exact for |v| < 2^22; the clamp
+// stands between the product and the sum, so no multiply-add fuses them), then + zero. Branch-free: it
+// vectorises.
+static inline void patch_put_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+    const float * f = in;
+    uint8_t * o = out;
+    const int zero = q->zero;  // in a local: a byte store could alias q, which would stop vectorisation
+    const float inv = q->inv_scale, lo = (float) -zero, hi = (float) (255 - zero), magic = 0x1.8p23f;
+    for (int64_t i = 0; i < n; ++i) {
+        float v = f[i] * inv;
+        v = v > lo ? v : lo;
+        v = v < hi ? v : hi;
+        o[i] = (uint8_t) ((int32_t) ((v + magic) - magic) + zero);
+    }
 }
 
 // The windows of an image [C', W, H, N] (ggml order; f32, or bf16 for the bf16 GEMM) read by a kh x kw
@@ -51,10 +78,11 @@ static inline struct patch_geom patch_geom_of(const void * data, const int64_t n
     return g;
 }
 
-// Values k0..k1-1 (k1 <= kh*kw*C) of output pixel p's window, written to `out` (es bytes each) by `put`.
+// Values k0..k1-1 (k1 <= kh*kw*C) of output pixel p's window, written to `out` (es bytes each) by `put`
+// (with q, NULL but for u8); outside the image the value 0.0: +0.0 in f32 and bf16, the byte q->zero in u8.
 // A window row inside the image is one run when pixels are dense (C == C'): one copy per ky, not per tap.
-static inline void patch_row(char * out, size_t es, patch_put put, const struct patch_geom * g, int64_t p,
-                             int64_t k0, int64_t k1) {
+static inline void patch_row(char * out, size_t es, patch_put put, const struct patch_quant * q,
+                             const struct patch_geom * g, int64_t p, int64_t k0, int64_t k1) {
     const int64_t ox = p % g->OW, oy = (p / g->OW) % g->OH, n = p / (g->OW * g->OH);
     const int64_t row = (int64_t) g->kw * g->C;  // values per window row
     const int dense = g->nb1 == (size_t) g->C * g->nb0;
@@ -75,9 +103,9 @@ static inline void patch_row(char * out, size_t es, patch_put put, const struct 
         }
         if (run > k1 - k) run = k1 - k;
         if (src) {
-            put(out, src, run);
+            put(out, src, run, q);
         } else {
-            memset(out, 0, run * es);  // +0.0 in f32 and bf16 alike
+            memset(out, q ? q->zero : 0, run * es);
         }
         out += run * es;
         k += run;

@@ -9,8 +9,8 @@
 
 static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
-    const int kh = OP_FIELD(userdata, 0), kw = OP_FIELD(userdata, 1);
-    const int stride = OP_FIELD(userdata, 2), pad = OP_FIELD(userdata, 3);
+    (void) userdata;
+    const int kh = op_param(dst, 0), kw = op_param(dst, 1), stride = op_param(dst, 2), pad = op_param(dst, 3);
     const int64_t P = ((x->ne[1] + 2 * pad - kw) / stride + 1) * ((x->ne[2] + 2 * pad - kh) / stride + 1) * x->ne[3];
     // Both layouts hold one row per (group, patch), groups slowest: the row count gives the group count.
     const int64_t groups = ggml_nrows(dst) / P;
@@ -33,7 +33,7 @@ static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void 
                                                         kh, kw, stride, pad);
             for (int64_t p = p0; p < p1; ++p) {
                 char * out = (char *) dst->data + (g * P + p) * dst->nb[1];
-                patch_row(out, esize, put, &geo, p, 0, K);
+                patch_row(out, esize, put, NULL, &geo, p, 0, K);
                 if (k_pad > K) memset(out + K * esize, 0, (k_pad - K) * esize);
             }
         }
@@ -45,12 +45,11 @@ struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tenso
                                     enum ggml_type type) {
     const int64_t OW = (x->ne[1] + 2 * pad - kw) / stride + 1;
     const int64_t OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
-    const uintptr_t packed = (uintptr_t) kh | (uintptr_t) kw << 8 | (uintptr_t) stride << 16 | (uintptr_t) pad << 24;
+    const int32_t params[4] = { kh, kw, stride, pad };
     struct ggml_tensor * args[1] = { x };
-    if (groups == 1) {
-        return ggml_custom_4d(ctx, type, k_pad, OW, OH, x->ne[3], args, 1, gather_patches_run,
-                              GGML_N_TASKS_MAX, (void *) packed);
-    }
-    return ggml_custom_4d(ctx, type, k_pad, OW * OH * x->ne[3], groups, 1, args, 1, gather_patches_run,
-                          GGML_N_TASKS_MAX, (void *) packed);
+    struct ggml_tensor * t = groups == 1
+        ? ggml_custom_4d(ctx, type, k_pad, OW, OH, x->ne[3], args, 1, gather_patches_run, GGML_N_TASKS_MAX, NULL)
+        : ggml_custom_4d(ctx, type, k_pad, OW * OH * x->ne[3], groups, 1, args, 1, gather_patches_run,
+                         GGML_N_TASKS_MAX, NULL);
+    return op_params_set(t, params, 4);
 }

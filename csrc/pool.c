@@ -8,7 +8,8 @@
 
 static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
-    const int k = OP_FIELD(userdata, 0), stride = OP_FIELD(userdata, 1), pad = OP_FIELD(userdata, 2);
+    (void) userdata;
+    const int k = op_param(dst, 0), stride = op_param(dst, 1), pad = op_param(dst, 2);
     const int64_t C = x->ne[0], W = x->ne[1], H = x->ne[2], OW = dst->ne[1], OH = dst->ne[2];
     int64_t first, last;
     thread_range(OW * OH * dst->ne[3], ith, nth, &first, &last);
@@ -37,10 +38,10 @@ static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * user
 
 struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x, int k, int stride, int pad) {
     const int64_t OW = (x->ne[1] + 2 * pad - k) / stride + 1, OH = (x->ne[2] + 2 * pad - k) / stride + 1;
-    const uintptr_t packed = (uintptr_t) k | (uintptr_t) stride << 8 | (uintptr_t) pad << 16;
+    const int32_t params[3] = { k, stride, pad };
     struct ggml_tensor * args[1] = { x };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], OW, OH, x->ne[3], args, 1, max_pool_run, GGML_N_TASKS_MAX,
-                          (void *) packed);
+    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], OW, OH, x->ne[3], args, 1, max_pool_run,
+                                        GGML_N_TASKS_MAX, NULL), params, 3);
 }
 
 static void mean_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {

@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "op_params.h"
 #include "thread_range.h"
 
 // Channels are taken 16 at a time (the last chunk shorter) through small local arrays, so that each step
@@ -68,16 +69,16 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
     }
 }
 
-// Op parameters in the userdata pointer: whether there is a bias, a residual, and a ReLU.
-#define O_BIAS(u) ((int) ((uintptr_t) (u) & 1))
-#define O_RES(u) ((int) (((uintptr_t) (u) >> 1) & 1))
-#define O_RELU(u) ((int) (((uintptr_t) (u) >> 2) & 1))
+// Op parameters (csrc/op_params.h): whether there is a bias, a residual, and a ReLU.
+enum { WO_BIAS, WO_RES, WO_RELU, WO_N_PARAMS };
 
 static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * m = dst->src[0];
-    const float * bias = O_BIAS(userdata) ? (const float *) dst->src[1]->data : NULL;
-    const struct ggml_tensor * res = O_RES(userdata) ? dst->src[1 + O_BIAS(userdata)] : NULL;
-    const int relu = O_RELU(userdata);
+    (void) userdata;
+    const int has_bias = op_param(dst, WO_BIAS);
+    const float * bias = has_bias ? (const float *) dst->src[1]->data : NULL;
+    const struct ggml_tensor * res = op_param(dst, WO_RES) ? dst->src[1 + has_bias] : NULL;
+    const int relu = op_param(dst, WO_RELU);
     const int64_t OC = dst->ne[0], W = dst->ne[1], H = dst->ne[2];
     const int64_t tw = (W + 1) / 2, th = (H + 1) / 2, T = m->ne[1];
     int64_t first, last;
@@ -134,6 +135,46 @@ static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void
     }
 }
 
+// The weight transform (declared in winograd.h). G's rows are (1 0 0), (1 1 1)/2, (1 -1 1)/2, (0 0 1);
+// the halving is exact, so each value is rounded by its sums only, in this order whatever the path: each row
+// of g combined by G's row b, then those three by G's row a. All 16 are made together, each row combination
+// once, from the 9 taps read once. Written over whole 16-lane vectors (one panel's channels, 64 bytes),
+// which GCC maps to the widest registers the build targets: element-wise loops were left scalar.
+typedef float wino_vec __attribute__((vector_size(64), aligned(4)));
+
+// Row s of G times (v0, v1, v2).
+static inline wino_vec wino_comb(int s, wino_vec v0, wino_vec v1, wino_vec v2) {
+    switch (s) {
+        case 0: return v0;
+        case 1: return (v0 + v1 + v2) * 0.5f;
+        case 2: return (v0 - v1 + v2) * 0.5f;
+        default: return v2;
+    }
+}
+
+void winograd_weights(float * out, int64_t t_step, const float * w, int64_t C, int64_t kb, int64_t kc) {
+    const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
+    for (int j = 0; j < 2; ++j) {
+        const float * panel = w + j * 16 * K + kb * 16;
+        for (int64_t c = 0; c < kc; ++c) {
+            wino_vec g[9], h[3][4];
+#pragma GCC unroll 9
+            for (int i = 0; i < 9; ++i) g[i] = *(const wino_vec *) (panel + i * tap + c * 16);
+#pragma GCC unroll 3
+            for (int ky = 0; ky < 3; ++ky) {
+#pragma GCC unroll 4
+                for (int b = 0; b < 4; ++b) h[ky][b] = wino_comb(b, g[3 * ky], g[3 * ky + 1], g[3 * ky + 2]);
+            }
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; ++t) {
+                const int a = t / 4, b = t % 4;
+                if (a % 3 == 0 && b % 3 == 0) continue;
+                *(wino_vec *) (out + t * t_step + (j * kc + c) * 16) = wino_comb(a, h[0][b], h[1][b], h[2][b]);
+            }
+        }
+    }
+}
+
 struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tensor * x) {
     const int64_t tiles = x->ne[3] * ((x->ne[2] + 1) / 2) * ((x->ne[1] + 1) / 2);
     struct ggml_tensor * args[1] = { x };
@@ -147,7 +188,9 @@ struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tens
     int n_args = 1;
     if (bias) args[n_args++] = bias;
     if (residual) args[n_args++] = residual;
-    const uintptr_t packed = (uintptr_t) (bias != NULL) | (uintptr_t) (residual != NULL) << 1 | (uintptr_t) (relu != 0) << 2;
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, m->ne[0], x->ne[1], x->ne[2], x->ne[3], args, n_args,
-                          winograd_output_run, GGML_N_TASKS_MAX, (void *) packed);
+    const int32_t params[WO_N_PARAMS] = {
+        [WO_BIAS] = bias != NULL, [WO_RES] = residual != NULL, [WO_RELU] = relu != 0,
+    };
+    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m->ne[0], x->ne[1], x->ne[2], x->ne[3], args, n_args,
+                                        winograd_output_run, GGML_N_TASKS_MAX, NULL), params, WO_N_PARAMS);
 }

@@ -1,6 +1,8 @@
 // Winograd F(2x2, 3x3) transforms for channel-fastest activations: a 3x3 stride-1 convolution becomes
-// an input transform, 16 independent matrix products (one ggml_mul_mat over 16 batches), and an output
-// transform, using 16 multiplications per 2x2 output tile instead of 36.
+// an input transform, 16 independent matrix products, and an output transform, using 16 multiplications per
+// 2x2 output tile instead of 36. The products run either as one ggml_mul_mat over 16 batches of weights
+// transformed once at load (the plain layout), or in the packed GEMM (gemm_winograd, csrc/gemm.h), which
+// transforms the packed 3x3 weights per cache block with winograd_weights below.
 #pragma once
 
 #include "ggml.h"
@@ -18,6 +20,12 @@ struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tenso
 // then + bias (NULL or contiguous f32 [OC]), + residual (NULL or contiguous f32 [OC, W, H, N]), ReLU if relu.
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
                                      struct ggml_tensor * bias, struct ggml_tensor * residual, int relu);
+
+// Internal to csrc/ (the packed GEMM): the transformed weights U_t = (G g G^T)[a][b] of every product
+// t = 4a + b but the four corners (each one tap of g, read in place), for k (input channels) kb..kb+kc-1 of
+// the two 16-channel panels of packed f32 3x3 weights at w (gemm.h's layout, K = 9 C, k = (ky, kx, c)):
+// product t's at out + t * t_step, its two panels kc * 16 floats apart, each k-major.
+void winograd_weights(float * out, int64_t t_step, const float * w, int64_t C, int64_t kb, int64_t kc);
 
 #ifdef __cplusplus
 }

@@ -102,6 +102,7 @@ bool ggml_gallocr_alloc_graph(ggml_gallocr_t galloc, struct ggml_cgraph * graph)
 int madvise(void * addr, size_t length, int advice);
 
 /* csrc/ */
+#define OP_PARAM_INT_MAX ...
 struct ggml_tensor * batch_repeat(struct ggml_context * ctx, struct ggml_tensor * v,
                                   struct ggml_tensor * like, int channel_dim);
 struct ggml_tensor * gather_patches(struct ggml_context * ctx, struct ggml_tensor * x,
@@ -114,11 +115,17 @@ struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tenso
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
                                      struct ggml_tensor * bias, struct ggml_tensor * residual, int relu);
 struct ggml_tensor * stack_batch(struct ggml_context * ctx, struct ggml_tensor ** srcs, int n);
-enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, ... };
+enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, GEMM_INT8_AVX512_VNNI, GEMM_INT8_AVX2, GEMM_INT8_SCALAR,
+                 ... };
+#define GEMM_INT8_K_MAX ...
 int gemm_path_supported(int path);
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path);
+struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
+                               int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
+                               float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
+                               int relu, int path);
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
                                    int64_t m, int path);
 """
@@ -131,6 +138,7 @@ SOURCE = r"""
 #include "ggml-cpu.h"
 #include "batch_repeat.h"
 #include "gemm.h"
+#include "op_params.h"
 #include "pool.h"
 #include "patches.h"
 #include "q8_0.h"

@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, int8
 from ._ggml import ffi, lib
 from .cpu import MAX_THREADS, default_threads
 from .errors import InputError
@@ -100,6 +100,7 @@ def version() -> str:
     return ffi.string(lib.ggml_version()).decode()
 
 
+MAX_WINDOW = lib.OP_PARAM_INT_MAX  # the largest kernel, stride or padding an op takes (csrc/op_params.h)
 _MAX_SRC = 9  # the most source tensors a ggml custom op takes (fewer than GGML_MAX_SRC, 10)
 
 # The packed GEMM's paths (packing.GEMM_PATHS) as csrc/gemm.h's enum numbers them.
@@ -122,6 +123,16 @@ def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
         bounds = f">= {lo}" if hi is None else f"from {lo} to {hi}"
         raise InputError(f"{what} must be an integer {bounds}, got {value!r}")
     return int(value)
+
+
+# The packed GEMM's int8 paths (csrc/gemm.h's gemm_int8), widest first: the last runs on every CPU.
+GEMM_INT8_PATHS = {"int8-avx512vnni": lib.GEMM_INT8_AVX512_VNNI, "int8-avx2": lib.GEMM_INT8_AVX2,
+                   "int8-scalar": lib.GEMM_INT8_SCALAR}
+
+
+def gemm_int8_paths() -> tuple[str, ...]:
+    """The int8 paths this CPU (and this build) can run, widest first; "int8-scalar" always."""
+    return tuple(name for name, path in GEMM_INT8_PATHS.items() if lib.gemm_path_supported(path))
 
 
 def _shape4(ne) -> tuple[int, int, int, int]:
@@ -538,8 +549,6 @@ class Graph(_Closable):
             if t is not None:
                 self._need_contiguous(t, "gemm")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gemm")
-        if max(kernel, stride, padding) > 15:
-            raise InputError("gemm: kernel, stride and padding must be below 16")
         panels, k, _ = packed_shape(m, kernel * kernel * x.ne[0], w.type)
         if w.ne != (PANEL, k, panels, 1):
             raise InputError(f"gemm: {w!r} is not packed weights for m={m} and K={k} (want ne {(PANEL, k, panels, 1)})")
@@ -569,6 +578,57 @@ class Graph(_Closable):
             raise InputError(f"gemm_winograd: {w!r} is not packed 3x3 weights for m={m} and {v.ne[0]} channels "
                              f"(want ne {(PANEL, k, panels, 1)})")
         return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, m, code))
+
+    def gemm_int8(self, w: Tensor, x: Tensor, m: int, *, scales: Tensor, colsums: Tensor, x_scale: float,
+                  x_zero: int, kernel: int = 1, stride: int = 1, padding: int = 0, bias: Tensor | None = None,
+                  residual: Tensor | None = None, relu: bool = False, path: str | None = None) -> Tensor:
+        """`gemm` with int8 weights (csrc/gemm.h's gemm_int8): the image x [C, W, H, N] (f32) quantized to u8 as
+        its windows are packed, q = clamp(rint(x / x_scale) + x_zero, 0, 255) (x_zero 0..255; the padding is
+        the value 0.0), times the s8 weights w (`int8.Int8Matrix.packed` of an [m, K] matrix as `int8.words`:
+        f32 [16, K4/4, P, 1]), summed exactly in int32 over all of K, then (float) (sum - x_zero * colsums) *
+        (x_scale * scales) + bias, + residual, ReLU -> f32 [m, OW, OH, N]. scales: f32 [m], the weights' per
+        channel scales; colsums: [m] (the int32 column sums as `int8.words`). Bit-identical for any path,
+        batch and thread count. `path`: one of `gemm_int8_paths()` (default: the first)."""
+        operands = tuple(t for t in (bias, residual) if t is not None)
+        ctx = self._building(w, x, scales, colsums, *operands)
+        paths = gemm_int8_paths()
+        path = paths[0] if path is None else path
+        if path not in paths:
+            raise InputError(f"gemm_int8: path {path!r} cannot run here; this CPU runs {paths}")
+        m = _integer(m, "gemm_int8: m", 1)
+        self._need_f32(w, x, scales, colsums, *operands, op="gemm_int8")
+        for t in (w, x, scales, colsums, *operands):
+            self._need_contiguous(t, "gemm_int8")
+        kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gemm_int8")
+        k = kernel * kernel * x.ne[0]
+        if k > lib.GEMM_INT8_K_MAX:
+            raise InputError(f"gemm_int8: K = {k} is above {lib.GEMM_INT8_K_MAX}, where int32 sums could overflow")
+        panels, groups, _, _ = int8.packed_shape(m, k)
+        if w.ne != (int8.PANEL, groups, panels, 1):
+            raise InputError(f"gemm_int8: {w!r} is not packed int8 weights for m={m} and K={k} "
+                             f"(want ne {(int8.PANEL, groups, panels, 1)})")
+        for name, t in (("scales", scales), ("colsums", colsums)):
+            if t.ne != (m, 1, 1, 1):
+                raise InputError(f"gemm_int8: {name} {t!r} must be [{m}]")
+        x_scale = self._x_scale(x_scale)
+        x_zero = _integer(x_zero, "gemm_int8: x_zero", 0, 255)
+        out_w, out_h = ((n + 2 * padding - kernel) // stride + 1 for n in x.ne[1:3])
+        self._check_epilogue("gemm_int8", (m, out_w, out_h, x.ne[3]), bias, residual)
+        return self._new(lib.gemm_int8(ctx, w._ptr, x._ptr, m, kernel, stride, padding, scales._ptr, colsums._ptr,
+                                       x_scale, x_zero, bias._ptr if bias is not None else ffi.NULL,
+                                       residual._ptr if residual is not None else ffi.NULL, bool(relu),
+                                       GEMM_INT8_PATHS[path]))
+
+    @staticmethod
+    def _x_scale(value) -> float:
+        """An activation scale as the float32 the op takes: positive, finite and normal (so 1 / it is finite)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise InputError(f"gemm_int8: x_scale must be a number, got {value!r}")
+        with np.errstate(over="ignore"):
+            f = np.float32(value)
+        if not (np.isfinite(f) and f >= np.finfo(np.float32).tiny):
+            raise InputError(f"gemm_int8: x_scale must be a positive normal float32, got {value!r}")
+        return float(f)
 
     @staticmethod
     def _check_epilogue(op: str, out_ne: tuple[int, ...], bias: Tensor | None, residual: Tensor | None) -> None:
@@ -640,8 +700,6 @@ class Graph(_Closable):
         self._need_f32(x, op="max_pool")
         self._need_contiguous(x, "max_pool")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "max_pool")
-        if max(kernel, stride, padding) > 255:
-            raise InputError("max_pool: kernel, stride and padding must be below 256")
         if 2 * padding > kernel:
             raise InputError(f"max_pool: padding {padding} is more than half the kernel {kernel}")
         return self._new(lib.max_pool(ctx, x._ptr, kernel, stride, padding))
@@ -667,8 +725,6 @@ class Graph(_Closable):
         self._need_f32(x, op="gather_patches")
         self._need_contiguous(x, "gather_patches")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gather_patches")
-        if max(kernel, stride, padding) > 255:
-            raise InputError("gather_patches: kernel, stride and padding must be below 256")
         groups = _integer(groups, "gather_patches: groups", 1, 2**31 - 1)
         if x.ne[0] % groups:
             raise InputError(f"gather_patches: groups must divide the {x.ne[0]} channels, got {groups}")
@@ -704,9 +760,11 @@ class Graph(_Closable):
 
     @staticmethod
     def _check_window(w, h, kernel, stride, padding, op) -> tuple[int, int, int]:
-        """(kernel, stride, padding) as ints, checked to be integers that fit a w x h input."""
-        kernel, stride = _integer(kernel, f"{op}: kernel", 1), _integer(stride, f"{op}: stride", 1)
-        padding = _integer(padding, f"{op}: padding", 0)
+        """(kernel, stride, padding) as ints, checked to be integers that fit a w x h input and the ops' parameter
+        fields (MAX_WINDOW)."""
+        kernel = _integer(kernel, f"{op}: kernel", 1, MAX_WINDOW)
+        stride = _integer(stride, f"{op}: stride", 1, MAX_WINDOW)
+        padding = _integer(padding, f"{op}: padding", 0, MAX_WINDOW)
         if w + 2 * padding < kernel or h + 2 * padding < kernel:
             raise InputError(f"{op}: a {kernel}x{kernel} window with padding {padding} does not fit a {w}x{h} input")
         return kernel, stride, padding

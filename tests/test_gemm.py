@@ -16,7 +16,7 @@ import pytest
 
 from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import Backend, Graph, Type, Weights
+from pyggml_resnet.ggml import MAX_WINDOW, Backend, Graph, Type, Weights
 from pyggml_resnet.packing import pack_matrix, packed_shape
 from pyggml_resnet.plan import gemm_paths, gemm_type
 
@@ -203,7 +203,7 @@ def test_gemm_refuses_bad_arguments(backend):
                        dict(bias=r), dict(residual=g.input("r2", (m, n + 1))), dict(path="sse"), dict(path=["avx2"]),
                        dict(x=g.input("x16", (k, n), "f16")), dict(kernel=3),  # K = 9 k: not w's
                        dict(w=wt["w3"], x=img, kernel=3, residual=None),  # a 3x3 window does not fit 3x2
-                       dict(w=wt["w3"], x=img, kernel=3, padding=16, residual=None),  # above the op's 4 bits
+                       dict(w=wt["w3"], x=img, kernel=3, padding=MAX_WINDOW + 1, residual=None),  # above the op's limit
                        dict(w=wt["w3"], x=img, kernel=3, padding=1)):  # residual not [m, 3, 2]
             args = dict(w=wt["w"], x=x, m=m, bias=wt["b"], residual=r, path=F32_PATHS[0]) | kwargs
             with pytest.raises(InputError):

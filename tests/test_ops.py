@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pyggml_resnet import layers
 from pyggml_resnet.arch import Conv
 from pyggml_resnet.errors import Error, InputError
-from pyggml_resnet.ggml import Backend, Graph, Type, Weights
+from pyggml_resnet.ggml import MAX_WINDOW, Backend, Graph, Type, Weights
 from pyggml_resnet.plan import Layout, gemm_paths, matrix_plan, winograd_applies
 
 RTOL = 2e-6
@@ -366,6 +366,9 @@ BAD_GRAPH_CALLS = [
     ("pool-bool-stride", None, lambda g, a, b: g.max_pool(g.input("p", (2, 8, 8, 1)), 3, True, 1), "stride"),
     ("pool-padding", None, lambda g, a, b: g.max_pool(g.input("p", (2, 8, 8, 1)), 3, 2, 2), "more than half"),
     ("gather-negative-padding", None, lambda g, a, b: g.gather_patches(a, np.int64(1), 1, np.int64(-1)), "padding"),
+    # the ops' parameter fields take windows up to MAX_WINDOW (csrc/op_params.h)
+    ("pool-stride-limit", None, lambda g, a, b: g.max_pool(g.input("p", (2, 8, 8, 1)), 3, MAX_WINDOW + 1, 1), "stride"),
+    ("gather-padding-limit", None, lambda g, a, b: g.gather_patches(a, 1, 1, MAX_WINDOW + 1), "padding"),
     # groups must divide the channels (2 does not divide 3), and be a positive integer
     *((f"gather-groups-{v!r}", None, lambda g, a, b, v=v: g.gather_patches(g.input("img3", (3, 2, 2, 1)), 1, 1, 0,
                                                                             groups=v), "groups")

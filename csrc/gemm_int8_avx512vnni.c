@@ -1,0 +1,66 @@
+// The int8 AVX512-VNNI path of csrc/gemm.h: u8 pixels x s8 weights, int32 sums; 32 channels (two panels, one
+// zmm each) x 12 pixels, 24 accumulators; 32 x 4 for the last pixels, and 32 x 13 where one pixel would be
+// left over. One vpdpbusd takes a group of 4 k: each lane adds its channel's 4 products with the pixel's 4
+// bytes (broadcast to every lane) to its int32 sum, exactly.
+// Compiled with -mavx512f -mavx512vnni; only called where the CPU has both (gemm.c checks at run time).
+#include <stdint.h>
+#include <string.h>
+
+#include "gemm_zmm.h"
+
+#define WT uint8_t
+#define WV __m512i
+#define WV_LOAD(p) _mm512_loadu_si512(p)
+#define KSTEP 4
+#define KS GEMM_KS_INT8
+#define ACC __m512i
+#define ACC_ZERO() _mm512_setzero_si512()
+// vpdpbusd's unsigned operand is a register: the pixel's 4 bytes are broadcast into one (a load-port
+// vpbroadcastd, shared by the tile's two weight vectors).
+static inline __m512i dp_bcast(__m512i w, const uint8_t * p, __m512i c) {
+    int32_t x;
+    memcpy(&x, p, sizeof x);
+    return _mm512_dpbusd_epi32(c, _mm512_set1_epi32(x), w);
+}
+#define V_FMA_BCAST(a, p, c) dp_bcast(a, p, c)
+#define ACC_BITS(a) _mm512_castsi512_ps(a)
+#define ACC_SUM(c, a) _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(c), a))
+#define ACC_FINISH(v, b, j) _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(v), \
+    _mm512_load_si512((b)->corr + (j) * VL))), _mm512_load_ps((b)->scale + (j) * VL))
+
+#define NR 12
+#define TILE_FN tile_int8_avx512vnni
+#include "gemm_tile.inc"
+#undef NR
+#undef TILE_FN
+
+#define NR 4
+#define TILE_FN tile_int8_avx512vnni_narrow
+#include "gemm_tile.inc"
+#undef NR
+#undef TILE_FN
+
+// 26 accumulators, the two weight vectors and the pixel's broadcast: 29 of the 32 zmm registers.
+#define NR 13
+#define TILE_FN tile_int8_avx512vnni_wide
+#include "gemm_tile.inc"
+
+// patch_put_u8's arithmetic 16 values at a time, the last ones masked (the compiler's loop would leave short
+// runs, such as the stem's 21 values per window row, to scalar code): max and min as patch_put_u8's
+// comparisons take them, and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does.
+static void put_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+    const float * f = in;
+    uint8_t * o = out;
+    const __m512 inv = _mm512_set1_ps(q->inv_scale), lo = _mm512_set1_ps((float) -q->zero);
+    const __m512 hi = _mm512_set1_ps((float) (255 - q->zero));
+    const __m512i zero = _mm512_set1_epi32(q->zero);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16) ((1u << (n - i)) - 1);
+        const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, f + i), inv), lo), hi);
+        _mm512_mask_cvtepi32_storeu_epi8(o + i, m, _mm512_add_epi32(_mm512_cvtps_epi32(v), zero));
+    }
+}
+
+const struct gemm_kernel gemm_kernel_int8_avx512vnni = {
+    MV * VL, 12, 4, tile_int8_avx512vnni, tile_int8_avx512vnni_narrow, tile_int8_avx512vnni_wide, 1, put_u8,
+};

@@ -1,0 +1,232 @@
+"""The packed GEMM's int8 paths (csrc/gemm.h's gemm_int8, Graph.gemm_int8) against an exact reference.
+
+The reference quantizes the image as the op documents (x * (1 / sx) in float32, clamped to [-zx, 255 - zx],
+rounded to nearest even, + zx; padding the value 0.0), sums (q - zx) * w over each window exactly (in float64,
+exact here: every partial sum is an integer below 2^53), and applies the documented float32 epilogue in its
+order: (float) sum * (sx * sw), + bias, + residual, ReLU. Every path must give those bits exactly, so the
+paths, batch sizes and thread counts agree bit for bit.
+"""
+
+import numpy as np
+import pytest
+
+from pyggml_resnet import arch, int8
+from pyggml_resnet.bench.workload import products
+from pyggml_resnet.errors import InputError
+from pyggml_resnet.ggml import Backend, Graph, Weights, gemm_int8_paths
+from test_gemm import im2col
+
+PATHS = gemm_int8_paths()
+F32 = np.float32
+
+
+@pytest.fixture(scope="module")
+def backend():
+    with Backend(threads=2) as b:
+        yield b
+
+
+def quantize_image(img, sx, zx):
+    """The op's u8 pixels minus zx, as int64."""
+    with np.errstate(over="ignore"):
+        v = img * (F32(1) / F32(sx))
+    v = np.where(v > F32(-zx), v, F32(-zx))
+    v = np.where(v < F32(255 - zx), v, F32(255 - zx))
+    return np.rint(v).astype(np.int64)
+
+
+def reference(img, wq, scales, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False):
+    """img [B, H, W, C] f32 times the s8 weights wq [M, K] with their scales -> [B*OH*OW, M] f32, exactly as
+    the op computes it."""
+    patches, _ = im2col(quantize_image(img, sx, zx).astype(np.float64), kernel, stride, padding)
+    sums = patches @ wq.T.astype(np.float64)  # exact: integers far below 2^53
+    assert np.abs(sums).max(initial=0) < 2**31
+    y = sums.astype(np.int32).astype(F32) * (F32(sx) * scales)
+    if bias is not None:
+        y = y + bias
+    if res is not None:
+        y = y + res
+    return np.where(y > 0, y, F32(0)) if relu else y
+
+
+def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False, path=None):
+    """Graph.gemm_int8 of img [B, H, W, C] -> [B*OH*OW, M]."""
+    b, h, w, c = img.shape
+    m = q.m
+    specs = {"w": ("f32", tuple(reversed(q.packed.shape[:3]))), "s": ("f32", (m,)), "c": ("f32", (m,))}
+    if bias is not None:
+        specs["b"] = ("f32", (m,))
+    with Weights(backend, specs) as wt, Graph(backend) as g:
+        wt.set("w", int8.words(q.packed))
+        wt.set("s", q.scales)
+        wt.set("c", int8.words(q.colsums))
+        if bias is not None:
+            wt.set("b", bias)
+        x = g.input("x", (c, w, h, b))
+        oh, ow = ((n + 2 * padding - kernel) // stride + 1 for n in (h, w))
+        r = g.input("r", (m, ow, oh, b)) if res is not None else None
+        y = g.gemm_int8(wt["w"], x, m, scales=wt["s"], colsums=wt["c"], x_scale=sx, x_zero=zx, kernel=kernel,
+                        stride=stride, padding=padding, bias=wt["b"] if bias is not None else None, residual=r,
+                        relu=relu, path=path)
+        g.finalize(y)
+        g.set(x, img)
+        if r is not None:
+            g.set(r, res.reshape(b, oh, ow, m))
+        g.compute()
+        return g.get(y).reshape(-1, m)
+
+
+def case(seed, b, h, w, c, m, kernel, stride, padding, epilogue=("bias", "res", "relu")):
+    """A random image, weights (packed, and as quants), and the epilogue's operands."""
+    rng = np.random.default_rng(seed)
+    img = rng.standard_normal((b, h, w, c), dtype=F32)
+    weights = rng.standard_normal((m, kernel, kernel, c), dtype=F32)
+    wq, _ = int8.quantize(weights)
+    oh, ow = ((n + 2 * padding - kernel) // stride + 1 for n in (h, w))
+    bias = rng.standard_normal(m, dtype=F32) if "bias" in epilogue else None
+    res = rng.standard_normal((b * oh * ow, m), dtype=F32) if "res" in epilogue else None
+    return img, int8.quantize_matrix(weights), wq, bias, res
+
+
+def check(backend, path, seed, b, h, w, c, m, kernel, stride, padding, sx, zx, epilogue=("bias", "res", "relu")):
+    img, q, wq, bias, res = case(seed, b, h, w, c, m, kernel, stride, padding, epilogue)
+    conv, epi = (kernel, stride, padding, sx, zx), (bias, res, "relu" in epilogue)
+    got, want = run(backend, img, q, *conv, *epi, path=path), reference(img, wq, q.scales, *conv, *epi)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def resnet101_convs(size=224):
+    """(C, H, W, M, kernel, stride, padding) of every distinct convolution of ResNet-101 at size x size."""
+    cfg, seen = arch.BY_NAME["resnet101"], {}
+
+    def add(conv, side):
+        seen.setdefault((conv.in_ch, side, side, conv.out_ch, conv.kernel, conv.stride, conv.padding), None)
+        return conv.out_size(side)
+
+    side = (add(arch.STEM, size) - 1) // 2 + 1  # the stem's 3x3/2 max pool
+    for block in arch.block_names(cfg):
+        main, down = arch.block_convs(cfg, block)
+        if down:
+            add(down, side)
+        for conv in main:
+            side = add(conv, side)
+    return list(seen)
+
+
+def test_resnet101_convs_are_its_products():
+    shapes = {(m, k * k * c, ((h + 2 * p - k) // s + 1) ** 2) for c, h, w, m, k, s, p in resnet101_convs()}
+    assert shapes == set(products("resnet101"))
+
+
+EPILOGUES = [("bias", "res", "relu"), (), ("bias", "relu"), ("res",)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_resnet101_conv(backend, path):
+    """Every distinct conv of ResNet-101 at 224x224, batch 1, its real kernel, stride and padding; signed
+    inputs with zx = 128 and inputs after a ReLU with zx = 0, in turn."""
+    for i, (c, h, w, m, kernel, stride, padding) in enumerate(resnet101_convs()):
+        zx = 128 if i % 2 == 0 else 0
+        check(backend, path, i, 1, h, w, c, m, kernel, stride, padding, 0.03, zx, EPILOGUES[i % len(EPILOGUES)])
+
+
+# (B, H, W, C, M, kernel, stride, padding): M off 16 and 32, K off 4 (1x1 over 3 channels, 3x3 over 5), N = 1,
+# 13 and 49, one-pixel images, padding wider than the image, stride 2 over odd sides, a K across cache blocks
+AWKWARD = [
+    (1, 1, 1, 3, 1, 1, 1, 0), (1, 1, 13, 5, 17, 1, 1, 0), (1, 7, 7, 7, 33, 1, 1, 0), (1, 1, 1, 5, 40, 3, 1, 2),
+    (2, 7, 9, 5, 20, 3, 2, 1), (1, 9, 7, 130, 31, 3, 2, 1), (3, 5, 3, 2, 48, 7, 2, 3), (1, 13, 1, 200, 16, 1, 1, 0),
+    (2, 2, 3, 3, 1, 3, 1, 3),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("b,h,w,c,m,kernel,stride,padding", AWKWARD)
+def test_awkward_shapes(backend, path, b, h, w, c, m, kernel, stride, padding):
+    for j, (sx, zx) in enumerate([(0.02, 128), (0.01, 0), (0.5, 255), (1e-3, 3)]):  # the last two saturate
+        check(backend, path, j, b, h, w, c, m, kernel, stride, padding, sx, zx, EPILOGUES[j])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_extreme_pixels(backend, path):
+    """NaN pixels become the lowest byte, infinities and huge values saturate, -0.0 is zero: on every path."""
+    img, q, wq, bias, _ = case(5, 1, 4, 5, 6, 24, 3, 1, 1)
+    img.reshape(-1)[:6] = [np.nan, np.inf, -np.inf, 3e38, -0.0, 1e-45]
+    want = reference(img, wq, q.scales, 3, 1, 1, 0.05, 100, bias)
+    np.testing.assert_array_equal(run(backend, img, q, 3, 1, 1, 0.05, 100, bias, path=path).view(np.uint32),
+                                  want.view(np.uint32))
+
+
+def test_paths_batches_and_threads_agree_bit_for_bit():
+    """Every path, each image of a batch alone or together, 1, 2 and 3 threads: the same bits."""
+    img, q, _, bias, res = case(9, 5, 9, 11, 21, 70, 3, 2, 1)
+    per_image = res.shape[0] // 5
+    results = []
+    for threads in (1, 2, 3):
+        with Backend(threads=threads) as b:
+            for path in PATHS:
+                results.append(run(b, img, q, 3, 2, 1, 0.04, 128, bias, res, True, path))
+                for i in (0, 3):
+                    rows = slice(i * per_image, (i + 1) * per_image)
+                    np.testing.assert_array_equal(run(b, img[i:i + 1], q, 3, 2, 1, 0.04, 128, bias, res[rows], True,
+                                                      path), results[-1][rows])
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.view(np.uint32), results[0].view(np.uint32))
+
+
+def test_paths():
+    assert PATHS[-1] == "int8-scalar"
+    assert set(PATHS) <= {"int8-avx512vnni", "int8-avx2", "int8-scalar"}
+
+
+def test_quantize_and_pack():
+    """Per-channel symmetric scales, quants rounded half to even, the vpdpbusd layout, column sums."""
+    w = np.array([[1.0, -2.0, 0.5, 127.0, 0.25], [0.0, 0.0, 0.0, 0.0, 0.0], [-3.0, 1.5, 0.0, 0.0, 2.9]], F32)
+    q, scales = int8.quantize(w)
+    np.testing.assert_array_equal(scales, np.abs(w).max(axis=1) / F32(127))
+    np.testing.assert_array_equal(q[0], [1, -2, 0, 127, 0])  # 0.5 and 0.25 round to even: 0
+    assert not q[1].any()
+    np.testing.assert_array_equal(q[2], np.rint(w[2] / scales[2]))
+    mat = int8.quantize_matrix(w)
+    assert mat.packed.shape == int8.packed_shape(3, 5) == (2, 2, 16, 4) and mat.packed.dtype == np.int8
+    assert mat.packed[0, 1, 2, 0] == q[2, 4] and mat.packed[0, 0, 0, 3] == q[0, 3]
+    assert not mat.packed[0, 1, :, 1:].any() and not mat.packed[0, :, 3:].any() and not mat.packed[1].any()
+    np.testing.assert_array_equal(mat.colsums, q.sum(axis=1))
+    assert int8.words(mat.packed).shape == (2, 2, 16, 1) and int8.words(mat.colsums).dtype == F32
+    for bad in (np.zeros(4, F32), np.zeros((0, 3), F32), np.array([[np.nan]], F32)):
+        with pytest.raises(InputError):
+            int8.quantize(bad)
+    with pytest.raises(InputError):
+        int8.pack(np.zeros((2, 3), np.int16))
+
+
+def test_gemm_int8_refuses_bad_arguments(backend):
+    m, c, n = 20, 9, 4
+    groups = int8.packed_shape(m, c)[1]
+    with Weights(backend, {"w": ("f32", (16, groups, 2)), "s": ("f32", (m,)), "c": ("f32", (m,)),
+                           "w3": ("f32", (16, int8.packed_shape(m, 9 * c)[1], 2)), "s16": ("f16", (m,))}) as wt, \
+            Graph(backend) as g:
+        x, r, img = g.input("x", (c, n)), g.input("r", (m, n)), g.input("img", (c, 3, 2))
+        base = dict(w=wt["w"], x=x, m=m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=128, residual=r)
+        for kwargs in (dict(w=wt["w3"]), dict(x=g.input("x2", (c + 4, n))), dict(m=33), dict(m=0), dict(path="avx512"),
+                       dict(path="int8-neon"), dict(scales=wt["s16"]), dict(colsums=r), dict(x_scale=0.0),
+                       dict(x_scale=-1.0), dict(x_scale=float("nan")), dict(x_scale=1e39), dict(x_scale=1e-40),
+                       dict(x_scale="1"), dict(x_zero=256), dict(x_zero=-1), dict(x_zero=1.0), dict(bias=r),
+                       dict(residual=g.input("r2", (m, n + 1))), dict(x=g.input("x16", (c, n), "f16")),
+                       dict(kernel=3),  # K = 9 c: not w's
+                       dict(w=wt["w3"], x=img, kernel=3, residual=None),  # a 3x3 window does not fit 3x2
+                       dict(w=wt["w3"], x=img, kernel=3, padding=1)):  # residual not [m, 3, 2]
+            args = base | kwargs
+            with pytest.raises(InputError):
+                g.gemm_int8(args.pop("w"), args.pop("x"), args.pop("m"), **args)
+        g.gemm_int8(wt["w"], x, m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=128, residual=r)
+        g.gemm_int8(wt["w3"], img, m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=0, kernel=3, padding=1)
+
+
+def test_gemm_int8_refuses_a_k_whose_sums_could_overflow(backend):
+    from pyggml_resnet._ggml import lib
+    c = lib.GEMM_INT8_K_MAX + 1
+    m = 16
+    with Weights(backend, {"w": ("f32", (16, int8.packed_shape(m, c)[1], 2)), "s": ("f32", (m,)),
+                           "c": ("f32", (m,))}) as wt, Graph(backend) as g:
+        with pytest.raises(InputError, match="overflow"):
+            g.gemm_int8(wt["w"], g.input("x", (c, 1)), m, scales=wt["s"], colsums=wt["c"], x_scale=1.0, x_zero=0)
