@@ -135,11 +135,7 @@ def create_app(model, *, name: str | None = None, max_batch: int = 8, max_wait: 
     """The ASGI application serving `model` (a loaded `pyggml_resnet.Model`) as `name` (default: the model
     file's architecture name). max_batch, max_wait: dynamic batching (serve.batcher). max_body: the largest
     request body, in bytes. close_model: close the model when the application shuts down."""
-    for what, value in (("max_batch", max_batch), ("max_body", max_body), ("max_images", max_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{what} must be a positive integer, got {value!r}")
-    if not 0 <= max_wait <= 1:
-        raise InputError(f"max_wait must be 0 to 1 second, got {max_wait!r}")
+    check_options(max_batch, max_wait, max_body, max_images)
     server = _Server(model, name, Batcher(model, max_batch=max_batch, max_wait=max_wait), max_body, max_images)
     model_paths = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
     routes = [Route("/v2/health/live", server.live), Route("/v2/health/ready", server.ready),
@@ -163,6 +159,15 @@ def create_app(model, *, name: str | None = None, max_batch: int = 8, max_wait: 
     })
     app.state.server = server  # for tests and the Ray Serve wrapper: the batcher's counters
     return app
+
+
+def check_options(max_batch: int, max_wait: float, max_body: int = 1, max_images: int = 1) -> None:
+    """create_app's options, or InputError."""
+    for what, value in (("max_batch", max_batch), ("max_body", max_body), ("max_images", max_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{what} must be a positive integer, got {value!r}")
+    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not 0 <= max_wait <= 1:
+        raise InputError(f"max_wait must be 0 to 1 second, got {max_wait!r}")
 
 
 def _error(status: int, message) -> JSONResponse:

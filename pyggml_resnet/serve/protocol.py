@@ -67,6 +67,7 @@ def model_metadata(name: str, model) -> dict:
         "name": name,
         "versions": [VERSION],
         "platform": "pyggml_resnet",
+        "parameters": {"threads": model.threads, "dtype": model.dtype, "gemm": model.gemm},
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, 3, -1, -1]},
                    {"name": IMAGE, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, model.num_classes]},
