@@ -20,8 +20,8 @@ MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
 # pixels (~190 MiB): 16 images of 224x224, 4 of 448x448, one of anything larger.
 MAX_CHUNK_PIXELS = MAX_BATCH * 224 * 224
 _GRAPH_CACHE = 4  # compiled graphs kept per model (one per input shape in use)
-GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS)
-OUTPUTS = ("features", "logits", "probs")  # what a forward pass gives (`Model.outputs`)  # load(gemm=...): our packed GEMM, ggml's mul_mat, or a forced path
+GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS)  # load(gemm=...): our packed GEMM, ggml's mul_mat, or a forced path
+OUTPUTS = ("features", "logits", "probs")  # what a forward pass gives (`Model.outputs`)
 
 
 def _check_gemm(gemm) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import InputError
 from ..model import top_predictions
 from . import protocol
-from .batcher import Batcher
+from .batcher import MAX_BATCH, MAX_WAIT, Batcher
 
 
 
@@ -130,8 +130,9 @@ class _Server:
                              "predictions": [{"label": p.label, "index": p.index, "prob": p.prob} for p in top]})
 
 
-def create_app(model, *, name: str | None = None, max_batch: int = 8, max_wait: float = 0.002,
-               max_body: int = protocol.MAX_BODY, max_images: int = protocol.MAX_IMAGES, close_model: bool = False) -> Starlette:
+def create_app(model, *, name: str | None = None, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT,
+               max_body: int = protocol.MAX_BODY, max_images: int = protocol.MAX_IMAGES,
+               close_model: bool = False) -> Starlette:
     """The ASGI application serving `model` (a loaded `pyggml_resnet.Model`) as `name` (default: the model
     file's architecture name). max_batch, max_wait: dynamic batching (serve.batcher). max_body: the largest
     request body, in bytes. close_model: close the model when the application shuts down."""

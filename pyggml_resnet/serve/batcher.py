@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Each batch size builds a graph (~5-10% of a pass's time) and a model keeps 4 (model._GRAPH_CACHE): with
+# batches of 1..4 images of one size, none is ever rebuilt.
+MAX_BATCH = 4
+MAX_WAIT = 0.002  # seconds
+
 
 @dataclass
 class _Item:
@@ -34,7 +39,7 @@ class Batcher:
     max_wait: seconds an idle batcher waits for more requests before running a lone one.
     """
 
-    def __init__(self, model, *, max_batch: int = 8, max_wait: float = 0.002):
+    def __init__(self, model, *, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT):
         self.model = model
         self.max_batch, self.max_wait = max_batch, max_wait
         self.passes = 0  # forward passes run, and the images in them: what batching did

@@ -10,6 +10,7 @@ from ..cli import positive
 from ..dtypes import NAMES as DTYPES
 from ..errors import Error, print_error
 from . import protocol
+from .batcher import MAX_BATCH, MAX_WAIT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive, default=None,
                    help="ggml threads per forward pass (default: OMP_NUM_THREADS, else every CPU available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weight type at load (default: as stored)")
-    p.add_argument("--max-batch", type=positive, default=8,
-                   help="the most images that requests arriving together share in one forward pass (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="how long an idle server waits for more requests to batch with the first (default 2)")
+    p.add_argument("--max-batch", type=positive, default=MAX_BATCH,
+                   help="the most images that requests arriving together share in one forward pass "
+                        "(default %(default)s; more makes the model rebuild graphs, see docs/serving.md)")
+    p.add_argument("--max-wait-ms", type=float, default=MAX_WAIT * 1000,
+                   help="how long an idle server waits for more requests to batch with the first "
+                        "(default %(default)s)")
     p.add_argument("--max-body-mb", type=positive, default=protocol.MAX_BODY >> 20,
                    help="the largest request body in MiB; larger ones get 413 (default %(default)s)")
     p.add_argument("--max-pixels", type=positive, default=None, metavar="N",

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..hub import open_model
 from ..ray import _assigned_cpus
 from .app import check_options, create_app
+from .batcher import MAX_BATCH, MAX_WAIT
 
 
 @serve.ingress()
@@ -42,7 +43,7 @@ class Replica:
 
 
 def deployment(model: str | os.PathLike, *, name: str | None = None, replicas: int = 1, cpus: float = 1,
-               dtype: str | None = None, max_batch: int = 8, max_wait: float = 0.002):
+               dtype: str | None = None, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT):
     """A Ray Serve application serving `model` (a GGUF path, made absolute, or a registry name) as `name`
     from `replicas` replicas of `cpus` CPUs each; max_batch and max_wait as for `pyggml-resnet serve`."""
     model = os.fspath(model)
@@ -62,14 +63,15 @@ BUILD_ARGS = ("model", "name", "replicas", "cpus", "dtype", "max_batch", "max_wa
 
 def build(args: dict[str, str]):
     """`serve run pyggml_resnet.serve.ray_serve:build model=PATH_OR_NAME [name=] [replicas=1] [cpus=1]
-    [dtype=] [max_batch=8] [max_wait_ms=2]`: Ray Serve's application builder, arguments as strings."""
+    [dtype=] [max_batch=4] [max_wait_ms=2]`: Ray Serve's application builder, arguments as strings."""
     unknown = sorted(set(args) - set(BUILD_ARGS))
     if unknown or "model" not in args:
         raise InputError(f"serve run pyggml_resnet.serve.ray_serve:build takes model=PATH_OR_NAME and "
                          f"optionally {', '.join(BUILD_ARGS[1:])}; got {sorted(args)}")
     try:
         numbers = {"replicas": int(args.get("replicas", 1)), "cpus": float(args.get("cpus", 1)),
-                   "max_batch": int(args.get("max_batch", 8)), "max_wait": float(args.get("max_wait_ms", 2)) / 1000}
+                   "max_batch": int(args.get("max_batch", MAX_BATCH)),
+                   "max_wait": float(args.get("max_wait_ms", MAX_WAIT * 1000)) / 1000}
     except ValueError as e:
         raise InputError(f"serve run pyggml_resnet.serve.ray_serve:build: {e}") from None
     return deployment(args["model"], name=args.get("name"), dtype=args.get("dtype"), **numbers)
