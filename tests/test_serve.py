@@ -325,3 +325,32 @@ def test_bodies_over_the_limit_get_413(model):
         assert response.status == 413 and "over this server's limit" in json.loads(response.read())["error"]
         conn.close()
         assert s.request("GET", "/v2/health/ready")[0] == 200
+
+
+def test_the_event_loop_answers_while_a_pass_runs(server, model):
+    """A health check during a long forward pass (48 images, 29 MB: near the body limit) is answered at once,
+    not after the pass."""
+    x = batch(model, 2).repeat(24, axis=0)
+    done = {}
+
+    def long_infer():
+        t = time.perf_counter()
+        header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        done["status"] = server.request("POST", "/v2/models/resnet18/infer", header + x.tobytes(),
+                                        {"Inference-Header-Content-Length": str(len(header))})[0]
+        done["seconds"] = time.perf_counter() - t
+
+    worker = threading.Thread(target=long_infer)
+    worker.start()
+    batcher = server.app.state.server.batcher
+    passes = batcher.passes
+    time.sleep(0.3)  # the request is parsed and its pass has begun
+    t = time.perf_counter()
+    status, _, _ = server.request("GET", "/v2/health/ready")
+    health = time.perf_counter() - t
+    running = worker.is_alive() and batcher.passes == passes
+    worker.join()
+    assert status == 200 and done["status"] == 200
+    assert running, "the pass ended before the health check: make it longer"
+    assert health < done["seconds"] / 4, (health, done)
