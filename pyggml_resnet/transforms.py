@@ -91,7 +91,7 @@ def load_image(img: ImageLike) -> Image.Image:
         return _to_rgb(img, "PIL image")
     if isinstance(img, np.ndarray):
         return _from_array(img)
-    raise InputError(f"expected a path, image file bytes, PIL image or numpy array, got {type(img).__name__}")
+    raise InputError(f"expected a path, PIL image or numpy array (or an image file's bytes), got {type(img).__name__}")
 
 
 def _open(path: str) -> Image.Image:

@@ -111,7 +111,8 @@ class _Server:
                                       num_classes=self.model.num_classes, max_images=self.max_images)
         x = req.tensor if req.images is None else await self.images(req.images)
         results = await self.compute(x, req.model_outputs)
-        content, json_length = protocol.encode_infer(self.name, req, results, self.model.labels)
+        content, json_length = await run_in_threadpool(protocol.encode_infer, self.name, req, results,
+                                                       self.model.labels)
         if json_length is None:
             return Response(content, media_type="application/json")
         return Response(content, media_type="application/octet-stream",
