@@ -4,6 +4,7 @@ with the same model called in this process: batching, JSON and binary transport 
 """
 
 import asyncio
+import importlib.util
 import base64
 import http.client
 import io
@@ -19,7 +20,8 @@ from PIL import Image
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
-httpclient = pytest.importorskip("tritonclient.http")
+if importlib.util.find_spec("tritonclient") is None:  # not imported here: see triton() below
+    pytest.skip("needs tritonclient[http]", allow_module_level=True)
 
 import pyggml_resnet  # noqa: E402
 from pyggml_resnet.errors import InputError  # noqa: E402
@@ -28,6 +30,15 @@ from pyggml_resnet.serve.batcher import Batcher  # noqa: E402
 from test_reliability import _encoded, _png_header_only  # noqa: E402  (the bad files tried there)
 
 CLASSES = 10
+
+
+def triton():
+    """tritonclient.http, imported when a test first uses it, not when pytest collects this module: it imports
+    ml_dtypes, which teaches NumPy the name 'bfloat16' for the rest of the process, and test_convert checks
+    what reading a bfloat16 safetensors file does without that (the converter's message differs)."""
+    import tritonclient.http
+
+    return tritonclient.http
 
 
 class Server:
@@ -84,7 +95,7 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def client(server):
-    c = httpclient.InferenceServerClient(server.url, network_timeout=120)
+    c = triton().InferenceServerClient(server.url, network_timeout=120)
     yield c
     c.close()
 
@@ -102,12 +113,12 @@ def infer(client, model_name, x=None, files=None, outputs=(), binary=True, class
     """tritonclient's infer with an FP32 batch `x` or encoded image `files`, asking for `outputs`; with
     wait=False, its async_infer (gevent's concurrency, in this thread), whose get_result() waits."""
     if x is not None:
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp = triton().InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
     else:
-        inp = httpclient.InferInput("image", [len(files)], "BYTES")
+        inp = triton().InferInput("image", [len(files)], "BYTES")
         inp.set_data_from_numpy(np.array(files, dtype=np.object_), binary_data=binary)
-    wanted = [httpclient.InferRequestedOutput(o, binary_data=binary, class_count=classes) for o in outputs]
+    wanted = [triton().InferRequestedOutput(o, binary_data=binary, class_count=classes) for o in outputs]
     return (client.infer if wait else client.async_infer)(model_name, [inp], outputs=wanted or None)
 
 
@@ -176,7 +187,7 @@ def test_requests_arriving_together_share_a_pass_with_results_unchanged(model):
     and every response exactly the response the same request gets alone."""
     x = batch(model, 8, seed=20)
     with Server(create_app(model, max_batch=4, max_wait=0.3)) as s:
-        with httpclient.InferenceServerClient(s.url, concurrency=8, network_timeout=120) as c:
+        with triton().InferenceServerClient(s.url, concurrency=8, network_timeout=120) as c:
             def one(i, wait=True):
                 return infer(c, "resnet18", x[i:i + 1], outputs=("logits", "probabilities"), wait=wait)
             pending = [one(i, wait=False) for i in range(8)]
@@ -294,7 +305,7 @@ def test_bad_binary_requests(server, client):
     status, _, raw = server.request("POST", path, header + files, {"Inference-Header-Content-Length": str(len(header))})
     assert status == 400 and "runs past the end" in json.loads(raw)["error"]
     # tritonclient raises the server's message
-    with pytest.raises(httpclient.InferenceServerException, match="shape"):
+    with pytest.raises(triton().InferenceServerException, match="shape"):
         infer(client, "resnet18", np.zeros((1, 4, 8, 8), np.float32))
 
 

@@ -2,13 +2,15 @@
 driven by tritonclient through Ray Serve's HTTP proxy, with results equal to the model in this process and
 each replica's threads taken from the CPUs it was given. One Ray and one Serve instance for the module."""
 
+import importlib.util
 import socket
 
 import numpy as np
 import pytest
 
 pytest.importorskip("ray.serve")
-httpclient = pytest.importorskip("tritonclient.http")
+if importlib.util.find_spec("tritonclient") is None:  # not imported here: see test_serve.triton
+    pytest.skip("needs tritonclient[http]", allow_module_level=True)
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
@@ -16,6 +18,7 @@ from ray import serve  # noqa: E402
 import pyggml_resnet  # noqa: E402
 from pyggml_resnet.errors import InputError  # noqa: E402
 from pyggml_resnet.serve import ray_serve  # noqa: E402
+from test_serve import triton  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::DeprecationWarning:ray(\.|$)")
 
@@ -55,18 +58,18 @@ def test_replicas_serve_the_models_results_with_their_cpus_as_threads(port, mode
               name="pyggml", route_prefix="/")
     x = np.random.default_rng(3).standard_normal((3, 3, 64, 64)).astype(np.float32)
     with pyggml_resnet.load(model_path, threads=1) as model, \
-            httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=120) as client:
+            triton().InferenceServerClient(f"127.0.0.1:{port}", network_timeout=120) as client:
         assert client.is_server_ready() and client.is_model_ready("r18")
         meta = client.get_model_metadata("r18")
         assert meta["parameters"]["threads"] == 1
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp = triton().InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         for _ in range(4):  # answered by either replica
-            result = client.infer("r18", [inp], outputs=[httpclient.InferRequestedOutput("logits"),
-                                                         httpclient.InferRequestedOutput("probabilities")])
+            result = client.infer("r18", [inp], outputs=[triton().InferRequestedOutput("logits"),
+                                                         triton().InferRequestedOutput("probabilities")])
             np.testing.assert_array_equal(result.as_numpy("logits"), model.logits(x))
             np.testing.assert_array_equal(result.as_numpy("probabilities"), model.probabilities(x))
-        with pytest.raises(httpclient.InferenceServerException, match="shape"):
-            client.infer("r18", [httpclient.InferInput("input", [1, 4, 8, 8], "FP32")
+        with pytest.raises(triton().InferenceServerException, match="shape"):
+            client.infer("r18", [triton().InferInput("input", [1, 4, 8, 8], "FP32")
                                  .set_data_from_numpy(np.zeros((1, 4, 8, 8), np.float32))])
     serve.delete("pyggml")
