@@ -73,7 +73,8 @@ class Batcher:
 
     def _take(self) -> list[_Item]:
         """The oldest live request and the queued ones of its image size that fit, in arrival order."""
-        while self._pending and self._pending[0].future.done():  # its client went away
+        # A cancelled request (Ray Serve cancels one whose client went away; uvicorn lets it finish) is dropped.
+        while self._pending and self._pending[0].future.done():
             self._pending.popleft()
         if not self._pending:
             return []
@@ -118,7 +119,7 @@ class Batcher:
 
 
 def _settle(future: asyncio.Future, *, result=None, exception: BaseException | None = None) -> None:
-    if future.done():  # cancelled: the client disconnected while it waited
+    if future.done():  # cancelled while it waited
         return
     if exception is not None:
         future.set_exception(exception)
