@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="time ggml against PyTorch (and ONNX Runtime) side by side", add_help=False)
     sub.add_parser("convert", help="convert a PyTorch checkpoint to GGUF (python -m pyggml_resnet.convert)",
                    add_help=False)
+    sub.add_parser("serve", help="serve a model over HTTP (Open Inference Protocol; needs the [serve] extra)",
+                   add_help=False)
     return parser
 
 
@@ -220,7 +222,8 @@ def _add_cache(sub, version: str) -> None:
     k.set_defaults(run=_cache)
 
 
-_DELEGATED = {"bench": "pyggml_resnet.bench", "convert": "pyggml_resnet.convert"}
+_DELEGATED = {"bench": "pyggml_resnet.bench", "convert": "pyggml_resnet.convert",
+              "serve": "pyggml_resnet.serve.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ orientation is not applied, because torchvision applies neither.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from PIL import Image
 from .arch import INTERPOLATIONS, Preprocessing
 from .errors import InputError
 
-ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+ImageLike = Union[str, "os.PathLike[str]", bytes, Image.Image, np.ndarray]
 
 _DEFAULT = Preprocessing()  # torchvision's classic ImageNet evaluation transforms
 IMAGENET_MEAN = _DEFAULT.mean
@@ -77,7 +78,8 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 
 def load_image(img: ImageLike) -> Image.Image:
-    """Return ``img`` (a path, PIL image, or uint8 HxW / HxWx3 array) as a decoded RGB PIL image.
+    """Return ``img`` (a path, the bytes of an image file, a PIL image, or a uint8 HxW / HxWx3 array) as a
+    decoded RGB PIL image.
 
     Raises InputError for missing, empty, corrupt, truncated or oversized files
     (Pillow's ``Image.MAX_IMAGE_PIXELS`` guard) and for unusable arrays.
@@ -85,6 +87,8 @@ def load_image(img: ImageLike) -> Image.Image:
     if isinstance(img, (str, os.PathLike)):
         path = os.fspath(img)
         return _to_rgb(_open(path), path)
+    if isinstance(img, (bytes, bytearray, memoryview)):  # an encoded file received over a network
+        return _to_rgb(_decode(io.BytesIO(img), "image data"), "image data")
     if isinstance(img, Image.Image):
         try:
             img.load()  # a lazily opened image may still fail to decode here
@@ -93,31 +97,45 @@ def load_image(img: ImageLike) -> Image.Image:
         return _to_rgb(img, "PIL image")
     if isinstance(img, np.ndarray):
         return _from_array(img)
-    raise InputError(f"expected a path, PIL image or numpy array, got {type(img).__name__}")
+    raise InputError(f"expected a path, PIL image or numpy array (or an image file's bytes), got {type(img).__name__}")
 
 
 def _open(path: str) -> Image.Image:
     try:
         # Opening the file ourselves closes it even for multi-frame formats,
         # which Pillow would otherwise keep open after load().
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with open(path, "rb") as f:
+            return _decode(f, path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+def _decode(f, name: str) -> Image.Image:
+    """The image in the binary file object `f`, decoded, or InputError naming `name`."""
+    try:
+        with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an
             # image that big is refused like the ones Pillow refuses outright.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(f)
+            limit = Image.MAX_IMAGE_PIXELS
+            # Checked here too: warning filters are process-wide, so another thread leaving its
+            # catch_warnings block (a server decodes in several) can undo the one above.
+            if limit is not None and im.width * im.height > limit:
+                raise Image.DecompressionBombError(f"{im.width * im.height} pixels, more than the limit of {limit}")
             im.load()  # decode now, so truncated or corrupt data fails here
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(
-            f"{path}: image too large, refused as a possible decompression bomb ({e}); "
+            f"{name}: image too large, refused as a possible decompression bomb ({e}); "
             "if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (pyggml-resnet classify --max-pixels N)"
         ) from e
     except Image.UnidentifiedImageError:
-        what = "empty file" if os.path.getsize(path) == 0 else "not an image format Pillow can read"
-        raise InputError(f"{path}: {what}") from None
+        what = "empty file" if f.seek(0, io.SEEK_END) == 0 else "not an image format Pillow can read"
+        raise InputError(f"{name}: {what}") from None
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, ... on bad data
-        raise InputError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+        raise InputError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
     return im
 
 
