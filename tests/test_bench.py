@@ -162,13 +162,15 @@ def test_without_torch_no_reference_and_no_results_file(tmp_path, monkeypatch, c
     with itself. And it writes bench-results.json only when asked (--json)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.split(".")[0] in ("torch", "onnx", "onnxruntime") else real(name, *a))
+                        lambda name, *a: None if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "openvino")
+                        else real(name, *a))
     monkeypatch.chdir(tmp_path)
     rc = bench.main(["--arch", "resnet18", "--rounds", "1", "--iters", "1", "--threads", "1"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert ("note: torch is not installed (pip install torch==2.13.0): skipping torch, onnxruntime, onnxruntime-int8, "
-            "openvino, openvino-bf16, openvino-int8 (the ONNX models are exported from PyTorch)") in out
+    assert ("note: torch is not installed: skipping torch, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, "
+            "openvino-int8 (the ONNX models are exported from PyTorch; pip install torch==2.13.0 onnx onnxruntime "
+            "openvino)") in out
     assert ("note: no reference engine: torch is not installed (pip install torch==2.13.0), so ggml's logits are "
             "not checked against anything and no time has a ratio to PyTorch's") in out
     assert "correctness:" not in out and "ggml-f32" in out
@@ -258,8 +260,9 @@ def test_engines_that_cannot_run_are_skipped_with_a_note(tmp_path, monkeypatch):
                                 "openvino-int8"]
     assert run_module.available_engines(run) == ["torch"]
     assert run.notes == [
-        "onnxruntime is not installed (pip install onnxruntime): skipping onnxruntime, onnxruntime-int8, openvino-int8",
-        "openvino is not installed (pip install openvino): skipping openvino, openvino-bf16"]
+        "onnxruntime is not installed: skipping onnxruntime, onnxruntime-int8, openvino-int8 (pip install onnxruntime "
+        "openvino)",
+        "openvino is not installed: skipping openvino, openvino-bf16 (pip install openvino)"]
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: json_spec)
     run = run_module.Run(run_module.parse_args(["--engines", "openvino", "openvino-bf16", "ggml"]), str(tmp_path))

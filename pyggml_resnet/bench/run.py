@@ -239,8 +239,10 @@ def available_engines(run: Run) -> list[str]:
         else:
             ok.append(engine)
     for package, engines in skipped.items():
-        why = " (the ONNX models are exported from PyTorch)" if package == "torch" and engines != ["torch"] else ""
-        run.note(f"{package} is not installed (pip install {PIP[package]}): skipping {', '.join(engines)}{why}")
+        lacking = dict.fromkeys(m for e in engines for m in NEEDS[e] if importlib.util.find_spec(m) is None)
+        why = "the ONNX models are exported from PyTorch; " if package == "torch" and engines != ["torch"] else ""
+        run.note(f"{package} is not installed: skipping {', '.join(engines)} ({why}pip install "
+                 + " ".join(PIP[m] for m in lacking) + ")")
     if "openvino-bf16" in ok and not NATIVE_BF16 & set(machine_info()["isa"]):
         ok.remove("openvino-bf16")
         run.note("this CPU has no native bf16 (AVX512-BF16 or AMX), where OpenVINO's bf16 would be emulated: "
