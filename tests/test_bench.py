@@ -199,7 +199,7 @@ def test_gemm_rows(tmp_path):
 SMALL = Preprocessing(resize=73, crop=64)  # small images keep the int8 checks quick
 
 
-def test_synthetic_images_are_deterministic_distinct_and_picture_like():
+def test_synthetic_images_are_deterministic_distinct_and_picture_like(tmp_path):
     calibration = peers.images(peers.CALIBRATION, 3, SMALL)
     test = peers.images(peers.TEST, 4, SMALL)
     assert calibration.shape == (3, 3, 64, 64) and test.shape == (4, 3, 64, 64) and test.dtype == np.float32
@@ -215,6 +215,9 @@ def test_synthetic_images_are_deterministic_distinct_and_picture_like():
         assert np.corrcoef(a, b)[0, 1] > 0.8
     # The model's preprocessing is used: another crop gives another size.
     assert peers.images(peers.TEST, 1).shape == (1, 3, 224, 224)
+    # They are the pictures, saved as files and preprocessed as any image file is (5/4 the resize's side).
+    peers.pictures(peers.TEST, 2, 73 * 5 // 4)[1].save(tmp_path / "test1.png")
+    np.testing.assert_array_equal(pyggml_resnet.preprocess(tmp_path / "test1.png", resize=73, crop=64), test[1])
 
 
 def test_agreement_counts_errors_and_top_classes():

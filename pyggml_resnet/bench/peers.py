@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -73,17 +74,19 @@ def _render(rng: np.random.Generator, side: int) -> Image.Image:
                                                                                    Image.Resampling.LANCZOS)
 
 
+def pictures(kind: int, count: int, side: int) -> list[Image.Image]:
+    """The first `count` synthetic side x side RGB pictures of set `kind` (CALIBRATION or TEST): the same
+    pictures at any `count`, and none in both sets. As files (`.save`), they can calibrate a converter."""
+    return [_render(np.random.default_rng([IMAGE_SEED, kind, i]), side) for i in range(count)]
+
+
 def images(kind: int, count: int, preprocessing: Preprocessing = Preprocessing()) -> np.ndarray:
-    """`count` synthetic pictures of set `kind` (CALIBRATION or TEST), preprocessed as the model's own
-    settings say: float32 (count, 3, crop, crop). Image i of a set is the same at any `count`."""
+    """`pictures` of set `kind` preprocessed as the model's own settings say: float32 (count, 3, crop, crop).
+    They are drawn 5/4 the resize's side, so the resize shrinks them, as it does photos."""
     p = preprocessing
-    side = (p.resize or p.crop) * 5 // 4  # larger than the resize, as a photo is: the resize then shrinks it
-    out = np.empty((count, 3, p.crop, p.crop), np.float32)
-    for i in range(count):
-        rng = np.random.default_rng([IMAGE_SEED, kind, i])
-        out[i] = preprocess(_render(rng, side), resize=p.resize, crop=p.crop, mean=p.mean, std=p.std,
-                            interpolation=p.interpolation)
-    return out
+    return np.stack([preprocess(im, resize=p.resize, crop=p.crop, mean=p.mean, std=p.std,
+                                interpolation=p.interpolation)
+                     for im in pictures(kind, count, (p.resize or p.crop) * 5 // 4)])
 
 
 def agreement(logits: np.ndarray, reference: np.ndarray) -> dict:
@@ -104,12 +107,14 @@ def export_onnx(model, path: str, size: int) -> str:
     import torch
 
     x = torch.zeros((1, 3, size, size))
-    # The TorchScript exporter is quick and writes one file; the dynamo one is the fallback for torch versions
-    # that have dropped it.
+    # The TorchScript exporter is quick and writes one file (chosen knowingly: its deprecation warning is
+    # silenced); the dynamo one is the fallback for torch versions that have dropped it.
     try:
-        torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
     except Exception:
         batch = torch.export.Dim("batch", min=1, max=1024)
         torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
