@@ -149,7 +149,8 @@ def quantize_int8(f32_path: str, out_path: str, calibration: np.ndarray) -> str:
     return out_path
 
 
-def ort_int8_logits(model, calibration: np.ndarray, test: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def ort_int8_logits(model, calibration: np.ndarray, test: np.ndarray,
+                    threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """ONNX Runtime int8 (`quantize_int8` of `model`'s export, calibrated on `calibration`) and PyTorch f32 logits
     of the `test` images (N, 3, H, W): two (N, classes) float32 arrays. `model` is a PyTorch ResNet in eval mode;
     each test image runs at batch 1, as the bench's correctness check runs them."""

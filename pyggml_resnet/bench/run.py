@@ -218,11 +218,12 @@ def make_model(run: Run) -> None:
     run.source = f"random weights (NumPy seed {SEED})"
 
 
-# What each engine but ggml needs installed. torch runs PyTorch and exports the ONNX model the others run; the int8
-# engines run ONNX Runtime's quantization of it. The pip install that brings each.
+# What each engine but ggml needs installed: torch runs PyTorch and exports the ONNX model the others run; the
+# int8 engines run ONNX Runtime's quantization of it. Then the pip install that brings each package.
 NEEDS = {"torch": ("torch",), "onnxruntime": ("torch", "onnx", "onnxruntime"),
          "onnxruntime-int8": ("torch", "onnx", "onnxruntime"), "openvino": ("torch", "onnx", "openvino"),
-         "openvino-bf16": ("torch", "onnx", "openvino"), "openvino-int8": ("torch", "onnx", "onnxruntime", "openvino")}
+         "openvino-bf16": ("torch", "onnx", "openvino"),
+         "openvino-int8": ("torch", "onnx", "onnxruntime", "openvino")}
 PIP = {"torch": "torch==2.13.0", "onnx": "onnx", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 NATIVE_BF16 = {"avx512_bf16", "amx_bf16"}  # CPU flags with which OpenVINO's bf16 is not emulated
 
@@ -272,16 +273,15 @@ def prepare_references(run: Run, engines: list[str]) -> dict[str, str]:
     if int8:
         for e in int8:
             paths.pop(e)
-        if quantize(run):
+        if quantize(run, int8):
             paths.update((e, os.path.join(run.tmp, "model-int8.onnx")) for e in int8)
-        else:
-            run.note(f"skipping {', '.join(int8)}")
     return paths
 
 
-def quantize(run: Run) -> bool:
-    """ONNX Runtime's static int8 quantization of the ONNX export, calibrated on --calibration-count synthetic
-    images (peers.quantize_int8), in a child process; False (with a note) if it failed."""
+def quantize(run: Run, engines: list[str]) -> bool:
+    """ONNX Runtime's static int8 quantization of the ONNX export for `engines`, calibrated on
+    --calibration-count synthetic images (peers.quantize_int8), in a child process; False (with a note) if it
+    failed."""
     n = run.args.calibration_count
     _progress(f"quantizing to int8 on {n} calibration images ...", end=" ")
     t = time.perf_counter()
@@ -292,7 +292,7 @@ def quantize(run: Run) -> bool:
                               calibration=calibration), os.path.join(run.tmp, "quantize.log"), PREPARE_TIMEOUT)
     except WorkerError as e:
         _progress("failed")
-        run.note(f"quantizing the ONNX model to int8 failed: {e}")
+        run.note(f"quantizing the ONNX model to int8 failed, skipping {', '.join(engines)}: {e}")
         return False
     _progress(f"{time.perf_counter() - t:.1f} s")
     return True
