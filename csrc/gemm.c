@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "gemm_tile.h"
+#include "isa_clones.h"
 #include "patch_row.h"
 #include "thread_range.h"
 
@@ -95,6 +96,7 @@ static inline wino_vec wino_comb(int s, wino_vec v0, wino_vec v1, wino_vec v2) {
     }
 }
 
+ISA_CLONES
 static void wino_weights(const float * w, int64_t C, int64_t kb, int64_t kc) {
     const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
     for (int j = 0; j < 2; ++j) {

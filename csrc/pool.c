@@ -3,9 +3,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "isa_clones.h"
 #include "op_params.h"
 #include "thread_range.h"
 
+ISA_CLONES
 static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
     const int k = OP_FIELD(userdata, 0), stride = OP_FIELD(userdata, 1), pad = OP_FIELD(userdata, 2);
@@ -43,6 +45,7 @@ struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x,
                           (void *) packed);
 }
 
+ISA_CLONES
 static void mean_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * x = dst->src[0];

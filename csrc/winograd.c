@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "isa_clones.h"
 #include "thread_range.h"
 
 // Channels are taken 16 at a time (the last chunk shorter) through small local arrays, so that each step
@@ -20,6 +21,7 @@ static inline void copy_chunk(void * dst, const void * src, int nc) {
     }
 }
 
+ISA_CLONES
 static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * x = dst->src[0];
@@ -73,6 +75,7 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
 #define O_RES(u) ((int) (((uintptr_t) (u) >> 1) & 1))
 #define O_RELU(u) ((int) (((uintptr_t) (u) >> 2) & 1))
 
+ISA_CLONES
 static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * m = dst->src[0];
     const float * bias = O_BIAS(userdata) ? (const float *) dst->src[1]->data : NULL;
