@@ -22,8 +22,9 @@ An image that cannot be read or decoded gives a row whose `error` is the message
 empty lists, or NaN vectors); every other row is computed as usual. `error` is null for good rows.
 
 A batch whose worker process dies (a lost node, the OOM killer, a file that crashes the decoder) is run again
-by its restarted actor (each actor is restarted at most ACTOR_RESTARTS times over the job); a file that was being decoded when a retry's worker died
-is not decoded again but becomes an error row (see `_CrashJournal`, and docs/scaling.md for the numbers).
+by its restarted actor (each actor is restarted at most ACTOR_RESTARTS times over the job); a file that was
+being decoded when a retry's worker died is not decoded again but becomes an error row (see `_CrashJournal`,
+and docs/scaling.md for the numbers).
 
 Prefer a column of paths to `read_images`: it is decoded by `pyggml_resnet.load_image`, so 16-bit images keep
 their range (`read_images(mode="RGB")` goes through Pillow's `convert("RGB")`, which clips 16-bit values
@@ -98,8 +99,8 @@ def map_batches_kwargs(model: str | os.PathLike, *, output: str = "classify", to
 
 def predict(ds, model: str | os.PathLike, *, cls: type = Predictor, **options):
     """`ds.map_batches(cls, **map_batches_kwargs(model, **options))` (cls: Predictor or a subclass), without
-    Ray 2.60's warning that `ray_remote_args` (here max_restarts, max_task_retries) are deprecated: Ray has no named
-    parameter for it yet."""
+    Ray 2.60's warning that `ray_remote_args` (here max_restarts, max_task_retries) are deprecated: Ray has no
+    named parameter for them yet."""
     kwargs = map_batches_kwargs(model, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
