@@ -109,32 +109,37 @@ def predict(ds, model: str | os.PathLike, *, cls: type = Predictor, **options):
 
 class _CrashJournal:
     """A Ray actor on the driver's node, which outlives any worker: for each batch in flight, its attempts so
-    far, the row its latest watched attempt is decoding, and the rows that were being decoded when a watched
-    attempt's worker died. A batch leaves the journal when it is done.
+    far, the node of the latest, the row it is decoding when watched, and the rows that were being decoded
+    when a watched attempt's worker died. A batch leaves the journal when it is done.
 
     So a file that kills its worker while decoding costs two deaths: the first attempt is not watched (a
-    watch costs a round trip per file), the retry is, and the third attempt gives the file an error row.
-    A lost node's batches were not watched: their retry computes every file. (Only a second death of the same
-    batch while a retry decodes a good file, the file's node lost as well, say, would make that file an
-    error row.)"""
+    watch costs a round trip per file), the retry is, and the third attempt gives the file an error row. A
+    death on a node that is gone blames no file: the node was lost, the file may be good."""
 
     def __init__(self):
-        self._batches: dict[str, tuple[int, int | None, list[int]]] = {}
+        self._batches: dict[str, tuple[int, str | None, int | None, list[int]]] = {}
 
-    def begin(self, key: str) -> tuple[int, list[int]]:
-        """An attempt at the batch starts: (its number from 1, the rows that killed a worker before)."""
-        attempt, decoding, crashed = self._batches.get(key, (0, None, []))
-        if decoding is not None:  # the previous attempt died while decoding this row
+    def begin(self, key: str, node: str) -> tuple[int, list[int]]:
+        """An attempt at the batch starts on `node`: (its number from 1, the rows that killed a worker)."""
+        attempt, last_node, decoding, crashed = self._batches.get(key, (0, None, None, []))
+        if decoding is not None and _node_alive(last_node):  # its worker died while decoding this row
             crashed = crashed + [decoding]
-        self._batches[key] = (attempt + 1, None, crashed)
+        self._batches[key] = (attempt + 1, node, None, crashed)
         return attempt + 1, crashed
 
     def decoding(self, key: str, row: int | None) -> None:
-        attempt, _, crashed = self._batches[key]
-        self._batches[key] = (attempt, row, crashed)
+        attempt, node, _, crashed = self._batches[key]
+        self._batches[key] = (attempt, node, row, crashed)
 
     def done(self, key: str) -> None:
         self._batches.pop(key, None)
+
+
+def _node_alive(node: str) -> bool:
+    """Whether Ray still counts the node in (a lost one is declared dead before its actors restart)."""
+    import ray
+
+    return any(n["NodeID"] == node and n["Alive"] for n in ray.nodes())
 
 
 class _Journal:
@@ -156,7 +161,7 @@ class _Journal:
         import ray
 
         key = hashlib.sha256("\0".join(paths).encode()).hexdigest()
-        attempt, crashed = ray.get(self._actor.begin.remote(key))
+        attempt, crashed = ray.get(self._actor.begin.remote(key, ray.get_runtime_context().get_node_id()))
         return _Watch(self._actor, key, attempt, crashed)
 
 

@@ -220,6 +220,23 @@ def test_a_crashed_actor_fails_the_job_fast(local_ray, folder, model_path, tmp_p
     assert len(list(attempts.iterdir())) == 1 + pr.ACTOR_RESTARTS
 
 
+def test_crash_journal_blames_a_file_only_on_a_live_node(local_ray):
+    """A retry that died while decoding row 2 blames that file when its node is alive (the file crashed the
+    worker), not when the node is gone (a lost node: the file may be good)."""
+    here = ray.get_runtime_context().get_node_id()
+    for node, blamed in ((here, [2]), ("ff" * 28, [])):
+        journal = pr._CrashJournal()  # the actor's class, called in this process
+        assert journal.begin("batch", node) == (1, [])  # the first attempt
+        assert journal.begin("batch", node) == (2, [])  # it died before a watched attempt, blaming nothing
+        journal.decoding("batch", 1)
+        journal.decoding("batch", 2)  # ... and the retry died here
+        assert journal.begin("batch", here) == (3, blamed)
+        journal.decoding("batch", None)  # decoding done: a death now is the batch's
+        assert journal.begin("batch", here) == (4, blamed)
+        journal.done("batch")
+        assert journal.begin("batch", here) == (1, [])
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "pyggml_resnet", "classify", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
