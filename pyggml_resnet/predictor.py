@@ -41,10 +41,13 @@ class Predictor:
     threads: ggml threads per actor; default the CPUs Ray assigned to the actor (its `num_cpus`), so actors
         never oversubscribe the machine. Outside Ray, the package's default.
     dtype: weight type at load, as for `pyggml_resnet.load` (default: as stored).
+    journal: where a Ray actor notes which file it is decoding, so that a file that killed the worker process
+        becomes an error row on the batch's retry instead of killing it again (`pyggml_resnet.ray` passes
+        one; see docs/scaling.md). None in one process, where nothing outlives a crash.
     """
 
     def __init__(self, model: str | os.PathLike, *, output: str = "classify", top_k: int = 5,
-                 threads: int | None = None, dtype: str | None = None):
+                 threads: int | None = None, dtype: str | None = None, journal=None):
         from .hub import open_model
 
         if isinstance(model, Model):
@@ -52,6 +55,7 @@ class Predictor:
                             "each actor loads its own copy")
         _check_output(output)
         self._setup(open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype), output, top_k)
+        self.journal = journal
 
     @classmethod
     def around(cls, model: Model, *, output: str = "classify", top_k: int = 5) -> Predictor:
@@ -60,6 +64,7 @@ class Predictor:
         _check_output(output)
         self = cls.__new__(cls)
         self._setup(model, output, top_k)
+        self.journal = None
         return self
 
     def _setup(self, model: Model, output: str, top_k: int) -> None:
@@ -76,20 +81,33 @@ class Predictor:
             sources = batch["path"]
         else:
             raise InputError(f"Predictor needs an 'image' or a 'path' column, got {sorted(batch)}")
-        n = len(sources)
-        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * n
-        errors: list[str | None] = [None] * n
+        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(sources)
+        # The journal watches decoding from paths only: decoded images come from Ray's own reader.
+        watch = self.journal.begin(paths) if self.journal is not None and "image" not in batch else _UNWATCHED
+        errors, arrays, good = self._decode(sources, paths, watch)
+        out = {"path": np.array(paths, dtype=object)}
+        out.update(self._results(np.stack(arrays) if arrays else None, good, len(sources)))
+        out["error"] = np.array(errors, dtype=object)
+        watch.done()
+        return out
+
+    def _decode(self, sources, paths: list, watch) -> tuple[list, list, list[int]]:
+        """(error per row or None, the decoded arrays, their rows). A file that killed the worker in an
+        earlier attempt of this batch is not decoded again: its row says so."""
+        errors: list[str | None] = [None] * len(sources)
         arrays, good = [], []
         for i, source in enumerate(sources):
+            if i in watch.crashed:
+                errors[i] = f"{paths[i]}: {watch.crashed[i]}"
+                continue
+            watch.decoding(i)
             try:
                 arrays.append(self.model.preprocess(source))
                 good.append(i)
             except Exception as e:  # any undecodable image: one error row, never a failed job
                 errors[i] = str(e) if paths[i] is None or paths[i] in str(e) else f"{paths[i]}: {e}"
-        out = {"path": np.array(paths, dtype=object)}
-        out.update(self._results(np.stack(arrays) if arrays else None, good, n))
-        out["error"] = np.array(errors, dtype=object)
-        return out
+        watch.decoding(None)  # a death from here on is the batch's, not one file's
+        return errors, arrays, good
 
     def _results(self, x: np.ndarray | None, good: list[int], n: int) -> dict[str, np.ndarray]:
         model = self.model
@@ -106,6 +124,21 @@ class Predictor:
         if x is not None:
             result[good] = model.features(x) if self.output == "features" else model.logits(x)
         return {self.output: result}
+
+
+class _Unwatched:
+    """The watch of a batch that no journal follows: no file crashed before, nothing to record."""
+
+    crashed: dict[int, str] = {}
+
+    def decoding(self, index: int | None) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+_UNWATCHED = _Unwatched()
 
 
 def _check_output(output: str) -> None:

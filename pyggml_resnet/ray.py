@@ -21,6 +21,11 @@ TypeError). It reads the "image" column when there is one (uint8 HxWx3 images fr
 An image that cannot be read or decoded gives a row whose `error` is the message (and whose results are
 empty lists, or NaN vectors); every other row is computed as usual. `error` is null for good rows.
 
+A batch whose worker process dies (a lost node, the OOM killer, a file that crashes the decoder) is run again
+by its restarted actor (each actor is restarted at most ACTOR_RESTARTS times over the job); a file that was
+being decoded when a retry's worker died is not decoded again but becomes an error row (see `_CrashJournal`,
+and docs/scaling.md for the numbers).
+
 Prefer a column of paths to `read_images`: it is decoded by `pyggml_resnet.load_image`, so 16-bit images keep
 their range (`read_images(mode="RGB")` goes through Pillow's `convert("RGB")`, which clips 16-bit values
 above 255 to white, and a folder mixing 8- and 16-bit files fails in Arrow without mode="RGB"), and a bad
@@ -33,6 +38,7 @@ This module imports Ray only inside the functions that need it, so `import pyggm
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -41,7 +47,14 @@ import numpy as np
 
 from .errors import InputError
 from .model import MAX_BATCH, Model
-from .predictor import Predictor
+from .predictor import Predictor, _assigned_cpus  # noqa: F401 (_assigned_cpus: imported from here by serve.ray_serve)
+
+# What Ray retries, and how often (docs/scaling.md, "Lost nodes and crashed workers"): a batch whose worker died
+# is run again, without a count of its own, by its actor once restarted (on another node if its node is lost:
+# Ray sees a lost node only after its health checks fail, and a count would run out in the meantime); each
+# actor is restarted at most ACTOR_RESTARTS times over the job, which bounds everything.
+ACTOR_RESTARTS = 8
+
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -57,7 +70,9 @@ def map_batches_kwargs(model: str | os.PathLike, *, output: str = "classify", to
     threads: CPUs reserved per actor, which is also its ggml thread count. On a machine's few cores, one
         thread per actor and one actor per core is fastest (docs/scaling.md has the measurements).
     batch_size: images per call; 16 is the largest batch the model computes in one graph.
-    Actors are never restarted (max_restarts=0): a native crash fails the job at once instead of looping.
+    An actor whose process dies is restarted (at most ACTOR_RESTARTS times) and its batch run again; one
+    batch in flight per actor, so that a death costs no other batch a run. Also
+    starts the job's crash journal (an actor without CPUs on this node), which the Predictors share.
     """
     import ray
 
@@ -71,23 +86,103 @@ def map_batches_kwargs(model: str | os.PathLike, *, output: str = "classify", to
         actors = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
     return {
         # No threads here: each actor takes its thread count from the CPUs Ray assigned it (num_cpus).
-        "fn_constructor_kwargs": {"model": os.fspath(model), "output": output, "top_k": top_k, "dtype": dtype},
-        "compute": ray.data.ActorPoolStrategy(size=actors),
+        "fn_constructor_kwargs": {"model": os.fspath(model), "output": output, "top_k": top_k, "dtype": dtype,
+                                  "journal": _Journal.start()},
+        "compute": ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         "num_cpus": threads,
         "batch_size": batch_size,
         "batch_format": "numpy",
-        "max_restarts": 0,
+        "max_restarts": ACTOR_RESTARTS,
+        "max_task_retries": -1,  # bounded by max_restarts: a batch is retried only on a restarted actor
     }
 
 
 def predict(ds, model: str | os.PathLike, *, cls: type = Predictor, **options):
     """`ds.map_batches(cls, **map_batches_kwargs(model, **options))` (cls: Predictor or a subclass), without
-    Ray 2.60's warning that `ray_remote_args` (here max_restarts=0) is deprecated: Ray has no named
-    parameter for it yet."""
+    Ray 2.60's warning that `ray_remote_args` (here max_restarts, max_task_retries) are deprecated: Ray has no
+    named parameter for them yet."""
     kwargs = map_batches_kwargs(model, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
         return ds.map_batches(cls, **kwargs)
+
+
+class _CrashJournal:
+    """A Ray actor on the driver's node, which outlives any worker: for each batch in flight, its attempts so
+    far, the node of the latest, the row it is decoding when watched, and the rows that were being decoded
+    when a watched attempt's worker died. A batch leaves the journal when it is done.
+
+    So a file that kills its worker while decoding costs two deaths: the first attempt is not watched (a
+    watch costs a round trip per file), the retry is, and the third attempt gives the file an error row. A
+    death on a node that is gone blames no file: the node was lost, the file may be good."""
+
+    def __init__(self):
+        self._batches: dict[str, tuple[int, str | None, int | None, list[int]]] = {}
+
+    def begin(self, key: str, node: str) -> tuple[int, list[int]]:
+        """An attempt at the batch starts on `node`: (its number from 1, the rows that killed a worker)."""
+        attempt, last_node, decoding, crashed = self._batches.get(key, (0, None, None, []))
+        if decoding is not None and _node_alive(last_node):  # its worker died while decoding this row
+            crashed = crashed + [decoding]
+        self._batches[key] = (attempt + 1, node, None, crashed)
+        return attempt + 1, crashed
+
+    def decoding(self, key: str, row: int | None) -> None:
+        attempt, node, _, crashed = self._batches[key]
+        self._batches[key] = (attempt, node, row, crashed)
+
+    def done(self, key: str) -> None:
+        self._batches.pop(key, None)
+
+
+def _node_alive(node: str) -> bool:
+    """Whether Ray still counts the node in (a lost one is declared dead before its actors restart)."""
+    import ray
+
+    return any(n["NodeID"] == node and n["Alive"] for n in ray.nodes())
+
+
+class _Journal:
+    """The Predictors' side of the crash journal: it travels to every actor in the constructor's kwargs."""
+
+    def __init__(self, actor):
+        self._actor = actor
+
+    @classmethod
+    def start(cls) -> _Journal:
+        """A journal on this (the driver's) node, which lives as long as the Dataset that holds it."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return cls(ray.remote(num_cpus=0, scheduling_strategy=here)(_CrashJournal).remote())
+
+    def begin(self, paths: list[str]) -> _Watch:
+        import ray
+
+        key = hashlib.sha256("\0".join(paths).encode()).hexdigest()
+        attempt, crashed = ray.get(self._actor.begin.remote(key, ray.get_runtime_context().get_node_id()))
+        return _Watch(self._actor, key, attempt, crashed)
+
+
+class _Watch:
+    """One attempt at a batch, as `Predictor` sees it: `crashed` (row -> error message), `decoding(row)`
+    before each file (and None after the last), `done()`. Only a retry records each file, and waits for
+    the journal to have it before decoding: the first attempt costs one round trip, not one per file."""
+
+    def __init__(self, actor, key: str, attempt: int, crashed: list[int]):
+        self._actor, self._key, self._watched = actor, key, attempt > 1
+        self.crashed = {row: "its worker process died while decoding this file (a crash in the decoder?); "
+                             "not decoded again" for row in crashed}
+
+    def decoding(self, row: int | None) -> None:
+        if self._watched:
+            import ray
+
+            ray.get(self._actor.decoding.remote(self._key, row))
+
+    def done(self) -> None:
+        self._actor.done.remote(self._key)  # not awaited: a stale entry only makes a rerun watched
 
 
 def read_paths(inputs: list[str | os.PathLike], *, batch_size: int = MAX_BATCH):

@@ -182,16 +182,24 @@ def test_a_model_never_travels(local_ray, model, model_path):
         with pytest.raises(TypeError, match="path"):
             attempt()
     kwargs = pr.map_batches_kwargs(model_path)
-    assert kwargs["max_restarts"] == 0 and kwargs["num_cpus"] == 1 and kwargs["batch_format"] == "numpy"
+    assert kwargs["num_cpus"] == 1 and kwargs["batch_format"] == "numpy"
+    # bounded restarts and retries (tests/test_ray_faults.py), never Ray Data's default of -1: forever
+    assert kwargs["max_restarts"] == pr.ACTOR_RESTARTS == 8 and kwargs["max_task_retries"] == -1
     assert kwargs["compute"].min_size == kwargs["compute"].max_size == 2  # the local Ray's 2 CPUs
+    assert kwargs["compute"].max_tasks_in_flight_per_actor == 1  # a death costs no queued batch a retry
     assert kwargs["fn_constructor_kwargs"]["model"] == model_path
 
 
-def test_a_crashed_actor_fails_the_job_fast(local_ray, folder, model_path):
-    """A native crash (abort(), as GGML_ABORT does) must fail the job, not restart actors forever."""
+def test_a_crashed_actor_fails_the_job_fast(local_ray, folder, model_path, tmp_path):
+    """A native crash (abort(), as GGML_ABORT does) in every batch must fail the job, not restart actors
+    forever: the first batch is run 1 + ACTOR_RESTARTS times (each in a restarted actor), then the job fails
+    with the actor's death."""
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
 
     class Crashing(pr.Predictor):
         def __call__(self, batch):
+            (attempts / str(os.getpid())).touch()  # one file per attempt: each in a new process
             os.abort()
 
     ds = pr.predict(pr.read_paths([folder]), model_path, cls=Crashing, actors=1)
@@ -209,6 +217,24 @@ def test_a_crashed_actor_fails_the_job_fast(local_ray, folder, model_path):
     worker.join(timeout=120)
     assert outcome, "still running after 120 s: the crashed actor was restarted?"
     assert isinstance(outcome[0], ray.exceptions.ActorDiedError), outcome
+    assert len(list(attempts.iterdir())) == 1 + pr.ACTOR_RESTARTS
+
+
+def test_crash_journal_blames_a_file_only_on_a_live_node(local_ray):
+    """A retry that died while decoding row 2 blames that file when its node is alive (the file crashed the
+    worker), not when the node is gone (a lost node: the file may be good)."""
+    here = ray.get_runtime_context().get_node_id()
+    for node, blamed in ((here, [2]), ("ff" * 28, [])):
+        journal = pr._CrashJournal()  # the actor's class, called in this process
+        assert journal.begin("batch", node) == (1, [])  # the first attempt
+        assert journal.begin("batch", node) == (2, [])  # it died before a watched attempt, blaming nothing
+        journal.decoding("batch", 1)
+        journal.decoding("batch", 2)  # ... and the retry died here
+        assert journal.begin("batch", here) == (3, blamed)
+        journal.decoding("batch", None)  # decoding done: a death now is the batch's
+        assert journal.begin("batch", here) == (4, blamed)
+        journal.done("batch")
+        assert journal.begin("batch", here) == (1, [])
 
 
 def cli(*args):
