@@ -19,7 +19,7 @@ from .model import Model, top_predictions
 OUTPUTS = ("classify", "logits", "features")
 
 
-def _assigned_cpus() -> int | None:
+def assigned_cpus() -> int | None:
     """The CPUs Ray gave this actor or task (at least 1 when a fraction), or None outside a Ray worker."""
     if "ray" not in sys.modules:  # not running under Ray: do not import it for nothing
         return None
@@ -54,7 +54,7 @@ class Predictor:
             raise TypeError("Predictor takes the model's path or registry name, not a loaded Model: "
                             "each actor loads its own copy")
         _check_output(output)
-        self._setup(open_model(os.fspath(model), threads=threads or _assigned_cpus(), dtype=dtype), output, top_k)
+        self._setup(open_model(os.fspath(model), threads=threads or assigned_cpus(), dtype=dtype), output, top_k)
         self.journal = journal
 
     @classmethod

@@ -47,7 +47,7 @@ import numpy as np
 
 from .errors import InputError
 from .model import MAX_BATCH, Model
-from .predictor import Predictor, _assigned_cpus  # noqa: F401 (_assigned_cpus: imported from here by serve.ray_serve)
+from .predictor import Predictor
 
 # What Ray retries, and how often (docs/scaling.md, "Lost nodes and crashed workers"): a batch whose worker died
 # is run again, without a count of its own, by its actor once restarted (on another node if its node is lost:

@@ -24,7 +24,7 @@ from ray import serve
 
 from ..errors import InputError
 from ..hub import open_model
-from ..ray import _assigned_cpus
+from ..predictor import assigned_cpus
 from .app import check_options, create_app
 from .batcher import MAX_BATCH, MAX_WAIT
 
@@ -35,7 +35,7 @@ class Replica:
     `__serve_build_asgi_app__` once the constructor has run)."""
 
     def __init__(self, model: str, name: str | None, dtype: str | None, max_batch: int, max_wait: float):
-        self._model = open_model(model, threads=_assigned_cpus(), dtype=dtype)
+        self._model = open_model(model, threads=assigned_cpus(), dtype=dtype)
         self._options = {"name": name, "max_batch": max_batch, "max_wait": max_wait}
 
     def __serve_build_asgi_app__(self):
