@@ -73,8 +73,13 @@ void ggml_backend_cpu_set_threadpool(ggml_backend_t backend_cpu, ggml_threadpool
                                                                                                   threadpool);
 }
 
-// Encoding weights needs no backend: without a variant, ggml-base's scalar loop gives the same halves.
-void ggml_cpu_fp32_to_fp16(const float * x, ggml_fp16_t * y, int64_t n) {
-    void (*fn)(const float *, ggml_fp16_t *, int64_t) = variant_fn("ggml_cpu_fp32_to_fp16");
-    (fn ? fn : ggml_fp32_to_fp16_row)(x, y, n);
-}
+// Converting weights needs no backend: without a variant, ggml-base's scalar loops give the same values.
+#define FORWARD_ROW(name, fallback, tin, tout)                                     \
+    void name(const tin * x, tout * y, int64_t n) {                                \
+        void (*fn)(const tin *, tout *, int64_t) = variant_fn(#name);              \
+        (fn ? fn : fallback)(x, y, n);                                             \
+    }
+FORWARD_ROW(ggml_cpu_fp32_to_fp16, ggml_fp32_to_fp16_row, float, ggml_fp16_t)
+FORWARD_ROW(ggml_cpu_fp16_to_fp32, ggml_fp16_to_fp32_row, ggml_fp16_t, float)
+FORWARD_ROW(ggml_cpu_fp32_to_bf16, ggml_fp32_to_bf16_row_ref, float, ggml_bf16_t)
+FORWARD_ROW(ggml_cpu_bf16_to_fp32, ggml_bf16_to_fp32_row, ggml_bf16_t, float)
