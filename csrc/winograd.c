@@ -74,6 +74,24 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
 // Op parameters (csrc/op_params.h): whether there is a bias, a residual, and a ReLU.
 enum { WO_BIAS, WO_RES, WO_RELU, WO_N_PARAMS };
 
+// y (a chunk of nc <= CH channels of one output pixel) + bias, + residual, ReLU, in that order: the packed
+// GEMM's epilogue. bias and res (at the chunk's first channel) may be NULL.
+static inline __attribute__((always_inline)) void output_epilogue(float y[CH], const float * bias, const float * res,
+                                                                  int relu, int nc) {
+    float r[CH] = { 0 };
+    if (bias) {
+        copy_chunk(r, bias, nc);
+        for (int l = 0; l < CH; ++l) y[l] += r[l];
+    }
+    if (res) {
+        copy_chunk(r, res, nc);
+        for (int l = 0; l < CH; ++l) y[l] += r[l];
+    }
+    if (relu) {
+        for (int l = 0; l < CH; ++l) y[l] = y[l] > 0.0f ? y[l] : 0.0f;
+    }
+}
+
 ISA_CLONES
 static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * m = dst->src[0];
@@ -120,18 +138,8 @@ static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void
             // Then + bias, + residual, ReLU, in that order (the packed GEMM's epilogue).
             for (int k = 0; k < 4; ++k) {
                 if (!inside[k]) continue;
-                float r[CH] = { 0 };
-                if (bias) {
-                    copy_chunk(r, bias + c0, nc);
-                    for (int l = 0; l < CH; ++l) y[k][l] += r[l];
-                }
-                if (res) {
-                    copy_chunk(r, (const char *) res->data + offs[k] + c0 * sizeof(float), nc);
-                    for (int l = 0; l < CH; ++l) y[k][l] += r[l];
-                }
-                if (relu) {
-                    for (int l = 0; l < CH; ++l) y[k][l] = y[k][l] > 0.0f ? y[k][l] : 0.0f;
-                }
+                output_epilogue(y[k], bias ? bias + c0 : NULL,
+                                res ? (const float *) ((const char *) res->data + offs[k]) + c0 : NULL, relu, nc);
                 copy_chunk((char *) dst->data + offs[k] + c0 * sizeof(float), y[k], nc);
             }
         }

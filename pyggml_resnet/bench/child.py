@@ -46,34 +46,8 @@ def torch_resnet(block: str, layers, num_classes: int, groups: int = 1, width_pe
     from torch import nn
     from torch.nn import functional as F
 
-    bottleneck = block == "bottleneck"
-    expansion = 4 if bottleneck else 1
-
-    class Block(nn.Module):
-        def __init__(self, cin, planes, stride):
-            super().__init__()
-            cout = planes * expansion
-            if bottleneck:  # torchvision (V1.5) puts the stride on the 3x3 conv, the grouped one
-                width = int(planes * (width_per_group / 64.0)) * groups
-                spec = [(cin, width, 1, 1, 1), (width, width, 3, stride, groups), (width, cout, 1, 1, 1)]
-            else:
-                spec = [(cin, planes, 3, stride, 1), (planes, planes, 3, 1, 1)]
-            for i, (a, b, k, s, g) in enumerate(spec, start=1):
-                setattr(self, f"conv{i}", nn.Conv2d(a, b, k, s, padding=k // 2, groups=g, bias=False))
-                setattr(self, f"bn{i}", nn.BatchNorm2d(b))
-            self.n = len(spec)
-            self.downsample = None
-            if stride != 1 or cin != cout:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            y = x
-            for i in range(1, self.n + 1):
-                y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y))
-                if i < self.n:
-                    y = F.relu(y, inplace=True)
-            shortcut = x if self.downsample is None else self.downsample(x)
-            return F.relu(y + shortcut, inplace=True)
+    Block = _torch_block(block, groups, width_per_group)
+    expansion = Block.expansion
 
     class ResNet(nn.Module):
         def __init__(self):
@@ -99,6 +73,44 @@ def torch_resnet(block: str, layers, num_classes: int, groups: int = 1, width_pe
 
     with torch.device("meta"):  # no random init: every tensor comes from the state dict
         return ResNet().eval()
+
+
+def _torch_block(block: str, groups: int, width_per_group: int):
+    """torchvision's BasicBlock ("basic") or Bottleneck ("bottleneck") as one nn.Module class."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    bottleneck = block == "bottleneck"
+
+    class Block(nn.Module):
+        expansion = 4 if bottleneck else 1
+
+        def __init__(self, cin, planes, stride):
+            super().__init__()
+            cout = planes * self.expansion
+            if bottleneck:  # torchvision (V1.5) puts the stride on the 3x3 conv, the grouped one
+                width = int(planes * (width_per_group / 64.0)) * groups
+                spec = [(cin, width, 1, 1, 1), (width, width, 3, stride, groups), (width, cout, 1, 1, 1)]
+            else:
+                spec = [(cin, planes, 3, stride, 1), (planes, planes, 3, 1, 1)]
+            for i, (a, b, k, s, g) in enumerate(spec, start=1):
+                setattr(self, f"conv{i}", nn.Conv2d(a, b, k, s, padding=k // 2, groups=g, bias=False))
+                setattr(self, f"bn{i}", nn.BatchNorm2d(b))
+            self.n = len(spec)
+            self.downsample = None
+            if stride != 1 or cin != cout:
+                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = x
+            for i in range(1, self.n + 1):
+                y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y))
+                if i < self.n:
+                    y = F.relu(y, inplace=True)
+            shortcut = x if self.downsample is None else self.downsample(x)
+            return F.relu(y + shortcut, inplace=True)
+
+    return Block
 
 
 # --------------------------------------------------------------------------------------------------------
