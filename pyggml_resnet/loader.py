@@ -169,10 +169,7 @@ def _tensor_kind(name: str, code: int, expected: tuple[int, ...], int8: frozense
         want = "int8" if name in int8 else "f32"
         if kind != want:
             raise ModelFormatError(f"tensor {name!r} of an int8 file must be {want}, got {kind}")
-    elif kind == "int8":
-        raise ModelFormatError(f"tensor {name!r} is int8 but the file has no int8 calibration ({Key.INPUT_SCALE}): "
-                               "convert the checkpoint with --dtype int8 --calibration IMAGES")
-    elif kind != "f32" and len(expected) == 1:
+    elif kind != "f32" and len(expected) == 1:  # (int8 in a float file: refused by `read`)
         raise ModelFormatError(f"tensor {name!r} must be f32, got {kind}")
     return dtype
 
@@ -215,6 +212,9 @@ def read(path: str | os.PathLike) -> ModelFile:
         container = read_container(path, size, _KEYS)
         cfg, num_classes, labels, eps, pre, weights_name = _metadata(container)
         quants = _input_quants(container, cfg)
+        if quants is None and any(t.type_code == dtypes.I8.code for t in container.tensors):
+            raise ModelFormatError(f"the file holds int8 weights but not their activation ranges ({Key.INPUT_SCALE}, "
+                                   f"{Key.INPUT_ZERO}): convert the checkpoint with --dtype int8 --calibration IMAGES")
         int8 = None if quants is None else frozenset(quants)  # the s8 tensors: the calibrated convs' weights
         arch.check_tensor_names(cfg, num_classes, [t.name for t in container.tensors], int8=int8 is not None)
         expected = arch.expected_tensors(cfg, num_classes, int8 is not None)
