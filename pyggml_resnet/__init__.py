@@ -6,6 +6,27 @@
         print(p.label, p.prob)
 """
 
+
+def _check_extension() -> None:
+    """ImportError in one line, saying what to do, when the compiled `_ggml` is not beside this file: most
+    often Python runs from the repository's root after a non-editable install, so the source folder (which
+    has no `_ggml`) shadows the installed package."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec(f"{__name__}._ggml") is not None:
+        return
+    here = Path(__file__).resolve().parent
+    if (here.parent / "pyproject.toml").is_file():
+        raise ImportError(f"pyggml_resnet was imported from its source folder {here}, which has no compiled "
+                          "extension (_ggml) and hides the installed package: run from another directory, or "
+                          "install in place with `pip install -e .`")
+    raise ImportError(f"pyggml_resnet's compiled extension (_ggml) is missing from {here}: reinstall the package "
+                      "(`pip install .` from its source)")
+
+
+_check_extension()
+
 from .errors import Error, InputError, ModelFormatError
 from .model import Model, Prediction, load
 

@@ -39,7 +39,11 @@ size_t ggml_tensor_overhead(void);
 size_t ggml_graph_overhead_custom(size_t size, bool grads);
 int64_t ggml_blck_size(enum ggml_type type);
 typedef uint16_t ggml_fp16_t;
+typedef struct { uint16_t bits; } ggml_bf16_t;
 void ggml_cpu_fp32_to_fp16(const float * x, ggml_fp16_t * y, int64_t n);
+void ggml_cpu_fp16_to_fp32(const ggml_fp16_t * x, float * y, int64_t n);
+void ggml_cpu_fp32_to_bf16(const float * x, ggml_bf16_t * y, int64_t n);
+void ggml_cpu_bf16_to_fp32(const ggml_bf16_t * x, float * y, int64_t n);
 size_t ggml_nbytes(const struct ggml_tensor * tensor);
 bool ggml_is_contiguous(const struct ggml_tensor * tensor);
 struct ggml_tensor * ggml_new_tensor_4d(struct ggml_context * ctx, enum ggml_type type,

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from .errors import ModelFormatError
 
 GGUF_ARCH = "resnet"  # general.architecture
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # the resize filters `transforms.preprocess` implements
+# The resize filters `transforms.preprocess` implements: Pillow's, as torchvision's Resize uses them on PIL images.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+UNALIASED = ("bilinear", "bicubic")  # the filters torch's interpolate (antialias=False) runs
 MAX_IMAGE_SIZE = 8192  # the largest resize or crop a model file may record
 
 
@@ -36,11 +38,12 @@ class Key:
     BN_EPS = "resnet.batchnorm_eps"
     LABELS = "resnet.class_labels"
     WEIGHTS = "resnet.weights"  # e.g. "IMAGENET1K_V2", or "custom"
-    RESIZE = "resnet.preprocess.resize"
-    CROP = "resnet.preprocess.crop"
+    RESIZE = "resnet.preprocess.resize"  # N (shorter side), [H, W] (exact size) or "none"
+    CROP = "resnet.preprocess.crop"  # N (square), [H, W] or "none"
     MEAN = "resnet.preprocess.mean"
     STD = "resnet.preprocess.std"
     INTERPOLATION = "resnet.preprocess.interpolation"
+    ANTIALIAS = "resnet.preprocess.antialias"  # optional, default true (PIL's resize, what older files meant)
     # int8 files (docs/gguf.md): one entry per int8 convolution (every ungrouped one), in graph order.
     INPUT_SCALE = "resnet.int8.input_scale"  # float32: the u8 step of the conv's input
     INPUT_ZERO = "resnet.int8.input_zero_point"  # 0..255: the u8 value of an input of 0.0
@@ -56,24 +59,53 @@ class InputQuant:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the weights were trained to see: torchvision's ImageNet eval transforms."""
+    """What the weights were trained to see: torchvision's eval transforms, in this order,
+    ``Resize(resize, interpolation, antialias)``, ``CenterCrop(crop)``, ``ToTensor()``, ``Normalize(mean, std)``.
+    The defaults are torchvision's classic ImageNet ones.
 
-    resize: int = 256
-    crop: int = 224
+    resize: N resizes the shorter side to N (``Resize(N)``); (H, W) resizes to exactly H x W, not keeping the
+    aspect ratio (``Resize((H, W))``, timm's crop_mode "squash"); None does not resize.
+    crop: N center-crops N x N, (H, W) H x W, None does not crop. Without a crop the resize must be (H, W),
+    so that every image gives the network the same shape.
+    antialias: True is torchvision's Resize on a PIL image (Pillow's filters, always antialiased); False is
+    its Resize on a float tensor after ToTensor with ``antialias=False`` (torch's interpolate), for
+    "bilinear" or "bicubic" only.
+    """
+
+    resize: int | tuple[int, int] | None = 256
+    crop: int | tuple[int, int] | None = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    antialias: bool = True
+
+    def __post_init__(self):
+        for name in ("resize", "crop", "mean", "std"):  # lists (as JSON and argparse give them) as tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of every array these settings make: the crop's, else the exact resize's."""
+        size = self.crop if self.crop is not None else self.resize
+        return (size, size) if isinstance(size, int) else tuple(size)
 
     def problem(self, *, keys: bool = False) -> str | None:
-        """Why these settings cannot be used, or None: resize and crop must be integers in
-        1..MAX_IMAGE_SIZE, mean and std 3 numbers each, finite as float32 (how a file stores them) and std > 0
-        there, interpolation one of INTERPOLATIONS.
+        """Why these settings cannot be used, or None: resize and crop must be integers in 1..MAX_IMAGE_SIZE,
+        or two of them (height, width), or None (not both None unless resize is two integers), mean and std
+        3 numbers each, finite as float32 (how a file stores them) and std > 0 there, interpolation one of
+        INTERPOLATIONS, antialias a bool (False only with one of UNALIASED).
         The one check the converter, the loader and `transforms.preprocess` apply, each raising its own
         error. `keys` names resize and crop by their metadata keys, for messages about a file."""
         for name, key, value in (("resize", Key.RESIZE, self.resize), ("crop", Key.CROP, self.crop)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_IMAGE_SIZE:
+            if value is not None and not _is_size(value):
                 what = f"metadata {key!r}" if keys else name
-                return f"{what} must be an integer in 1..{MAX_IMAGE_SIZE}, got {value!r}"
+                if isinstance(value, tuple):
+                    return f"{what} must be two integers (height, width) in 1..{MAX_IMAGE_SIZE}, got {value!r}"
+                return f"{what} must be an integer in 1..{MAX_IMAGE_SIZE}, got {reprlib.repr(value)}"
+        if self.crop is None and (self.resize is None or isinstance(self.resize, int)):
+            return ("without a crop the resize must be an exact (height, width), else each image's shape "
+                    f"differs; got resize {self.resize!r}")
         try:
             mean, std = [_float32(v) for v in self.mean], [_float32(v) for v in self.std]
         except (TypeError, ValueError, OverflowError):
@@ -84,7 +116,19 @@ class Preprocessing:
         if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
             return (f"unknown interpolation {reprlib.repr(self.interpolation)}; expected one of "
                     + ", ".join(INTERPOLATIONS))
+        if not isinstance(self.antialias, bool):
+            return f"antialias must be True or False, got {reprlib.repr(self.antialias)}"
+        if not self.antialias and self.interpolation not in UNALIASED:
+            return (f"antialias=False is torch's interpolate, which has no {self.interpolation!r} filter like "
+                    f"Pillow's; use one of " + ", ".join(UNALIASED))
         return None
+
+
+def _is_size(value) -> bool:
+    """An integer in 1..MAX_IMAGE_SIZE, or a tuple of two."""
+    items = value if isinstance(value, tuple) and len(value) == 2 else (value,) if not isinstance(value, tuple) else ()
+    return bool(items) and all(not isinstance(v, bool) and isinstance(v, int) and 0 < v <= MAX_IMAGE_SIZE
+                               for v in items)
 
 
 def _float32(v) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def _check_classify_args(args) -> None:
         raise InputError("--ray and --features write a file: give --out results.parquet (or .csv, .jsonl)")
     if args.actors is not None and args.ray is None:
         raise InputError("--actors needs --ray")
+    if hub.is_path(args.model) and not os.path.exists(args.model):
+        raise InputError(f"--model {args.model}: no such file; give a .gguf model file (convert a checkpoint with "
+                         "pyggml-resnet convert CHECKPOINT MODEL.gguf) or a pretrained name such as resnet50")
     if (args.url or args.sha256) and hub.is_path(args.model):
         raise InputError(f"--url and --sha256 name a pretrained model's checkpoint; --model {args.model} is a "
                          "model file")
@@ -91,7 +95,7 @@ def _classify_paths(model, args, paths: list[Path]) -> int:
         raise InputError(f"--top-k {args.top_k} is more than the model's {model.num_classes} classes")
     if args.verbose:
         print(model)
-        _print_stage_shapes(model, (1, 3, pre.crop, pre.crop))
+        _print_stage_shapes(model, (1, 3, *pre.input_size))
     predictor = Predictor.around(model, output="features" if args.features else "classify", top_k=args.top_k)
     rows = [str(p) for p in paths]
     batches = (predictor({"path": np.array(rows[i:i + args.batch_size], dtype=object)})
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="time ggml against PyTorch (and ONNX Runtime) side by side", add_help=False)
     sub.add_parser("convert", help="convert a PyTorch checkpoint to GGUF (python -m pyggml_resnet.convert)",
                    add_help=False)
+    sub.add_parser("serve", help="serve a model over HTTP (Open Inference Protocol; needs the [serve] extra)",
+                   add_help=False)
     return parser
 
 
@@ -171,7 +177,8 @@ def _add_classify(sub, version: str) -> None:
     c.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     c.add_argument("--model", required=True, help="a .gguf file, or a pretrained name such as resnet101")
     _add_pretrained_source(c)
-    c.add_argument("--top-k", type=positive, default=5)
+    c.add_argument("--top-k", type=positive, default=5, metavar="K",
+                   help="print (or write) the K most probable classes of each image (default: 5)")
     c.add_argument("--threads", type=positive, default=None, help="default: OMP_NUM_THREADS, else every CPU available")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight type at load (default: as stored)")
@@ -215,13 +222,14 @@ def _add_cache(sub, version: str) -> None:
     k.set_defaults(run=_cache)
 
 
-_DELEGATED = {"bench": "pyggml_resnet.bench", "convert": "pyggml_resnet.convert"}
+_DELEGATED = {"bench": "pyggml_resnet.bench", "convert": "pyggml_resnet.convert",
+              "serve": "pyggml_resnet.serve.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in _DELEGATED:
-        return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
+        return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:], prog=f"pyggml-resnet {argv[0]}")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -62,7 +62,9 @@ class DType:
         return self._decode(raw)
 
 
-def _bf16_encode(a: np.ndarray) -> np.ndarray:
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), to nearest even, NaN kept quiet. No range check: a value beyond bf16's
+    rounds to infinity (`BF16.encode` refuses those; `bf16_finite` finds them)."""
     n = a.view(np.uint32)
     if np.isnan(a).any():
         n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)  # quiet
@@ -74,6 +76,11 @@ def _bf16_encode(a: np.ndarray) -> np.ndarray:
     r += n
     r >>= 16
     return r.astype(np.uint16)
+
+
+def bf16_finite(bits: np.ndarray) -> bool:
+    """Whether bf16 bits hold no infinity or NaN (an exponent of all ones)."""
+    return bool(((bits & np.uint16(0x7F80)) != 0x7F80).all())
 
 
 def _bf16_decode(raw: np.ndarray) -> np.ndarray:
@@ -111,7 +118,7 @@ F32 = DType("f32", 0, 1, 4, None, np.float32, lambda a: a, lambda raw: raw.view(
 F16 = DType("f16", 1, 1, 2, 65504.0, np.float16, lambda a: a.astype(np.float16),
             lambda raw: raw.view("<f2").astype(np.float32))
 # bf16 keeps float32's exponent; a q8_0 block's scale max|x|/127 is stored as f16.
-BF16 = DType("bf16", 30, 1, 2, 3.38e38, np.uint16, _bf16_encode, _bf16_decode)
+BF16 = DType("bf16", 30, 1, 2, 3.38e38, np.uint16, bf16_round, _bf16_decode)
 Q8_0 = DType("q8_0", 8, _Q8_BLOCK, 2 + _Q8_BLOCK, 65504.0 * 127, np.uint8, _q8_0_encode, _q8_0_decode)
 
 TYPES = (F32, F16, BF16, Q8_0)

@@ -34,7 +34,7 @@ _DEFAULT_ALIGNMENT = 32
 _FIRST_READ = 1 << 16  # bytes read to parse the header; doubled while the tables need more
 
 # GGUF metadata value types: code -> (name, struct format; None for STRING and ARRAY).
-UINT32, STRING, ARRAY = 4, 8, 9
+UINT32, BOOL, STRING, ARRAY = 4, 7, 8, 9
 _VALUE_TYPES = {0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"), 4: ("UINT32", "I"),
                 5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"), 8: ("STRING", None),
                 9: ("ARRAY", None), 10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d")}
@@ -175,7 +175,9 @@ def _parse(c: _Cursor, keep: frozenset[str]) -> Container:
     start = c.take(4, "the magic number")
     magic = bytes(c.buf[start:start + 4])
     if magic != MAGIC:
-        raise ModelFormatError(f"not a GGUF file (it starts with {magic!r}, not {MAGIC!r})")
+        raise ModelFormatError(f"not a GGUF file (it starts with {magic!r}, not {MAGIC!r}); a checkpoint "
+                               "(.pth, .ckpt, .safetensors) runs once converted: pyggml-resnet convert CHECKPOINT "
+                               "MODEL.gguf")
     version = c.u32("the version")
     if version not in _VERSIONS:
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")

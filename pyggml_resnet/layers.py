@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ggml import Graph, Tensor, Type
+from .ggml import Graph, Tensor, Type, bf16_bits
 from .packing import pack_matrix
 from .plan import Layout, MatrixPlan, gemm_type
 
@@ -30,12 +30,12 @@ def arrange_weight(w: np.ndarray, plan: MatrixPlan, scale: np.ndarray | None = N
     Plain: a 2-D [OC, K] matrix, K running over (ky, kx, c) with c fastest (the order `gather_patches`
     emits), zero-padded to the plan's K (a multiple of `plan.K_ALIGN` for kernels above 1x1: only the 7x7 stem).
     Packed: the same matrix unpadded, packed by `packing.pack_matrix` for the path's type straight from `w`
-    (into `out` when given, f32 only).
+    (into `out` when given: float32, or uint16 bf16 bits, rounded as they are packed).
     Winograd: [16, OC, IC], G w G^T for each of the 16 tile positions, in float64 and rounded once.
     """
     rows = w.transpose(0, 2, 3, 1) if w.ndim == 4 else w  # K in (ky, kx, c) order, c fastest
     if plan.layout is Layout.PACKED:
-        return pack_matrix(rows, gemm_type(plan.path), scale, out=out)
+        return pack_matrix(rows, gemm_type(plan.path), scale, out=out, round_bf16=bf16_bits)
     if plan.layout is Layout.WINOGRAD:
         oc, ic = w.shape[:2]
         u = _WINOGRAD_G @ w.astype(np.float64) @ _WINOGRAD_G.T  # [OC, IC, 4, 4]

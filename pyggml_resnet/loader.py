@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arch, dtypes, errors
-from .gguf_container import FLOAT_TYPES, INT_TYPES, STRING, Container, RawTensor, read_container
+from .gguf_container import BOOL, FLOAT_TYPES, INT_TYPES, STRING, Container, RawTensor, read_container
 from .arch import InputQuant, Key, Preprocessing, ResNetConfig
 from .errors import ModelFormatError
 
@@ -59,14 +59,16 @@ class ModelFile:
         """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
         return {name: self.tensor(name) for name in self.infos}
 
-    def tensor(self, name: str, scratch: np.ndarray | None = None) -> np.ndarray:
-        """The tensor's values as float32 in its PyTorch shape (an int8 file's s8 weights: as int8). Raises ModelFormatError if the file changed
-        since it was checked (replaced, rewritten, truncated), and for NaN or infinite values or negative
-        BatchNorm variances.
+    def tensor(self, name: str, scratch: np.ndarray | None = None, decode=None) -> np.ndarray:
+        """The tensor's values as float32 in its PyTorch shape (an int8 file's s8 weights: as int8, -127..127).
+        Raises ModelFormatError if the file changed since it was checked (replaced, rewritten, truncated), and
+        for NaN or infinite values, negative BatchNorm variances or weight scales, or an s8 value of -128.
 
         `scratch`, a uint8 array at least as large as the tensor's data (for a loader reading one tensor
         after another): the bytes are read into it rather than into fresh memory, which the OS would have to
-        fault in page by page, and an f32 tensor's values are a view of it, overwritten by the next read."""
+        fault in page by page, and an f32 tensor's values are a view of it, overwritten by the next read.
+        `decode(kind, raw)`: the stored bytes of a type ("f16", ...) -> flat float32, the values `dtypes` gives
+        (the binding's C conversions, which the model's loading passes)."""
         info = self.infos[name]
         fits = scratch is not None and scratch.size >= info.n_bytes
         raw = scratch[:info.n_bytes] if fits else np.empty(info.n_bytes, np.uint8)
@@ -76,7 +78,7 @@ class ModelFile:
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.n_bytes:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} is cut short (file truncated?)")
-        values = (dtypes.I8 if info.kind == "int8" else dtypes.BY_NAME[info.kind]).decode(raw).reshape(info.shape)
+        values = (dtypes.I8.decode(raw) if info.kind == "int8" else (decode or _decode)(info.kind, raw)).reshape(info.shape)
         if not np.isfinite(values).all():
             raise ModelFormatError(f"{self.path}: tensor {name!r} contains NaN or infinite values")
         if name.endswith(".running_var") and (values < 0).any():
@@ -88,12 +90,34 @@ class ModelFile:
         return values
 
 
+def _decode(kind: str, raw: np.ndarray) -> np.ndarray:
+    return dtypes.BY_NAME[kind].decode(raw)
+
+
 def _identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The ResNet schema
+
+
+def _size(c: Container, key: str):
+    """A resize or crop: an integer N, an ARRAY of two, (height, width) as a tuple, or the STRING "none" (no
+    resize or crop: None); its range is `Preprocessing.problem`'s to check."""
+    kind = c.fields[key][0] if key in c.fields else None
+    if kind == STRING:
+        if c.string(key) != "none":
+            raise ModelFormatError(f"metadata {key!r} must be an integer, got STRING {c.string(key)[:100]!r} "
+                                   "(or an ARRAY of 2, (height, width), or \"none\")")
+        return None
+    if not isinstance(kind, tuple):
+        return c.integer(key)
+    value = tuple(c.array(key, INT_TYPES, "integers"))
+    if len(value) != 2:
+        raise ModelFormatError(f"metadata {key!r} must be an integer, an ARRAY of 2 (height, width) or \"none\", "
+                               f"got {len(value)} items")
+    return value
 
 
 def _positive_int(value: int, key: str, limit: int) -> int:
@@ -127,10 +151,12 @@ def _metadata(c: Container) -> tuple[ResNetConfig, int, tuple[str, ...], float, 
     eps = c.real(Key.BN_EPS)
     if not (math.isfinite(eps) and 0 < eps < 1):
         raise ModelFormatError(f"{Key.BN_EPS} must be in (0, 1), got {eps!r}")
-    pre = Preprocessing(resize=c.integer(Key.RESIZE), crop=c.integer(Key.CROP),
+    antialias = c.get(Key.ANTIALIAS, frozenset({BOOL}), "a BOOL", required=False)
+    pre = Preprocessing(resize=_size(c, Key.RESIZE), crop=_size(c, Key.CROP),
                         mean=tuple(c.array(Key.MEAN, FLOAT_TYPES, "floats")),
                         std=tuple(c.array(Key.STD, FLOAT_TYPES, "floats")),
-                        interpolation=c.string(Key.INTERPOLATION))
+                        interpolation=c.string(Key.INTERPOLATION),
+                        antialias=True if antialias is None else antialias)
     problem = pre.problem(keys=True)
     if problem:
         raise ModelFormatError(problem)

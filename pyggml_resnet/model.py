@@ -21,6 +21,7 @@ MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
 # pixels (~190 MiB): 16 images of 224x224, 4 of 448x448, one of anything larger.
 MAX_CHUNK_PIXELS = MAX_BATCH * 224 * 224
 _GRAPH_CACHE = 4  # compiled graphs kept per model (one per input shape in use)
+OUTPUTS = ("features", "logits", "probs")  # what a forward pass gives (`Model.outputs`)
 
 
 @dataclass(frozen=True)
@@ -140,15 +141,23 @@ class Model(_Closable):
 
     def logits(self, x) -> np.ndarray:
         """Float32 NCHW images, already preprocessed (`preprocess`) -> (N, num_classes) float32 logits."""
-        return self._run(x, "logits")
+        return self._run(x, ("logits",))["logits"]
 
     def features(self, x) -> np.ndarray:
         """Float32 NCHW images -> (N, feature_dim) pooled embeddings: the input of the final fc layer."""
-        return self._run(x, "features")
+        return self._run(x, ("features",))["features"]
 
     def probabilities(self, x) -> np.ndarray:
         """Float32 NCHW images -> (N, num_classes) softmax probabilities."""
-        return self._run(x, "probs")
+        return self._run(x, ("probs",))["probs"]
+
+    def outputs(self, x, names) -> dict[str, np.ndarray]:
+        """Several of "features", "logits" and "probs" from one forward pass (a server answering requests
+        that ask for different ones), each the array its own method gives."""
+        names = tuple(names)
+        if not names or not set(names) <= set(OUTPUTS):
+            raise InputError(f"outputs must name some of {', '.join(OUTPUTS)}, got {names!r}")
+        return self._run(x, names)
 
     def stages(self, x) -> dict[str, np.ndarray]:
         """Every stage's output for NCHW images, as NCHW arrays: "stem" (after the max pool),
@@ -208,7 +217,7 @@ class Model(_Closable):
         return result
 
     def preprocess(self, img) -> np.ndarray:
-        """An image (path, PIL image, HxWx3 uint8 array) as the float32 (3, crop, crop) array this model's
+        """An image (path, PIL image, HxWx3 uint8 array) as the float32 (3, H, W) array this model's
         weights expect: torchvision's transforms with the preprocessing recorded in the model file."""
         from . import transforms  # Pillow: imported with the first image, not with the package
 
@@ -224,8 +233,8 @@ class Model(_Closable):
             raise InputError(f"top_k must be an integer from 1 to {self.num_classes}, got {top_k!r}")
         single = not isinstance(img, (list, tuple))
         images = [img] if single else list(img)
-        crop = self.preprocessing.crop
-        batch = np.stack([self.preprocess(i) for i in images]) if images else np.zeros((0, 3, crop, crop), np.float32)
+        empty = np.zeros((0, 3, *self.preprocessing.input_size), np.float32)
+        batch = np.stack([self.preprocess(i) for i in images]) if images else empty
         probs = self.probabilities(batch)
         results = [top_predictions(p, top_k, self.labels) for p in probs]
         return results[0] if single else results
@@ -266,11 +275,11 @@ class Model(_Closable):
             raise InputError(f"image {bad} of the batch contains NaN or infinite values")
         return chunk
 
-    def _run(self, x, output: str) -> np.ndarray:
+    def _run(self, x, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         x = self._check_input(x)
         n, _, h, w = x.shape
-        width = self.feature_dim if output == "features" else self.num_classes
-        result = np.empty((n, width), np.float32)
+        widths = {name: self.feature_dim if name == "features" else self.num_classes for name in outputs}
+        result = {name: np.empty((n, width), np.float32) for name, width in widths.items()}
         step = max(1, min(MAX_BATCH, MAX_CHUNK_PIXELS // (h * w)))
         for start in range(0, n, step):
             chunk = self._chunk(x, start, start + step)
@@ -279,7 +288,8 @@ class Model(_Closable):
                 graph, out = self._graph((len(chunk),) + x.shape[1:])
                 graph.set(out["image"], chunk)
                 graph.compute()
-                result[start:start + len(chunk)] = graph.get(out[output]).reshape(len(chunk), width)
+                for name, width in widths.items():
+                    result[name][start:start + len(chunk)] = graph.get(out[name]).reshape(len(chunk), width)
         return result
 
     def _graph(self, shape, stages: bool = False) -> tuple[Graph, dict]:

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from . import dtypes
 from .errors import InputError
 
 # The packed GEMM's ISA paths (csrc/gemm.h's enum gemm_path), widest first, and the weight type each multiplies.
@@ -39,14 +40,17 @@ def packed_shape(m: int, k: int, wtype="f32") -> tuple[int, int, int]:
 
 
 def pack_matrix(w: np.ndarray, wtype="f32", scale: np.ndarray | None = None,
-                out: np.ndarray | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, round_bf16=dtypes.bf16_round) -> np.ndarray:
     """An [M, K] float32 matrix as the packed weights `ggml.Graph.gemm` reads for `wtype` (see the module's
-    docstring); still float32 here for bf16: the caller rounds.
+    docstring). bf16 weights are rounded here (to nearest even, as `dtypes.BF16.encode`): into `out` as their
+    bits, else returned as the float32 values they round to, which the caller's encoding keeps exactly.
 
     w may have more axes, [M, ...]: its K columns are then the trailing axes in C order, read through
     any strides (a transposed view packs without a copy first). `scale` ([M]) multiplies each row on the way,
-    in float32 (a folded BatchNorm's), as `w * scale[:, None]` would. `out` (f32 only): an array of
-    `packed_shape` to pack into, C-contiguous float32, such as `Weights.fill`'s, instead of a new one."""
+    in float32 (a folded BatchNorm's), as `w * scale[:, None]` would. `out`: an array of `packed_shape` to
+    pack into, C-contiguous, such as `Weights.fill`'s, instead of a new one: float32 for f32, uint16 (the
+    bits) for bf16. `round_bf16`: float32 -> bf16 bits as `dtypes.bf16_round` does them (the binding passes its C
+    conversion)."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim < 2 or not w.size:
         raise InputError(f"pack_matrix takes a non-empty matrix of 2 or more axes, got shape {w.shape}")
@@ -56,18 +60,39 @@ def pack_matrix(w: np.ndarray, wtype="f32", scale: np.ndarray | None = None,
         if scale.shape != (m,):
             raise InputError(f"pack_matrix: scale must have shape ({m},), got {scale.shape}")
     group = _k_group(wtype)
-    if group > 1:
-        if out is not None:
-            raise InputError("pack_matrix: out is for f32 weights only")
-        return _pack_groups(w, scale, packed_shape(m, math.prod(rest), wtype), group)
-    shape = packed_shape(m, math.prod(rest))
-    if out is None:
-        out = np.empty(shape, np.float32)
-    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise InputError(f"pack_matrix: out must be a C-contiguous float32 array of shape {shape}, got "
+    shape = packed_shape(m, math.prod(rest), wtype)
+    storage = np.float32 if group == 1 else np.uint16
+    if out is not None and (out.shape != shape or out.dtype != storage or not out.flags.c_contiguous):
+        raise InputError(f"pack_matrix: out must be a C-contiguous {np.dtype(storage)} array of shape {shape} "
+                         f"({'f32 weights' if group == 1 else 'the bits of bf16 weights, not f32 values'}), got "
                          f"{out.dtype} {out.shape}")
-    # out as (panel, *K's axes, channel in panel); row r of w goes to panel r // 16, channel r % 16.
-    panels = shape[0]
+    if group == 1:
+        out = np.empty(shape, np.float32) if out is None else out
+        _pack_rows(out, w, scale)
+        return out
+    bits = np.empty(shape, np.uint16) if out is None else out
+    _pack_rows(bits.view(np.uint32), _rounded_groups(w, scale, shape[1], round_bf16), None)
+    return bits if out is not None else dtypes.BF16.decode(bits).reshape(shape)
+
+
+def _rounded_groups(w: np.ndarray, scale: np.ndarray | None, kp: int, round_bf16) -> np.ndarray:
+    """w (times scale) rounded to bf16 bits, K zero-padded to kp, as [M, kp / 2] uint32: each a channel's pair
+    of k, the unit `_pack_rows` moves (half the bytes of f32 to move, and rounding in w's own order). A value
+    beyond bf16's range becomes infinity: the caller checks (`dtypes.bf16_finite`)."""
+    m, rest = w.shape[0], w.shape[1:]
+    k = math.prod(rest)
+    rows = np.empty((m, kp), np.float32)  # not zeros: each page is written once, below
+    rows[:, k:] = 0
+    _scaled_copy(rows[:, :k].reshape(w.shape), w, None if scale is None else scale.reshape(m, *(1,) * len(rest)))
+    return round_bf16(rows).view(np.uint32)
+
+
+def _pack_rows(out: np.ndarray, w: np.ndarray, scale: np.ndarray | None) -> None:
+    """Rows of w [M, ...] into `out` (panels, K, 16) of w's itemsize: panel r // 16, channel r % 16, K's
+    axes in C order; the rows past M are zeros."""
+    m, rest = w.shape[0], w.shape[1:]
+    panels = out.shape[0]
+    # out as (panel, *K's axes, channel in panel)
     dst = out.reshape(panels, *rest, PANEL)
     full = m // PANEL
     if full:
@@ -78,18 +103,6 @@ def pack_matrix(w: np.ndarray, wtype="f32", scale: np.ndarray | None = None,
         if m % PANEL:
             _scaled_copy(dst[full, ..., :m % PANEL], np.moveaxis(w[full * PANEL:], 0, -1),
                          None if scale is None else scale[full * PANEL:])
-    return out
-
-
-def _pack_groups(w: np.ndarray, scale: np.ndarray | None, shape: tuple[int, int, int], group: int) -> np.ndarray:
-    """`pack_matrix` for a type that stores `group` k side by side per channel: (panels, K/group, 16, group)."""
-    m, rest = w.shape[0], w.shape[1:]
-    panels, kp, _ = shape
-    padded = np.zeros((panels * PANEL, kp), np.float32)
-    _scaled_copy(padded[:m, :math.prod(rest)].reshape(w.shape), w,
-                 None if scale is None else scale.reshape(m, *(1,) * len(rest)))
-    groups = padded.reshape(panels, PANEL, kp // group, group).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(groups).reshape(shape)
 
 
 def _scaled_copy(dst: np.ndarray, src: np.ndarray, scale: np.ndarray | None) -> None:

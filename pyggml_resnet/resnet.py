@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import arch, int8, layers
+from . import arch, dtypes, int8, layers
 from .arch import Conv, ResNetConfig, convolutions
 from .errors import InputError, ModelFormatError
 from .ggml import Graph, Tensor, Type, Weights
@@ -55,12 +55,15 @@ def upload_weights(backend, mf: ModelFile, plan: ModelPlan) -> Weights:
         scale = None if folded is None else folded[1]
 
         def checked(a: np.ndarray) -> np.ndarray:
-            if folded is not None and not (np.isfinite(a).all() and np.isfinite(folded[2]).all()):
+            finite = dtypes.bf16_finite(a) if a.dtype == np.uint16 else np.isfinite(a).all()  # uint16: bf16 bits
+            if folded is not None and not (finite and np.isfinite(folded[2]).all()):
                 raise ModelFormatError(f"{mf.path}: folding {folded[0]} into {m.name} overflows float32")
+            if not finite:  # bf16 packed in place: rounded without `encode`'s range check
+                raise InputError(f"{m.name}: values do not fit BF16")
             return a
         if m.layout is Layout.INT8:
             _put_int8(weights, m, w)
-        elif m.weight_type == Type.F32 and m.layout is Layout.PACKED:
+        elif m.weight_type in (Type.F32, Type.BF16) and m.layout is Layout.PACKED:
             weights.fill(m.name, lambda a: checked(layers.arrange_weight(w, m, scale, out=a.reshape(m.stored_shape))))
         else:
             weights.set(m.name, m.weight_type.encode(checked(layers.arrange_weight(w, m, scale))))
@@ -71,12 +74,17 @@ def upload_weights(backend, mf: ModelFile, plan: ModelPlan) -> Weights:
     try:
         for m in plan.matrices.values():
             folded = _upload_batchnorm(weights, mf, m, plan) if m.conv is not None else None
-            put(m, mf.tensor(m.name, scratch), folded)
+            put(m, mf.tensor(m.name, scratch, _decode), folded)
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()
         raise
     return weights
+
+
+def _decode(kind: str, raw: np.ndarray) -> np.ndarray:
+    """A stored weight's bytes -> float32, by ggml's conversions where they are faster than NumPy's."""
+    return Type.parse(kind).decode(raw)
 
 
 def _put_int8(weights: Weights, m: MatrixPlan, q: np.ndarray) -> None:

@@ -182,9 +182,10 @@ def test_groupnorm_is_an_unsupported_variant():
 def test_preprocessing_problems():
     assert arch.Preprocessing().problem() is None
     assert dataclasses.asdict(arch.Preprocessing()) == {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
-                                                        "std": (0.229, 0.224, 0.225), "interpolation": "bilinear"}
+                                                        "std": (0.229, 0.224, 0.225), "interpolation": "bilinear",
+                                                        "antialias": True}
     assert arch.Preprocessing(crop=0).problem() == "crop must be an integer in 1..8192, got 0"
     assert arch.Preprocessing(resize=9000).problem(keys=True) == ("metadata 'resnet.preprocess.resize' must be an "
                                                                   "integer in 1..8192, got 9000")
-    assert "interpolation" in arch.Preprocessing(interpolation="lanczos").problem()
+    assert "interpolation" in arch.Preprocessing(interpolation="cubic").problem()  # lanczos is Pillow's
     assert "std" in arch.Preprocessing(std=(0.0, 1.0, 1.0)).problem()

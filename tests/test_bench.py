@@ -99,7 +99,8 @@ def test_end_to_end_ggml_against_torch(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "tmp.json"
     proc = subprocess.run([sys.executable, "-m", "pyggml_resnet", "bench", "--arch", "resnet18", "--batch", "1",
-                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "torch", "--contention", "--json", str(out)],
+                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "torch", "--contention", "--json", str(out),
+                           "--wait-quiet", "0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
@@ -162,7 +163,7 @@ def test_without_torch_no_reference_and_no_results_file(tmp_path, monkeypatch, c
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] in ("torch", "onnx", "onnxruntime") else real(name, *a))
     monkeypatch.chdir(tmp_path)
-    rc = bench.main(["--arch", "resnet18", "--rounds", "1", "--iters", "1", "--threads", "1"])
+    rc = bench.main(["--arch", "resnet18", "--rounds", "1", "--iters", "1", "--threads", "1", "--wait-quiet", "0"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "note: torch is not installed: skipping PyTorch and ONNX Runtime" in out
@@ -178,10 +179,61 @@ def test_gemm_rows(tmp_path):
     out = tmp_path / "gemm.json"
     proc = subprocess.run([sys.executable, "-m", "pyggml_resnet", "bench", "--arch", "resnet18", "--batch", "1",
                            "--rounds", "1", "--iters", "1", "--engines", "ggml", "--dtype", "f32", "bf16",
-                           "--gemm", "packed", "ggml", "--json", str(out)],
+                           "--gemm", "packed", "ggml", "--json", str(out), "--wait-quiet", "0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     bf16 = {"ggml-bf16-packed", "ggml-bf16-mul_mat"} if gemm_paths("bf16") else {"ggml-bf16"}
     assert set(report["engines"]) == {"ggml-f32-packed", "ggml-f32-mul_mat"} | bf16
     assert all(e["status"] == "ok" for e in report["engines"].values())
+
+
+def test_quiet_waits_for_three_quiet_seconds_and_no_longer_than_told():
+    """The timed rounds start after three quiet seconds in a row (a busy second starts the count again), or
+    after --wait-quiet seconds of measuring, returning how busy the last second was."""
+    from pyggml_resnet.bench import quiet
+
+    def measures(values):
+        it = iter(values)
+        calls = []
+        return calls, lambda: calls.append(1) or next(it)
+
+    calls, measure = measures([1.9, 0.1, 0.2, 1.0, 0.1, 0.0, 0.3, 5.0])
+    assert quiet.wait_until_quiet(60, measure=measure) == 0.3 and len(calls) == 7
+    calls, measure = measures([1.5] * 100)
+    assert quiet.wait_until_quiet(10, measure=measure) == 1.5 and len(calls) == 10
+    calls, measure = measures([1.5])
+    assert quiet.wait_until_quiet(0, measure=measure) == 1.5 and len(calls) == 1  # measured, not waited for
+    assert quiet.wait_until_quiet(60, measure=lambda: None) is None  # no /proc/stat: no wait
+
+
+def test_busy_cpus_from_proc_stat_deltas():
+    from pyggml_resnet.bench import quiet
+
+    reads = iter([(100, 1000, 4), (250, 1200, 4)])  # 150 busy jiffies of 200, on 4 CPUs: 3 CPUs busy
+    assert quiet.busy_cpus(sleep=lambda s: None, read=lambda: next(reads)) == pytest.approx(3.0)
+    assert quiet.busy_cpus(sleep=lambda s: None, read=lambda: None) is None
+    if os.path.exists("/proc/stat"):
+        busy, total, cpus = quiet._cpu_times()
+        assert 0 <= busy <= total and cpus >= 1
+
+
+def test_timed_rounds_wait_for_quiet_and_say_when_it_never_came(monkeypatch, capsys):
+    """The bench's first output is trustworthy: its timed rounds start after the wait, and a machine still busy
+    then is noted with what was measured (not the lagging load average the build left behind)."""
+    from pyggml_resnet.bench import quiet, run as bench_run
+
+    waits = []
+    r = bench_run.Run(bench_run.parse_args(["--wait-quiet", "7"]), "/nonexistent")
+    for busy, noted in ((0.1, False), (1.6, True)):
+        monkeypatch.setattr(quiet, "wait_until_quiet", lambda limit, progress, b=busy: waits.append(limit) or b)
+        r.notes.clear()
+        assert bench_run._wait_until_quiet(r, load_avg=9.0) == busy
+        assert bool(r.notes) == noted
+    assert waits == [7, 7]
+    assert re.match(r"the machine is busy \(1\.6 of \d+ CPUs busy with other work as the timed rounds started\)",
+                    r.notes[0])
+    monkeypatch.setattr(quiet, "wait_until_quiet", lambda limit, progress: None)  # no /proc/stat
+    r.notes.clear()
+    bench_run._wait_until_quiet(r, load_avg=9.0)
+    assert r.notes[0].startswith("the machine may be busy (1-minute load average 9.0")

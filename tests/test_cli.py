@@ -368,3 +368,50 @@ def test_batch_size_default_depends_on_ray(monkeypatch, capsys, model_path, fold
     out = tmp_path / "r.csv"
     assert run_main(capsys, folder, "--model", model_path, "--out", out, *extra)[0] == 0
     assert seen == [want]
+
+
+# --- the errors a new user meets first (issue 24): each names the file and what to do ----------------------
+
+
+def test_first_errors_name_the_file_and_the_fix(capsys, model_files, folder, tmp_path):
+    """A missing --model file, a checkpoint given as --model, a missing checkpoint and a text file given as one:
+    one `error:` line each, naming the file and the fix, never a bare [Errno 2] or KeyError."""
+    image = folder / "a.jpg"
+    rc, out, err = run_main(capsys, image, "--model", tmp_path / "missing.gguf")
+    assert (rc, out) == (1, "")
+    assert err == (f"error: --model {tmp_path / 'missing.gguf'}: no such file; give a .gguf model file (convert a "
+                   "checkpoint with pyggml-resnet convert CHECKPOINT MODEL.gguf) or a pretrained name such as "
+                   "resnet50\n")
+    pth = model_files(18)[1]  # the seeded resnet18's .pth
+    rc, _, err = run_main(capsys, image, "--model", pth)
+    assert rc == 1 and err.startswith(f"error: {pth}: not a GGUF file (it starts with b'PK")
+    assert err.endswith("a checkpoint (.pth, .ckpt, .safetensors) runs once converted: pyggml-resnet convert "
+                        "CHECKPOINT MODEL.gguf\n")
+    missing = tmp_path / "r18.pth"
+    assert cli.main(["convert", str(missing), str(tmp_path / "out.gguf")]) == 1
+    assert capsys.readouterr().err == (f"error: {missing}: no such file or directory; give the checkpoint to "
+                                       "convert (a .pth, .ckpt, .safetensors or .gguf file, or a timm model "
+                                       "directory)\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("epochs: 10\nlr: 0.1\n")
+    assert cli.main(["convert", str(notes), str(tmp_path / "out.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {notes} is not a weights-only PyTorch checkpoint, nor another format the "
+                          "converter reads (it starts with b'epochs: ': not a zip or a pickle). Give the file "
+                          "torch.save(model.state_dict(), PATH) wrote"), err
+    assert "KeyError" not in err and "Errno" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_help_says_what_top_k_does_and_usage_follows_the_invocation(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["classify", "--help"])
+    assert re.search(r"--top-k K +print \(or write\) the K most probable classes", capsys.readouterr().out)
+    for argv, prog in ((["convert", "--help"], "pyggml-resnet convert"), (["bench", "--help"], "pyggml-resnet bench")):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert capsys.readouterr().out.startswith(f"usage: {prog} "), argv
+    proc = subprocess.run([sys.executable, "-m", "pyggml_resnet.convert", "--help"], capture_output=True, text=True)
+    assert proc.stdout.startswith("usage: python -m pyggml_resnet.convert ")
+    proc = subprocess.run([sys.executable, "-m", "pyggml_resnet.bench", "--help"], capture_output=True, text=True)
+    assert proc.stdout.startswith("usage: python -m pyggml_resnet.bench ")

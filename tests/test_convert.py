@@ -179,7 +179,9 @@ def test_metadata_options_and_labels(ckpt_dir, tmp_path):
     (dict(dtype="q4_0"), "dtype"),
     (dict(weights=""), "weights"),
     (dict(preprocessing=arch.Preprocessing(crop=0)), "crop"),
-    (dict(preprocessing=arch.Preprocessing(interpolation="lanczos")), "interpolation"),
+    (dict(preprocessing=arch.Preprocessing(interpolation="cubic")), "interpolation"),  # lanczos is Pillow's
+    (dict(preprocessing=arch.Preprocessing(resize=256, crop=None)), "without a crop"),
+    (dict(preprocessing=arch.Preprocessing(interpolation="nearest", antialias=False)), "antialias"),
     (dict(arch="resnet99"), "resnet99"),
 ])
 def test_bad_options_refused(ckpt_dir, tmp_path, kwargs, match):
@@ -773,8 +775,8 @@ def test_cli_labels_and_interpolation(ckpt_dir, tmp_path):
     labels.write_text("".join(f"c{i}\n" for i in range(9)))
     p = run_cli(ckpt_dir / "r18.pth", tmp_path / "n.gguf", "--labels", labels)
     assert p.returncode == 1 and p.stderr == "error: labels must be 10 strings (one per class), got 9\n"
-    p = run_cli(ckpt_dir / "r18.pth", tmp_path / "n.gguf", "--interpolation", "lanczos")
-    assert p.returncode == 2 and "argument --interpolation: invalid choice: 'lanczos'" in p.stderr
+    p = run_cli(ckpt_dir / "r18.pth", tmp_path / "n.gguf", "--interpolation", "cubic")  # lanczos is Pillow's
+    assert p.returncode == 2 and "argument --interpolation: invalid choice: 'cubic'" in p.stderr
     assert dir_listing(tmp_path) == ["labels.txt", "m.gguf"]
 
 

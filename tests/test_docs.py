@@ -18,9 +18,14 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 def test_layout_table_lists_every_module():
     listed = set(re.findall(r"^\| `(pyggml_resnet/[^`]+)` \|", README, re.M))
     package = ROOT / "pyggml_resnet"
-    modules = {f"pyggml_resnet/{p.name}" for p in package.glob("*.py") if not p.name.startswith("_")}
+    modules = {f"pyggml_resnet/{p.name}" for p in package.glob("*.py") if not p.name.startswith("__")}
     modules |= {f"pyggml_resnet/{p.parent.name}/" for p in package.glob("*/__init__.py")}
     assert listed == modules
+    # A package's row names each of its modules.
+    for init in package.glob("*/__init__.py"):
+        row = re.search(rf"^\| `pyggml_resnet/{init.parent.name}/` \|(.*)$", README, re.M).group(1)
+        missing = [p.name for p in init.parent.glob("*.py") if not p.name.startswith("__") and f"`{p.name}`" not in row]
+        assert not missing, (init.parent.name, missing)
 
 
 def test_extras_pin_the_readmes_torch():
@@ -48,3 +53,27 @@ def test_model_preprocess_follows_the_file_and_the_module_level_one_does_not(tmp
         probs = model.probabilities(ours[None])[0]  # what classify computes
         [top] = model.classify(img, top_k=1)
         assert top.index == int(np.argmax(probs)) and top.prob == float(probs[top.index])
+
+
+def test_source_folder_without_the_extension_says_what_to_do(tmp_path):
+    """The README's note: after a non-editable install, `import pyggml_resnet` from the repository's root finds
+    the source folder, which has no compiled `_ggml`: one ImportError line naming the fix, not a bare
+    ModuleNotFoundError. (-S keeps site-packages, and so an editable install's redirect, out of the child.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "pyggml_resnet", tmp_path / "pyggml_resnet",
+                    ignore=shutil.ignore_patterns("_ggml*", "__pycache__"))
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'pyggml-resnet'\n")
+    for code in ("import pyggml_resnet", "import pyggml_resnet.convert"):
+        proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1
+        assert last.startswith("ImportError: pyggml_resnet was imported from its source folder "), last
+        assert "run from another directory, or install in place with `pip install -e .`" in last
+    # Outside a source tree (a broken install), it says to reinstall.
+    (tmp_path / "pyproject.toml").unlink()
+    proc = subprocess.run([sys.executable, "-S", "-c", "import pyggml_resnet"], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert "compiled extension (_ggml) is missing" in proc.stderr and "reinstall" in proc.stderr

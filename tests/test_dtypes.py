@@ -132,3 +132,24 @@ def test_the_table_is_ggml_s_and_names_parse():
         dtypes.parse("f64")
     with pytest.raises(InputError, match="multiple of 32"):
         dtypes.Q8_0.encode(np.zeros((2, 30), np.float32))
+
+
+def test_bf16_and_f16_through_ggml_are_the_table_bit_for_bit():
+    """Loading decodes f16 and bf16 and rounds to bf16 in ggml's C (Type.decode, ggml.bf16_bits): the same bits
+    as the NumPy table for every f16 and bf16 pattern (infinities, subnormals; NaN stays NaN), and for float32 values
+    between bf16's, ties, subnormals and NaN payloads included."""
+    from pyggml_resnet.ggml import bf16_bits
+
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)
+    for t in (dtypes.F16, dtypes.BF16):
+        ours, table = Type(t.code).decode(every), t.decode(every)
+        # F16C quiets a signalling NaN's payload, NumPy keeps it: NaN either way, which the loader refuses.
+        assert np.array_equal(np.isnan(ours), np.isnan(table))
+        keep = ~np.isnan(table)
+        np.testing.assert_array_equal(ours[keep].view(np.uint32), table[keep].view(np.uint32))
+    rng = np.random.default_rng(7)
+    a = np.concatenate([rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint32),
+                        (np.arange(1 << 16, dtype=np.uint32) << 16) | 0x8000,  # exactly between two bf16 values
+                        np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x00000001, 0x807FFFFF], np.uint32)])
+    a = a.view(np.float32)
+    np.testing.assert_array_equal(bf16_bits(a), dtypes.bf16_round(a))

@@ -417,10 +417,23 @@ BAD_VALUES = [
     (Key.STD, A, [0.2, 0.0, 0.2], T.FLOAT32, r"\(std > 0\)"),
     (Key.STD, A, [0.2, -0.2, 0.2], T.FLOAT64, r"\(std > 0\)"),
     (Key.STD, A, [0.2, float("inf"), 0.2], T.FLOAT32, "finite"),
-    (Key.INTERPOLATION, T.STRING, "lanczos", None, "unknown interpolation 'lanczos'"),
+    (Key.INTERPOLATION, T.STRING, "cubic", None, "unknown interpolation 'cubic'"),  # lanczos is Pillow's
     (Key.RESIZE, T.UINT32, 0, None, r"'resnet.preprocess.resize' must be an integer in 1..8192, got 0"),
     (Key.CROP, T.UINT32, 8193, None, "got 8193"),
     (Key.RESIZE, T.UINT64, 2**40, None, "got 1099511627776"),
+    # an exact size, no resize or crop, antialias (issue 24): the same ranges, and shapes of arrays checked
+    (Key.RESIZE, A, [224, 0], T.UINT32, r"'resnet.preprocess.resize' must be two integers \(height, width\) in "
+                                        r"1..8192, got \(224, 0\)"),
+    (Key.CROP, A, [224, 8193], T.INT64, "got \\(224, 8193\\)"),
+    (Key.RESIZE, A, [224, 224, 224], T.UINT32, r"'resnet.preprocess.resize' must be an integer, an ARRAY of 2 "
+                                              r"\(height, width\) or \"none\", got 3 items"),
+    (Key.CROP, A, [1.5, 2.5], T.FLOAT32, r"'resnet.preprocess.crop' must be an ARRAY of integers, got "
+                                        r"ARRAY\[FLOAT32\]"),
+    (Key.CROP, T.STRING, "none", None, "without a crop the resize must be an exact \\(height, width\\)"),
+    (Key.CROP, T.STRING, "all", None, "'resnet.preprocess.crop' must be an integer, got STRING 'all' \\(or an ARRAY "
+                                      "of 2, \\(height, width\\), or \"none\"\\)"),
+    (Key.ANTIALIAS, T.UINT8, 0, None, "'resnet.preprocess.antialias' must be a BOOL, got UINT8"),
+    (Key.ANTIALIAS, T.STRING, "false", None, "'resnet.preprocess.antialias' must be a BOOL, got STRING"),
     # general.alignment
     ("general.alignment", T.UINT32, 3, None, "general.alignment must be a UINT32 power of two, got 3"),
     ("general.alignment", T.UINT32, 0, None, "power of two, got 0"),

@@ -62,3 +62,27 @@ def test_every_path_multiplies_a_packed_type():
     for bad in ("q8_0", "f16", "int4"):
         with pytest.raises(InputError, match="packed GEMM takes"):
             packed_shape(32, 8, bad)
+
+
+def test_bf16_packs_its_bits_in_place_as_encoding_the_f32_packing_would():
+    """bf16 into `out` (the tensor's uint16 memory): rounded as it is packed, bit for bit what packing in
+    float32 and then encoding gives (the load path before), the padding zeros included; beyond bf16's range
+    a value becomes infinity, for the caller to find (dtypes.bf16_finite)."""
+    from pyggml_resnet import dtypes
+
+    rng = np.random.default_rng(5)
+    w4 = rng.standard_normal((40, 5, 3, 3), dtype=np.float32)
+    view = w4.transpose(0, 2, 3, 1)
+    scale = rng.standard_normal(40, dtype=np.float32)
+    rows = np.ascontiguousarray(view).reshape(40, -1) * scale[:, None]
+    shape = packed_shape(40, 45, "bf16")
+    padded = np.zeros((shape[0] * 16, shape[1]), np.float32)
+    padded[:40, :45] = rows
+    want = dtypes.BF16.encode(padded.reshape(shape[0], 16, shape[1] // 2, 2).transpose(0, 2, 1, 3)).reshape(shape)
+    out = np.full(shape, 0xFFFF, np.uint16)
+    assert pack_matrix(view, "bf16", scale, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    assert dtypes.bf16_finite(out)
+    np.testing.assert_array_equal(pack_matrix(view, "bf16", scale), dtypes.BF16.decode(want).reshape(shape))
+    huge = np.full((32, 2), 3.4e38, np.float32)
+    assert not dtypes.bf16_finite(pack_matrix(huge, "bf16", out=np.empty(packed_shape(32, 2, "bf16"), np.uint16)))

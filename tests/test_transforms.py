@@ -21,7 +21,8 @@ from pyggml_resnet.errors import InputError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
+                "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 # Both sides do the same float32 operations (divide by 255, subtract, divide),
 # so results are normally bit-identical; 1e-6 (~4 ulp at the largest |value|,
 # about 2.6) only allows for torch vectorising a division differently.
@@ -30,32 +31,50 @@ TOL = 1e-6
 SIZES = [(300, 200), (200, 300), (100, 150), (1, 1), (2000, 50), (256, 256), (224, 224)]  # (width, height)
 
 
-def reference(rgb: Image.Image, resize=256, crop=224, interpolation="bilinear") -> torch.Tensor:
-    """torchvision Compose([Resize(resize), CenterCrop(crop), ToTensor(), Normalize(MEAN, STD)])."""
+def reference(rgb: Image.Image, resize=256, crop=224, interpolation="bilinear", mean=MEAN, std=STD,
+              antialias=True) -> torch.Tensor:
+    """torchvision Compose([Resize(resize, interpolation), CenterCrop(crop), ToTensor(), Normalize(mean, std)])
+    on a PIL image, each step left out when its size is None; with antialias=False, ToTensor comes first and
+    Resize(..., antialias=False) resizes the float tensor (torch's interpolate)."""
     w, h = rgb.size
-    if resize is not None:
+    if isinstance(resize, int):
         # _compute_resized_output_size: shorter edge -> resize, longer edge truncated.
         if w <= h:
             new_w, new_h = resize, int(resize * h / w)
         else:
             new_w, new_h = int(resize * w / h), resize
-        if (new_h, new_w) != (h, w):  # F.resize returns the image untouched otherwise
-            rgb = rgb.resize((new_w, new_h), PIL_RESAMPLE[interpolation])
-    t = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # CHW uint8
+    elif resize is not None:
+        new_h, new_w = resize
+    if not antialias:
+        t = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div(255)  # ToTensor
+        if resize is not None and (new_h, new_w) != (h, w):
+            t = torch.nn.functional.interpolate(t[None], size=(new_h, new_w), mode=interpolation,
+                                                align_corners=False, antialias=False)[0]
+    else:
+        if resize is not None and (new_h, new_w) != (h, w):  # F.resize returns the image untouched otherwise
+            rgb = rgb.resize((new_w, new_h), PIL_RESAMPLE[interpolation])  # F_pil.resize: no reducing_gap
+        t = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # CHW uint8
+    if crop is not None:
+        t = center_crop(t, (crop, crop) if isinstance(crop, int) else crop)
+    x = t.to(torch.float32).div(255) if antialias else t  # ToTensor
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub(mean).div(std)  # Normalize
+
+
+def center_crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """torchvision's F.center_crop of a CHW tensor to size (height, width)."""
+    crop_h, crop_w = size
     _, h, w = t.shape
-    if crop > w or crop > h:  # F.center_crop zero-pads, extra pixel right/bottom
-        pad_l = (crop - w) // 2 if crop > w else 0
-        pad_r = (crop - w + 1) // 2 if crop > w else 0
-        pad_t = (crop - h) // 2 if crop > h else 0
-        pad_b = (crop - h + 1) // 2 if crop > h else 0
+    if crop_w > w or crop_h > h:  # F.center_crop zero-pads, extra pixel right/bottom
+        pad_l = (crop_w - w) // 2 if crop_w > w else 0
+        pad_r = (crop_w - w + 1) // 2 if crop_w > w else 0
+        pad_t = (crop_h - h) // 2 if crop_h > h else 0
+        pad_b = (crop_h - h + 1) // 2 if crop_h > h else 0
         t = torch.nn.functional.pad(t, (pad_l, pad_r, pad_t, pad_b), value=0)
         _, h, w = t.shape
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-    t = t[:, top : top + crop, left : left + crop]
-    x = t.to(torch.float32).div(255)  # ToTensor
-    mean = torch.as_tensor(MEAN, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.as_tensor(STD, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub(mean).div(std)  # Normalize
+    top, left = int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0))
+    return t[:, top : top + crop_h, left : left + crop_w]
 
 
 def assert_close(got: np.ndarray, want: torch.Tensor) -> None:
@@ -125,6 +144,44 @@ def test_sizes_and_interpolations(interpolation, size, resize, crop):
     _, rgb = make("RGB", *size, seed=1)
     got = pp.preprocess(rgb, resize=resize, crop=crop, interpolation=interpolation)
     assert_close(got, reference(Image.fromarray(rgb), resize, crop, interpolation))
+
+
+# Every kind of transform a classifier's eval pipeline uses, on images larger and smaller than the sizes.
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"])
+@pytest.mark.parametrize("size", [(300, 200), (97, 131), (224, 224), (640, 20)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("resize,crop", [((224, 224), None), ((224, 224), 200), ((160, 240), (150, 200)),
+                                         (None, (100, 80)), (235, (224, 200)), (288, 288)])
+def test_every_transform_is_torchvisions_bit_for_bit(interpolation, size, resize, crop):
+    """Squash (Resize((H, W))), no crop, rectangular crops, every PIL filter torchvision maps, and the common
+    fine-tuning mean/std of 0.5: equal to torchvision's PIL pipeline to the last bit."""
+    _, rgb = make("RGB", *size, seed=2)
+    kwargs = dict(resize=resize, crop=crop, interpolation=interpolation, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    got = pp.preprocess(rgb, **kwargs)
+    want = reference(Image.fromarray(rgb), **kwargs).numpy()
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(300, 200), (97, 131), (224, 224), (40, 500)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("resize,crop", [((224, 224), None), (256, 224), ((100, 300), (90, 200))])
+def test_antialias_false_is_torchs_interpolate(interpolation, size, resize, crop):
+    """Resize(..., antialias=False) of the float tensor: torch's interpolate, with the same source pixels and
+    weights to float32 rounding (torch fuses some multiply-adds: bilinear differs by an ulp, bicubic's
+    weights by a few), so within 2e-6 of values in [0, 1] before Normalize; a pixel off by one is ~1e-1."""
+    _, rgb = make("RGB", *size, seed=3)
+    kwargs = dict(resize=resize, crop=crop, interpolation=interpolation, antialias=False)
+    got = pp.preprocess(rgb, **kwargs)
+    want = reference(Image.fromarray(rgb), **kwargs).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 2e-6 / min(STD)
+
+
+def test_antialias_false_is_not_pillows_filter():
+    """Shrinking without antialiasing skips pixels that Pillow's filter averages: far more than rounding."""
+    _, rgb = make("RGB", 640, 480, seed=4)
+    kwargs = dict(resize=(224, 224), crop=None)
+    assert np.abs(pp.preprocess(rgb, antialias=False, **kwargs) - pp.preprocess(rgb, **kwargs)).max() > 0.1
 
 
 # --- torchvision's arithmetic, checked against hand-computed pixel positions --
@@ -276,7 +333,9 @@ def test_bad_arrays(arr):
 
 def test_bad_arguments():
     rgb = make("RGB", 10, 10)[1]
-    for kwargs in [{"interpolation": "lanczos"}, {"crop": 0}, {"resize": 0}, {"std": (1, 0, 1)}, {"mean": (0, 0)}]:
+    for kwargs in [{"interpolation": "cubic"}, {"crop": 0}, {"resize": 0}, {"std": (1, 0, 1)}, {"mean": (0, 0)},
+                   {"resize": (224, 0)}, {"crop": (1, 2, 3)}, {"crop": None}, {"resize": None, "crop": None},
+                   {"antialias": False, "interpolation": "nearest"}, {"antialias": 1}]:
         with pytest.raises(InputError):
             pp.preprocess(rgb, **kwargs)
     with pytest.raises(InputError):

@@ -2,7 +2,7 @@
 
     pyggml-resnet bench [--model M.gguf | --arch resnet101] [--batch 1 8] [--threads N] [--rounds R]
                         [--iters K] [--dtype f32 bf16 ...] [--gemm packed ggml] [--engines ggml torch onnxruntime]
-                        [--contention]
+                        [--contention] [--wait-quiet S]
                         [--json OUT]
 
 Without --model a seeded random model is made with NumPy and written as GGUF, so a fresh machine needs no
@@ -24,9 +24,12 @@ How the numbers are made fair:
   first logits of one image, after the timed rounds (so every engine's libraries are in the page cache).
   PyTorch loads a `.pth` state dict the way a careful user would (mmap, meta-device model, assign=True).
 
+* Before the timed rounds the run waits (up to --wait-quiet seconds) until other processes keep less than
+  half a CPU busy, measured from /proc/stat rather than the lagging load average, and notes it if they do not.
+
 The modules: `child` (the worker processes and their PyTorch ResNet), `procs` (starting and talking to
-them), `workload` (FLOPs, the random model), `run` (the phases of a run), `contention` (the oversubscribed
-cases of --contention), `report` (the machine, the text).
+them), `workload` (FLOPs, the random model), `run` (the phases of a run), `quiet` (waiting for a quiet
+machine), `contention` (the oversubscribed cases of --contention), `report` (the machine, the text).
 """
 
 from .run import main

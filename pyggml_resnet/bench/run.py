@@ -25,7 +25,7 @@ GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffi
 from ..errors import Error, print_error
 from ..cpu import available_cpus, default_threads
 from ..plan import gemm_paths
-from . import contention
+from . import contention, quiet
 from .child import ENGINES, iterations
 from .procs import Worker, WorkerError, answer_timeout, child_command, run_child, start_worker
 from .report import format_report, machine_info
@@ -83,8 +83,8 @@ def _progress(text: str, end: str = "\n") -> None:
     print(text, end=end, file=sys.stderr, flush=True)
 
 
-def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pyggml-resnet bench",
+def parse_args(argv, prog: str = "pyggml-resnet bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Time ggml against PyTorch eager and ONNX Runtime on the same "
                                             "ResNet weights, each engine in its own process, and check that "
                                             "they agree.")
@@ -109,6 +109,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--contention", action="store_true",
                    help="then time ggml and PyTorch again with twice the threads, and beside 1 and 2 busy "
                         "processes, and print each case's ratio against the quiet one")
+    p.add_argument("--wait-quiet", type=float, default=60, metavar="S",
+                   help="before the timed rounds, wait up to S seconds until other processes keep less than half "
+                        "a CPU busy (default: 60; 0 measures one second and does not wait)")
     p.add_argument("--json", metavar="OUT", help="also write every result, sample and setting to this JSON file")
     a = p.parse_args(argv)
     a.batch = list(dict.fromkeys(a.batch))
@@ -125,8 +128,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "pyggml-resnet bench") -> int:
+    args = parse_args(argv, prog)
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
@@ -154,16 +157,13 @@ def _bench(args) -> int:
 
 
 def _phases(run: Run) -> int:
-    # Other work on the machine shows up as spread between min and max; say so up front.
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    if load_avg is not None and load_avg >= 1:
-        run.note(f"the machine is busy (1-minute load average {load_avg:.1f} on {available_cpus()} CPUs before "
-                 "starting): expect noisy timings; the min columns suffer least")
     make_model(run)
     flops = flops_per_image(run.cfg, run.size, run.size, run.num_classes)
     engine_rows(run, prepare_references(run, *available_engines(run)))
     start_workers(run)
     correctness = check_correctness(run)
+    busy = _wait_until_quiet(run, load_avg)
     samples = timed_rounds(run)
     oversubscribed = contention_cases(run)
     stop_workers(run)
@@ -176,7 +176,7 @@ def _phases(run: Run) -> int:
         "settings": {"batches": a.batch, "threads": a.threads, "rounds": a.rounds,
                      "iters": {str(b): iterations(a.iters, b) for b in a.batch},
                      "engines": list(run.rows), "ggml_dtypes": a.dtype},
-        "machine": {**machine_info(), "load_average_at_start": load_avg},
+        "machine": {**machine_info(), "load_average_at_start": load_avg, "busy_cpus_before_timing": busy},
         "engines": run.status,
         "correctness": correctness,
         "results": summarize(run, samples, flops),
@@ -194,11 +194,25 @@ def _phases(run: Run) -> int:
     return 0 if run.rows and all(s["status"] == "ok" for s in run.status.values()) else 1
 
 
+def _wait_until_quiet(run: Run, load_avg: float | None) -> float | None:
+    """Waits (--wait-quiet) for other work to stop before the timed rounds, and notes any still running, which
+    shows up as spread between min and max. Returns the CPUs busy then (None where not measurable)."""
+    busy = quiet.wait_until_quiet(run.args.wait_quiet, progress=_progress)
+    if busy is not None and busy >= quiet.QUIET_CPUS:
+        run.note(f"the machine is busy ({busy:.1f} of {available_cpus()} CPUs busy with other work as the timed "
+                 "rounds started): expect noisy timings; the min columns suffer least")
+    elif busy is None and load_avg is not None and load_avg >= 1:
+        run.note(f"the machine may be busy (1-minute load average {load_avg:.1f} on {available_cpus()} CPUs before "
+                 "starting): expect noisy timings; the min columns suffer least")
+    return busy
+
+
 def make_model(run: Run) -> None:
     """The model: the GGUF file given, or a seeded random one written to the run's directory."""
     if run.args.model:
         mf = loader.read(run.args.model)  # validates the file before any worker starts
-        run.cfg, run.num_classes, run.size = mf.config, mf.num_classes, mf.preprocessing.crop
+        # Timed on square inputs: a file that records another shape is timed at its height.
+        run.cfg, run.num_classes, run.size = mf.config, mf.num_classes, mf.preprocessing.input_size[0]
         run.gguf_path = run.args.model
         run.source = f"{os.path.abspath(run.args.model)} ({mf.weights_name}, stored {mf.dtype})"
         return

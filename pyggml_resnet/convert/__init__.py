@@ -1,8 +1,9 @@
 """Convert a torchvision ResNet checkpoint into the GGUF file the runtime loads.
 
     python -m pyggml_resnet.convert CHECKPOINT OUTPUT.gguf [--arch resnet101] [--dtype f32|f16|bf16|q8_0]
-                                    [--weights IMAGENET1K_V2] [--labels FILE] [--resize 256] [--crop 224]
-                                    [--interpolation bilinear] [--force]
+                                    [--weights IMAGENET1K_V2] [--labels FILE] [--resize N|H,W|none]
+                                    [--crop N|H,W|none] [--mean M M M] [--std S S S]
+                                    [--interpolation bilinear] [--no-antialias] [--force]
 
 Inputs (recognised by their content, whatever the file is called):
 
@@ -15,6 +16,9 @@ Inputs (recognised by their content, whatever the file is called):
 * a ``.safetensors`` file (timm's and Hugging Face's format), read with the ``safetensors`` package.
 * a GGUF model file of ours, to write again in another ``--dtype``; its weights name, labels and preprocessing
   are kept unless the options replace them.
+* a timm model directory as the Hugging Face Hub has it (``config.json`` and ``model.safetensors`` or
+  ``pytorch_model.bin``): its weights, with the eval transform, tag and labels ``config.json`` records
+  (`timm`).
 * the legacy headerless ``.bin`` of the C++ ResNet-101 example this project started from (recognised by its
   int32 magic 0x67676d6c, whatever the file is called): one record per state_dict entry, in order, each an
   int32 n_dims, n_dims int32 dims in ggml (reversed) order and raw float32 data, every tensor ``.squeeze()``d.
@@ -25,7 +29,9 @@ off the first block's 3x3 conv), and timm's ResNets that keep torchvision's layo
 other plain-stem ``resnet*``, ``wide_resnet*``, ``resnext*`` weights). timm's variants that add layers (the deep
 stem and average-pool shortcut of ResNet-D, squeeze-excitation, attention, blur pools, GroupNorm) are refused
 with a message naming what is unsupported. timm evaluates its weights with other preprocessing than
-torchvision's: give it with ``--resize/--crop/--interpolation`` (docs/usage.md lists the common values).
+torchvision's: a timm directory records it; for bare weights give it with ``--resize/--crop/--interpolation``
+(docs/usage.md lists the common values), as for a fine-tuned model trained with its own transforms
+(``--resize 224,224 --crop none --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5``; `arch.Preprocessing` in Python).
 
 Output: a GGUF file (architecture ``resnet``) with the config, class labels and preprocessing as metadata
 (keys in ``arch.Key``) and one tensor per inference tensor, under its torchvision name, in state_dict order.
@@ -49,7 +55,7 @@ conversion never leaves a partial file behind or touches an existing one. The ou
 (under any name: a symlink or hard link to it is refused too), and an existing file that is not a GGUF file
 is replaced only with ``--force``.
 
-The package's files are these steps: `readers` (checkpoint files), `legacy` (the ``.bin``), `checkpoint`
+The package's files are these steps: `readers` (checkpoint files), `timm` (a timm Hub directory), `legacy` (the ``.bin``), `checkpoint`
 (the checked `Checkpoint`), `write` (the GGUF writer, and `convert`) and `cli` (the command line).
 """
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..arch import BY_NAME, ResNetConfig
 from ..errors import Error, InputError, ModelFormatError, in_file
+from . import timm
 from .checkpoint import Checkpoint
 from .legacy import NUM_BATCHES_TRACKED, is_legacy_bin, load_legacy_bin
 
@@ -33,6 +34,11 @@ def read_checkpoint(path, arch: str | None = None) -> Checkpoint:
     """
     path = Path(path)
     cfg = _config_named(arch)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory; give the checkpoint to convert (a .pth, .ckpt, "
+                         ".safetensors or .gguf file, or a timm model directory)")
+    if path.is_dir():
+        return _read_timm_dir(path, arch)
     with open(path, "rb") as f:
         head = f.read(9)
     with in_file(path):
@@ -70,6 +76,15 @@ def _read_gguf(path: Path, arch: str | None) -> Checkpoint:
                          "be converted again; convert the original checkpoint")
     return dataclasses.replace(Checkpoint.of(mf.tensors(), arch), path=path, weights=mf.weights_name,
                                preprocessing=mf.preprocessing, labels=mf.labels)
+
+
+def _read_timm_dir(path: Path, arch: str | None) -> Checkpoint:
+    """A timm model directory from the Hugging Face Hub: its weights file, with the preprocessing, weights tag
+    and labels its config.json records."""
+    model = timm.read_dir(path)
+    checkpoint = read_checkpoint(model.weights, arch)
+    labels = model.labels if model.labels and len(model.labels) == checkpoint.num_classes else None
+    return dataclasses.replace(checkpoint, weights=model.tag, preprocessing=model.preprocessing, labels=labels)
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -127,6 +142,13 @@ def _load_torch(path: Path) -> dict[str, np.ndarray]:
                 f"{path} holds a whole pickled model ({model_class}), not a state_dict: loading it would run "
                 "code from the file, so it is not read. Where the model's code is, save its weights with "
                 "torch.save(model.state_dict(), 'weights.pth') and convert that file") from None
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (before 1.6, a pickle)
+            raise ModelFormatError(
+                f"{path} is not a weights-only PyTorch checkpoint, nor another format the converter reads "
+                f"(it starts with {head!r}: not a zip or a pickle). Give the file torch.save(model.state_dict(), "
+                "PATH) wrote, a .safetensors or .gguf file, or a timm model directory") from None
         raise ModelFormatError(f"{path} is not a weights-only PyTorch checkpoint "
                                f"(nor a legacy ggml .bin): {_torch_load_reason(e)}") from e
     return _state_dict_arrays(_unwrap_state_dict(obj, path), path, torch)

@@ -107,11 +107,18 @@ def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Prep
     w.add_float32(K.BN_EPS, BN_EPS)
     w.add_key_value(K.LABELS, labels, T.ARRAY, sub_type=T.STRING)
     w.add_string(K.WEIGHTS, weights)
-    w.add_uint32(K.RESIZE, p.resize)
-    w.add_uint32(K.CROP, p.crop)
+    for key, size in ((K.RESIZE, p.resize), (K.CROP, p.crop)):  # N, [H, W], or "none" (docs/gguf.md)
+        if size is None:
+            w.add_string(key, "none")
+        elif isinstance(size, int):
+            w.add_uint32(key, size)
+        else:
+            w.add_key_value(key, list(size), T.ARRAY, sub_type=T.UINT32)
     w.add_key_value(K.MEAN, [float(v) for v in p.mean], T.ARRAY, sub_type=T.FLOAT32)
     w.add_key_value(K.STD, [float(v) for v in p.std], T.ARRAY, sub_type=T.FLOAT32)
     w.add_string(K.INTERPOLATION, p.interpolation)
+    if not p.antialias:  # written only when false: files of the PIL pipeline are as they were before the key
+        w.add_bool(K.ANTIALIAS, False)
 
 
 def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights: str | None = None,
