@@ -8,12 +8,14 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import pyggml_resnet
 from pyggml_resnet import bench
-from pyggml_resnet.arch import BY_NAME
-from pyggml_resnet.bench import contention, procs
+from pyggml_resnet.arch import BY_NAME, Preprocessing
+from pyggml_resnet.bench import contention, peers, procs
+from pyggml_resnet.bench import run as run_module
 from pyggml_resnet.plan import gemm_paths
 
 
@@ -161,12 +163,15 @@ def test_without_torch_no_reference_and_no_results_file(tmp_path, monkeypatch, c
     with itself. And it writes bench-results.json only when asked (--json)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.split(".")[0] in ("torch", "onnx", "onnxruntime") else real(name, *a))
+                        lambda name, *a: None if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "openvino")
+                        else real(name, *a))
     monkeypatch.chdir(tmp_path)
     rc = bench.main(["--arch", "resnet18", "--rounds", "1", "--iters", "1", "--threads", "1", "--wait-quiet", "0"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "note: torch is not installed: skipping PyTorch and ONNX Runtime" in out
+    assert ("note: torch is not installed: skipping torch, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, "
+            "openvino-int8 (the ONNX models are exported from PyTorch; pip install torch==2.13.0 onnx onnxruntime "
+            "openvino)") in out
     assert ("note: no reference engine: torch is not installed (pip install torch==2.13.0), so ggml's logits are "
             "not checked against anything and no time has a ratio to PyTorch's") in out
     assert "correctness:" not in out and "ggml-f32" in out
@@ -237,3 +242,142 @@ def test_timed_rounds_wait_for_quiet_and_say_when_it_never_came(monkeypatch, cap
     r.notes.clear()
     bench_run._wait_until_quiet(r, load_avg=9.0)
     assert r.notes[0].startswith("the machine may be busy (1-minute load average 9.0")
+
+# --------------------------------------------------------------------------------------------------------
+# The peers: OpenVINO, and ONNX Runtime's and OpenVINO's int8 on ONNX Runtime's static quantization
+
+
+SMALL = Preprocessing(resize=73, crop=64)  # small images keep the int8 checks quick
+
+
+def test_synthetic_images_are_deterministic_distinct_and_picture_like(tmp_path):
+    calibration = peers.images(peers.CALIBRATION, 3, SMALL)
+    test = peers.images(peers.TEST, 4, SMALL)
+    assert calibration.shape == (3, 3, 64, 64) and test.shape == (4, 3, 64, 64) and test.dtype == np.float32
+    np.testing.assert_array_equal(peers.images(peers.TEST, 2, SMALL), test[:2])  # image i at any count
+    # No test image is a calibration image, nor two test images the same.
+    flat = np.concatenate([calibration, test]).reshape(7, -1)
+    assert min(np.abs(a - b).max() for i, a in enumerate(flat) for b in flat[i + 1:]) > 0.5
+    # Normalized as ImageNet photos are (about zero mean, unit spread), and smooth like them: neighbouring
+    # pixels are strongly correlated, unlike the noise the timed inputs are.
+    assert abs(test.mean()) < 1.5 and 0.2 < test.std() < 2.5
+    for x in test:
+        a, b = x[:, :, :-1].ravel(), x[:, :, 1:].ravel()
+        assert np.corrcoef(a, b)[0, 1] > 0.8
+    # The model's preprocessing is used: another crop gives another size.
+    assert peers.images(peers.TEST, 1).shape == (1, 3, 224, 224)
+    # They are the pictures, saved as files and preprocessed as any image file is (5/4 the resize's side).
+    peers.pictures(peers.TEST, 2, 73 * 5 // 4)[1].save(tmp_path / "test1.png")
+    np.testing.assert_array_equal(pyggml_resnet.preprocess(tmp_path / "test1.png", resize=73, crop=64), test[1])
+
+
+def test_agreement_counts_errors_and_top_classes():
+    ref = np.array([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    z = ref.copy()
+    z[0, 6], z[0, 0] = -1.0, 10.0  # image 0: another top class; the reference's 6 drops out of the top 5
+    z[1, 0], z[1, 1] = 5.0, 6.0  # image 1: top classes swapped, the reference's 0 still in the top 5
+    got = peers.agreement(z, ref)
+    assert got["images"] == 2 and got["top1_agreement"] == 0.0 and got["top5_agreement"] == 0.5
+    assert got["rel_l2_error"] == pytest.approx(np.sqrt(49 + 100 + 1 + 1) / np.linalg.norm(ref))
+    assert peers.agreement(ref, ref) == {"images": 2, "rel_l2_error": 0.0, "top1_agreement": 1.0,
+                                          "top5_agreement": 1.0}
+
+
+def test_ort_int8_logits_of_a_reference_resnet(tmp_path):
+    """The function a test of our own int8 compares with: ONNX Runtime's quantizer on the same net, calibration
+    and test images. Its error is that of int8 (not zero, not f32's), and small. Run in a child process:
+    importing onnx imports ml_dtypes, which teaches NumPy bfloat16 for the rest of the process, and
+    test_convert checks how a bfloat16 checkpoint is refused without it."""
+    missing = [m for m in ("torch", "onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    import torch
+
+    from reference_resnet import make_model
+
+    out = tmp_path / "logits.npz"
+    code = (f"import sys, numpy as np; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            "from reference_resnet import make_model; from pyggml_resnet.arch import Preprocessing; "
+            "from pyggml_resnet.bench import peers; small = Preprocessing(resize=73, crop=64); "
+            "int8, f32 = peers.ort_int8_logits(make_model(18, seed=18, num_classes=100), "
+            "peers.images(peers.CALIBRATION, 8, small), peers.images(peers.TEST, 8, small), threads=1); "
+            f"np.savez({str(out)!r}, int8=int8, f32=f32)")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=600)
+    int8, f32 = np.load(out)["int8"], np.load(out)["f32"]
+    assert int8.shape == f32.shape == (8, 100)
+    with torch.inference_mode():  # the f32 logits are the model's on the test images (threads may differ)
+        want = make_model(18, seed=18, num_classes=100)(torch.from_numpy(peers.images(peers.TEST, 8, SMALL)))
+    np.testing.assert_allclose(f32, want.numpy(), rtol=1e-5, atol=1e-5)
+    got = peers.agreement(int8, f32)
+    assert 1e-3 < got["rel_l2_error"] < 0.2, got
+    assert got["top1_agreement"] >= 0.75 and got["top5_agreement"] >= 0.875, got
+
+
+def test_engines_that_cannot_run_are_skipped_with_a_note(tmp_path, monkeypatch):
+    """Each engine is skipped for the first package it lacks (openvino-int8 runs ONNX Runtime's quantization),
+    and openvino-bf16 also where the CPU has no bf16 instructions. Only find_spec is asked: nothing is imported."""
+    json_spec = importlib.util.find_spec("json")  # stands for an installed package
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnxruntime", "openvino") else json_spec)
+    monkeypatch.setattr(run_module, "machine_info", lambda: {"isa": ["avx2", "avx512f"]})
+    run = run_module.Run(run_module.parse_args([]), str(tmp_path))
+    assert run.args.engines == ["ggml", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
+                                "openvino-int8"]
+    assert run_module.available_engines(run) == ["torch"]
+    assert run.notes == [
+        "onnxruntime is not installed: skipping onnxruntime, onnxruntime-int8, openvino-int8 (pip install onnxruntime "
+        "openvino)",
+        "openvino is not installed: skipping openvino, openvino-bf16 (pip install openvino)"]
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: json_spec)
+    run = run_module.Run(run_module.parse_args(["--engines", "openvino", "openvino-bf16", "ggml"]), str(tmp_path))
+    assert run_module.available_engines(run) == ["openvino"]
+    assert run.notes == ["this CPU has no native bf16 (AVX512-BF16 or AMX), where OpenVINO's bf16 would be "
+                         "emulated: skipping openvino-bf16"]
+    monkeypatch.setattr(run_module, "machine_info", lambda: {"isa": ["avx512f", "avx512_bf16"]})
+    run = run_module.Run(run_module.parse_args(["--engines", "openvino-bf16", "openvino"]), str(tmp_path))
+    assert run_module.available_engines(run) == ["openvino-bf16", "openvino"] and run.notes == []
+
+
+def test_end_to_end_peers(tmp_path):
+    """Every peer engine runs on the same random ResNet-18 and is as far from PyTorch as its precision allows:
+    the f32 ones to float rounding, bf16 to bf16's, the int8 ones to int8's on the synthetic test images."""
+    missing = [m for m in ("torch", "onnx", "onnxruntime", "openvino") if importlib.util.find_spec(m) is None]
+    if missing:  # asked, not imported: onnx brings ml_dtypes, see test_ort_int8_logits_of_a_reference_resnet
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    out = tmp_path / "peers.json"
+    engines = ["torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "openvino-int8"]
+    proc = subprocess.run([sys.executable, "-m", "pyggml_resnet", "bench", "--arch", "resnet18", "--batch", "1",
+                           "--rounds", "1", "--iters", "1", "--threads", "2", "--calibration-count", "8",
+                           "--test-count", "8", "--engines", *engines, "--json", str(out), "--wait-quiet", "0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(report["machine"]["isa"]))
+    ran = [e for e in engines if e != "openvino-bf16" or native_bf16]
+    assert list(report["engines"]) == ran
+    assert all(e["status"] == "ok" for e in report["engines"].values())
+    assert report["settings"]["test_images"] == 8 and report["settings"]["calibration_images"] == 8
+    if not native_bf16:
+        assert "skipping openvino-bf16" in proc.stdout
+    check = {c["engine"]: c for c in report["correctness"]}
+    assert set(check) == set(ran) and all(c["reference"] == "torch" and c["images"] == 8 for c in check.values())
+    for name in ("onnxruntime", "openvino"):
+        assert check[name]["rel_l2_error"] < 1e-5 and check[name]["top1_agreement"] == 1.0
+    if native_bf16:
+        assert 1e-4 < check["openvino-bf16"]["rel_l2_error"] < 0.05 and check["openvino-bf16"]["top1_agreement"] >= 0.75
+    for name in ("onnxruntime-int8", "openvino-int8"):
+        c = check[name]
+        assert 1e-3 < c["rel_l2_error"] < 0.2 and c["top1_agreement"] >= 0.75 and c["top5_agreement"] >= 0.875, c
+    # Both int8 engines run the same QDQ model: they agree with each other far better than with f32.
+    assert abs(check["onnxruntime-int8"]["rel_l2_error"] - check["openvino-int8"]["rel_l2_error"]) < 0.05
+    results = {r["engine"]: r for r in report["results"]}
+    assert set(results) == set(ran)
+    for name, r in results.items():
+        assert r["ratio_to_torch"] == pytest.approx(r["median_ms_per_image"] / results["torch"]["median_ms_per_image"])
+        assert r["rel_l2_error"] == check[name]["rel_l2_error"]
+        assert re.search(rf"^  {name} +1 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x +\d\.\de[-+]\d\d ", proc.stdout, re.M), name
+        assert re.search(rf"^  {name} +\d\.\d\de[-+]\d\d +[0-8]/8 +[0-8]/8$", proc.stdout, re.M), name
+    assert report["machine"]["versions"]["openvino"] and report["machine"]["versions"]["onnxruntime"]
+    assert [p.name for p in tmp_path.iterdir()] == ["peers.json"]
+

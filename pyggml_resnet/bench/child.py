@@ -1,13 +1,15 @@
-"""The benchmark's child processes: the engine workers, the cold starts and the one-off PyTorch/ONNX
-preparation, with the PyTorch ResNet they run.
+"""The benchmark's child processes: the engine workers, the cold starts and the one-off preparation of the
+peers' models (PyTorch's state dict, the ONNX export and its int8 quantization), with the PyTorch ResNet they
+run and the ONNX Runtime and OpenVINO sessions.
 
 This file is run on its own (`procs._LAUNCH` loads it by path), not through the `pyggml_resnet` package, so
-the torch and ONNX Runtime processes carry nothing of ours but its standard-library imports: its top level
-imports only the standard library, and everything else is imported where it is used.
+the torch, ONNX Runtime and OpenVINO processes carry nothing of ours but its standard-library imports: its top
+level imports only the standard library, and everything else is imported where it is used.
 
 Workers talk JSON lines over stdin/stdout: after start-up a worker prints {"ready": ...}; then it answers
-{"cmd": "time", "batch": B, "iters": K} with {"times": [seconds, ...]}, {"cmd": "logits"} with
-{"logits": [...]}, and {"cmd": "exit"} with {"maxrss_kib": N}; a failure is {"error": "..."}.
+{"cmd": "time", "batch": B, "iters": K} with {"times": [seconds, ...]}, {"cmd": "logits", "path": P} with
+{"logits": [[...], ...]} (one list per image of the .npy file P, each run at batch 1), and {"cmd": "exit"}
+with {"maxrss_kib": N}; a failure is {"error": "..."}.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ import sys
 import time
 import traceback
 
-ENGINES = ("ggml", "torch", "onnxruntime")
+RUNTIMES = ("ggml", "torch", "onnxruntime", "openvino")  # what a worker process runs
+# The bench's engines: name -> (runtime, precision). ggml's rows are one per stored type (--dtype); the int8
+# engines run ONNX Runtime's static quantization of the f32 ONNX model (peers.quantize_int8).
+ENGINES = {"ggml": ("ggml", None), "torch": ("torch", "f32"), "onnxruntime": ("onnxruntime", "f32"),
+           "onnxruntime-int8": ("onnxruntime", "int8"), "openvino": ("openvino", "f32"),
+           "openvino-bf16": ("openvino", "bf16"), "openvino-int8": ("openvino", "int8")}
 INPUT_SEED = 1000  # + batch size: the timed inputs, identical in every engine
-REFERENCE_SEED = 1  # the one image whose logits every engine must agree on
+COLD_SEED = 1  # the image of a cold start's first inference
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -98,27 +105,30 @@ def torch_resnet(block: str, layers, num_classes: int, groups: int = 1, width_pe
 # The three kinds of child
 
 
-def _engine_import(engine: str):
-    """Imports what an engine needs (the "import" phase of a cold start)."""
+def _engine_import(runtime: str):
+    """Imports what a runtime needs (the "import" phase of a cold start)."""
     import numpy  # noqa: F401  (each engine imports it anyway; done here so no later phase pays for it)
 
-    if engine == "ggml":
+    if runtime == "ggml":
         import pyggml_resnet
         return pyggml_resnet
-    if engine == "torch":
+    if runtime == "torch":
         import torch
         return torch
+    if runtime == "openvino":
+        import openvino
+        return openvino
     import onnxruntime
     return onnxruntime
 
 
-def _engine_load(engine: str, mod, a):
+def _engine_load(runtime: str, mod, a):
     """Loads the model (the "load" phase); returns run(x: NCHW float32 array) -> logits array."""
     path, threads = a.path, a.threads
-    if engine == "ggml":
+    if runtime == "ggml":
         model = mod.load(path, threads=threads, dtype=a.dtype, gemm=a.gemm)
         return model.logits
-    if engine == "torch":
+    if runtime == "torch":
         torch = mod
         torch.set_num_threads(threads)
         # mmap + assign: no copy of the weights and no random init, PyTorch's cheapest standard way in.
@@ -130,7 +140,17 @@ def _engine_load(engine: str, mod, a):
             with torch.inference_mode():
                 return model(torch.from_numpy(x)).numpy()
         return run
-    ort = mod
+    if runtime == "openvino":
+        # An int8 model's precision is in its QDQ nodes: the rest runs in f32, as ONNX Runtime runs it.
+        return openvino_session(path, threads, "bf16" if a.dtype == "bf16" else "f32")
+    return onnxruntime_session(path, threads)
+
+
+def onnxruntime_session(path: str, threads: int):
+    """ONNX Runtime on the CPU with every graph optimisation, `threads` threads inside each op and one op at
+    a time: run(x: NCHW float32 array) -> logits array."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -139,6 +159,20 @@ def _engine_load(engine: str, mod, a):
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+def openvino_session(path: str, threads: int, precision: str = "f32"):
+    """OpenVINO on the CPU tuned for one request at a time (PERFORMANCE_HINT=LATENCY) with `threads` threads,
+    computing in `precision` ("f32" or "bf16"; its default would be bf16 on CPUs with native bf16):
+    run(x: NCHW float32 array) -> logits array."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                     "PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    # The output lives in the request's buffer, which the next inference overwrites: hand out a copy.
+    return lambda x: request.infer({0: x}, share_inputs=True)[0].copy()
 
 
 def _input(batch: int, size: int, seed: int):
@@ -164,6 +198,8 @@ def _protocol_stream():
 def _worker(a, proto) -> int:
     import resource
 
+    import numpy
+
     mod = _engine_import(a.engine)
     t = time.perf_counter()
     run = _engine_load(a.engine, mod, a)
@@ -185,8 +221,8 @@ def _worker(a, proto) -> int:
                 run(x)
                 times.append(time.perf_counter() - t)
             reply = {"times": times}
-        elif msg["cmd"] == "logits":
-            reply = {"logits": [float(v) for v in run(_input(1, a.size, REFERENCE_SEED))[0]]}
+        elif msg["cmd"] == "logits":  # of the test images in an .npy file, one at a time
+            reply = {"logits": [[float(v) for v in run(x[None])[0]] for x in numpy.load(msg["path"])]}
         elif msg["cmd"] == "exit":
             proto.write(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}) + "\n")
             return 0
@@ -203,7 +239,7 @@ def _cold(a, proto) -> int:
     t_import = time.monotonic()
     run = _engine_load(a.engine, mod, a)
     t_load = time.monotonic()
-    run(_input(1, a.size, REFERENCE_SEED))
+    run(_input(1, a.size, COLD_SEED))
     t_first = time.monotonic()
     proto.write(json.dumps({"import_end": t_import, "load_end": t_load, "first_end": t_first}) + "\n")
     return 0
@@ -214,6 +250,7 @@ def _prepare(a, proto) -> int:
     import torch
 
     from pyggml_resnet import loader
+    from pyggml_resnet.bench import peers
 
     tensors = loader.read(a.path).tensors()  # float32 arrays in PyTorch's shapes
     state = {k: torch.from_numpy(v) for k, v in tensors.items()}
@@ -224,26 +261,27 @@ def _prepare(a, proto) -> int:
     model.load_state_dict(state, assign=True)  # strict: the module is torchvision's, name for name
     torch.save(model.state_dict(), os.path.join(a.out, "model.pth"))
     if a.onnx:
-        x = torch.from_numpy(_input(1, a.size, REFERENCE_SEED))
-        path = os.path.join(a.out, "model.onnx")
-        # The TorchScript exporter is quick and writes one self-contained file; the dynamo one is the
-        # fallback for torch versions that have dropped it.
-        try:
-            torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                              dynamo=False)
-        except Exception:
-            batch = torch.export.Dim("batch", min=1, max=1024)
-            torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
-                              dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+        peers.export_onnx(model, os.path.join(a.out, "model.onnx"), a.size)
+    proto.write(json.dumps({"done": True}) + "\n")
+    return 0
+
+
+def _quantize(a, proto) -> int:
+    """ONNX Runtime's static int8 quantization of the ONNX model at --path, calibrated on the images of the .npy
+    file --calibration: model-int8.onnx in --out."""
+    import numpy
+
+    from pyggml_resnet.bench import peers
+
+    peers.quantize_int8(a.path, os.path.join(a.out, "model-int8.onnx"), numpy.load(a.calibration))
     proto.write(json.dumps({"done": True}) + "\n")
     return 0
 
 
 def main(argv) -> int:
     p = argparse.ArgumentParser(prog="pyggml_resnet.bench.child")
-    p.add_argument("mode", choices=["worker", "cold", "prepare"])
-    p.add_argument("--engine", choices=ENGINES, default="ggml")
+    p.add_argument("mode", choices=["worker", "cold", "prepare", "quantize"])
+    p.add_argument("--engine", choices=RUNTIMES, default="ggml")
     p.add_argument("--path", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="f32")
@@ -252,6 +290,7 @@ def main(argv) -> int:
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1])
     p.add_argument("--out", default=".")
     p.add_argument("--onnx", action="store_true")
+    p.add_argument("--calibration", default=None)  # quantize: an .npy file of images
     p.add_argument("--block", required=True)  # the model's config, for the torch engine
     p.add_argument("--layers", type=lambda s: [int(v) for v in s.split(",")], required=True)
     p.add_argument("--groups", type=int, default=1)
@@ -260,7 +299,7 @@ def main(argv) -> int:
     a = p.parse_args(argv)
     proto = _protocol_stream()
     try:
-        return {"worker": _worker, "cold": _cold, "prepare": _prepare}[a.mode](a, proto)
+        return {"worker": _worker, "cold": _cold, "prepare": _prepare, "quantize": _quantize}[a.mode](a, proto)
     except Exception as e:
         traceback.print_exc()
         proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")

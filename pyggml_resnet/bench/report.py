@@ -31,11 +31,12 @@ def machine_info() -> dict:
     flags = set(info.get("flags", info.get("Features", "")).split())  # x86, arm64
     # The instruction sets that decide which kernels the engines can use.
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
-                       "asimd", "sve") if f in flags]
+                       "amx_bf16", "amx_int8", "asimd", "sve") if f in flags]
     return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": available_cpus(), "isa": isa,
             "os": platform.platform(),
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "torch": _dist_version("torch"), "onnxruntime": _dist_version("onnxruntime"),
+                         "openvino": _dist_version("openvino"), "onnx": _dist_version("onnx"),
                          "ggml": ggml.version(), "pyggml-resnet": __version__, "gguf": _dist_version("gguf")}}
 
 
@@ -50,8 +51,10 @@ def format_report(r: dict) -> str:
            f"{m['flops_per_image'] / 1e9:.2f} GFLOP per image",
            f"{s['threads']} threads per engine, {s['rounds']} rounds, timed iterations per engine per round: "
            + ", ".join(f"batch {b}: {k}" for b, k in s["iters"].items()), ""]
-    for part, lines in (("correctness", _correctness), ("results", _speed), ("cold_start", _cold_start),
-                        ("load_by_dtype", _loads), ("contention", _contention)):
+    if r["correctness"]:
+        out += _correctness(r["correctness"], s) + [""]
+    for part, lines in (("results", _speed), ("cold_start", _cold_start), ("load_by_dtype", _loads),
+                        ("contention", _contention)):
         if r[part]:
             out += lines(r[part]) + [""]
 
@@ -70,13 +73,17 @@ def format_report(r: dict) -> str:
     return "\n".join(out)
 
 
-def _correctness(correctness: list[dict]) -> list[str]:
-    out = [f"correctness: logits of one image, relative L2 error vs {correctness[0]['reference']}",
-           f"  {'engine':<16} {'rel. error':>10}  top-1"]
-    for c in correctness:
-        agree = "agrees" if c["top1_agrees"] else "DIFFERS"
-        out.append(f"  {c['engine']:<16} {c['rel_l2_error']:>10.2e}  {agree} (class {c['top1']})")
-    return out
+def _correctness(correctness: list[dict], settings: dict) -> list[str]:
+    ref, n = correctness[0]["reference"], correctness[0]["images"]
+    calibration = settings.get("calibration_images")
+    columns = [("engine", 16), ("rel. error", 10), ("top-1", 6), ("top-5", 6)]
+    rows = [[c["engine"], f"{c['rel_l2_error']:.2e}", f"{round(c['top1_agreement'] * n)}/{n}",
+             f"{round(c['top5_agreement'] * n)}/{n}"] for c in correctness]
+    return ([f"correctness: logits of {n} synthetic test images against {ref}'s"
+             + (f" (none of them among the {calibration} that calibrated the int8 engines)" if calibration else "")]
+            + _table(columns, rows)
+            + [f"  rel. error: relative L2 error of all the logits; top-1: images whose top class is {ref}'s;",
+               f"  top-5: images whose top 5 classes hold {ref}'s top class"])
 
 
 def _table(columns: list[tuple[str, int]], rows: list) -> list[str]:
@@ -94,13 +101,15 @@ def _x(ratio) -> str | None:
 
 def _speed(results: list[dict]) -> list[str]:
     columns = [("engine", 16), ("batch", 5), ("median", 9), ("min", 9), ("max", 9), ("vs torch", 9),
-               ("GFLOP/s", 8), ("peak RSS MiB", 13)]
+               ("rel. error", 10), ("GFLOP/s", 8), ("peak RSS MiB", 13)]
     rows = [[x["engine"], str(x["batch"]), f"{x['median_ms_per_image']:.1f}", f"{x['min_ms_per_image']:.1f}",
-             f"{x['max_ms_per_image']:.1f}", _fmt(_x(x["ratio_to_torch"] or None), "s", 0), f"{x['gflops']:.1f}",
+             f"{x['max_ms_per_image']:.1f}", _fmt(_x(x["ratio_to_torch"] or None), "s", 0),
+             _fmt(x.get("rel_l2_error"), ".1e", 0), f"{x['gflops']:.1f}",
              _fmt(x["peak_rss_kib"] / 1024 if x["peak_rss_kib"] else None, ".0f", 0)] for x in results]
     return (["speed, ms per image (vs torch: time ratio at the same batch, below 1 is faster)"]
             + _table(columns, rows)
-            + ["  (peak RSS: the engine process's peak over the whole run, every batch size included)"])
+            + ["  (rel. error: of the logits against the reference's, from the correctness check; peak RSS: the",
+               "  engine process's peak over the whole run, every batch size included)"])
 
 
 def _cold_start(cold: list[dict]) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import arch, convert, loader
-from ..arch import ResNetConfig
+from ..arch import Preprocessing, ResNetConfig
 from ..argtypes import positive
 from ..dtypes import NAMES as DTYPES
 
@@ -25,7 +25,7 @@ GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffi
 from ..errors import Error, print_error
 from ..cpu import available_cpus, default_threads
 from ..plan import gemm_paths
-from . import contention, quiet
+from . import contention, peers, quiet
 from .child import ENGINES, iterations
 from .procs import Worker, WorkerError, answer_timeout, child_command, run_child, start_worker
 from .report import format_report, machine_info
@@ -45,6 +45,7 @@ class Run:
     cfg: ResNetConfig | None = None
     num_classes: int = 1000
     size: int = 224  # the input's side
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)  # the model's, for the synthetic images
     gguf_path: str = ""
     source: str = ""  # where the weights came from, for the report
     rows: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name -> (engine, dtype, model path)
@@ -85,9 +86,10 @@ def _progress(text: str, end: str = "\n") -> None:
 
 def parse_args(argv, prog: str = "pyggml-resnet bench") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog,
-                                description="Time ggml against PyTorch eager and ONNX Runtime on the same "
-                                            "ResNet weights, each engine in its own process, and check that "
-                                            "they agree.")
+                                description="Time ggml against PyTorch eager, ONNX Runtime and OpenVINO (f32, "
+                                            "and int8 quantized statically) on the same ResNet weights, each "
+                                            "engine in its own process, and check how far each is from "
+                                            "PyTorch's logits.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a GGUF model file (default: a seeded random model of --arch)")
     src.add_argument("--arch", choices=list(arch.BY_NAME), default="resnet101",
@@ -105,7 +107,15 @@ def parse_args(argv, prog: str = "pyggml-resnet bench") -> argparse.Namespace:
                         "(our GEMM, ggml-f32-packed) or ggml (its mul_mat, ggml-f32-mul_mat) (default: one row, the "
                         "load default)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
-                   help="engines to run (default: all; missing ones are skipped)")
+                   help="engines to run: ggml (one row per --dtype), torch (PyTorch eager), onnxruntime and "
+                        "openvino (the f32 ONNX export; openvino-bf16 at OpenVINO's bf16 precision, on CPUs with "
+                        "native bf16), onnxruntime-int8 and openvino-int8 (ONNX Runtime's static int8 "
+                        "quantization of that export) (default: all; missing ones are skipped)")
+    p.add_argument("--calibration-count", type=positive, default=16, metavar="N",
+                   help="synthetic images that calibrate the int8 engines' activation ranges (default: 16)")
+    p.add_argument("--test-count", type=positive, default=8, metavar="N",
+                   help="synthetic images, none of them a calibration image, whose logits every engine is "
+                        "checked on against PyTorch's (default: 8)")
     p.add_argument("--contention", action="store_true",
                    help="then time ggml and PyTorch again with twice the threads, and beside 1 and 2 busy "
                         "processes, and print each case's ratio against the quiet one")
@@ -160,7 +170,7 @@ def _phases(run: Run) -> int:
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     make_model(run)
     flops = flops_per_image(run.cfg, run.size, run.size, run.num_classes)
-    engine_rows(run, prepare_references(run, *available_engines(run)))
+    engine_rows(run, prepare_references(run, available_engines(run)))
     start_workers(run)
     correctness = check_correctness(run)
     busy = _wait_until_quiet(run, load_avg)
@@ -175,7 +185,9 @@ def _phases(run: Run) -> int:
                   "input": [3, run.size, run.size], "flops_per_image": flops},
         "settings": {"batches": a.batch, "threads": a.threads, "rounds": a.rounds,
                      "iters": {str(b): iterations(a.iters, b) for b in a.batch},
-                     "engines": list(run.rows), "ggml_dtypes": a.dtype},
+                     "engines": list(run.rows), "ggml_dtypes": a.dtype, "test_images": a.test_count,
+                     "calibration_images": a.calibration_count if any(dt == "int8" for _, dt, _ in run.rows.values())
+                     else None},
         "machine": {**machine_info(), "load_average_at_start": load_avg, "busy_cpus_before_timing": busy},
         "engines": run.status,
         "correctness": correctness,
@@ -213,6 +225,7 @@ def make_model(run: Run) -> None:
         mf = loader.read(run.args.model)  # validates the file before any worker starts
         # Timed on square inputs: a file that records another shape is timed at its height.
         run.cfg, run.num_classes, run.size = mf.config, mf.num_classes, mf.preprocessing.input_size[0]
+        run.preprocessing = mf.preprocessing
         run.gguf_path = run.args.model
         run.source = f"{os.path.abspath(run.args.model)} ({mf.weights_name}, stored {mf.dtype})"
         return
@@ -226,40 +239,84 @@ def make_model(run: Run) -> None:
     run.source = f"random weights (NumPy seed {SEED})"
 
 
-def available_engines(run: Run) -> tuple[bool, bool]:
-    """Whether PyTorch and ONNX Runtime are wanted and can run here (a note says why not)."""
-    want_torch, want_ort = "torch" in run.args.engines, "onnxruntime" in run.args.engines
-    if (want_torch or want_ort) and importlib.util.find_spec("torch") is None:
-        run.note("torch is not installed: skipping PyTorch" + (" and ONNX Runtime (the ONNX model is exported "
-                                                                 "from PyTorch)" if want_ort else ""))
-        return False, False
-    if want_ort and importlib.util.find_spec("onnxruntime") is None:
-        run.note("onnxruntime is not installed (pip install onnxruntime onnx): skipping ONNX Runtime")
-        want_ort = False
-    if want_ort and importlib.util.find_spec("onnx") is None:
-        run.note("onnx is not installed (pip install onnx), torch cannot export: skipping ONNX Runtime")
-        want_ort = False
-    return want_torch, want_ort
+# What each engine but ggml needs installed: torch runs PyTorch and exports the ONNX model the others run; the
+# int8 engines run ONNX Runtime's quantization of it. Then the pip install that brings each package.
+NEEDS = {"torch": ("torch",), "onnxruntime": ("torch", "onnx", "onnxruntime"),
+         "onnxruntime-int8": ("torch", "onnx", "onnxruntime"), "openvino": ("torch", "onnx", "openvino"),
+         "openvino-bf16": ("torch", "onnx", "openvino"),
+         "openvino-int8": ("torch", "onnx", "onnxruntime", "openvino")}
+PIP = {"torch": "torch==2.13.0", "onnx": "onnx", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16"}  # CPU flags with which OpenVINO's bf16 is not emulated
 
 
-def prepare_references(run: Run, want_torch: bool, want_ort: bool) -> dict[str, str]:
-    """The .pth (and .onnx) files of the same weights, made in one child process: {engine: path}."""
-    if not (want_torch or want_ort):
+def available_engines(run: Run) -> list[str]:
+    """The engines of --engines, but ggml, that can run here; a note says why each other one cannot."""
+    ok, skipped = [], {}  # skipped: {the first missing package: [engines it stops]}
+    for engine in run.args.engines:
+        if engine == "ggml":
+            continue
+        missing = next((m for m in NEEDS[engine] if importlib.util.find_spec(m) is None), None)
+        if missing:
+            skipped.setdefault(missing, []).append(engine)
+        else:
+            ok.append(engine)
+    for package, engines in skipped.items():
+        lacking = dict.fromkeys(m for e in engines for m in NEEDS[e] if importlib.util.find_spec(m) is None)
+        why = "the ONNX models are exported from PyTorch; " if package == "torch" and engines != ["torch"] else ""
+        run.note(f"{package} is not installed: skipping {', '.join(engines)} ({why}pip install "
+                 + " ".join(PIP[m] for m in lacking) + ")")
+    if "openvino-bf16" in ok and not NATIVE_BF16 & set(machine_info()["isa"]):
+        ok.remove("openvino-bf16")
+        run.note("this CPU has no native bf16 (AVX512-BF16 or AMX), where OpenVINO's bf16 would be emulated: "
+                 "skipping openvino-bf16")
+    return ok
+
+
+def prepare_references(run: Run, engines: list[str]) -> dict[str, str]:
+    """The files the peers run, of the same weights: {engine: path}. The .pth and .onnx files are made in one
+    child process, ONNX Runtime's int8 quantization of the .onnx (on the calibration images) in another, so
+    the f32 engines still run if quantizing fails."""
+    if not engines:
         return {}
-    _progress("writing the weights for PyTorch" + (" and exporting ONNX" if want_ort else "") + " ...", end=" ")
+    int8 = [e for e in engines if ENGINES[e][1] == "int8"]
+    onnx = [e for e in engines if e != "torch"]
+    _progress("writing the weights for PyTorch" + (" and exporting ONNX" if onnx else "") + " ...", end=" ")
     t = time.perf_counter()
     try:
-        run_child(run.command("prepare", "torch", run.gguf_path, out=run.tmp, onnx=want_ort),
+        run_child(run.command("prepare", "torch", run.gguf_path, out=run.tmp, onnx=bool(onnx)),
                   os.path.join(run.tmp, "prepare.log"), PREPARE_TIMEOUT)
     except WorkerError as e:
         _progress("failed")
-        run.note(f"preparing the PyTorch/ONNX models failed, skipping them: {e}")
+        run.note(f"preparing the PyTorch/ONNX models failed, skipping {', '.join(engines)}: {e}")
         return {}
     _progress(f"{time.perf_counter() - t:.1f} s")
-    paths = {"torch": os.path.join(run.tmp, "model.pth")}
-    if want_ort:
-        paths["onnxruntime"] = os.path.join(run.tmp, "model.onnx")
+    paths = {e: os.path.join(run.tmp, "model.pth" if e == "torch" else "model.onnx") for e in engines}
+    if int8:
+        for e in int8:
+            paths.pop(e)
+        if quantize(run, int8):
+            paths.update((e, os.path.join(run.tmp, "model-int8.onnx")) for e in int8)
     return paths
+
+
+def quantize(run: Run, engines: list[str]) -> bool:
+    """ONNX Runtime's static int8 quantization of the ONNX export for `engines`, calibrated on
+    --calibration-count synthetic images (peers.quantize_int8), in a child process; False (with a note) if it
+    failed."""
+    n = run.args.calibration_count
+    _progress(f"quantizing to int8 on {n} calibration images ...", end=" ")
+    t = time.perf_counter()
+    calibration = os.path.join(run.tmp, "calibration.npy")
+    np.save(calibration, peers.images(peers.CALIBRATION, n, run.preprocessing))
+    try:
+        run_child(run.command("quantize", "onnxruntime", os.path.join(run.tmp, "model.onnx"), out=run.tmp,
+                              calibration=calibration), os.path.join(run.tmp, "quantize.log"), PREPARE_TIMEOUT)
+    except WorkerError as e:
+        _progress("failed")
+        run.note(f"quantizing the ONNX model to int8 failed, skipping {', '.join(engines)}: {e}")
+        return False
+    _progress(f"{time.perf_counter() - t:.1f} s")
+    return True
 
 
 def engine_rows(run: Run, paths: dict[str, str]) -> None:
@@ -274,7 +331,7 @@ def engine_rows(run: Run, paths: dict[str, str]) -> None:
                     run.rows[name] = ("ggml", dt, run.gguf_path)
                     run.gemm[name] = gemm
         elif engine in paths:
-            run.rows[engine] = (engine, "f32", paths[engine])
+            run.rows[engine] = (ENGINES[engine][0], ENGINES[engine][1], paths[engine])
     run.status = {name: {"engine": e, "dtype": dt, "status": "ok", "error": None}
                   for name, (e, dt, _) in run.rows.items()}
 
@@ -294,31 +351,34 @@ def start_workers(run: Run) -> None:
             f"batch {b}: {s * 1e3:.0f} ms" for b, s in run.est[name].items()) + ")")
 
 
+REFERENCES = ("torch", "onnxruntime", "openvino")  # exact in f32; PyTorch first, as the others imitate it
+
+
 def check_correctness(run: Run) -> list[dict]:
-    """One fixed image through every engine, compared with the reference engine's logits."""
-    logits = {}
-    for name, w in list(run.workers.items()):
-        try:
-            reply = w.request({"cmd": "logits"}, run.timeout(name, 1, 1))
-            logits[name] = np.asarray(reply["logits"], dtype=np.float64)
-        except WorkerError as e:
-            run.fail(name, e)
-    # The reference is an engine other than ours, exact in f32: PyTorch first, as the others imitate it.
-    ref = next((n for n in ("torch", "onnxruntime") if n in logits), None)
-    if ref is None:
+    """The synthetic test images (none a calibration image) through every engine, one at a time, each engine's
+    logits compared with the reference engine's (peers.agreement)."""
+    if not any(n in run.workers for n in REFERENCES):
         why = ("torch is not installed (pip install torch==2.13.0)" if importlib.util.find_spec("torch") is None
                else "no torch row ran (--engines ggml torch)")
         run.note(f"no reference engine: {why}, so ggml's logits are not checked against anything and no "
                  "time has a ratio to PyTorch's")
         return []
+    path = os.path.join(run.tmp, "test-images.npy")
+    np.save(path, peers.images(peers.TEST, run.args.test_count, run.preprocessing))
+    logits = {}
+    for name, w in list(run.workers.items()):
+        try:
+            reply = w.request({"cmd": "logits", "path": path}, run.timeout(name, 1, run.args.test_count))
+            logits[name] = np.asarray(reply["logits"], dtype=np.float64)
+        except WorkerError as e:
+            run.fail(name, e)
+    ref = next((n for n in REFERENCES if n in logits), None)
     correctness = []
-    r = logits[ref]
-    for name, z in logits.items():
-        entry = {"engine": name, "reference": ref,
-                 "rel_l2_error": float(np.linalg.norm(z - r) / max(np.linalg.norm(r), 1e-30)),
-                 "top1": int(np.argmax(z)), "top1_agrees": bool(np.argmax(z) == np.argmax(r))}
+    for name, z in logits.items() if ref else ():
+        entry = {"engine": name, "reference": ref, **peers.agreement(z, logits[ref])}
+        entry["top1_agrees"] = entry["top1_agreement"] == 1.0  # on every image
         correctness.append(entry)
-        run.status[name].update(rel_l2_error=entry["rel_l2_error"], top1_agrees=entry["top1_agrees"])
+        run.status[name].update({k: entry[k] for k in ("rel_l2_error", "top1_agreement", "top5_agreement")})
     return correctness
 
 
@@ -437,5 +497,6 @@ def summarize(run: Run, samples: dict, flops: int) -> list[dict]:
                             "min_ms_per_image": min(s) * 1e3, "max_ms_per_image": max(s) * 1e3,
                             "ratio_to_torch": med / torch_med if torch_med else None,
                             "gflops": flops / med / 1e9, "peak_rss_kib": run.status[name].get("peak_rss_kib"),
+                            "rel_l2_error": run.status[name].get("rel_l2_error"),
                             "samples_ms_per_image": [v * 1e3 for v in s]})
     return results
