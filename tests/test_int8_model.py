@@ -17,10 +17,12 @@ from pyggml_resnet.ggml import gemm_int8_paths
 
 from conftest import calibration_pictures
 
-TEST_IMAGES = 8
-# Measured on the seeded nets with 8 calibration and 8 test images (docs/usage.md): ResNet-18 rel-L2 ~0.0X,
-# ResNet-101 ~0.0X; the bounds leave room for another CPU's rounding of the f32 reference only.
-REL_L2_BOUND = {18: 0.05, 101: 0.10}
+TEST_IMAGES = 16
+# Measured on the seeded nets, 8 calibration and 16 test pictures (docs/usage.md): relative L2 error 0.016
+# (ResNet-18) and 0.019 (ResNet-101); top-1 agreement 1.0 and 0.69 (the seeded nets' top logits lie close
+# together; ONNX Runtime int8 agrees on the same 0.69), top-5 1.0. The bounds leave a little room.
+REL_L2_BOUND = {18: 0.025, 101: 0.03}
+TOP1_BOUND = {18: 0.9, 101: 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +40,10 @@ def test_int8_logits_close_to_pytorch_f32(model_files, test_images, depth):
     ref, _, path = model_files(depth, dtype="int8")
     with pyggml_resnet.load(path, threads=2) as model:
         assert model.dtype == "int8" and model.gemm == gemm_int8_paths()[0]
-        assert f"int8" in repr(model) and model.gemm in repr(model)
+        assert "int8" in repr(model) and model.gemm in repr(model)
         got = peers.agreement(model.logits(test_images), torch_logits(ref, test_images))
     assert 0 < got["rel_l2_error"] <= REL_L2_BOUND[depth], got
-    assert got["top1_agreement"] >= 0.75 and got["top5_agreement"] == 1.0, got
+    assert got["top1_agreement"] >= TOP1_BOUND[depth] and got["top5_agreement"] == 1.0, got
 
 
 def test_int8_bit_identical_across_batches_threads_and_paths(model_files, test_images):
@@ -52,7 +54,7 @@ def test_int8_bit_identical_across_batches_threads_and_paths(model_files, test_i
             assert model.gemm == gemm
             for threads in (1, 2, 3):
                 model.threads = threads
-                for batch in (1, 3, 8):
+                for batch in (1, 3, 8):  # 3 leaves a last batch of 1
                     got = np.concatenate([model.logits(test_images[i:i + batch])
                                           for i in range(0, TEST_IMAGES, batch)])
                     first = got if first is None else first

@@ -24,7 +24,7 @@ from ..errors import InputError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SAMPLES = 8192  # values kept per conv input and image, for the percentile and MSE rules
 RULES = ("minmax", "percentile", "mse")
-DEFAULT_RULE = "mse"
+DEFAULT_RULE = "minmax"
 PERCENTILE = 99.99
 U8_MAX = 255
 
