@@ -31,7 +31,8 @@ U8_MAX = 255
 
 def image_sources(sources, count: int | None = None) -> list:
     """The calibration images: `sources` is a path (a directory: its image files, sorted by name), or a list of
-    paths, PIL images and HxWx3 uint8 arrays; the first `count` (all if None). InputError if none is left."""
+    paths, PIL images, HxWx3 uint8 arrays and float32 (3, H, W) images already preprocessed as the model's
+    settings say; the first `count` (all if None). InputError if none is left."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     images = []
@@ -47,6 +48,13 @@ def image_sources(sources, count: int | None = None) -> list:
     if not images:
         raise InputError(f"no calibration images in {sources!r}: give image files, a directory of them, or arrays")
     return images
+
+
+def _preprocessed(model, img) -> np.ndarray:
+    """A calibration image as the network's (3, H, W) float32 input."""
+    if isinstance(img, np.ndarray) and img.dtype == np.float32 and img.ndim == 3 and img.shape[0] == 3:
+        return img
+    return model.preprocess(img)
 
 
 def stem_quant(p: Preprocessing) -> InputQuant:
@@ -84,7 +92,7 @@ def input_quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bo
     samples: dict[str, list[np.ndarray]] = {}
     largest: dict[str, float] = {}
     for img in tqdm(images, desc="calibrating", unit="image", file=sys.stderr, disable=not progress):
-        for name, x in model.conv_inputs(model.preprocess(img)[None]).items():
+        for name, x in model.conv_inputs(_preprocessed(model, img)[None]).items():
             flat = x.reshape(-1)
             if name != STEM.name and flat.size and flat.min() < 0:
                 raise InputError(f"the input of {name} is negative: it does not follow a ReLU")
