@@ -108,3 +108,14 @@ def test_convert_command_line_calibrates_from_a_directory(model_files, tmp_path,
         x = peers.images(peers.TEST, 2)
         got = peers.agreement(model.logits(x), torch_logits(ref, x))
     assert got["rel_l2_error"] < 0.2, got
+
+
+def test_resnext_int8_keeps_its_grouped_convs_f32(model_files):
+    """ResNeXt's grouped 3x3 convs stay f32 (BatchNorm folded at conversion), every other conv runs int8."""
+    ref, _, path = model_files(50, 10, dtype="int8", groups=32, width_per_group=4)
+    x = peers.images(peers.TEST, 4)
+    with pyggml_resnet.load(path, threads=2) as model:
+        layouts = {m.conv.groups: m.layout.value for m in model._plan.matrices.values() if m.conv}
+        assert layouts == {1: "int8", 32: "plain"}
+        got = peers.agreement(model.logits(x), torch_logits(ref, x))
+    assert 0 < got["rel_l2_error"] < 0.03 and got["top1_agreement"] == 1.0, got  # measured 0.020
