@@ -44,6 +44,17 @@ class Key:
     STD = "resnet.preprocess.std"
     INTERPOLATION = "resnet.preprocess.interpolation"
     ANTIALIAS = "resnet.preprocess.antialias"  # optional, default true (PIL's resize, what older files meant)
+    # int8 files (docs/gguf.md): one entry per int8 convolution (every ungrouped one), in graph order.
+    INPUT_SCALE = "resnet.int8.input_scale"  # float32: the u8 step of the conv's input
+    INPUT_ZERO = "resnet.int8.input_zero_point"  # 0..255: the u8 value of an input of 0.0
+
+
+@dataclass(frozen=True)
+class InputQuant:
+    """How an int8 conv's f32 input is quantized to u8: q = clamp(rint(x / scale) + zero, 0, 255)."""
+
+    scale: float  # finite, > 0
+    zero: int  # 0..255
 
 
 @dataclass(frozen=True)
@@ -279,22 +290,34 @@ def convolutions(cfg: ResNetConfig):
             yield down
 
 
-def expected_tensors(cfg: ResNetConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
+def conv_prefix(conv: Conv) -> str:
+    """The name a conv's tensors other than its weight start with: "layer1.0.conv2" for "layer1.0.conv2.weight"."""
+    return conv.name.removesuffix(".weight")
+
+
+def expected_tensors(cfg: ResNetConfig, num_classes: int, int8: bool = False) -> dict[str, tuple[int, ...]]:
     """Every inference tensor of torchvision's ResNet state_dict (num_batches_tracked left out), in
-    state_dict order, with its PyTorch shape."""
+    state_dict order, with its PyTorch shape; with `int8`, an int8 file's instead (docs/gguf.md): each conv's
+    weight with its BatchNorm folded in, its folded bias `.bias` and, ungrouped (stored s8), its per-channel
+    `.weight_scale`."""
     t: dict[str, tuple[int, ...]] = {}
     for conv in convolutions(cfg):
         t[conv.name] = conv.shape
-        t.update(_bn(conv.bn, conv.out_ch))
+        if not int8:
+            t.update(_bn(conv.bn, conv.out_ch))
+            continue
+        t[f"{conv_prefix(conv)}.bias"] = (conv.out_ch,)
+        if conv.groups == 1:
+            t[f"{conv_prefix(conv)}.weight_scale"] = (conv.out_ch,)
     t["fc.weight"] = (num_classes, cfg.feature_dim)
     t["fc.bias"] = (num_classes,)
     return t
 
 
-def check_tensor_names(cfg: ResNetConfig, num_classes: int, names, more_problems=()) -> None:
-    """ModelFormatError unless `names` (a sequence) are exactly `expected_tensors(cfg, num_classes)`, each once,
-    naming the first few missing, unexpected and repeated ones (and any `more_problems` the caller found)."""
-    expected = expected_tensors(cfg, num_classes)
+def check_tensor_names(cfg: ResNetConfig, num_classes: int, names, more_problems=(), int8: bool = False) -> None:
+    """ModelFormatError unless `names` (a sequence) are exactly `expected_tensors(cfg, num_classes, int8)`, each
+    once, naming the first few missing, unexpected and repeated ones (and any `more_problems` the caller found)."""
+    expected = expected_tensors(cfg, num_classes, int8)
     counts = collections.Counter(names)  # in the order names first appear
     lists = (("missing", [n for n in expected if n not in counts]),
              ("unexpected", [n for n in counts if n not in expected]),

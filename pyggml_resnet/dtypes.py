@@ -122,8 +122,13 @@ BF16 = DType("bf16", 30, 1, 2, 3.38e38, np.uint16, bf16_round, _bf16_decode)
 Q8_0 = DType("q8_0", 8, _Q8_BLOCK, 2 + _Q8_BLOCK, 65504.0 * 127, np.uint8, _q8_0_encode, _q8_0_decode)
 
 TYPES = (F32, F16, BF16, Q8_0)
+# ggml's I8: the s8 quants of an int8 file's convolutions (docs/gguf.md), stored only: they reach the GEMM as
+# raw words (int8.words), so I8 is not among the types a model computes with. `encode` takes quants that are
+# already integers in -127..127 (int8.quantize makes them); `decode` gives them back as int8, not float32.
+I8 = DType("int8", 24, 1, 1, 127.0, np.int8, lambda a: a.astype(np.int8), lambda raw: raw.view(np.int8))
 BY_NAME = {t.name: t for t in TYPES}
 BY_CODE = {t.code: t for t in TYPES}
+STORED_BY_CODE = {**BY_CODE, I8.code: I8}  # what a model file may hold
 NAMES = tuple(BY_NAME)  # "f32", "f16", "bf16", "q8_0"
 
 

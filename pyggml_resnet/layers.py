@@ -60,15 +60,21 @@ def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray
 
 
 def conv2d(g: Graph, x: Tensor, w: Tensor, plan: MatrixPlan, *, bias: Tensor | None = None,
-           residual: Tensor | None = None, relu: bool = False) -> Tensor:
+           residual: Tensor | None = None, relu: bool = False, scales: Tensor | None = None,
+           colsums: Tensor | None = None) -> Tensor:
     """The convolution `plan.conv`: x [C, W, H, N], w from `arrange_weight` for this `plan` -> [OC, OW, OH, N],
     then + bias ([OC]), + residual (shaped like the result), ReLU. The packed GEMM does those as it writes its
     output; the other layouts add them as separate ops, after a gathering of patches (above 1x1) that the
     packed layout does not need: it reads its windows straight from x. A grouped conv (plain): see
     `grouped_product`. Winograd runs as `plan.winograd` says for x's size: a packed conv's 16 Winograd
-    products in the packed GEMM, the epilogue in the output transform."""
+    products in the packed GEMM, the epilogue in the output transform. Int8: `Graph.gemm_int8` with the
+    weights' `scales` and `colsums` (their tensors) and the input quantization of the plan, epilogue fused."""
     conv = plan.conv
     window = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding)
+    if plan.layout is Layout.INT8:
+        q = plan.input_quant
+        return g.gemm_int8(w, x, conv.out_ch, scales=scales, colsums=colsums, x_scale=q.scale, x_zero=q.zero,
+                           **window, bias=bias, residual=residual, relu=relu, path=plan.path)
     if conv.groups > 1:
         y = grouped_product(g, x, w, **window, groups=conv.groups)
     elif plan.winograd.runs(x.ne[1], x.ne[2]):

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import arch, dtypes, errors
 from .gguf_container import BOOL, FLOAT_TYPES, INT_TYPES, STRING, Container, RawTensor, read_container
-from .arch import Key, Preprocessing, ResNetConfig
+from .arch import InputQuant, Key, Preprocessing, ResNetConfig
 from .errors import ModelFormatError
 
 _MAX_CLASSES = 1_000_000
@@ -33,7 +33,7 @@ class TensorInfo:
     """Where one checked tensor lies in the file and how to decode it."""
 
     shape: tuple[int, ...]  # PyTorch's shape
-    kind: str  # "f32", "f16", "bf16" or "q8_0"
+    kind: str  # "f32", "f16", "bf16", "q8_0" or "int8"
     offset: int  # absolute, in bytes
     n_bytes: int
 
@@ -50,18 +50,19 @@ class ModelFile:
     eps: float
     preprocessing: Preprocessing
     weights_name: str
-    dtype: str  # the type the conv and fc weights are stored in
+    dtype: str  # the type the conv and fc weights are stored in ("int8": an int8 file, docs/gguf.md)
     infos: dict[str, TensorInfo] = field(repr=False)
     identity: tuple = field(repr=False)  # (device, inode, size, mtime) of the file checked
+    input_quants: dict[str, InputQuant] | None = field(default=None, repr=False)  # an int8 file's, by conv
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
         return {name: self.tensor(name) for name in self.infos}
 
     def tensor(self, name: str, scratch: np.ndarray | None = None, decode=None) -> np.ndarray:
-        """The tensor's values as float32 in its PyTorch shape. Raises ModelFormatError if the file changed
-        since it was checked (replaced, rewritten, truncated), and for NaN or infinite values or negative
-        BatchNorm variances.
+        """The tensor's values as float32 in its PyTorch shape (an int8 file's s8 weights: as int8, -127..127).
+        Raises ModelFormatError if the file changed since it was checked (replaced, rewritten, truncated), and
+        for NaN or infinite values, negative BatchNorm variances or weight scales, or an s8 value of -128.
 
         `scratch`, a uint8 array at least as large as the tensor's data (for a loader reading one tensor
         after another): the bytes are read into it rather than into fresh memory, which the OS would have to
@@ -77,11 +78,15 @@ class ModelFile:
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.n_bytes:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} is cut short (file truncated?)")
-        values = (decode or _decode)(info.kind, raw).reshape(info.shape)
+        values = (dtypes.I8.decode(raw) if info.kind == "int8" else (decode or _decode)(info.kind, raw)).reshape(info.shape)
         if not np.isfinite(values).all():
             raise ModelFormatError(f"{self.path}: tensor {name!r} contains NaN or infinite values")
         if name.endswith(".running_var") and (values < 0).any():
             raise ModelFormatError(f"{self.path}: tensor {name!r} holds negative variances")
+        if name.endswith(".weight_scale") and (values < 0).any():
+            raise ModelFormatError(f"{self.path}: tensor {name!r} holds negative scales")
+        if info.kind == "int8" and (values == -128).any():
+            raise ModelFormatError(f"{self.path}: tensor {name!r} holds -128 (s8 weights are -127..127)")
         return values
 
 
@@ -159,16 +164,48 @@ def _metadata(c: Container) -> tuple[ResNetConfig, int, tuple[str, ...], float, 
     return cfg, num_classes, labels, eps, pre, weights_name
 
 
+def _input_quants(c: Container, cfg: ResNetConfig) -> dict[str, InputQuant] | None:
+    """An int8 file's input quantization of each ungrouped conv (Key.INPUT_SCALE, Key.INPUT_ZERO), every
+    value checked; None for a float file (neither key)."""
+    scales = c.get(Key.INPUT_SCALE, FLOAT_TYPES, "an ARRAY of floats", array=True, required=False)
+    zeros = c.get(Key.INPUT_ZERO, INT_TYPES, "an ARRAY of integers", array=True, required=False)
+    if scales is None and zeros is None:
+        return None
+    names = [conv.name for conv in arch.convolutions(cfg) if conv.groups == 1]
+    for key, values in ((Key.INPUT_SCALE, scales), (Key.INPUT_ZERO, zeros)):
+        if values is None or len(values) != len(names):
+            raise ModelFormatError(f"an int8 file needs {key} with {len(names)} values (one per ungrouped "
+                                   f"convolution), got {'none' if values is None else len(values)}")
+    if not all(math.isfinite(v) and 0 < v <= 3.4e38 for v in scales):
+        raise ModelFormatError(f"{Key.INPUT_SCALE} must hold finite positive scales")
+    if not all(0 <= v <= 255 for v in zeros):
+        raise ModelFormatError(f"{Key.INPUT_ZERO} must hold zero points in 0..255")
+    return {name: InputQuant(float(s), int(z)) for name, s, z in zip(names, scales, zeros)}
+
+
+def _tensor_kind(name: str, code: int, expected: tuple[int, ...], int8: frozenset | None) -> dtypes.DType:
+    """The tensor's type, if a file of its kind may hold it there: an int8 file's (`int8`: the names of its
+    s8 tensors, the ungrouped conv weights) s8 tensors are int8 and everything else f32; a float file holds
+    no int8 and f32 vectors."""
+    dtype = dtypes.STORED_BY_CODE.get(code)  # the types `convert --dtype` writes
+    if dtype is None:
+        raise ModelFormatError(f"tensor {name!r} has unsupported type code {code}")
+    kind = dtype.name
+    if int8 is not None:
+        want = "int8" if name in int8 else "f32"
+        if kind != want:
+            raise ModelFormatError(f"tensor {name!r} of an int8 file must be {want}, got {kind}")
+    elif kind != "f32" and len(expected) == 1:  # (int8 in a float file: refused by `read`)
+        raise ModelFormatError(f"tensor {name!r} must be f32, got {kind}")
+    return dtype
+
+
 def _tensor_info(t: RawTensor, expected: tuple[int, ...], data_start: int, alignment: int,
-                 size: int) -> TensorInfo:
+                 size: int, int8: frozenset | None = None) -> TensorInfo:
     """Checks one tensor's type, shape and extent in the file, without reading its data."""
     name = t.name
-    dtype = dtypes.BY_CODE.get(t.type_code)  # the types `convert --dtype` writes
-    if dtype is None:
-        raise ModelFormatError(f"tensor {name!r} has unsupported type code {t.type_code}")
+    dtype = _tensor_kind(name, t.type_code, expected, int8)
     kind = dtype.name
-    if kind != "f32" and len(expected) == 1:
-        raise ModelFormatError(f"tensor {name!r} must be f32, got {kind}")
     shape = tuple(reversed(t.ne))  # GGUF lists dims in ggml order
     flat = (expected[0], math.prod(expected[1:])) if len(expected) == 4 else None
     if shape != expected and not (kind == "q8_0" and shape == flat):
@@ -200,10 +237,15 @@ def read(path: str | os.PathLike) -> ModelFile:
     with errors.in_file(path):
         container = read_container(path, size, _KEYS)
         cfg, num_classes, labels, eps, pre, weights_name = _metadata(container)
-        arch.check_tensor_names(cfg, num_classes, [t.name for t in container.tensors])
-        expected = arch.expected_tensors(cfg, num_classes)
+        quants = _input_quants(container, cfg)
+        if quants is None and any(t.type_code == dtypes.I8.code for t in container.tensors):
+            raise ModelFormatError(f"the file holds int8 weights but not their activation ranges ({Key.INPUT_SCALE}, "
+                                   f"{Key.INPUT_ZERO}): convert the checkpoint with --dtype int8 --calibration IMAGES")
+        int8 = None if quants is None else frozenset(quants)  # the s8 tensors: the calibrated convs' weights
+        arch.check_tensor_names(cfg, num_classes, [t.name for t in container.tensors], int8=int8 is not None)
+        expected = arch.expected_tensors(cfg, num_classes, int8 is not None)
         found = {t.name: t for t in container.tensors}
-        infos = {name: _tensor_info(found[name], shape, container.data_start, container.alignment, size)
+        infos = {name: _tensor_info(found[name], shape, container.data_start, container.alignment, size, int8)
                  for name, shape in expected.items()}
         spans = sorted((i.offset, i.offset + i.n_bytes, n) for n, i in infos.items())
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
@@ -213,4 +255,6 @@ def read(path: str | os.PathLike) -> ModelFile:
         dtype = "q8_0" if "q8_0" in kinds else next(iter(kinds - {"f32"}), "f32")
         if len(kinds - {"f32", dtype}):
             raise ModelFormatError(f"weights mix types {sorted(kinds)}")
-    return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, dtype, infos, _identity(st))
+    return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, "int8" if quants else dtype, infos,
+                     _identity(st), quants)
+

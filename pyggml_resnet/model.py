@@ -38,6 +38,26 @@ def top_predictions(probs: np.ndarray, k: int, labels) -> list[Prediction]:
     return [Prediction(labels[i], int(i), float(probs[i])) for i in np.argsort(-probs, kind="stable")[:k]]
 
 
+def _check_int8(model_file: loader.ModelFile, dtype, batchnorm: str, winograd) -> bool:
+    """Whether the file is int8, once its load options are checked: an int8 file runs int8 only, with its
+    BatchNorm folded (as it was at conversion) and no Winograd; int8 needs an int8 file (calibrated)."""
+    if model_file.input_quants is None:
+        if dtype == "int8":
+            raise InputError(f"{model_file.path} is a {model_file.dtype} file: int8 needs calibrated activation "
+                             "ranges, so convert the checkpoint with `python -m pyggml_resnet.convert CKPT OUT.gguf "
+                             "--dtype int8 --calibration IMAGES` and load that file")
+        return False
+    if dtype not in (None, "int8"):
+        raise InputError(f"{model_file.path} is an int8 file: load it with dtype None or 'int8', or load a float "
+                         f"file for {dtype!r}")
+    if batchnorm != "folded":
+        raise InputError(f"{model_file.path} is an int8 file, whose BatchNorm was folded into its weights at "
+                         "conversion: load it with batchnorm='folded', or a float file for batchnorm='explicit'")
+    if winograd:
+        raise InputError("int8 convolutions run as direct products: load an int8 file with winograd None or False")
+    return True
+
+
 class Model(_Closable):
     """A ResNet held in ggml memory. Use `pyggml_resnet.load` to make one.
 
@@ -53,9 +73,11 @@ class Model(_Closable):
         resnet.check_batchnorm(batchnorm)
         # The path of a load, top-down: the file (read), the plan, the weights arranged by the plan, and (per
         # input shape, in `_graph`) the graph built by the plan.
-        self._plan = plan_model(model_file.config, model_file.num_classes, dtype=Type.parse(dtype or model_file.dtype),
-                                gemm=gemm, winograd=winograd, batchnorm=batchnorm)
-        self.dtype = self._plan.weight_type.name.lower()
+        int8 = _check_int8(model_file, dtype, batchnorm, winograd)
+        self._plan = plan_model(model_file.config, model_file.num_classes,
+                                dtype=Type.F32 if int8 else Type.parse(dtype or model_file.dtype), gemm=gemm,
+                                winograd=winograd, batchnorm=batchnorm, input_quants=model_file.input_quants)
+        self.dtype = "int8" if int8 else self._plan.weight_type.name.lower()
         self.gemm = self._plan.gemm  # what runs the matrix products: a packed GEMM path, or ggml's mul_mat
         self.config = model_file.config
         self.num_classes = model_file.num_classes
@@ -159,6 +181,26 @@ class Model(_Closable):
             for name in ("features", "logits"):
                 result[name] = graph.get(out[name]).reshape(n, -1)
         return result
+
+    def conv_inputs(self, x) -> dict[str, np.ndarray]:
+        """The input of every ungrouped convolution, NHWC float32 by weight name, for one preprocessed NCHW image
+        (1, 3, H, W): what int8 calibration measures (convert/calibrate.py)."""
+        x = self._check_input(x)
+        if len(x) != 1:
+            raise InputError(f"conv_inputs takes one image, got {len(x)}")
+        with self._lock:
+            graph = Graph(self._open_backend(), max_nodes=resnet.max_nodes(self.config, 1))
+            try:
+                taps: dict = {}
+                out = resnet.build(graph, self._weights, self.config, self._eps, self._plan, 1, *x.shape[2:],
+                                   taps=taps)
+                distinct = list({id(t): t for t in taps.values()}.values())  # a block's input feeds two convs
+                graph.finalize(out["logits"], *distinct)
+                graph.set(out["image"], self._chunk(x, 0, 1))
+                graph.compute()
+                return {name: graph.get(t) for name, t in taps.items()}
+            finally:
+                graph.close()
 
     def _empty_stages(self, h: int, w: int) -> dict[str, np.ndarray]:
         """What `stages` gives for an empty batch: each stage's (0, C, H, W), as PyTorch's shapes."""
@@ -292,6 +334,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
         every CPU this process may use, within its cgroup's CPU quota).
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
+        "int8" (the default for them) only for a file converted with `--dtype int8 --calibration` (whose
+        BatchNorm is folded: batchnorm="explicit" is refused), whose convs run on the packed GEMM's int8 path
+        ("int8-avx512vnni", "int8-avx2" or "int8-scalar", from the CPU, or named by `gemm`).
     winograd: run f32 3x3 stride-1 convs as Winograd F(2x2,3x3) (16 multiplies per 2x2 outputs instead of
         36; as exact as the direct product, docs/benchmarks.md). With the packed GEMM the transformed weights
         are made from the packed ones as they are used, so memory is unchanged; by default (None) it runs
@@ -307,7 +352,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
     Raises ModelFormatError for a malformed file, InputError for bad arguments.
     """
     resnet.check_batchnorm(batchnorm)
-    if dtype is not None:
+    if dtype not in (None, "int8"):
         Type.parse(dtype)
     check_gemm(gemm)
     if winograd is not None and not isinstance(winograd, bool):

@@ -16,15 +16,16 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .arch import Conv, ResNetConfig, convolutions
+from . import int8
+from .arch import Conv, InputQuant, ResNetConfig, convolutions
 from .errors import InputError
-from .ggml import Type, gemm_path_supported
+from .ggml import GEMM_INT8_PATHS, Type, gemm_int8_paths, gemm_path_supported
 from .packing import GEMM_PATHS, packed_shape
 
 # ggml's fast matmul path (llamafile sgemm) wants K to be a multiple of 16 (f32) or 32 (bf16, q8_0).
 K_ALIGN = 32
 # load(gemm=...): our packed GEMM on the CPU's widest path, ggml's mul_mat, or a packed path by name.
-GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS)
+GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS, *GEMM_INT8_PATHS)
 _PATH_NEEDS = {"f32": "AVX2 and FMA", "bf16": "AVX512-BF16"}  # what a CPU needs for a path of each type
 # Below this many 2x2 output tiles per image (ResNet-101's layer4 at 7x7 has 16) the 16 products are too
 # short to beat the direct product at batch 1: each transformed weight serves too few pixels (measured,
@@ -38,6 +39,7 @@ class Layout(enum.Enum):
     PLAIN = "plain"  # an [OC, K] matrix for ggml's mul_mat (K padded to K_ALIGN above 1x1)
     WINOGRAD = "winograd"  # F(2x2,3x3): the 16 transformed [OC, IC] matrices, each a ggml mul_mat
     PACKED = "packed"  # panels for the packed GEMM (packing.pack_matrix) on the plan's path
+    INT8 = "int8"  # s8 panels for the packed GEMM's int8 path (int8.pack, as f32 words), u8 inputs
 
 
 class Winograd(enum.Enum):
@@ -67,6 +69,7 @@ class MatrixPlan:
     weight_type: Type  # the type the weights are stored in
     stored_shape: tuple[int, ...]  # the NumPy shape they are stored in
     winograd: Winograd  # Layout.WINOGRAD: always; Layout.PACKED: from the packed weights, by this rule
+    input_quant: InputQuant | None = None  # Layout.INT8: how its input is quantized (from the file)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class ModelPlan:
     gemm: str  # what runs the matrix products, as `Model.gemm` shows it: a packed path, or "ggml"
     batchnorm: str  # "folded" or "explicit" (resnet.BATCHNORM_MODES)
     matrices: dict[str, MatrixPlan]  # by weight name: the convs in graph order, then "fc.weight"
+    int8: bool = False  # an int8 file's model: ungrouped convs Layout.INT8, `gemm` their int8 path
 
     def __getitem__(self, name: str) -> MatrixPlan:
         return self.matrices[name]
@@ -182,10 +186,46 @@ def matrix_plan(name: str, shape: tuple[int, ...], wtype: Type, path: str | None
                       stored, _winograd(layout, shape, stride, padding, stored_type, winograd))
 
 
+def int8_path(gemm: str | None) -> str:
+    """The int8 GEMM path an int8 model with load option `gemm` uses: None or "packed" the CPU's widest."""
+    check_gemm(gemm)
+    paths = gemm_int8_paths()
+    if gemm in (None, "packed"):
+        return paths[0]
+    if gemm not in GEMM_INT8_PATHS:
+        raise InputError(f"an int8 model runs on the packed GEMM's int8 paths: gemm must be None, 'packed' or "
+                         f"one of {', '.join(paths)}, got {gemm!r}")
+    if gemm not in paths:
+        raise InputError(f"this CPU cannot run the packed GEMM's {gemm} path; it runs: {', '.join(paths)}")
+    return gemm
+
+
+def _int8_plan(cfg: ResNetConfig, num_classes: int, gemm: str | None,
+               input_quants: dict[str, InputQuant]) -> ModelPlan:
+    """An int8 file's model: each ungrouped conv Layout.INT8 with its input's quantization; grouped convs
+    (ResNeXt's) and the fc stay f32 on the f32 packed GEMM (or ggml's mul_mat where the CPU has no path),
+    their BatchNorm folded at conversion."""
+    path, f32_path = int8_path(gemm), gemm_path(None, Type.F32)
+    matrices = {}
+    for conv in convolutions(cfg):
+        if conv.groups > 1:
+            matrices[conv.name] = matrix_plan(conv.name, conv.shape, Type.F32, f32_path, False, conv)
+            continue
+        stored = int8.packed_shape(conv.out_ch, math.prod(conv.shape[1:]))[:3]  # the words' (P, K/4, 16)
+        matrices[conv.name] = MatrixPlan(conv.name, conv.shape, conv, Layout.INT8, path, Type.F32, stored,
+                                         Winograd.NEVER, input_quants[conv.name])
+    matrices["fc.weight"] = matrix_plan("fc.weight", (num_classes, cfg.feature_dim), Type.F32, f32_path, False)
+    return ModelPlan(Type.F32, path, "folded", matrices, int8=True)
+
+
 def plan_model(cfg: ResNetConfig, num_classes: int, *, dtype: Type, gemm: str | None, winograd: bool | None,
-               batchnorm: str) -> ModelPlan:
+               batchnorm: str, input_quants: dict[str, InputQuant] | None = None) -> ModelPlan:
     """Every matrix's plan for a model of `cfg` with these options (as `model.load` takes them; `dtype` is
-    the weight type, already parsed): InputError where the options ask for what this CPU cannot run."""
+    the weight type, already parsed): InputError where the options ask for what this CPU cannot run.
+    `input_quants` (an int8 file's, by conv weight name): the int8 plan (`_int8_plan`), which ignores `dtype`
+    and `winograd` (the caller refuses what an int8 file cannot do)."""
+    if input_quants is not None:
+        return _int8_plan(cfg, num_classes, gemm, input_quants)
     path = gemm_path(gemm, dtype)
     matrices = {conv.name: matrix_plan(conv.name, conv.shape, dtype, path, winograd, conv)
                 for conv in convolutions(cfg)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import arch, dtypes, layers
+from . import arch, dtypes, int8, layers
 from .arch import Conv, ResNetConfig, convolutions
 from .errors import InputError, ModelFormatError
 from .ggml import Graph, Tensor, Type, Weights
@@ -40,6 +40,8 @@ def upload_weights(backend, mf: ModelFile, plan: ModelPlan) -> Weights:
     vectors = ("folded_bias",) if plan.batchnorm == "folded" else _BN_PARAMS
     for m in plan.matrices.values():
         specs[m.name] = (m.weight_type, m.stored_shape)
+        if m.layout is Layout.INT8:
+            specs[f"{m.name}_scale"] = specs[f"{m.name}_colsums"] = (Type.F32, (m.shape[0],))
         for p in vectors if m.conv else ():
             specs[f"{m.conv.bn}.{p}"] = (Type.F32, (m.conv.out_ch,))
     specs["fc.bias"] = (Type.F32, (plan.fc.shape[0],))
@@ -59,7 +61,9 @@ def upload_weights(backend, mf: ModelFile, plan: ModelPlan) -> Weights:
             if not finite:  # bf16 packed in place: rounded without `encode`'s range check
                 raise InputError(f"{m.name}: values do not fit BF16")
             return a
-        if m.weight_type in (Type.F32, Type.BF16) and m.layout is Layout.PACKED:
+        if m.layout is Layout.INT8:
+            _put_int8(weights, m, w)
+        elif m.weight_type in (Type.F32, Type.BF16) and m.layout is Layout.PACKED:
             weights.fill(m.name, lambda a: checked(layers.arrange_weight(w, m, scale, out=a.reshape(m.stored_shape))))
         else:
             weights.set(m.name, m.weight_type.encode(checked(layers.arrange_weight(w, m, scale))))
@@ -69,7 +73,7 @@ def upload_weights(backend, mf: ModelFile, plan: ModelPlan) -> Weights:
     weights.prefault()  # every byte of it is written below
     try:
         for m in plan.matrices.values():
-            folded = _upload_batchnorm(weights, mf, m.conv, plan.batchnorm) if m.conv is not None else None
+            folded = _upload_batchnorm(weights, mf, m, plan) if m.conv is not None else None
             put(m, mf.tensor(m.name, scratch, _decode), folded)
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
@@ -83,10 +87,26 @@ def _decode(kind: str, raw: np.ndarray) -> np.ndarray:
     return Type.parse(kind).decode(raw)
 
 
-def _upload_batchnorm(weights: Weights, mf: ModelFile, conv: Conv,
-                      batchnorm: str) -> tuple[str, np.ndarray, np.ndarray] | None:
-    """Stores the BatchNorm after `conv`: its four vectors ("explicit"), or the bias of it folded into the
-    conv ("folded"), then returned with its name and scale for the conv's weights (may overflow: see `put`)."""
+def _put_int8(weights: Weights, m: MatrixPlan, q: np.ndarray) -> None:
+    """Stores a conv's s8 weights as read from an int8 file (PyTorch's [OC, IC, KH, KW]) packed for the int8
+    GEMM (K in (ky, kx, c) order), with their column sums; the scales follow from the file."""
+    rows = q.transpose(0, 2, 3, 1).reshape(len(q), -1)
+    weights.set(m.name, int8.words(int8.pack(rows)).reshape(m.stored_shape))
+    weights.set(f"{m.name}_colsums", int8.words(rows.sum(axis=1, dtype=np.int32)))
+
+
+def _upload_batchnorm(weights: Weights, mf: ModelFile, m: MatrixPlan,
+                      plan: ModelPlan) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """Stores the BatchNorm after `m`'s conv: its four vectors ("explicit"), or the bias of it folded into the
+    conv ("folded"), then returned with its name and scale for the conv's weights (may overflow: see `put`).
+    An int8 file holds the folded bias (and an int8 conv its weights' scales): stored as they are."""
+    conv, batchnorm = m.conv, plan.batchnorm
+    if plan.int8:
+        prefix = arch.conv_prefix(conv)
+        weights.set(f"{conv.bn}.folded_bias", mf.tensor(f"{prefix}.bias"))
+        if m.layout is Layout.INT8:
+            weights.set(f"{m.name}_scale", mf.tensor(f"{prefix}.weight_scale"))
+        return None
     values = {p: mf.tensor(f"{conv.bn}.{p}") for p in _BN_PARAMS}
     if batchnorm != "folded":
         for p, v in values.items():
@@ -97,6 +117,13 @@ def _upload_batchnorm(weights: Weights, mf: ModelFile, conv: Conv,
                                                   values["running_var"], mf.eps)
     weights.set(f"{conv.bn}.folded_bias", bias)
     return conv.bn, scale, bias
+
+
+def _int8_operands(w: Weights, m: MatrixPlan) -> dict[str, Tensor]:
+    """The int8 GEMM's per-channel weight scales and column sums, for a conv of Layout.INT8."""
+    if m.layout is not Layout.INT8:
+        return {}
+    return {"scales": w[f"{m.name}_scale"], "colsums": w[f"{m.name}_colsums"]}
 
 
 # The stem and stages 1..PER_IMAGE_STAGES run image by image, then the later stages over the whole batch:
@@ -122,16 +149,23 @@ def max_nodes(cfg: ResNetConfig, batch: int = 1) -> int:
 
 
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, batch: int, height: int,
-          width: int, stages: bool = False) -> dict[str, Tensor]:
+          width: int, stages: bool = False, taps: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Adds the forward pass to `g`, for weights uploaded by `upload_weights` with this `plan`, each matrix
     multiplied as its plan says. Returns the input ("image", ggml [3, W, H, N]: NumPy NHWC) and the outputs:
     "features" ([F, N]), "logits" and "probs" ([classes, N]), "layer3" and "layer4" ([C, W, H, N]), and with
-    `stages` also "stem", "layer1" and "layer2" (else they may exist only image by image, see PER_IMAGE_STAGES)."""
+    `stages` also "stem", "layer1" and "layer2" (else they may exist only image by image, see PER_IMAGE_STAGES).
+    `taps` (batch 1 only): filled with each ungrouped conv's input, by weight name (for int8 calibration)."""
+    if taps is not None and batch != 1:
+        raise InputError("build: conv inputs are tapped one image at a time")
+
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
         bn, m = conv.bn, plan[conv.name]
+        if taps is not None and conv.groups == 1:
+            taps[conv.name] = x
         if plan.batchnorm == "folded":
             # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
-            return layers.conv2d(g, x, w[conv.name], m, bias=w[f"{bn}.folded_bias"], residual=residual, relu=relu)
+            return layers.conv2d(g, x, w[conv.name], m, bias=w[f"{bn}.folded_bias"], residual=residual, relu=relu,
+                                 **_int8_operands(w, m))
         y = layers.conv2d(g, x, w[conv.name], m)
         y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
                              w[f"{bn}.bias"], eps)

@@ -11,8 +11,20 @@ from pyggml_resnet import convert
 from reference_resnet import make_model
 
 
+CALIBRATION_IMAGES = 8  # int8 files: the bench's synthetic calibration pictures, none of them a test image
+
+
+def calibration_pictures(count: int = CALIBRATION_IMAGES):
+    """The int8 files' calibration images: the ONNX Runtime int8 peer's (bench/peers.py), as PIL pictures
+    drawn at the size `peers.images` draws them for the default preprocessing."""
+    from pyggml_resnet.bench import peers
+
+    return peers.pictures(peers.CALIBRATION, count, 256 * 5 // 4)
+
+
 class ModelFiles:
-    """Builds (reference torch model, .pth path, .gguf path) per (depth, num_classes, groups, width), once."""
+    """Builds (reference torch model, .pth path, .gguf path) per (depth, num_classes, groups, width), once;
+    an "int8" file is calibrated on `calibration_pictures()`."""
 
     def __init__(self, root):
         self.root = root
@@ -31,7 +43,8 @@ class ModelFiles:
         ref, pth = self.cache[key]
         gguf_path = self.root / f"{stem}-{dtype}.gguf"
         if not gguf_path.exists():
-            convert.convert(pth, gguf_path, dtype=dtype, progress=False)
+            calibration = {"calibration": calibration_pictures()} if dtype == "int8" else {}
+            convert.convert(pth, gguf_path, dtype=dtype, progress=False, **calibration)
         return ref, pth, gguf_path
 
 

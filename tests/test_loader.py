@@ -619,3 +619,59 @@ def test_paths_that_are_not_model_files(r18, tmp_path):
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo)
     refused(fifo, "is not a regular file")  # refused without opening it, which would block
+
+
+# -- int8 files (docs/gguf.md): the activation ranges' keys and the s8 tensors ------------------------------------
+I8 = 24
+N_INT8_CONVS = 20  # resnet18's convolutions: the stem, 16 in blocks, 3 downsamples
+
+
+def test_int8_file_reads_with_its_activation_ranges(corpus, tmp_path):
+    mf = loader.read(write(tmp_path, corpus("int8"), "ok.gguf"))
+    assert mf.dtype == "int8" and len(mf.input_quants) == N_INT8_CONVS
+    stem = mf.input_quants["conv1.weight"]
+    assert 0 < stem.zero < 255 and stem.scale > 0  # the normalised image is signed
+    assert all(q.zero == 0 for name, q in mf.input_quants.items() if name != "conv1.weight")  # after ReLUs
+    q = mf.tensor("layer1.0.conv1.weight")
+    assert q.dtype == np.int8 and q.shape == (64, 64, 3, 3) and np.abs(q).max() == 127
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda g: g.drop(Key.INPUT_ZERO), "needs resnet.int8.input_zero_point with 20 values .* got none"),
+    (lambda g: g.set(Key.INPUT_SCALE, A, [0.1] * 19, T.FLOAT32), "input_scale with 20 values .* got 19"),
+    (lambda g: g.set(Key.INPUT_SCALE, A, [0.1] * 19 + [float("nan")], T.FLOAT32), "finite positive scales"),
+    (lambda g: g.set(Key.INPUT_SCALE, A, [0.1] * 19 + [float("inf")], T.FLOAT32), "finite positive scales"),
+    (lambda g: g.set(Key.INPUT_SCALE, A, [0.0] + [0.1] * 19, T.FLOAT32), "finite positive scales"),
+    (lambda g: g.set(Key.INPUT_SCALE, A, [-0.1] * 20, T.FLOAT64), "finite positive scales"),
+    (lambda g: g.set(Key.INPUT_SCALE, A, ["a"] * 20, T.STRING), "must be an ARRAY of floats"),
+    (lambda g: g.set(Key.INPUT_ZERO, A, [256] * 20, T.UINT32), "zero points in 0..255"),
+    (lambda g: g.set(Key.INPUT_ZERO, A, [-1] * 20, T.INT32), "zero points in 0..255"),
+    (lambda g: g.set(Key.INPUT_ZERO, A, [0.5] * 20, T.FLOAT32), "must be an ARRAY of integers"),
+    (lambda g: (g.drop(Key.INPUT_ZERO), g.drop(Key.INPUT_SCALE)), "int8 weights but not their activation ranges"),
+    (lambda g: setattr(g.tensor("layer1.0.conv1.weight"), "ttype", 0), "'layer1.0.conv1.weight' of an int8 file must be int8"),
+    (lambda g: setattr(g.tensor("fc.bias"), "ttype", I8), "'fc.bias' of an int8 file must be f32, got int8"),
+    (lambda g: g.drop_tensor("layer1.0.conv1.weight_scale"), "missing .*layer1.0.conv1.weight_scale"),
+    (lambda g: setattr(g.tensor("conv1.bias"), "ne", (63,)), r"'conv1.bias' has shape \(63,\)"),
+])
+def test_hostile_int8_fields_refused(corpus, tmp_path, change, match):
+    g = corpus("int8")
+    change(g)
+    refused(write(tmp_path, g, sparse=True), match)
+
+
+def test_int8_tensor_in_a_float_file_refused(corpus, tmp_path):
+    g = corpus()
+    g.tensor("layer1.0.conv1.weight").ttype = I8
+    refused(write(tmp_path, g, sparse=True), "int8 weights but not their activation ranges.*--dtype int8 --calibration")
+
+
+@pytest.mark.parametrize("name, index, packed, match", [
+    ("layer2.0.conv1.weight", 5, struct.pack("<b", -128), "'layer2.0.conv1.weight' holds -128"),
+    ("layer2.0.conv1.weight_scale", 4 * 3, struct.pack("<f", -0.5), "negative scales"),
+    ("layer2.0.conv1.weight_scale", 4 * 3, NAN32, "contains NaN"),
+    ("layer3.0.downsample.0.bias", 0, INF32, "contains NaN or infinite"),
+])
+def test_hostile_int8_values_refused(corpus, tmp_path, name, index, packed, match):
+    g = corpus("int8")
+    g.poke(name, index, packed)
+    refused(write(tmp_path, g.bytes()), match)

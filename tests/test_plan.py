@@ -130,7 +130,10 @@ def test_impossible_requests_are_refused():
     if BF16_PATH is None:
         with pytest.raises(InputError, match="no packed GEMM path for bf16 .it needs AVX512-BF16"):
             plan("resnet18", dtype="bf16", gemm="packed")
-    assert GEMM_CHOICES == ("packed", "ggml", "avx512", "avx2", "avx512bf16")
+    with pytest.raises(InputError, match="cannot run the packed GEMM's int8-avx2 path for f32 weights"):
+        plan("resnet18", gemm="int8-avx2")  # int8 paths are for int8 files only
+    assert GEMM_CHOICES == ("packed", "ggml", "avx512", "avx2", "avx512bf16", "int8-avx512vnni", "int8-avx2",
+                            "int8-scalar")
 
 
 def test_the_cpu_query_knows_only_the_packed_paths():

@@ -100,8 +100,9 @@ def parse_args(argv, prog: str = "pyggml-resnet bench") -> argparse.Namespace:
     p.add_argument("--iters", type=positive, default=3,
                    help="timed iterations per engine per round at batch 1, about ITERS/BATCH for larger "
                         "batches (default: 3)")
-    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["f32"],
-                   help="ggml weight types, one engine row each (default: f32)")
+    p.add_argument("--dtype", nargs="+", choices=convert.DTYPES, default=["f32"],
+                   help="ggml weight types, one engine row each (default: f32); int8 converts the model with "
+                        "calibration on the int8 peers' --calibration-count images")
     p.add_argument("--gemm", nargs="+", choices=GEMMS, default=None,
                    help="what runs ggml's f32 products (and bf16's, on CPUs with AVX512-BF16), one row each: packed "
                         "(our GEMM, ggml-f32-packed) or ggml (its mul_mat, ggml-f32-mul_mat) (default: one row, the "
@@ -319,11 +320,28 @@ def quantize(run: Run, engines: list[str]) -> bool:
     return True
 
 
+def int8_model(run: Run) -> str:
+    """ggml-int8's model: the f32 file converted to int8, calibrated on the very images the int8 peers are
+    (`quantize`), preprocessed as the model's settings say."""
+    n = run.args.calibration_count
+    _progress(f"converting to int8, calibrated on {n} images ...", end=" ")
+    t = time.perf_counter()
+    path = os.path.join(run.tmp, f"{run.cfg.name}-int8.gguf")
+    convert.convert(run.gguf_path, path, dtype="int8", progress=False,
+                    calibration=list(peers.images(peers.CALIBRATION, n, run.preprocessing)))
+    _progress(f"{time.perf_counter() - t:.1f} s")
+    return path
+
+
 def engine_rows(run: Run, paths: dict[str, str]) -> None:
     """One row per ggml dtype, and one per other engine prepared."""
     for engine in run.args.engines:
         if engine == "ggml":
             for dt in run.args.dtype:
+                if dt == "int8":
+                    run.rows["ggml-int8"] = ("ggml", dt, int8_model(run))
+                    run.gemm["ggml-int8"] = None
+                    continue
                 # bf16 has a packed path only on CPUs with AVX512-BF16; elsewhere its one row is mul_mat.
                 split = dt == "f32" or (dt == "bf16" and gemm_paths("bf16"))
                 for gemm in (run.args.gemm if split else ()) or (None,):

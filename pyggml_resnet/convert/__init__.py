@@ -63,7 +63,7 @@ from .checkpoint import Checkpoint, check_state
 from .cli import main
 from .legacy import LEGACY_MAGIC
 from .readers import GGUF_MAGIC, read_checkpoint
-from .write import BN_EPS, convert, write_gguf
+from .write import BN_EPS, DTYPES, convert, write_gguf
 
-__all__ = ["BN_EPS", "GGUF_MAGIC", "LEGACY_MAGIC", "Checkpoint", "check_state", "convert", "main",
+__all__ = ["BN_EPS", "DTYPES", "GGUF_MAGIC", "LEGACY_MAGIC", "Checkpoint", "check_state", "convert", "main",
            "read_checkpoint", "write_gguf"]

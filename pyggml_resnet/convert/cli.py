@@ -7,12 +7,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .. import atomic, dtypes
+from .. import atomic
 from ..arch import BY_NAME, INTERPOLATIONS, Preprocessing
 from ..errors import Error, InputError, print_error
+from . import calibrate
 from .checkpoint import Checkpoint
 from .readers import read_checkpoint
-from .write import check_output_path, write_gguf
+from .write import DTYPES, check_output_path, write_gguf
 
 
 def _size(text: str):
@@ -42,8 +43,16 @@ def _parse_args(argv, prog):
     p.add_argument("output", type=Path, help="GGUF file to write (an existing GGUF file is replaced atomically)")
     p.add_argument("--arch", choices=list(BY_NAME),
                    help="require this architecture (default: infer it from the checkpoint)")
-    p.add_argument("--dtype", choices=dtypes.NAMES, default="f32",
-                   help="storage type of conv and fc weights (default: f32, exact)")
+    p.add_argument("--dtype", choices=DTYPES, default="f32",
+                   help="storage type of conv and fc weights (default: f32, exact); int8 needs --calibration")
+    p.add_argument("--calibration", nargs="+", metavar="DIR_OR_FILE",
+                   help="int8: images (files, or directories of them) the f32 model runs over to measure each "
+                        "convolution's input range")
+    p.add_argument("--calibration-count", type=int, metavar="N",
+                   help="int8: use the first N calibration images (default: all)")
+    p.add_argument("--calibration-rule", choices=calibrate.RULES, default=calibrate.DEFAULT_RULE,
+                   help=f"int8: how an input's clipping range is chosen (default: {calibrate.DEFAULT_RULE}, "
+                        "the most accurate measured, docs/usage.md)")
     p.add_argument("--weights", metavar="NAME",
                    help="name of the weights stored as metadata, e.g. IMAGENET1K_V2 (default: custom, or the "
                         "input's)")
@@ -101,7 +110,8 @@ def main(argv=None, prog: str = "python -m pyggml_resnet.convert") -> int:
         checkpoint = read_checkpoint(args.checkpoint, args.arch)
         preprocessing = dataclasses.replace(checkpoint.preprocessing or Preprocessing(), **changes)
         out = write_gguf(checkpoint, args.output, dtype=args.dtype, weights=args.weights,
-                         preprocessing=preprocessing, labels=labels, force=args.force)
+                         preprocessing=preprocessing, labels=labels, force=args.force, calibration=args.calibration,
+                         calibration_count=args.calibration_count, calibration_rule=args.calibration_rule)
     except (Error, OSError) as e:
         return print_error(e)
     except KeyboardInterrupt:

@@ -71,6 +71,9 @@ def _read_gguf(path: Path, arch: str | None) -> Checkpoint:
     from .. import loader
 
     mf = loader.read(path)
+    if mf.dtype == "int8":
+        raise InputError(f"{path} is an int8 file: its BatchNorm is folded and its weights rounded, so it cannot "
+                         "be converted again; convert the original checkpoint")
     return dataclasses.replace(Checkpoint.of(mf.tensors(), arch), path=path, weights=mf.weights_name,
                                preprocessing=mf.preprocessing, labels=mf.labels)
 

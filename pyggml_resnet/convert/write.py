@@ -15,10 +15,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import atomic, dtypes
-from ..arch import GGUF_ARCH, Key, Preprocessing, expected_tensors
+from ..arch import GGUF_ARCH, InputQuant, Key, Preprocessing, expected_tensors
 from ..errors import InputError, ModelFormatError
 from ..labels import imagenet_labels
+from . import calibrate
 from .checkpoint import Checkpoint
+from .quantize import calibrated_quants, int8_tensors
 from .readers import GGUF_MAGIC, read_checkpoint
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which every torchvision ResNet uses
@@ -44,7 +46,9 @@ class _Stored:
             raise ModelFormatError(f"{self.name}: {e}; convert with --dtype f32") from None
 
 
-def _storage(name: str, shape: tuple[int, ...], dtype: str) -> _Stored:
+def _storage(name: str, shape: tuple[int, ...], dtype: str, int8_names: frozenset = frozenset()) -> _Stored:
+    if dtype == "int8":  # the s8 weights of the calibrated convs; everything else f32
+        return _Stored(name, shape, dtypes.I8 if name in int8_names else dtypes.F32)
     if len(shape) < 2 or dtype == "f32":  # BatchNorm vectors and fc.bias: tiny, and exactness is cheap
         return _Stored(name, shape, dtypes.F32)
     if dtype != "q8_0":
@@ -68,14 +72,27 @@ def _labels_for(num_classes: int, labels: Sequence[str] | None) -> list[str]:
     return labels
 
 
-def _check_options(dtype: str, weights: str, preprocessing: Preprocessing) -> None:
-    if dtype not in dtypes.NAMES:
-        raise InputError(f"dtype must be one of {', '.join(dtypes.NAMES)}, got {dtype!r}")
+DTYPES = (*dtypes.NAMES, "int8")  # int8: s8 convs with calibrated inputs (quantize.py, calibrate.py)
+
+
+def _check_options(dtype: str, weights: str, preprocessing: Preprocessing, calibration) -> None:
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if (dtype == "int8") != (calibration is not None):
+        raise InputError("dtype int8 needs calibration images (--calibration), and only int8 takes them"
+                         if dtype == "int8" else f"calibration images are for dtype int8, not {dtype}")
     if not weights:
         raise InputError("weights must be a non-empty name, e.g. 'custom' or 'IMAGENET1K_V2'")
     problem = preprocessing.problem()  # the loader's own check: what it would refuse is never written
     if problem:
         raise InputError(problem)
+
+
+def _add_quants(w: gguf.GGUFWriter, quants: dict[str, InputQuant]) -> None:
+    """An int8 file's input quantization, one entry per calibrated conv in graph order (docs/gguf.md)."""
+    T = gguf.GGUFValueType
+    w.add_key_value(Key.INPUT_SCALE, [q.scale for q in quants.values()], T.ARRAY, sub_type=T.FLOAT32)
+    w.add_key_value(Key.INPUT_ZERO, [q.zero for q in quants.values()], T.ARRAY, sub_type=T.UINT8)
 
 
 def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Preprocessing) -> None:
@@ -106,7 +123,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Prep
 
 def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights: str | None = None,
                preprocessing: Preprocessing | None = None, labels: Sequence[str] | None = None,
-               progress: bool = True, force: bool = False) -> Path:
+               progress: bool = True, force: bool = False, calibration=None, calibration_count: int | None = None,
+               calibration_rule: str = calibrate.DEFAULT_RULE) -> Path:
     """Writes a checkpoint as a GGUF model file; returns its path.
 
     ``dtype`` picks how conv and fc weights are stored (see the module docstring), ``weights`` names the
@@ -115,6 +133,10 @@ def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights:
     labels for 1000 classes ("class_0", ... otherwise). The output is never the checkpoint's own file, under
     any name; an existing GGUF file there is replaced, any other existing file only with ``force``.
 
+    ``dtype="int8"`` takes ``calibration`` images (a directory, image files, PIL images or HxWx3 uint8 arrays;
+    the first ``calibration_count``), which the f32 model runs over to measure each conv's input range by
+    ``calibration_rule`` (calibrate.RULES), then stores s8 weights (quantize.py).
+
     Bad options and outputs (InputError) are raised before anything is created. A weight too large for
     ``dtype`` (ModelFormatError) or a failing write (OSError) is raised while writing, after the temporary
     file is deleted: the output appears only once complete, and a file already at ``out_path`` is left as it
@@ -122,16 +144,38 @@ def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights:
     weights = weights if weights is not None else checkpoint.weights or "custom"
     preprocessing = preprocessing or checkpoint.preprocessing or Preprocessing()
     labels = labels if labels is not None else checkpoint.labels
-    _check_options(dtype, weights, preprocessing)
+    _check_options(dtype, weights, preprocessing, calibration)
     cfg, num_classes = checkpoint.config, checkpoint.num_classes
     labels = _labels_for(num_classes, labels)
     out = check_output_path(out_path, source=checkpoint.path, force=force)
-    plan = [_storage(name, shape, dtype) for name, shape in expected_tensors(cfg, num_classes).items()]
+    header = (cfg, num_classes, labels, weights, preprocessing)
+    if dtype != "int8":
+        plan = [_storage(name, shape, dtype) for name, shape in expected_tensors(cfg, num_classes).items()]
+        return _write(out, header, plan, (checkpoint.state[s.name] for s in plan), None, progress, dtype)
+    images = calibrate.image_sources(calibration, calibration_count)
 
+    def write_f32(path: Path) -> Path:
+        return write_gguf(checkpoint, path, weights=weights, preprocessing=preprocessing, labels=labels,
+                          progress=False)
+    quants = calibrated_quants(write_f32, images, calibration_rule, progress)
+    plan = [_storage(name, shape, dtype, frozenset(quants))
+            for name, shape in expected_tensors(cfg, num_classes, int8=True).items()]
+    return _write(out, header, plan, (value for _, value in int8_tensors(checkpoint, BN_EPS)), quants, progress,
+                  dtype)
+
+
+def _write(out: Path, header: tuple, plan: list[_Stored], values, quants: dict[str, InputQuant] | None,
+           progress: bool, dtype: str) -> Path:
+    """Writes the metadata (`header`: config, classes, labels, weights name, preprocessing; an int8 file's
+    `quants`) and each tensor of `plan` with its value from `values` (in plan order), atomically to `out`;
+    `dtype` names the file's type in the progress bar."""
+    cfg = header[0]
     with atomic.replacing(out) as tmp:
         writer = gguf.GGUFWriter(tmp, GGUF_ARCH)
         try:
-            _add_metadata(writer, cfg, num_classes, labels, weights, preprocessing)
+            _add_metadata(writer, *header)
+            if quants is not None:
+                _add_quants(writer, quants)
             # Declaring every tensor up front lets the writer emit the header, then stream the data one
             # tensor at a time instead of holding a converted copy of the whole model.
             for s in plan:
@@ -140,9 +184,9 @@ def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for s in tqdm(plan, desc=f"{cfg.name} -> {dtype}", unit="tensor", file=sys.stderr,
-                          disable=not progress):
-                writer.write_tensor_data(s.encode(checkpoint.state[s.name]))
+            for s, value in tqdm(zip(plan, values), total=len(plan), desc=f"{cfg.name} -> {dtype}", unit="tensor",
+                                 file=sys.stderr, disable=not progress):
+                writer.write_tensor_data(s.encode(value))
             writer.flush()
         finally:
             writer.close()
@@ -181,8 +225,9 @@ def _file_id(path) -> tuple[int, int] | None:
 
 def convert(checkpoint, out_path, *, dtype: str = "f32", arch: str | None = None, weights: str | None = None,
             preprocessing: Preprocessing | None = None, labels: Sequence[str] | None = None,
-            progress: bool = True, force: bool = False) -> Path:
-    """`read_checkpoint` then `write_gguf`: checkpoint file -> GGUF file. Returns the output path."""
+            progress: bool = True, force: bool = False, **calibration) -> Path:
+    """`read_checkpoint` then `write_gguf`: checkpoint file -> GGUF file. Returns the output path.
+    `calibration`: write_gguf's calibration, calibration_count and calibration_rule, for dtype "int8"."""
     check_output_path(out_path, source=checkpoint, force=force)  # before reading a large file
     return write_gguf(read_checkpoint(checkpoint, arch), out_path, dtype=dtype, weights=weights,
-                      preprocessing=preprocessing, labels=labels, progress=progress, force=force)
+                      preprocessing=preprocessing, labels=labels, progress=progress, force=force, **calibration)
