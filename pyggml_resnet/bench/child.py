@@ -24,7 +24,7 @@ import traceback
 
 RUNTIMES = ("ggml", "torch", "onnxruntime", "openvino")  # what a worker process runs
 # The bench's engines: name -> (runtime, precision). ggml's rows are one per stored type (--dtype); the int8
-# engines run ONNX Runtime's static quantization of the f32 ONNX model (peers.quantize_int8).
+# engines run ONNX Runtime's static quantization of the f32 ONNX model (quantize_int8).
 ENGINES = {"ggml": ("ggml", None), "torch": ("torch", "f32"), "onnxruntime": ("onnxruntime", "f32"),
            "onnxruntime-int8": ("onnxruntime", "int8"), "openvino": ("openvino", "f32"),
            "openvino-bf16": ("openvino", "bf16"), "openvino-int8": ("openvino", "int8")}
@@ -158,6 +158,59 @@ def _engine_load(runtime: str, mod, a):
     return onnxruntime_session(path, threads)
 
 
+def export_onnx(model, path: str, size: int) -> str:
+    """Writes the PyTorch module `model` (eval mode) as one self-contained ONNX file with a dynamic batch:
+    input "image" (batch, 3, size, size), output "logits"."""
+    import warnings
+
+    import torch
+
+    x = torch.zeros((1, 3, size, size))
+    # The TorchScript exporter is quick and writes one file (chosen knowingly: its deprecation warning is
+    # silenced); the dynamo one is the fallback for torch versions that have dropped it.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+    except Exception:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+    return path
+
+
+def quantize_int8(f32_path: str, out_path: str, calibration) -> str:
+    """ONNX Runtime's static quantization of the ONNX model at `f32_path`, as its documentation recommends for
+    CNNs on CPUs: its pre-processing (shape inference, graph optimisation), then QDQ nodes with s8 weights per
+    output channel and u8 activations whose ranges are the min and max seen over `calibration` (N, 3, H, W),
+    fed one image at a time."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name):
+            self.feeds = iter([{name: x[None]} for x in np.asarray(calibration, np.float32)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    with tempfile.TemporaryDirectory(prefix="pyggml-quantize-") as tmp:
+        pre = os.path.join(tmp, "pre.onnx")
+        quant_pre_process(f32_path, pre)
+        name = onnx.load(pre, load_external_data=False).graph.input[0].name
+        quantize_static(pre, out_path, Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    return out_path
+
+
 def onnxruntime_session(path: str, threads: int):
     """ONNX Runtime on the CPU with every graph optimisation, `threads` threads inside each op and one op at
     a time: run(x: NCHW float32 array) -> logits array."""
@@ -262,7 +315,6 @@ def _prepare(a, proto) -> int:
     import torch
 
     from pyggml_resnet import loader
-    from pyggml_resnet.bench import peers
 
     tensors = loader.read(a.path).tensors()  # float32 arrays in PyTorch's shapes
     state = {k: torch.from_numpy(v) for k, v in tensors.items()}
@@ -273,7 +325,7 @@ def _prepare(a, proto) -> int:
     model.load_state_dict(state, assign=True)  # strict: the module is torchvision's, name for name
     torch.save(model.state_dict(), os.path.join(a.out, "model.pth"))
     if a.onnx:
-        peers.export_onnx(model, os.path.join(a.out, "model.onnx"), a.size)
+        export_onnx(model, os.path.join(a.out, "model.onnx"), a.size)
     proto.write(json.dumps({"done": True}) + "\n")
     return 0
 
@@ -283,9 +335,7 @@ def _quantize(a, proto) -> int:
     file --calibration: model-int8.onnx in --out."""
     import numpy
 
-    from pyggml_resnet.bench import peers
-
-    peers.quantize_int8(a.path, os.path.join(a.out, "model-int8.onnx"), numpy.load(a.calibration))
+    quantize_int8(a.path, os.path.join(a.out, "model-int8.onnx"), numpy.load(a.calibration))
     proto.write(json.dumps({"done": True}) + "\n")
     return 0
 

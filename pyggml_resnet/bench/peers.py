@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..arch import Preprocessing
 from ..transforms import preprocess
-from .child import onnxruntime_session
+from .child import export_onnx, onnxruntime_session, quantize_int8  # noqa: F401 (export_onnx, quantize_int8: part of this module's API)
 
 IMAGE_SEED = 21  # of the synthetic images
 CALIBRATION, TEST = 0, 1  # the two image sets' streams under IMAGE_SEED: no image is in both
@@ -99,54 +98,6 @@ def agreement(logits: np.ndarray, reference: np.ndarray) -> dict:
     return {"images": len(r), "rel_l2_error": float(np.linalg.norm(z - r) / max(np.linalg.norm(r), 1e-30)),
             "top1_agreement": float(np.mean(np.argmax(z, axis=1) == ref_top1)),
             "top5_agreement": float(np.mean((top5 == ref_top1[:, None]).any(axis=1)))}
-
-
-def export_onnx(model, path: str, size: int) -> str:
-    """Writes the PyTorch module `model` (eval mode) as one self-contained ONNX file with a dynamic batch:
-    input "image" (batch, 3, size, size), output "logits"."""
-    import torch
-
-    x = torch.zeros((1, 3, size, size))
-    # The TorchScript exporter is quick and writes one file (chosen knowingly: its deprecation warning is
-    # silenced); the dynamo one is the fallback for torch versions that have dropped it.
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                              dynamo=False)
-    except Exception:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
-    return path
-
-
-def quantize_int8(f32_path: str, out_path: str, calibration: np.ndarray) -> str:
-    """ONNX Runtime's static quantization of the ONNX model at `f32_path`, as its documentation recommends for
-    CNNs on CPUs: its pre-processing (shape inference, graph optimisation), then QDQ nodes with s8 weights per
-    output channel and u8 activations whose ranges are the min and max seen over `calibration` (N, 3, H, W),
-    fed one image at a time."""
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, name):
-            self.feeds = iter([{name: x[None]} for x in np.asarray(calibration, np.float32)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    with tempfile.TemporaryDirectory(prefix="pyggml-quantize-") as tmp:
-        pre = os.path.join(tmp, "pre.onnx")
-        quant_pre_process(f32_path, pre)
-        name = onnx.load(pre, load_external_data=False).graph.input[0].name
-        quantize_static(pre, out_path, Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-    return out_path
 
 
 def ort_int8_logits(model, calibration: np.ndarray, test: np.ndarray,
