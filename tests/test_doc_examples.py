@@ -15,6 +15,8 @@ with that command's own argument parser. Output blocks (the text shown after a c
 come from real or seeded weights at full size, which the stand-ins are not.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import io
