@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "isa_clones.h"
+
 // Rounds as ggml's own f32 -> bf16 conversion does (to nearest even, NaN kept and made quiet), so a bf16
 // product sees the values ggml would have made; unlike ggml's scalar loop, this one vectorises.
 static inline uint16_t patch_to_bf16(float f) {
@@ -29,6 +31,7 @@ static inline void patch_put_f32(void * out, const void * in, int64_t n, const s
     memcpy(out, in, n * sizeof(float));
 }
 
+ISA_CLONES
 static inline void patch_put_bf16(void * out, const void * in, int64_t n, const struct patch_quant * q) {  // from f32
     (void) q;
     const float * f = in;

@@ -3,10 +3,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "isa_clones.h"
 #include "op_params.h"
 #include "patch_row.h"
 #include "thread_range.h"
 
+ISA_CLONES
 static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
     (void) userdata;

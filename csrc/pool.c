@@ -3,9 +3,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "isa_clones.h"
 #include "op_params.h"
 #include "thread_range.h"
 
+ISA_CLONES
 static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
     (void) userdata;
@@ -44,6 +46,7 @@ struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x,
                                         GGML_N_TASKS_MAX, NULL), params, 3);
 }
 
+ISA_CLONES
 static void mean_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * x = dst->src[0];

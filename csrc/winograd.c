@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "isa_clones.h"
 #include "op_params.h"
 #include "thread_range.h"
 
@@ -21,6 +22,7 @@ static inline void copy_chunk(void * dst, const void * src, int nc) {
     }
 }
 
+ISA_CLONES
 static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * x = dst->src[0];
@@ -72,6 +74,7 @@ static void winograd_input_run(struct ggml_tensor * dst, int ith, int nth, void 
 // Op parameters (csrc/op_params.h): whether there is a bias, a residual, and a ReLU.
 enum { WO_BIAS, WO_RES, WO_RELU, WO_N_PARAMS };
 
+ISA_CLONES
 static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * m = dst->src[0];
     (void) userdata;
@@ -152,6 +155,7 @@ static inline wino_vec wino_comb(int s, wino_vec v0, wino_vec v1, wino_vec v2) {
     }
 }
 
+ISA_CLONES
 void winograd_weights(float * out, int64_t t_step, const float * w, int64_t C, int64_t kb, int64_t kc) {
     const int64_t K = 9 * C, tap = C * 16;  // tap (ky, kx) of channel c at (3 ky + kx) * tap + c * 16
     for (int j = 0; j < 2; ++j) {

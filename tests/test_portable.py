@@ -1,0 +1,70 @@
+"""The portable build on older CPUs: the installed package runs a ResNet-18 under qemu-user's emulated Haswell
+(AVX2, no AVX-512) and Nehalem (SSE4.2, no AVX), picks the kernels each CPU has, and gives the logits of the
+run on this machine (docs/building.md). A build for this machine only (PYGGML_NATIVE) fails here: SIGILL.
+
+qemu-x86_64 comes from Debian's qemu-user package, which .ci/run installs; without it these tests skip.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pyggml_resnet
+
+QEMU = shutil.which("qemu-x86_64")
+pytestmark = pytest.mark.skipif(QEMU is None, reason="needs qemu-x86_64 (Debian's qemu-user; .ci/run installs it)")
+
+# Run in the emulated process: logits of the saved input, what ran the products, and which of ggml's CPU
+# libraries was loaded (qemu-user shows the guest's own mappings in /proc/self/maps).
+_CHILD = r"""
+import json, re, sys
+import numpy as np
+import pyggml_resnet
+with pyggml_resnet.load(sys.argv[1], threads=1) as model:
+    np.save(sys.argv[3], model.logits(np.load(sys.argv[2])))
+    gemm = model.gemm
+maps = open("/proc/self/maps").read()
+print(json.dumps({"gemm": gemm, "ggml_cpu": sorted(set(re.findall(r"libggml-cpu-([\w.]+)\.so", maps)))}))
+"""
+
+
+@pytest.fixture(scope="module")
+def resnet18(model_files, tmp_path_factory):
+    """(model file, input file, this machine's logits): a ResNet-18 on two 64x64 images, one thread."""
+    _, _, path = model_files(18)
+    x = np.random.default_rng(23).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    x_path = tmp_path_factory.mktemp("portable") / "x.npy"
+    np.save(x_path, x)
+    with pyggml_resnet.load(path, threads=1) as model:
+        return path, x_path, model.logits(x)
+
+
+def emulated(cpu: str, resnet18, tmp_path):
+    """The child's report and logits, run on qemu's model of `cpu`."""
+    path, x_path, _ = resnet18
+    out = tmp_path / f"{cpu}.npy"
+    proc = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", _CHILD, str(path), str(x_path), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"under -cpu {cpu}: exit {proc.returncode} (-4: SIGILL)\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.splitlines()[-1]), np.load(out)
+
+
+def test_haswell_runs_the_avx2_gemm_bit_identical(resnet18, tmp_path):
+    """AVX2 and FMA, no AVX-512: the packed GEMM's AVX2 path, whose sums are those of every other path."""
+    report, logits = emulated("Haswell", resnet18, tmp_path)
+    assert report == {"gemm": "avx2", "ggml_cpu": ["haswell"]}
+    assert np.array_equal(logits, resnet18[2])
+
+
+def test_nehalem_falls_back_to_ggml_mul_mat(resnet18, tmp_path):
+    """SSE4.2 only: no packed GEMM path, so ggml's mul_mat, in its SSE4.2 build; other sums, same logits to
+    f32 rounding."""
+    report, logits = emulated("Nehalem", resnet18, tmp_path)
+    assert report == {"gemm": "ggml", "ggml_cpu": ["sse42"]}
+    native = resnet18[2]
+    assert np.linalg.norm(logits - native) <= 1e-5 * np.linalg.norm(native)
+    assert not np.array_equal(logits, native)  # the emulated run took another path, as the report says
