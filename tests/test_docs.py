@@ -77,3 +77,26 @@ def test_source_folder_without_the_extension_says_what_to_do(tmp_path):
     proc = subprocess.run([sys.executable, "-S", "-c", "import pyggml_resnet"], cwd=tmp_path, capture_output=True,
                           text=True)
     assert "compiled extension (_ggml) is missing" in proc.stderr and "reinstall" in proc.stderr
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped (but - and _), spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_documents_resolve():
+    """Every relative link `[..](doc.md#anchor)` or `[..](#anchor)` in README.md and docs/ names a file that
+    exists and a heading it has, so moving or renaming a section fails here."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", text):
+            path = (doc.parent / target).resolve() if target else doc
+            if not path.exists():
+                broken.append(f"{doc.name}: {target}")
+                continue
+            headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+            if anchor and anchor not in {_slug(h) for h in headings}:
+                broken.append(f"{doc.name}: {target}#{anchor}")
+    assert not broken, broken
