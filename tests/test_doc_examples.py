@@ -164,6 +164,9 @@ def stand_ins(tmp_path_factory):
     for i, name in enumerate(("flipped.png", "gradient.jpg", "sub/beach.jpg")):
         (root / "photos" / name).parent.mkdir(exist_ok=True)
         _image(root / "photos" / name, 10 + i)
+    (root / "calibration").mkdir()  # images like the training set's, for int8 calibration
+    for i in range(4):
+        _image(root / "calibration" / f"{i}.jpg", 20 + i)
     (root / "photos" / "empty.png").write_bytes(b"")
     (root / "photos" / "notes.jpg").write_text("not an image\n")
     _scene(root)

@@ -13,8 +13,8 @@ from . import protocol
 from .batcher import MAX_BATCH, MAX_WAIT
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyggml-resnet serve", description=__doc__)
+def build_parser(prog: str = "pyggml-resnet serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--model", required=True, help="a .gguf file, or a pretrained name such as resnet50")
     p.add_argument("--name", help="the model's name in the protocol's paths (default: the file's "
                                   "architecture, e.g. resnet50)")
@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "pyggml-resnet serve") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         import uvicorn
 
