@@ -404,3 +404,25 @@ def test_ggml_int8_row_beside_onnxruntime_int8(tmp_path):
     ours, theirs = check["ggml-int8"], check["onnxruntime-int8"]
     assert 1e-4 < ours["rel_l2_error"] <= theirs["rel_l2_error"], (ours, theirs)
     assert ours["top1_agreement"] >= theirs["top1_agreement"] and ours["top5_agreement"] == 1.0, (ours, theirs)
+
+
+def test_a_worker_reports_its_own_peak_rss_not_the_bench_process_s(tmp_path):
+    """The speed table's peak RSS is each engine process's own. Linux's ru_maxrss carries a parent's peak into
+    a child it starts (through vfork and exec), so after the bench process itself once peaked high (its int8
+    conversion) every row read that same peak (583 MiB for every engine). Here this process peaks at 1 GiB
+    first; a ggml ResNet-18 worker's own peak is a fraction of that."""
+    from pyggml_resnet import convert
+    from pyggml_resnet.bench.workload import random_state
+
+    cfg = BY_NAME["resnet18"]
+    path = tmp_path / "resnet18.gguf"
+    convert.write_gguf(convert.Checkpoint.of(random_state(cfg, 10)), path, dtype="f32", progress=False)
+    ballast = np.ones(1 << 30, np.uint8)  # every page touched: this process's peak is above 1 GiB
+    del ballast
+    cmd = procs.child_command("worker", "ggml", path, cfg, 10, size=32, threads=1, dtype="f32", batches=[1])
+    worker, _ = procs.start_worker(cmd, str(tmp_path / "worker.log"))
+    try:
+        peak_kib = worker.request({"cmd": "exit"}, 60)["maxrss_kib"]
+    finally:
+        worker.stop()
+    assert 10 << 10 < peak_kib < 512 << 10  # more than an interpreter's 10 MiB, well under the parent's peak
