@@ -39,10 +39,20 @@ static inline void patch_put_bf16(void * out, const void * in, int64_t n, const 
     for (int64_t i = 0; i < n; ++i) o[i] = patch_to_bf16(f[i]);
 }
 
-static inline void patch_put_bf16_copy(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+static inline void patch_put_copy_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+    (void) q;  // from u8 (quantized already)
+    memcpy(out, in, n);
+}
+
+static inline void patch_put_copy_bf16(void * out, const void * in, int64_t n, const struct patch_quant * q) {
     (void) q;  // from bf16
     memcpy(out, in, n * sizeof(uint16_t));
 }
+
+// The put that copies values of the output's type as they are, by their bytes: u8, bf16 or f32.
+static const patch_put patch_put_copy[sizeof(float) + 1] = {
+    [1] = patch_put_copy_u8, [2] = patch_put_copy_bf16, [4] = patch_put_f32,
+};
 
 // From f32: x * inv_scale clamped to [-zero, 255 - zero] (max and min as maxps and minps take them, NaN to
 // -zero), rounded to nearest even by adding and taking away 1.5 * 2^23 (exact for |v| < 2^22; the clamp
