@@ -23,9 +23,11 @@
 _Static_assert(16 * 12 <= GEMM_NB, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
 _Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is one summation block");
 
-// Op parameters (csrc/op_params.h). WINO: the 16 Winograd products of gemm_winograd; X_SCALE (a float's bits)
-// and X_ZERO: the int8 pixels' sx and zx.
-enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_BIAS, GP_RES, GP_RELU, GP_WINO, GP_X_SCALE, GP_X_ZERO, GP_N_PARAMS };
+// Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: the 16 Winograd products of gemm_winograd);
+// X_SCALE (a float's bits) and X_ZERO: the int8 pixels' sx and zx; Y_SCALE and Y_ZERO: a u8 result's (scale 0:
+// an f32 result).
+enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_FLAGS, GP_X_SCALE, GP_X_ZERO, GP_Y_SCALE, GP_Y_ZERO, GP_N_PARAMS };
+enum { GF_BIAS = 1, GF_RES = 2, GF_RELU = 4, GF_WINO = 8 };
 _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 
 // A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
@@ -33,9 +35,11 @@ _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 // each (the four corners' stay unused: they are read in place).
 static _Thread_local float xbuf[GEMM_NB * GEMM_KC] __attribute__((aligned(64)));
 static _Thread_local float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
-// int8: the current tile of channels' epilogue terms (gemm_block's corr and scale).
+// int8: the current tile of channels' epilogue terms (gemm_block's corr and scale); and for a u8 result, which
+// cannot hold them, the int32 partial sums of the current block of pixels and channels between K's cache blocks.
 static _Thread_local int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
 static _Thread_local float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
+static _Thread_local float qpart[GEMM_C_BLOCK] __attribute__((aligned(64)));
 
 static const struct gemm_kernel * kernel_for(int path) {
 #ifdef GEMM_X86
@@ -74,12 +78,14 @@ struct gemm_problem {
     const char * w;         // packed weights; for Winograd the 3x3 ones, transformed per block into wbuf
     int wino;               // 16 Winograd products, X and C of each x_step and c_step bytes after the last's
     size_t x_step, c_step;
-    float * c;
+    char * c;               // the result; Winograd's 16 each c_step bytes after the last's
+    size_t c_es;            // its bytes per value: 4 (f32), 1 (int8's u8)
     const float * bias, * res;
     int relu;
     int dense_rows;         // X is a dense matrix of rows of K values (the image's pixels)...
     int in_place;           // ... read whole tiles in place, not copied
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
+    const struct patch_quant * out_q;  // int8: how the result becomes u8, or NULL for an f32 result
     float x_scale;
     const float * w_scale;
     const int32_t * colsum;
@@ -87,13 +93,12 @@ struct gemm_problem {
 
 // Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 of geo's image to `dst` (in xbuf), rows of kc
 // values of the path's type, with zero rows after N up to a whole tile: an f32 image is rounded to bf16 where
-// the type is, quantized where it is u8.
+// the type is, quantized where it is u8; an image of that type already is copied.
 static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct patch_geom * geo, int64_t n0,
                         int64_t n1, int64_t kb, int64_t kc) {
     const size_t es = pr->es;
     const int64_t K = pr->K, N = pr->N, nr = pr->kern->nr;
-    const patch_put put = es == sizeof(float) ? patch_put_f32 : es == 1 ? pr->kern->put_u8
-                          : geo->nb0 == es ? patch_put_bf16_copy : patch_put_bf16;
+    const patch_put put = geo->nb0 == es ? patch_put_copy[es] : es == 1 ? pr->kern->put_u8 : patch_put_bf16;
     const int64_t k1 = kb + kc < K ? kb + kc : K;
     char * row = dst;
     for (int64_t n = n0; n < n1; ++n, row += kc * es) {
@@ -133,11 +138,19 @@ static const void * block_weights(const struct gemm_problem * pr, int64_t m, int
     return wbuf[t];
 }
 
+// Where the sums of a block of pixels and channels go between K's cache blocks: the result itself (f32), or
+// (a u8 result) `part`, rows of ld floats from pixel px0 and channel m0.
+struct gemm_partials {
+    float * part;
+    int64_t ld, px0, m0;
+};
+
 // The tiles of pixels px0..px1-1 for one tile of channels (b: weights, epilogue and K block set), X in place
-// before packed0, from `packed` after it, C at c: whole tiles, then the last pixels in one a pixel wider (one
-// left over, N = 49) or in narrower ones (N = 196 leaves 4).
-static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, const char * x, const char * packed,
-                      float * c, int64_t m, int64_t px0, int64_t px1, int64_t packed0, int64_t kb) {
+// before packed0, from `packed` after it, the result at `out`: whole tiles, then the last pixels in one a pixel
+// wider (one left over, N = 49) or in narrower ones (N = 196 leaves 4).
+static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, const struct gemm_partials * sums,
+                      const char * x, const char * packed, char * out, int64_t m, int64_t px0, int64_t px1,
+                      int64_t packed0, int64_t kb) {
     const struct gemm_kernel * kern = pr->kern;
     const int nr = kern->nr;
     for (int64_t n = px0; n < px1;) {
@@ -149,7 +162,10 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
             b->x = packed + (n - packed0) * b->kc * pr->es;
             b->ldx = b->kc;
         }
-        b->c = c + n * pr->M + m;
+        b->out = out + (n * pr->M + m) * pr->c_es;
+        b->ldo = pr->M;
+        b->c = sums->part ? sums->part + (n - sums->px0) * sums->ld + (m - sums->m0) : b->out;
+        b->ldc = sums->part ? sums->ld : pr->M;
         b->res = pr->res ? pr->res + n * pr->M + m : NULL;
         b->nr = px1 - n < height ? (int) (px1 - n) : height;
         (height == nr ? kern->tile : height > nr ? kern->tile_wide : kern->tile_narrow)(b);
@@ -157,12 +173,58 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
     }
 }
 
-static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    const int mr = pr->kern->mr, nr = pr->kern->nr;
-    const int64_t M = pr->M, N = pr->N;
+// Pixels px0..px1-1 by the tiles of channels mt0..mt1-1: each K block of the pixels packed (see in_place), then
+// multiplied by each tile of channels' weights.
+static void pixel_block(const struct gemm_problem * pr, const struct gemm_partials * sums, int64_t mt0, int64_t mt1,
+                        int64_t px0, int64_t px1) {
+    const int mr = pr->kern->mr, nr = pr->kern->nr, products = pr->wino ? 16 : 1;
     const size_t es = pr->es;
     const int64_t KC = GEMM_KC * sizeof(float) / es;  // bytes, not values, make the cache block
-    const int products = pr->wino ? 16 : 1;
+    // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
+    // from the thread's buffer, each product's in its own part of it: in place, at most a tile's worth
+    // (zero-padded), so Winograd's 16 fit; copied, the whole block, and only direct products copy.
+    const int64_t packed0 = pr->in_place ? px0 + (px1 - px0) / nr * nr : px0;
+    const int64_t packed_rows = (px1 - packed0 + nr - 1) / nr * nr;
+    for (int64_t kb = 0; kb < pr->Kp; kb += KC) {
+        const int64_t kc = pr->Kp - kb < KC ? pr->Kp - kb : KC;
+        for (int t = 0; t < products && packed0 < px1; ++t) {
+            struct patch_geom geo = pr->geo;
+            geo.data += t * pr->x_step;
+            pack_pixels((char *) xbuf + t * packed_rows * kc * es, pr, &geo, packed0, px1, kb, kc);
+        }
+        for (int64_t mt = mt0; mt < mt1; ++mt) {
+            const int64_t m = mt * mr;
+            if (pr->quant) quant_terms(pr, m);
+            if (pr->wino) {
+                const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
+                winograd_weights(wbuf[0], sizeof wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
+            }
+            // The products in turn (Winograd's reusing the weights just made), each over this pixel block.
+            for (int t = 0; t < products; ++t) {
+                int64_t w_panel;
+                struct gemm_block b = {
+                    .w = block_weights(pr, m, kb, kc, t, &w_panel), .w_panel = w_panel,
+                    .kc = kc, .mr = pr->M - m < mr ? (int) (pr->M - m) : mr, .out_q = pr->out_q,
+                    .first = kb == 0, .last = kb + kc == pr->Kp,
+                    .bias = pr->bias ? pr->bias + m : NULL,
+                    .relu = pr->relu, .corr = qcorr, .scale = qscale,
+                };
+                // Weights stream from memory once per block: ask for the next tile's (the next channels',
+                // else the next K block's first) while this one computes. Winograd's are made in wbuf.
+                if (!pr->wino && (mt + 1 < mt1 || kb + KC < pr->Kp)) {
+                    const int64_t next_m = mt + 1 < mt1 ? m + mr : mt0 * mr, next_kb = mt + 1 < mt1 ? kb : kb + KC;
+                    b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
+                }
+                run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step, (const char *) xbuf + t * packed_rows * kc * es,
+                          pr->c + t * pr->c_step, m, px0, px1, packed0, kb);
+            }
+        }
+    }
+}
+
+static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    const int mr = pr->kern->mr, nr = pr->kern->nr;
+    const int64_t N = pr->N, KC = GEMM_KC * sizeof(float) / pr->es;
     // The block's output is read again by each K block after the first, so should stay in L2 (for Winograd,
     // only one product's: making the weights again for smaller blocks costs more than L3 does).
     int64_t nb_tiles = pr->Kp <= KC ? GEMM_NB / nr : GEMM_C_BLOCK / ((m1 - m0) * mr * nr);
@@ -171,49 +233,18 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     // would do that for almost no work (ResNet-101's 2048 x 1024 conv at 7x7: blocks of 48 pixels and 1).
     const int64_t n_blocks = (n1 - n0 + nb_tiles - 1) / nb_tiles;
     nb_tiles = (n1 - n0 + n_blocks - 1) / n_blocks;
+    // A u8 result's partial sums go to qpart, as many tiles of channels at a time as fit it (all, but for
+    // thousands of channels).
+    const int partials = pr->out_q && pr->Kp > KC;
+    int64_t mt_block = partials ? GEMM_C_BLOCK / (nb_tiles * nr * mr) : m1 - m0;
+    mt_block = mt_block < 1 ? 1 : mt_block;
     for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
         const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
         const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
-        // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
-        // from the thread's buffer, each product's in its own part of it: in place, at most a tile's worth
-        // (zero-padded), so Winograd's 16 fit; copied, the whole block, and only direct products copy.
-        const int64_t packed0 = pr->in_place ? px0 + (px1 - px0) / nr * nr : px0;
-        const int64_t packed_rows = (px1 - packed0 + nr - 1) / nr * nr;
-        for (int64_t kb = 0; kb < pr->Kp; kb += KC) {
-            const int64_t kc = pr->Kp - kb < KC ? pr->Kp - kb : KC;
-            for (int t = 0; t < products && packed0 < px1; ++t) {
-                struct patch_geom geo = pr->geo;
-                geo.data += t * pr->x_step;
-                pack_pixels((char *) xbuf + t * packed_rows * kc * es, pr, &geo, packed0, px1, kb, kc);
-            }
-            for (int64_t mt = m0; mt < m1; ++mt) {
-                const int64_t m = mt * mr;
-                if (pr->quant) quant_terms(pr, m);
-                if (pr->wino) {
-                    const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
-                    winograd_weights(wbuf[0], sizeof wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
-                }
-                // The products in turn (Winograd's reusing the weights just made), each over this pixel block.
-                for (int t = 0; t < products; ++t) {
-                    int64_t w_panel;
-                    struct gemm_block b = {
-                        .w = block_weights(pr, m, kb, kc, t, &w_panel), .w_panel = w_panel,
-                        .kc = kc, .ldc = M,
-                        .mr = M - m < mr ? (int) (M - m) : mr,
-                        .first = kb == 0, .last = kb + kc == pr->Kp,
-                        .bias = pr->bias ? pr->bias + m : NULL,
-                        .relu = pr->relu, .corr = qcorr, .scale = qscale,
-                    };
-                    // Weights stream from memory once per block: ask for the next tile's (the next channels',
-                    // else the next K block's first) while this one computes. Winograd's are made in wbuf.
-                    if (!pr->wino && (mt + 1 < m1 || kb + KC < pr->Kp)) {
-                        const int64_t next_m = mt + 1 < m1 ? m + mr : m0 * mr, next_kb = mt + 1 < m1 ? kb : kb + KC;
-                        b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
-                    }
-                    run_tiles(pr, &b, pr->geo.data + t * pr->x_step, (const char *) xbuf + t * packed_rows * kc * es,
-                              (float *) ((char *) pr->c + t * pr->c_step), m, px0, px1, packed0, kb);
-                }
-            }
+        for (int64_t mt = m0; mt < m1; mt += mt_block) {
+            const int64_t mt_end = mt + mt_block < m1 ? mt + mt_block : m1;
+            const struct gemm_partials sums = { partials ? qpart : NULL, (mt_end - mt) * mr, px0, mt * mr };
+            pixel_block(pr, &sums, mt, mt_end, px0, px1);
         }
     }
 }
@@ -222,21 +253,25 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
-    const int wino = op_param(dst, GP_WINO), kh = wino ? 1 : op_param(dst, GP_KH), has_bias = op_param(dst, GP_BIAS);
+    const int flags = op_param(dst, GP_FLAGS), wino = (flags & GF_WINO) != 0, has_bias = (flags & GF_BIAS) != 0;
+    const int kh = wino ? 1 : op_param(dst, GP_KH);
     const struct gemm_kernel * kern = kernel_for(op_param(dst, GP_PATH));
     // int8: the weights' scales and column sums come before the epilogue's operands.
     const int quant = kern->es == 1, extra = quant ? 4 : 2;
     const float x_scale = op_param_f32(dst, GP_X_SCALE);
     const struct patch_quant q = { quant ? 1.0f / x_scale : 0.0f, op_param(dst, GP_X_ZERO) };
+    const float y_scale = op_param_f32(dst, GP_Y_SCALE);  // as x_scale: the next product's 1 / sx, bit for bit
+    const struct patch_quant qy = { y_scale != 0.0f ? 1.0f / y_scale : 0.0f, op_param(dst, GP_Y_ZERO) };
     struct gemm_problem pr = {
         .kern = kern, .es = kern->es,
         .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0],
         .Kp = wino ? x->ne[0] : w->ne[1] * (int64_t) ggml_type_size(w->type) / kern->es,
-        .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino, .c = dst->data,
+        .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino,
+        .c = dst->data, .c_es = ggml_type_size(dst->type),
         .bias = has_bias ? (const float *) dst->src[extra]->data : NULL,
-        .res = op_param(dst, GP_RES) ? (const float *) dst->src[extra + has_bias]->data : NULL,
-        .relu = op_param(dst, GP_RELU),
-        .quant = quant ? &q : NULL, .x_scale = x_scale,
+        .res = flags & GF_RES ? (const float *) dst->src[extra + has_bias]->data : NULL,
+        .relu = (flags & GF_RELU) != 0,
+        .quant = quant ? &q : NULL, .out_q = y_scale != 0.0f ? &qy : NULL, .x_scale = x_scale,
         .w_scale = quant ? (const float *) dst->src[2]->data : NULL,
         .colsum = quant ? (const int32_t *) dst->src[3]->data : NULL,
     };
@@ -253,13 +288,13 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
                                 op_param(dst, GP_PAD));
     }
     // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
-    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1, or where they must be quantized
-    // (int8): those are copied a row at a time. Winograd's (winograd_input's dense [C, T, 16] result) are
-    // always read in place: its 16 products' whole blocks would not fit the buffer.
+    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1, or where they must be converted
+    // (to bf16, or quantized for int8): those are copied a row at a time. Winograd's (winograd_input's dense
+    // [C, T, 16] result) are always read in place: its 16 products' whole blocks would not fit the buffer.
     const struct patch_geom * geo = &pr.geo;
     pr.dense_rows = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb1 == pr.K * geo->nb0
                     && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
-    pr.in_place = wino || (pr.dense_rows && !quant && geo->nb0 == pr.es && pr.K == pr.Kp
+    pr.in_place = wino || (pr.dense_rows && geo->nb0 == pr.es && pr.K == pr.Kp
                            && geo->nb1 % GEMM_ALIAS_BYTES != 0);
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
@@ -275,20 +310,30 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     if (m0 < m1 && n0 < n1) gemm_tiles(&pr, m0, m1, n0, n1);
 }
 
+// int8's quantization of the pixels (x) and of a u8 result (y; scale 0: f32).
+struct gemm_quant_args {
+    float x_scale;
+    int x_zero;
+    float y_scale;
+    int y_zero;
+};
+
 // A convolution's product: args holds w, x and (int8) the scales and column sums; bias and residual follow.
 static struct ggml_tensor * gemm_conv(struct ggml_context * ctx, struct ggml_tensor ** args, int n_args, int64_t m,
                                       int kh, int stride, int pad, struct ggml_tensor * bias,
-                                      struct ggml_tensor * residual, int relu, int path, float x_scale, int x_zero) {
+                                      struct ggml_tensor * residual, int relu, int path, struct gemm_quant_args qa) {
     if (bias) args[n_args++] = bias;
     if (residual) args[n_args++] = residual;
     const int32_t params[GP_N_PARAMS] = {
         [GP_PATH] = path, [GP_KH] = kh, [GP_STRIDE] = stride, [GP_PAD] = pad,
-        [GP_BIAS] = bias != NULL, [GP_RES] = residual != NULL, [GP_RELU] = relu != 0,
-        [GP_X_SCALE] = op_param_of_f32(x_scale), [GP_X_ZERO] = x_zero,
+        [GP_FLAGS] = (bias ? GF_BIAS : 0) | (residual ? GF_RES : 0) | (relu ? GF_RELU : 0),
+        [GP_X_SCALE] = op_param_of_f32(qa.x_scale), [GP_X_ZERO] = qa.x_zero,
+        [GP_Y_SCALE] = op_param_of_f32(qa.y_scale), [GP_Y_ZERO] = qa.y_zero,
     };
     const struct ggml_tensor * x = args[1];
     const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
-    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, OW, OH, x->ne[3], args, n_args, gemm_run,
+    const enum ggml_type type = qa.y_scale != 0.0f ? GGML_TYPE_I8 : GGML_TYPE_F32;
+    return op_params_set(ggml_custom_4d(ctx, type, m, OW, OH, x->ne[3], args, n_args, gemm_run,
                                         GGML_N_TASKS_MAX, NULL), params, GP_N_PARAMS);
 }
 
@@ -296,21 +341,23 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path) {
     struct ggml_tensor * args[4] = { w, x };
-    return gemm_conv(ctx, args, 2, m, kh, stride, pad, bias, residual, relu, path, 0.0f, 0);
+    const struct gemm_quant_args none = { 0 };
+    return gemm_conv(ctx, args, 2, m, kh, stride, pad, bias, residual, relu, path, none);
 }
 
 struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
                                int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                               int relu, int path) {
+                               int relu, float y_scale, int y_zero, int path) {
     struct ggml_tensor * args[6] = { w, x, scales, colsums };
-    return gemm_conv(ctx, args, 4, m, kh, stride, pad, bias, residual, relu, path, x_scale, x_zero);
+    const struct gemm_quant_args qa = { x_scale, x_zero, y_scale, y_zero };
+    return gemm_conv(ctx, args, 4, m, kh, stride, pad, bias, residual, relu, path, qa);
 }
 
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
                                    int64_t m, int path) {
     struct ggml_tensor * args[2] = { w, v };
-    const int32_t params[GP_N_PARAMS] = { [GP_PATH] = path, [GP_WINO] = 1 };
+    const int32_t params[GP_N_PARAMS] = { [GP_PATH] = path, [GP_FLAGS] = GF_WINO };
     return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, v->ne[1], 16, 1, args, 2, gemm_run, GGML_N_TASKS_MAX,
                                         NULL), params, GP_N_PARAMS);
 }

@@ -61,21 +61,28 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 // The int8 product: C[n, m] = relu?( (float) (sum_k Wq[m, k] (Xq[n, k] - zx)) * (sx * sw[m]) + bias[m] + R[n, m] ),
 // each operation rounded in that order (the int32 difference to float, its product with the float sx * sw[m],
 // then the adds), on every int8 path and for any batch and thread count: the integer sum is exact, so results
-// are bit-identical across paths. Xq, the windows of the f32 image quantized as they are packed:
+// are bit-identical across paths. Xq, the windows of the image quantized as they are packed:
 // Xq = clamp(rint(x * (1 / sx)) + zx, 0, 255), with 1 / sx one float division, x * (1 / sx) clamped to
 // [-zx, 255 - zx] before rounding (NaN to -zx) and rint to nearest even; padding is the value 0.0 (byte zx).
+// x may instead be those bytes already (an I8 tensor holding u8, as a previous gemm_int8 writes them): they
+// are copied, or read in place, as they are.
 // The sum is taken as sum_k Wq Xq - zx * colsum[m] in int32, exact while 255 * 127 * K fits an int32
 // (K <= GEMM_INT8_K_MAX).
+// y_scale 0: C is f32. Otherwise C is quantized as the next convolution's input would be, with sy = y_scale
+// and zy = y_zero in place of sx and zx (the same float operations, so the bytes are those the next
+// gemm_int8 would have made from the f32 C), and returned as u8 bytes in an I8 tensor: the next product
+// reads a quarter of the bytes and quantizes nothing.
 // w: s8 weights Wq in an f32 tensor of raw 32-bit words [16, K4/4, P, 1] (NumPy (P, K4/4, 16, 4) bytes): panels
 // of 16 channels, k in groups of 4 per channel as vpdpbusd reads them, K zero-padded to K4, a multiple of 4,
 // M to a multiple of 32, as above. scales: f32 [M], sw; colsums: [M] int32 words in an f32 tensor, each
-// channel's sum of Wq. x_scale: sx, positive, normal, and 1 / sx finite; x_zero: zx, 0..255. The rest as for
-// gemm_packed; `path` one of the GEMM_INT8_* paths.
+// channel's sum of Wq. x_scale: sx, positive, normal, and 1 / sx finite; x_zero: zx, 0..255; y_scale: 0 or as
+// x_scale, y_zero as x_zero. x: f32 or I8, contiguous; the rest as for gemm_packed; `path` one of the
+// GEMM_INT8_* paths.
 #define GEMM_INT8_K_MAX 66311  // (2^31 - 1) / (255 * 127)
 struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
                                int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                               int relu, int path);
+                               int relu, float y_scale, int y_zero, int path);
 
 // A 3x3 stride-1 convolution's 16 Winograd F(2x2, 3x3) products (csrc/winograd.h): w, packed f32 3x3 weights
 // as for gemm_packed (K = 9 C); v: contiguous f32 [C, T, 16, 1] from winograd_input. Returns f32 [M, T, 16, 1]

@@ -41,6 +41,8 @@ static inline __m256i channel_sums(struct wv a) {
     _mm256_load_si256((const __m256i *) ((b)->corr + (j) * VL)))), _mm256_load_ps((b)->scale + (j) * VL))
 
 // 8 accumulators, 4 widened weight vectors and the pixel's: 13 of the 16 ymm registers.
+#define PUT_U8 patch_put_u8
+
 #define NR 2
 #define TILE_FN tile_int8_avx2
 #include "gemm_tile.inc"

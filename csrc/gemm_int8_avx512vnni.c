@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "gemm_zmm.h"
+#include "patch_row.h"
 
 #define WT uint8_t
 #define WV __m512i
@@ -28,6 +29,27 @@ static inline __m512i dp_bcast(__m512i w, const uint8_t * p, __m512i c) {
 #define ACC_FINISH(v, b, j) _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(v), \
     _mm512_load_si512((b)->corr + (j) * VL))), _mm512_load_ps((b)->scale + (j) * VL))
 
+// patch_put_u8's arithmetic on the first n (1..16) lanes of v: max and min as patch_put_u8's comparisons take
+// them, and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does. A u8 result is written straight from the
+// sums' registers.
+static inline void v_put_u8(uint8_t * out, int n, __m512 v, const struct patch_quant * q) {
+    const __mmask16 m = n >= 16 ? 0xffff : (__mmask16) ((1u << n) - 1);
+    v = _mm512_mul_ps(v, _mm512_set1_ps(q->inv_scale));
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps((float) -q->zero)), _mm512_set1_ps((float) (255 - q->zero)));
+    _mm512_mask_cvtepi32_storeu_epi8(out, m, _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(q->zero)));
+}
+#define V_PUT_U8 v_put_u8
+
+// Pixels 16 at a time, the last ones masked (the compiler's loop would leave short runs, such as the stem's 21
+// values per window row, to scalar code).
+static void put_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const int lanes = n - i >= 16 ? 16 : (int) (n - i);
+        v_put_u8((uint8_t *) out + i, lanes, _mm512_maskz_loadu_ps((__mmask16) ((1u << lanes) - 1),
+                                                                   (const float *) in + i), q);
+    }
+}
+
 #define NR 12
 #define TILE_FN tile_int8_avx512vnni
 #include "gemm_tile.inc"
@@ -44,22 +66,6 @@ static inline __m512i dp_bcast(__m512i w, const uint8_t * p, __m512i c) {
 #define NR 13
 #define TILE_FN tile_int8_avx512vnni_wide
 #include "gemm_tile.inc"
-
-// patch_put_u8's arithmetic 16 values at a time, the last ones masked (the compiler's loop would leave short
-// runs, such as the stem's 21 values per window row, to scalar code): max and min as patch_put_u8's
-// comparisons take them, and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does.
-static void put_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
-    const float * f = in;
-    uint8_t * o = out;
-    const __m512 inv = _mm512_set1_ps(q->inv_scale), lo = _mm512_set1_ps((float) -q->zero);
-    const __m512 hi = _mm512_set1_ps((float) (255 - q->zero));
-    const __m512i zero = _mm512_set1_epi32(q->zero);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16) ((1u << (n - i)) - 1);
-        const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, f + i), inv), lo), hi);
-        _mm512_mask_cvtepi32_storeu_epi8(o + i, m, _mm512_add_epi32(_mm512_cvtps_epi32(v), zero));
-    }
-}
 
 const struct gemm_kernel gemm_kernel_int8_avx512vnni = {
     MV * VL, 12, 4, tile_int8_avx512vnni, tile_int8_avx512vnni_narrow, tile_int8_avx512vnni_wide, 1, put_u8,

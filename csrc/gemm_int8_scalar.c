@@ -47,6 +47,8 @@ static inline int32_t bits_i(float f) {
 #define ACC_SUM(c, a) bits_f(bits_i(c) + (a))
 #define ACC_FINISH(v, b, j) ((float) (bits_i(v) - (b)->corr[j]) * (b)->scale[j])
 
+#define PUT_U8 patch_put_u8
+
 #define NR 4
 #define TILE_FN tile_int8_scalar
 #include "gemm_tile.inc"

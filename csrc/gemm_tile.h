@@ -16,8 +16,11 @@ struct gemm_block {
     int64_t ldx;           // elements between pixel rows
     int64_t kc;            // k values in this cache block (whole summation blocks, except at K's end)
     int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
-    float * c;             // output of the tile's first pixel and channel
-    int64_t ldc;           // floats between output rows (M); also between residual rows
+    float * c;             // partial sums of the tile's first pixel and channel, kept between K's cache blocks:
+    int64_t ldc;           // in C itself for an f32 C; floats between their rows
+    void * out;            // the result's first pixel and channel (C, f32 or u8), written after K's last block;
+    int64_t ldo;           // values between its rows (M), also between residual rows
+    const struct patch_quant * out_q;  // int8: how the result is quantized to u8, or NULL for f32
     int first, last;       // whether this is K's first cache block (it writes C) or its last (epilogue)
     const float * bias;    // at the tile's first channel, or NULL
     const float * res;     // residual at the tile's first pixel and channel, or NULL
@@ -30,8 +33,8 @@ struct gemm_block {
 // Each ISA path provides one of these: its tile size and tile function, a narrower tile for the last
 // pixels of a product (N = 196 leaves 4 over a tile of 12), and where registers allow a tile one pixel wider
 // for a remainder of one (N = 49: 12 + 12 + 12 + 13), or NULL; the bytes of each weight and pixel value
-// it reads (4: f32, 2: bf16, 1: int8); and for int8, how it quantizes f32 pixels as gemm.c packs them: the
-// bytes of patch_put_u8 (csrc/patch_row.h), in the path's own vectors.
+// it reads (4: f32, 2: bf16, 1: int8); and for int8, how it quantizes f32 values as gemm.c packs pixels and as
+// its tiles write a u8 result: the bytes of patch_put_u8 (csrc/patch_row.h), in the path's own vectors.
 struct gemm_kernel {
     int mr, nr, nr_narrow;
     void (*tile)(const struct gemm_block * b);

@@ -39,10 +39,20 @@ static inline void patch_put_bf16(void * out, const void * in, int64_t n, const 
     for (int64_t i = 0; i < n; ++i) o[i] = patch_to_bf16(f[i]);
 }
 
-static inline void patch_put_bf16_copy(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+static inline void patch_put_copy_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
+    (void) q;  // from u8 (quantized already)
+    memcpy(out, in, n);
+}
+
+static inline void patch_put_copy_bf16(void * out, const void * in, int64_t n, const struct patch_quant * q) {
     (void) q;  // from bf16
     memcpy(out, in, n * sizeof(uint16_t));
 }
+
+// The put that copies values of the output's type as they are, by their bytes: u8, bf16 or f32.
+static const patch_put patch_put_copy[sizeof(float) + 1] = {
+    [1] = patch_put_copy_u8, [2] = patch_put_copy_bf16, [4] = patch_put_f32,
+};
 
 // From f32: x * inv_scale clamped to [-zero, 255 - zero] (max and min as maxps and minps take them, NaN to
 // -zero), rounded to nearest even by adding and taking away 1.5 * 2^23 (exact for |v| < 2^22; the clamp
@@ -90,20 +100,23 @@ static inline void patch_row(char * out, size_t es, patch_put put, const struct 
     const int64_t row = (int64_t) g->kw * g->C;  // values per window row
     const int dense = g->nb1 == (size_t) g->C * g->nb0;
     const char * img = g->data + n * g->nb3;
+    // Where k0 falls, (ky, kx, c); each run below ends at a tap's or a window row's end (or at k1), so from
+    // there on the position advances without dividing (the stem's 7 runs of 21 values per window would
+    // otherwise spend more time in divisions than in copying).
+    int64_t ky = k0 / row, kx = (k0 % row) / g->C, c = k0 % g->C;
     for (int64_t k = k0; k < k1;) {
-        const int64_t ky = k / row, kx = (k % row) / g->C, c = k % g->C;
         const int64_t iy = oy * g->stride - g->pad + ky, ix = ox * g->stride - g->pad + kx;
-        int64_t run;
+        int64_t run, taps;
         const char * src = NULL;
         if (iy < 0 || iy >= g->H) {
-            run = row - k % row;  // the rest of this window row
+            taps = g->kw - kx;  // the rest of this window row
         } else if (ix < 0 || ix >= g->W) {
-            run = g->C - c;
+            taps = 1;
         } else {
-            const int64_t taps = dense ? (g->kw - kx < g->W - ix ? g->kw - kx : g->W - ix) : 1;
-            run = taps * g->C - c;
+            taps = dense ? (g->kw - kx < g->W - ix ? g->kw - kx : g->W - ix) : 1;
             src = img + ix * g->nb1 + iy * g->nb2 + c * g->nb0;
         }
+        run = taps * g->C - c;
         if (run > k1 - k) run = k1 - k;
         if (src) {
             put(out, src, run, q);
@@ -112,5 +125,11 @@ static inline void patch_row(char * out, size_t es, patch_put put, const struct 
         }
         out += run * es;
         k += run;
+        c = 0;
+        kx += taps;
+        if (kx == g->kw) {
+            kx = 0;
+            ++ky;
+        }
     }
 }

@@ -11,7 +11,7 @@ import sys
 import cffi
 
 CDEF = r"""
-enum ggml_type { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_BF16, ... };
+enum ggml_type { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I8, GGML_TYPE_BF16, ... };
 enum ggml_status { GGML_STATUS_SUCCESS, ... };
 
 struct ggml_tensor {
@@ -125,7 +125,7 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
                                int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                               int relu, int path);
+                               int relu, float y_scale, int y_zero, int path);
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
                                    int64_t m, int path);
 """

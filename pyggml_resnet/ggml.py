@@ -27,7 +27,7 @@ class _Type(enum.IntEnum):
 
     @property
     def dtype(self) -> dtypes.DType:
-        return dtypes.BY_CODE[self.value]
+        return dtypes.STORED_BY_CODE[self.value]
 
     @property
     def block_size(self) -> int:
@@ -51,8 +51,9 @@ class _Type(enum.IntEnum):
         return name if isinstance(name, cls) else cls(dtypes.parse(name).code)
 
 
-# The types this package stores weights and activations in: F32, F16, BF16, Q8_0.
-Type = _Type("Type", {t.name.upper(): t.code for t in dtypes.TYPES})
+# The types this package stores weights and activations in: F32, F16, BF16, Q8_0; and I8, bytes: the int8
+# GEMM's u8 activations (`Graph.gemm_int8`).
+Type = _Type("Type", {**{t.name.upper(): t.code for t in dtypes.TYPES}, "I8": dtypes.I8.code})
 if any(getattr(lib, f"GGML_TYPE_{t.name}") != t or lib.ggml_blck_size(t) != t.block_size for t in Type):
     raise ImportError("pyggml_resnet.dtypes disagrees with the compiled ggml on a type's code or block size")
 
@@ -581,14 +582,18 @@ class Graph(_Closable):
 
     def gemm_int8(self, w: Tensor, x: Tensor, m: int, *, scales: Tensor, colsums: Tensor, x_scale: float,
                   x_zero: int, kernel: int = 1, stride: int = 1, padding: int = 0, bias: Tensor | None = None,
-                  residual: Tensor | None = None, relu: bool = False, path: str | None = None) -> Tensor:
+                  residual: Tensor | None = None, relu: bool = False, y_scale: float | None = None,
+                  y_zero: int = 0, path: str | None = None) -> Tensor:
         """`gemm` with int8 weights (csrc/gemm.h's gemm_int8): the image x [C, W, H, N] (f32) quantized to u8 as
         its windows are packed, q = clamp(rint(x / x_scale) + x_zero, 0, 255) (x_zero 0..255; the padding is
         the value 0.0), times the s8 weights w (`int8.Int8Matrix.packed` of an [m, K] matrix as `int8.words`:
         f32 [16, K4/4, P, 1]), summed exactly in int32 over all of K, then (float) (sum - x_zero * colsums) *
         (x_scale * scales) + bias, + residual, ReLU -> f32 [m, OW, OH, N]. scales: f32 [m], the weights' per
-        channel scales; colsums: [m] (the int32 column sums as `int8.words`). Bit-identical for any path,
-        batch and thread count. `path`: one of `gemm_int8_paths()` (default: the first)."""
+        channel scales; colsums: [m] (the int32 column sums as `int8.words`). With `y_scale` the result is
+        quantized in turn, as the next gemm_int8 with x_scale=y_scale and x_zero=y_zero would quantize it, and
+        returned as those u8 bytes (an I8 tensor): that op takes it as its x, and gives the same result as from
+        the f32 one. Bit-identical for any path, batch and thread count. `path`: one of `gemm_int8_paths()`
+        (default: the first)."""
         operands = tuple(t for t in (bias, residual) if t is not None)
         ctx = self._building(w, x, scales, colsums, *operands)
         paths = gemm_int8_paths()
@@ -596,7 +601,9 @@ class Graph(_Closable):
         if path not in paths:
             raise InputError(f"gemm_int8: path {path!r} cannot run here; this CPU runs {paths}")
         m = _integer(m, "gemm_int8: m", 1)
-        self._need_f32(w, x, scales, colsums, *operands, op="gemm_int8")
+        self._need_f32(w, scales, colsums, *operands, op="gemm_int8")
+        if x.type not in (Type.F32, Type.I8):
+            raise InputError(f"gemm_int8 takes an f32 image or its u8 bytes (I8), got {x!r}")
         for t in (w, x, scales, colsums, *operands):
             self._need_contiguous(t, "gemm_int8")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gemm_int8")
@@ -612,22 +619,24 @@ class Graph(_Closable):
                 raise InputError(f"gemm_int8: {name} {t!r} must be [{m}]")
         x_scale = self._x_scale(x_scale)
         x_zero = _integer(x_zero, "gemm_int8: x_zero", 0, 255)
+        y_scale = 0.0 if y_scale is None else self._x_scale(y_scale)  # 0: an f32 result
+        y_zero = _integer(y_zero, "gemm_int8: y_zero", 0, 255)
         out_w, out_h = ((n + 2 * padding - kernel) // stride + 1 for n in x.ne[1:3])
         self._check_epilogue("gemm_int8", (m, out_w, out_h, x.ne[3]), bias, residual)
         return self._new(lib.gemm_int8(ctx, w._ptr, x._ptr, m, kernel, stride, padding, scales._ptr, colsums._ptr,
                                        x_scale, x_zero, bias._ptr if bias is not None else ffi.NULL,
                                        residual._ptr if residual is not None else ffi.NULL, bool(relu),
-                                       GEMM_INT8_PATHS[path]))
+                                       y_scale, y_zero, GEMM_INT8_PATHS[path]))
 
     @staticmethod
     def _x_scale(value) -> float:
         """An activation scale as the float32 the op takes: positive, finite and normal (so 1 / it is finite)."""
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise InputError(f"gemm_int8: x_scale must be a number, got {value!r}")
+            raise InputError(f"gemm_int8: a scale must be a number, got {value!r}")
         with np.errstate(over="ignore"):
             f = np.float32(value)
         if not (np.isfinite(f) and f >= np.finfo(np.float32).tiny):
-            raise InputError(f"gemm_int8: x_scale must be a positive normal float32, got {value!r}")
+            raise InputError(f"gemm_int8: a scale must be a positive normal float32, got {value!r}")
         return float(f)
 
     @staticmethod
@@ -832,13 +841,15 @@ class Graph(_Closable):
             raise RuntimeError(f"ggml graph compute failed with status {status}")
 
     def get(self, tensor: Tensor) -> np.ndarray:
-        """A fresh NumPy array (shape: reversed ne) holding the f32 tensor's current data."""
+        """A fresh NumPy array (shape: reversed ne) holding the f32 tensor's current data (an I8 tensor's bytes
+        as int8)."""
         self._require(_State.FINALIZED)
         if tensor._owner is not self:
             raise InputError(f"{tensor!r} does not belong to this graph")
-        self._need_f32(tensor, op="get")
+        if tensor.type not in (Type.F32, Type.I8):
+            raise InputError(f"get takes f32 or I8 tensors, got {tensor!r}")
         self._need_contiguous(tensor, "get")
-        out = np.empty(tuple(reversed(tensor.ne)), dtype=np.float32)
+        out = np.empty(tuple(reversed(tensor.ne)), dtype=tensor.type.dtype.host)
         lib.ggml_backend_tensor_get(tensor._ptr, ffi.from_buffer(out, require_writable=True), 0, tensor.nbytes)
         return out
 

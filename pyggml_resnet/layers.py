@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arch import InputQuant
 from .ggml import Graph, Tensor, Type, bf16_bits
 from .packing import pack_matrix
 from .plan import Layout, MatrixPlan, gemm_type
@@ -61,20 +62,22 @@ def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray
 
 def conv2d(g: Graph, x: Tensor, w: Tensor, plan: MatrixPlan, *, bias: Tensor | None = None,
            residual: Tensor | None = None, relu: bool = False, scales: Tensor | None = None,
-           colsums: Tensor | None = None) -> Tensor:
+           colsums: Tensor | None = None, out_quant: InputQuant | None = None) -> Tensor:
     """The convolution `plan.conv`: x [C, W, H, N], w from `arrange_weight` for this `plan` -> [OC, OW, OH, N],
     then + bias ([OC]), + residual (shaped like the result), ReLU. The packed GEMM does those as it writes its
     output; the other layouts add them as separate ops, after a gathering of patches (above 1x1) that the
     packed layout does not need: it reads its windows straight from x. A grouped conv (plain): see
     `grouped_product`. Winograd runs as `plan.winograd` says for x's size: a packed conv's 16 Winograd
     products in the packed GEMM, the epilogue in the output transform. Int8: `Graph.gemm_int8` with the
-    weights' `scales` and `colsums` (their tensors) and the input quantization of the plan, epilogue fused."""
+    weights' `scales` and `colsums` (their tensors) and the input quantization of the plan, epilogue fused;
+    with `out_quant` (the next int8 conv's input quantization) the result is that conv's u8 input."""
     conv = plan.conv
     window = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding)
     if plan.layout is Layout.INT8:
         q = plan.input_quant
+        quantized = {} if out_quant is None else dict(y_scale=out_quant.scale, y_zero=out_quant.zero)
         return g.gemm_int8(w, x, conv.out_ch, scales=scales, colsums=colsums, x_scale=q.scale, x_zero=q.zero,
-                           **window, bias=bias, residual=residual, relu=relu, path=plan.path)
+                           **window, bias=bias, residual=residual, relu=relu, path=plan.path, **quantized)
     if conv.groups > 1:
         y = grouped_product(g, x, w, **window, groups=conv.groups)
     elif plan.winograd.runs(x.ne[1], x.ne[2]):

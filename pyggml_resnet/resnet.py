@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import arch, dtypes, int8, layers
-from .arch import Conv, ResNetConfig, convolutions
+from .arch import Conv, InputQuant, ResNetConfig, convolutions
 from .errors import InputError, ModelFormatError
 from .ggml import Graph, Tensor, Type, Weights
 from .loader import ModelFile
@@ -129,6 +129,12 @@ def _upload_batchnorm(weights: Weights, mf: ModelFile, m: MatrixPlan,
     return conv.bn, scale, bias
 
 
+def _int8_chain(m: MatrixPlan, then: MatrixPlan) -> InputQuant | None:
+    """How an int8 conv's result is quantized when the only reader is the next int8 conv of its block: as that
+    conv's input, so it is stored as that conv's u8 bytes (a quarter of f32's) and not quantized again there."""
+    return then.input_quant if m.layout is Layout.INT8 and then.layout is Layout.INT8 else None
+
+
 def _int8_operands(w: Weights, m: MatrixPlan) -> dict[str, Tensor]:
     """The int8 GEMM's per-channel weight scales and column sums, for a conv of Layout.INT8."""
     if m.layout is not Layout.INT8:
@@ -168,13 +174,15 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
     if taps is not None and batch != 1:
         raise InputError("build: conv inputs are tapped one image at a time")
 
-    def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None) -> Tensor:
+    def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None,
+                then: Conv | None = None) -> Tensor:
         bn, m = conv.bn, plan[conv.name]
         if taps is not None and conv.groups == 1:
             taps[conv.name] = x
         if plan.batchnorm == "folded":
             # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
             return layers.conv2d(g, x, w[conv.name], m, bias=w[f"{bn}.folded_bias"], residual=residual, relu=relu,
+                                 out_quant=_int8_chain(m, plan[then.name]) if then else None,
                                  **_int8_operands(w, m))
         y = layers.conv2d(g, x, w[conv.name], m)
         y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
@@ -189,7 +197,9 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
             # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
             shortcut = conv_bn(x, down_conv, relu=False) if down_conv else x
             for i, conv in enumerate(main):
-                x = conv_bn(x, conv, relu=True, residual=shortcut if i == len(main) - 1 else None)
+                last = i == len(main) - 1
+                x = conv_bn(x, conv, relu=True, residual=shortcut if last else None,
+                            then=None if last else main[i + 1])
         return x
 
     out: dict[str, Tensor] = {}

@@ -13,7 +13,7 @@ import pytest
 from pyggml_resnet import arch, int8
 from pyggml_resnet.bench.workload import products
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import Backend, Graph, Weights, gemm_int8_paths
+from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_int8_paths
 from test_gemm import im2col
 
 PATHS = gemm_int8_paths()
@@ -49,8 +49,14 @@ def reference(img, wq, scales, kernel, stride, padding, sx, zx, bias=None, res=N
     return np.where(y > 0, y, F32(0)) if relu else y
 
 
-def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False, path=None):
-    """Graph.gemm_int8 of img [B, H, W, C] -> [B*OH*OW, M]."""
+def as_u8(values, scale, zero):
+    """f32 values quantized as the op quantizes its pixels: its u8 bytes."""
+    return (quantize_image(values, scale, zero) + zero).astype(np.uint8)
+
+
+def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False, path=None, u8=None):
+    """Graph.gemm_int8 of img [B, H, W, C] -> [B*OH*OW, M]. With u8 = (sy, zy), the op takes img as its u8
+    bytes (quantized with sx and zx) and gives its result as u8 bytes (quantized with sy and zy)."""
     b, h, w, c = img.shape
     m = q.m
     specs = {"w": ("f32", tuple(reversed(q.packed.shape[:3]))), "s": ("f32", (m,)), "c": ("f32", (m,))}
@@ -62,18 +68,18 @@ def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, r
         wt.set("c", int8.words(q.colsums))
         if bias is not None:
             wt.set("b", bias)
-        x = g.input("x", (c, w, h, b))
+        x = g.input("x", (c, w, h, b), "f32" if u8 is None else Type.I8)
         oh, ow = ((n + 2 * padding - kernel) // stride + 1 for n in (h, w))
         r = g.input("r", (m, ow, oh, b)) if res is not None else None
         y = g.gemm_int8(wt["w"], x, m, scales=wt["s"], colsums=wt["c"], x_scale=sx, x_zero=zx, kernel=kernel,
                         stride=stride, padding=padding, bias=wt["b"] if bias is not None else None, residual=r,
-                        relu=relu, path=path)
+                        relu=relu, path=path, **({} if u8 is None else dict(y_scale=u8[0], y_zero=u8[1])))
         g.finalize(y)
-        g.set(x, img)
+        g.set(x, img if u8 is None else as_u8(img, sx, zx).view(np.int8))
         if r is not None:
             g.set(r, res.reshape(b, oh, ow, m))
         g.compute()
-        return g.get(y).reshape(-1, m)
+        return g.get(y).reshape(-1, m) if u8 is None else g.get(y).view(np.uint8).reshape(-1, m)
 
 
 def case(seed, b, h, w, c, m, kernel, stride, padding, epilogue=("bias", "res", "relu")):
@@ -89,10 +95,14 @@ def case(seed, b, h, w, c, m, kernel, stride, padding, epilogue=("bias", "res", 
 
 
 def check(backend, path, seed, b, h, w, c, m, kernel, stride, padding, sx, zx, epilogue=("bias", "res", "relu")):
+    """The f32 result against the reference, bit for bit; and from the image's u8 bytes, the result's u8 bytes
+    (quantized with scale 0.05 and zero 0 after a ReLU, else 128): the reference's, quantized."""
     img, q, wq, bias, res = case(seed, b, h, w, c, m, kernel, stride, padding, epilogue)
     conv, epi = (kernel, stride, padding, sx, zx), (bias, res, "relu" in epilogue)
     got, want = run(backend, img, q, *conv, *epi, path=path), reference(img, wq, q.scales, *conv, *epi)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    sy, zy = 0.05, 0 if "relu" in epilogue else 128
+    np.testing.assert_array_equal(run(backend, img, q, *conv, *epi, path=path, u8=(sy, zy)), as_u8(want, sy, zy))
 
 
 def resnet101_convs(size=224):
@@ -131,11 +141,13 @@ def test_every_resnet101_conv(backend, path):
 
 
 # (B, H, W, C, M, kernel, stride, padding): M off 16 and 32, K off 4 (1x1 over 3 channels, 3x3 over 5), N = 1,
-# 13 and 49, one-pixel images, padding wider than the image, stride 2 over odd sides, a K across cache blocks
+# 13 and 49, one-pixel images, padding wider than the image, stride 2 over odd sides, a K across cache blocks;
+# channels too many for one block of a u8 result's partial sums (24000: each thread's 375 tiles of 32, over
+# GEMM_C_BLOCK / (12 * 32) = 341)
 AWKWARD = [
     (1, 1, 1, 3, 1, 1, 1, 0), (1, 1, 13, 5, 17, 1, 1, 0), (1, 7, 7, 7, 33, 1, 1, 0), (1, 1, 1, 5, 40, 3, 1, 2),
     (2, 7, 9, 5, 20, 3, 2, 1), (1, 9, 7, 130, 31, 3, 2, 1), (3, 5, 3, 2, 48, 7, 2, 3), (1, 13, 1, 200, 16, 1, 1, 0),
-    (2, 2, 3, 3, 1, 3, 1, 3),
+    (2, 2, 3, 3, 1, 3, 1, 3), (1, 2, 1, 600, 24000, 1, 1, 0),
 ]
 
 
@@ -212,6 +224,7 @@ def test_gemm_int8_refuses_bad_arguments(backend):
                        dict(x_scale=-1.0), dict(x_scale=float("nan")), dict(x_scale=1e39), dict(x_scale=1e-40),
                        dict(x_scale="1"), dict(x_zero=256), dict(x_zero=-1), dict(x_zero=1.0), dict(bias=r),
                        dict(residual=g.input("r2", (m, n + 1))), dict(x=g.input("x16", (c, n), "f16")),
+                       dict(y_scale=0.0), dict(y_scale=float("inf")), dict(y_zero=256), dict(y_zero=-1),
                        dict(kernel=3),  # K = 9 c: not w's
                        dict(w=wt["w3"], x=img, kernel=3, residual=None),  # a 3x3 window does not fit 3x2
                        dict(w=wt["w3"], x=img, kernel=3, padding=1)):  # residual not [m, 3, 2]
@@ -219,6 +232,9 @@ def test_gemm_int8_refuses_bad_arguments(backend):
             with pytest.raises(InputError):
                 g.gemm_int8(args.pop("w"), args.pop("x"), args.pop("m"), **args)
         g.gemm_int8(wt["w"], x, m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=128, residual=r)
+        u8 = g.gemm_int8(wt["w"], g.input("x8", (c, n), Type.I8), m, scales=wt["s"], colsums=wt["c"], x_scale=0.1,
+                         x_zero=128, y_scale=0.2, y_zero=3)
+        assert u8.type == Type.I8 and u8.ne == (m, n, 1, 1)
         g.gemm_int8(wt["w3"], img, m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=0, kernel=3, padding=1)
 
 
