@@ -12,8 +12,9 @@ import warnings
 
 MAX_THREADS = 512  # the most compute threads a ggml Backend takes, and so the most `default_threads` gives
 
-# Where the cgroup file systems are mounted; tests point it elsewhere.
+# Where the cgroup file systems are mounted, and the kernel's CPU description; tests point them elsewhere.
 CGROUP_ROOT = "/sys/fs/cgroup"
+CPUINFO = "/proc/cpuinfo"
 # CPU vendors (cpuid's vendor string) whose bf16 dot product (AVX512-BF16's vdpbf16ps) beats their f32 FMAs over
 # the same products: AMD's Zen 4 (ResNet-101, batch 1, 2 threads: bf16 48.5 ms, f32 76.6 ms per image). On
 # Intel's it loses (issue 22, a Xeon of family 6 model 207: bf16 0.97-1.03x PyTorch's time, f32 0.54-0.69x);
@@ -82,7 +83,7 @@ def cpuinfo() -> dict[str, str]:
     alike. Empty where there is no such file (not Linux)."""
     info: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 info.setdefault(key.strip(), value.strip())
