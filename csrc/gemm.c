@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cache_size.h"
 #include "gemm_tile.h"
 #include "op_params.h"
 #include "patch_row.h"
@@ -10,17 +11,20 @@
 #include "winograd.h"
 
 // Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 or int8 (the weights' tile reused from L1), of
-// up to GEMM_NB pixels (240 KB of X, copied once per block into a thread's buffer, or read in place, and kept in L2
-// while every weight tile passes over it), fewer when the thread's channels are many so that the block's
-// output, GEMM_C_BLOCK floats at most, stays in L2 across its K blocks. They order the work, not the
-// arithmetic. A block holds whole summation blocks (GEMM_KS, GEMM_KS_BF16, GEMM_KS_INT8); GEMM_NB is a
-// multiple of every path's tile heights. Pixel rows GEMM_ALIAS_BYTES apart are always copied (see in_place).
+// up to nb pixels (X, copied once per block into a thread's buffer, or read in place, and kept in L2 while every
+// weight tile passes over it), fewer when the thread's channels are many so that the block's output, c_block
+// floats at most, stays in L2 across its K blocks: each of the two a quarter of the L2 (struct gemm_blocks).
+// They order the work, not the arithmetic. A block holds whole summation blocks (GEMM_KS, GEMM_KS_BF16,
+// GEMM_KS_INT8); nb is a multiple of every path's tile heights (GEMM_NB_STEP). Pixel rows GEMM_ALIAS_BYTES apart
+// are always copied (see in_place).
 #define GEMM_KC 128
-#define GEMM_NB 480
-#define GEMM_C_BLOCK (128 * 1024)
+#define GEMM_NB_STEP 48
+#define GEMM_NB_MIN (4 * GEMM_NB_STEP)
+#define GEMM_NB_MAX (20 * GEMM_NB_STEP)
+#define GEMM_C_BLOCK_MAX (128 * 1024)
 #define GEMM_ALIAS_BYTES 4096
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
-_Static_assert(16 * 12 <= GEMM_NB, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
+_Static_assert(16 * 12 <= GEMM_NB_MIN, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
 _Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is one summation block");
 
 // Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: the 16 Winograd products of gemm_winograd);
@@ -33,13 +37,47 @@ _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 // A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
 // and, for Winograd, the current tile's transformed weights for each of the 16 products: two panels of kc x 16
 // each (the four corners' stay unused: they are read in place).
-static _Thread_local float xbuf[GEMM_NB * GEMM_KC] __attribute__((aligned(64)));
+static _Thread_local float xbuf[GEMM_NB_MAX * GEMM_KC] __attribute__((aligned(64)));
 static _Thread_local float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
 // int8: the current tile of channels' epilogue terms (gemm_block's corr and scale); and for a u8 result, which
 // cannot hold them, the int32 partial sums of the current block of pixels and channels between K's cache blocks.
 static _Thread_local int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
 static _Thread_local float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
-static _Thread_local float qpart[GEMM_C_BLOCK] __attribute__((aligned(64)));
+static _Thread_local float qpart[GEMM_C_BLOCK_MAX] __attribute__((aligned(64)));
+
+// The L2 size the blocks are made for: cpuid's (csrc/cache_size.h), read once, or gemm_set_l2_bytes's.
+static int64_t l2_detected, l2_override;
+
+int64_t gemm_l2_bytes(void) {
+    int64_t l2 = __atomic_load_n(&l2_override, __ATOMIC_RELAXED);
+    if (l2 > 0) return l2;
+    l2 = __atomic_load_n(&l2_detected, __ATOMIC_RELAXED);
+    if (l2 == 0) {  // every thread that gets here computes the same value
+        l2 = cache_l2_bytes();
+        __atomic_store_n(&l2_detected, l2, __ATOMIC_RELAXED);
+    }
+    return l2;
+}
+
+void gemm_set_l2_bytes(int64_t bytes) {
+    __atomic_store_n(&l2_override, bytes > 0 ? bytes : 0, __ATOMIC_RELAXED);
+}
+
+// The pixel block's rows and the output block's floats for this L2: a quarter of it each (on Zen 4's 1 MiB,
+// 480 rows and 64 Ki floats; half that output block made batch 8 about a third slower per image on one thread,
+// its output, pixels and weights no longer fitting L2 together), within what the thread's buffers hold.
+struct gemm_blocks {
+    int64_t nb, c_block;
+};
+
+static struct gemm_blocks gemm_blocks_for_l2(void) {
+    const int64_t quarter = gemm_l2_bytes() / 4;
+    int64_t nb = quarter / (GEMM_KC * (int64_t) sizeof(float)) / GEMM_NB_STEP * GEMM_NB_STEP;
+    int64_t c_block = quarter / (int64_t) sizeof(float);
+    nb = nb < GEMM_NB_MIN ? GEMM_NB_MIN : nb > GEMM_NB_MAX ? GEMM_NB_MAX : nb;
+    c_block = c_block < GEMM_C_BLOCK_MAX / 8 ? GEMM_C_BLOCK_MAX / 8 : c_block > GEMM_C_BLOCK_MAX ? GEMM_C_BLOCK_MAX : c_block;
+    return (struct gemm_blocks) { nb, c_block };
+}
 
 static const struct gemm_kernel * kernel_for(int path) {
 #ifdef GEMM_X86
@@ -227,8 +265,9 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     const int64_t N = pr->N, KC = GEMM_KC * sizeof(float) / pr->es;
     // The block's output is read again by each K block after the first, so should stay in L2 (for Winograd,
     // only one product's: making the weights again for smaller blocks costs more than L3 does).
-    int64_t nb_tiles = pr->Kp <= KC ? GEMM_NB / nr : GEMM_C_BLOCK / ((m1 - m0) * mr * nr);
-    nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > GEMM_NB / nr ? GEMM_NB / nr : nb_tiles;
+    const struct gemm_blocks bl = gemm_blocks_for_l2();
+    int64_t nb_tiles = pr->Kp <= KC ? bl.nb / nr : bl.c_block / ((m1 - m0) * mr * nr);
+    nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > bl.nb / nr ? bl.nb / nr : nb_tiles;
     // Blocks of equal size: each block reads all of its weights again, and a last block of a few pixels
     // would do that for almost no work (ResNet-101's 2048 x 1024 conv at 7x7: blocks of 48 pixels and 1).
     const int64_t n_blocks = (n1 - n0 + nb_tiles - 1) / nb_tiles;
@@ -236,7 +275,7 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     // A u8 result's partial sums go to qpart, as many tiles of channels at a time as fit it (all, but for
     // thousands of channels).
     const int partials = pr->out_q && pr->Kp > KC;
-    int64_t mt_block = partials ? GEMM_C_BLOCK / (nb_tiles * nr * mr) : m1 - m0;
+    int64_t mt_block = partials ? bl.c_block / (nb_tiles * nr * mr) : m1 - m0;
     mt_block = mt_block < 1 ? 1 : mt_block;
     for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
         const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;

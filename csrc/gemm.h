@@ -41,6 +41,12 @@ extern "C" {
 // floats' worth of bytes).
 #define GEMM_KS_INT8 512
 
+// The L2 cache size the products' cache blocks are sized for (csrc/gemm.c): cpuid's (csrc/cache_size.h), or
+// what gemm_set_l2_bytes last set (a value <= 0 goes back to cpuid's). The blocks order the work, not the
+// arithmetic: results are the same for any value.
+int64_t gemm_l2_bytes(void);
+void gemm_set_l2_bytes(int64_t bytes);
+
 // The int8 paths: AVX512-VNNI, AVX2, and portable C (every CPU).
 enum gemm_path {
     GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2,

@@ -116,6 +116,19 @@ def gemm_path_supported(path: str) -> bool:
         raise InputError(f"the packed GEMM has no path {path!r}; its paths are {', '.join(_GEMM_CODES)}")
     return bool(lib.gemm_path_supported(_GEMM_CODES[path]))
 
+
+def gemm_l2_bytes() -> int:
+    """The L2 cache size (bytes, one core's) the packed GEMM sizes its cache blocks for: the CPU's, read with
+    cpuid (1 MiB where cpuid does not list it), unless `set_gemm_l2_bytes` chose another."""
+    return int(lib.gemm_l2_bytes())
+
+
+def set_gemm_l2_bytes(size: int | None) -> None:
+    """Sizes the packed GEMM's blocks for an L2 of `size` bytes (None: the CPU's again), for every model in
+    this process: to measure other blockings. Results do not change; only the order of the work does."""
+    lib.gemm_set_l2_bytes(0 if size is None else _integer(size, "set_gemm_l2_bytes: size", 1, 2**40))
+
+
 def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
     """`value` as an int, if it is an integer (Python's or NumPy's, not a bool) in lo..hi; else InputError.
     The one check of every integer argument here."""

@@ -7,13 +7,16 @@ order: (float) sum * (sx * sw), + bias, + residual, ReLU. Every path must give t
 paths, batch sizes and thread counts agree bit for bit.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pyggml_resnet import arch, int8
 from pyggml_resnet.bench.workload import products
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_int8_paths
+from pyggml_resnet.ggml import (Backend, Graph, Type, Weights, gemm_int8_paths, gemm_l2_bytes,
+                                set_gemm_l2_bytes)
 from test_gemm import im2col
 
 PATHS = gemm_int8_paths()
@@ -246,3 +249,45 @@ def test_gemm_int8_refuses_a_k_whose_sums_could_overflow(backend):
                            "c": ("f32", (m,))}) as wt, Graph(backend) as g:
         with pytest.raises(InputError, match="overflow"):
             g.gemm_int8(wt["w"], g.input("x", (c, 1)), m, scales=wt["s"], colsums=wt["c"], x_scale=1.0, x_zero=0)
+
+
+def test_results_do_not_depend_on_the_cache_blocks(backend):
+    """Blocks sized for L2s from 128 KiB to 8 MiB (pixel blocks of 192 to 960 rows, output blocks of 16 Ki
+    to 128 Ki floats) order the work differently and give the same bits: f32 and bf16 products, and int8 with
+    an f32 and a u8 result, each over K and N larger than one block."""
+    from test_gemm import PATHS as FLOAT_PATHS, operands, run_gemm
+    w, x, bias, res = operands(200, 1500, 1100, 3, ("bias", "res"))
+    img, q, _, ibias, ires = case(4, 2, 23, 25, 170, 200, 3, 1, 1)
+    results = []
+    try:
+        for l2 in (None, 128 << 10, 512 << 10, 8 << 20):
+            set_gemm_l2_bytes(l2)
+            results.append([run_gemm(backend, w, x, bias, res, True, path) for path in FLOAT_PATHS]
+                           + [run(backend, img, q, 3, 1, 1, 0.03, 128, ibias, ires, True, path, u8)
+                              for path in PATHS for u8 in (None, (0.05, 0))])
+    finally:
+        set_gemm_l2_bytes(None)
+    for r in results[1:]:
+        for got, want in zip(r, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_blocks_are_sized_for_the_cpus_l2():
+    """The L2 size the blocks are made for is the one the kernel lists for CPU 0 (read there from cpuid as
+    well), unless set; set_gemm_l2_bytes(None) goes back to it."""
+    caches = Path("/sys/devices/system/cpu/cpu0/cache")
+    l2 = [d for d in caches.glob("index*") if (d / "level").read_text().strip() == "2"
+          and (d / "type").read_text().strip() in ("Data", "Unified")] if caches.is_dir() else []
+    if not l2:
+        pytest.skip("the kernel lists no level-2 cache here")
+    size = (l2[0] / "size").read_text().strip()
+    assert gemm_l2_bytes() == int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    try:
+        set_gemm_l2_bytes(3 << 20)
+        assert gemm_l2_bytes() == 3 << 20
+    finally:
+        set_gemm_l2_bytes(None)
+    assert gemm_l2_bytes() == int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError):
+            set_gemm_l2_bytes(bad)

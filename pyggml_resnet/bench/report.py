@@ -26,8 +26,10 @@ def machine_info() -> dict:
     # The instruction sets that decide which kernels the engines can use.
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
                        "amx_bf16", "amx_int8", "asimd", "sve") if f in flags]
+    # Family and model tell an Intel Xeon's generation apart ("Intel(R) Xeon(R) Processor" names several).
+    cpu += f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info and "model" in info else ""
     return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": available_cpus(), "isa": isa,
-            "os": platform.platform(),
+            "l2_kib": ggml.gemm_l2_bytes() >> 10, "os": platform.platform(),
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "torch": _dist_version("torch"), "onnxruntime": _dist_version("onnxruntime"),
                          "openvino": _dist_version("openvino"), "onnx": _dist_version("onnx"),
@@ -62,7 +64,8 @@ def format_report(r: dict) -> str:
 
     mc = r["machine"]
     out.append(f"machine: {mc['cpu']}, {mc['cpus_available']} of {mc['cpus_total']} CPUs available, "
-               f"{s['threads']} threads used; {' '.join(mc['isa']) or 'no ISA flags known'}; {mc['os']}")
+               f"{s['threads']} threads used; {' '.join(mc['isa']) or 'no ISA flags known'}; "
+               f"GEMM blocks for an L2 of {mc.get('l2_kib', '?')} KiB; {mc['os']}")
     out.append("versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v))
     return "\n".join(out)
 
