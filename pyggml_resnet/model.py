@@ -78,6 +78,8 @@ class Model(_Closable):
                                 dtype=Type.F32 if int8 else Type.parse(dtype or model_file.dtype), gemm=gemm,
                                 winograd=winograd, batchnorm=batchnorm, input_quants=model_file.input_quants)
         self.dtype = "int8" if int8 else self._plan.weight_type.name.lower()
+        # What the products multiply: the dtype, or "f32" for f16 and bf16 weights widened at load (plan.py).
+        self.compute_dtype = "int8" if int8 else self._plan.compute_type.name.lower()
         self.gemm = self._plan.gemm  # what runs the matrix products: a packed GEMM path, or ggml's mul_mat
         self.config = model_file.config
         self.num_classes = model_file.num_classes
@@ -105,7 +107,8 @@ class Model(_Closable):
     def __repr__(self):
         backend = self._backend
         state = "closed" if backend is None else f"threads={backend.threads}"
-        return (f"<Model {self.config.name} {self.dtype} batchnorm={self.batchnorm} gemm={self.gemm} "
+        widened = f" (computed as {self.compute_dtype})" if self.compute_dtype != self.dtype else ""
+        return (f"<Model {self.config.name} {self.dtype}{widened} batchnorm={self.batchnorm} gemm={self.gemm} "
                 f"classes={self.num_classes} {state}>")
 
     @property
@@ -345,10 +348,14 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
         (16/9 of those convs' memory, +54 MB for ResNet-101). True and False force it on and off.
     gemm: what runs the matrix products. "packed": our GEMM over weights packed at load, with the
         BatchNorm bias, residual add and ReLU fused in; bit-identical results for any batch and thread count
-        (csrc/gemm.h). Its path is chosen from the CPU: "avx512" or "avx2" (AVX2+FMA) for f32 weights,
-        "avx512bf16" (AVX512-BF16: bf16 weights and inputs, f32 sums) for bf16; a path may also be named to
-        force it. "ggml": ggml's mul_mat. Default: "packed" for f32 and bf16 weights where the CPU has a
-        path, else "ggml". f16 and q8_0 weights always use ggml's mul_mat.
+        (csrc/gemm.h). Its path is chosen from the CPU (`plan.packed_paths`): "avx512" or "avx2" (AVX2+FMA)
+        for f32 weights, and for f16 and bf16 weights widened to f32 at load (exact; f32's memory and speed,
+        Winograd included); "avx512bf16" (AVX512-BF16: bf16 weights and inputs, f32 sums) for bf16 weights
+        where the CPU's bf16 dot product beats its f32 FMAs (AMD's Zen 4; not Intel's). A path may also be
+        named to force it (e.g. "avx512bf16" or "avx512" for a bf16 model). "ggml": ggml's mul_mat over the
+        weights as they are (f16 and bf16 at half f32's memory). Default: "packed" where the CPU has a path
+        for the weights, else "ggml"; q8_0 weights always use ggml's mul_mat. `Model.compute_dtype` and
+        `repr(model)` say what the products multiply.
     Raises ModelFormatError for a malformed file, InputError for bad arguments.
     """
     resnet.check_batchnorm(batchnorm)

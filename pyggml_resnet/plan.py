@@ -1,10 +1,12 @@
 """How each convolution and the fc layer of a model runs, decided once when it loads.
 
 `plan_model` reads the architecture (arch.py), the model's options (dtype, gemm, winograd, batchnorm) and the
-CPU (which packed GEMM paths it runs), and gives one `MatrixPlan` per weight matrix: its `Layout`, the packed
-GEMM path, the type and shape it is stored in, and its Winograd rule. The weight upload arranges each matrix
-as its plan says (resnet.upload_weights, layers.arrange_weight), and the graph builder multiplies it as its
-plan says (resnet.build, layers.conv2d and layers.linear): nothing else decides.
+CPU (which packed GEMM paths it runs, and which is fastest for the weights' type: `packed_paths`), and gives
+the type the products compute in and one `MatrixPlan` per weight matrix: its `Layout`, the packed GEMM path,
+the type and shape it is stored in, and its Winograd rule. f16 and bf16 weights that compute in f32 are
+widened at load (exactly) and planned as f32 weights are. The weight upload arranges each matrix as its plan
+says (resnet.upload_weights, layers.arrange_weight), and the graph builder multiplies it as its plan says
+(resnet.build, layers.conv2d and layers.linear): nothing else decides.
 
 A new kind of weight (a new layout, or a new packed type with its path in packing.GEMM_PATHS) is one more
 case here, in `_layout` and `_stored_shape`, and one more branch where the weights are arranged and multiplied.
@@ -16,7 +18,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from . import int8
+from . import cpu, int8
 from .arch import Conv, InputQuant, ResNetConfig, convolutions
 from .errors import InputError
 from .ggml import GEMM_INT8_PATHS, Type, gemm_int8_paths, gemm_path_supported
@@ -26,7 +28,8 @@ from .packing import GEMM_PATHS, packed_shape
 K_ALIGN = 32
 # load(gemm=...): our packed GEMM on the CPU's widest path, ggml's mul_mat, or a packed path by name.
 GEMM_CHOICES = ("packed", "ggml", *GEMM_PATHS, *GEMM_INT8_PATHS)
-_PATH_NEEDS = {"f32": "AVX2 and FMA", "bf16": "AVX512-BF16"}  # what a CPU needs for a path of each type
+# Weight types an f32 path multiplies widened to f32 at load: exactly, as every f16 and bf16 value is an f32 one.
+WIDENED_TO_F32 = (Type.F16, Type.BF16)
 # Below this many 2x2 output tiles per image (ResNet-101's layer4 at 7x7 has 16) the 16 products are too
 # short to beat the direct product at batch 1: each transformed weight serves too few pixels (measured,
 # docs/benchmarks.md).
@@ -77,6 +80,7 @@ class ModelPlan:
     """Every weight matrix's plan, and the model-wide options they came from."""
 
     weight_type: Type  # the model's dtype (a matrix whose rows do not fill whole blocks is stored f32)
+    compute_type: Type  # what the products multiply: weight_type, or F32 for f16 and bf16 weights widened at load
     gemm: str  # what runs the matrix products, as `Model.gemm` shows it: a packed path, or "ggml"
     batchnorm: str  # "folded" or "explicit" (resnet.BATCHNORM_MODES)
     matrices: dict[str, MatrixPlan]  # by weight name: the convs in graph order, then "fc.weight"
@@ -108,21 +112,30 @@ def gemm_paths(wtype: Type | str = Type.F32) -> tuple[str, ...]:
     return tuple(path for path in GEMM_PATHS if gemm_type(path) == wtype and gemm_path_supported(path))
 
 
+def packed_paths(wtype: Type | str) -> tuple[str, ...]:
+    """The packed GEMM's paths that multiply `wtype` weights on this CPU, the default (fastest) first: the
+    paths of their own type (`gemm_paths`), and for f16 and bf16 the f32 paths, over the weights widened to f32
+    at load. bf16's own path comes first only where the CPU's bf16 dot product beats its f32 FMAs
+    (`cpu.bf16_dot_is_fast`: AMD's Zen 4 yes, Intel's no); empty where none runs (q8_0, or an old CPU)."""
+    wtype = Type.parse(wtype)
+    own, widened = gemm_paths(wtype), gemm_paths(Type.F32) if wtype in WIDENED_TO_F32 else ()
+    return own + widened if own and cpu.bf16_dot_is_fast() else widened + own
+
+
 def gemm_path(gemm: str | None, wtype: Type) -> str | None:
-    """The packed GEMM path a model with these options uses, or None for ggml's mul_mat (see `model.load`)."""
+    """The packed GEMM path a model of `wtype` weights with load option `gemm` uses, or None for ggml's mul_mat
+    (see `model.load`): the first of `packed_paths` by default, or the one named."""
     check_gemm(gemm)
-    paths = gemm_paths(wtype)
-    if gemm is None:
-        return paths[0] if paths else None
-    if gemm == "ggml":
+    paths, name = packed_paths(wtype), wtype.name.lower()
+    if gemm == "ggml" or (gemm is None and not paths):
         return None
-    name, packed_types = wtype.name.lower(), tuple(dict.fromkeys(GEMM_PATHS.values()))
-    if name not in packed_types:
-        raise InputError(f"the packed GEMM is {' and '.join(packed_types)} only: use gemm='ggml' for {name} weights")
-    if gemm == "packed":
+    if wtype not in (Type.F32, *WIDENED_TO_F32):
+        raise InputError(f"the packed GEMM takes f32 weights, and f16 and bf16 widened to f32: use gemm='ggml' "
+                         f"for {name} weights")
+    if gemm in (None, "packed"):
         if not paths:
-            raise InputError(f"this CPU has no packed GEMM path for {name} (it needs {_PATH_NEEDS[name]}): "
-                             "use gemm='ggml'")
+            raise InputError(f"this CPU has no packed GEMM path for {name} weights (it needs AVX2 and FMA"
+                             f"{', or AVX512-BF16' if wtype == Type.BF16 else ''}): use gemm='ggml'")
         return paths[0]
     if gemm not in paths:
         raise InputError(f"this CPU cannot run the packed GEMM's {gemm} path for {name} weights; "
@@ -215,7 +228,7 @@ def _int8_plan(cfg: ResNetConfig, num_classes: int, gemm: str | None,
         matrices[conv.name] = MatrixPlan(conv.name, conv.shape, conv, Layout.INT8, path, Type.F32, stored,
                                          Winograd.NEVER, input_quants[conv.name])
     matrices["fc.weight"] = matrix_plan("fc.weight", (num_classes, cfg.feature_dim), Type.F32, f32_path, False)
-    return ModelPlan(Type.F32, path, "folded", matrices, int8=True)
+    return ModelPlan(Type.F32, Type.F32, path, "folded", matrices, int8=True)
 
 
 def plan_model(cfg: ResNetConfig, num_classes: int, *, dtype: Type, gemm: str | None, winograd: bool | None,
@@ -227,7 +240,8 @@ def plan_model(cfg: ResNetConfig, num_classes: int, *, dtype: Type, gemm: str | 
     if input_quants is not None:
         return _int8_plan(cfg, num_classes, gemm, input_quants)
     path = gemm_path(gemm, dtype)
-    matrices = {conv.name: matrix_plan(conv.name, conv.shape, dtype, path, winograd, conv)
+    compute = gemm_type(path) if path else dtype  # f32 on an f32 path: f16 and bf16 weights widened at load
+    matrices = {conv.name: matrix_plan(conv.name, conv.shape, compute, path, winograd, conv)
                 for conv in convolutions(cfg)}
-    matrices["fc.weight"] = matrix_plan("fc.weight", (num_classes, cfg.feature_dim), dtype, path, False)
-    return ModelPlan(dtype, path or "ggml", batchnorm, matrices)
+    matrices["fc.weight"] = matrix_plan("fc.weight", (num_classes, cfg.feature_dim), compute, path, False)
+    return ModelPlan(dtype, compute, path or "ggml", batchnorm, matrices)

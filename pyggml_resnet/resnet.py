@@ -74,12 +74,22 @@ def upload_weights(backend, mf: ModelFile, plan: ModelPlan) -> Weights:
     try:
         for m in plan.matrices.values():
             folded = _upload_batchnorm(weights, mf, m, plan) if m.conv is not None else None
-            put(m, mf.tensor(m.name, scratch, _decode), folded)
+            put(m, _values(mf, m.name, plan, scratch), folded)
         weights.set("fc.bias", mf.tensor("fc.bias"))
     except BaseException:
         weights.close()
         raise
     return weights
+
+
+def _values(mf: ModelFile, name: str, plan: ModelPlan, scratch: np.ndarray) -> np.ndarray:
+    """A conv's or the fc's weights as float32, as the model's dtype holds them: a model computed in a wider
+    type than its dtype (bf16 widened to f32) gets the values of its dtype, rounded here where the file
+    stores a wider type (an f32 file loaded with dtype="bf16"), so it computes what the stored bf16 file would."""
+    w, dtype = mf.tensor(name, scratch, _decode), plan.weight_type
+    if dtype == plan.compute_type or mf.infos[name].kind == dtype.name.lower():
+        return w
+    return dtype.decode(dtype.encode(w).view(np.uint8).reshape(-1)).reshape(w.shape)
 
 
 def _decode(kind: str, raw: np.ndarray) -> np.ndarray:

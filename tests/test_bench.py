@@ -180,17 +180,24 @@ def test_without_torch_no_reference_and_no_results_file(tmp_path, monkeypatch, c
 
 @pytest.mark.skipif(not gemm_paths(), reason="no packed GEMM path on this CPU")
 def test_gemm_rows(tmp_path):
-    """--gemm packed ggml: one f32 row per product engine, in the same run; bf16 too where it has a packed path."""
+    """--gemm packed ggml PATH: a row per choice and type, in the same run; a path named for bf16 runs bf16 there
+    (avx512bf16) or widened to f32 (an f32 path), and a choice a type cannot run is skipped with a note."""
     out = tmp_path / "gemm.json"
+    path = gemm_paths()[-1]  # an f32 path
     proc = subprocess.run([sys.executable, "-m", "pyggml_resnet", "bench", "--arch", "resnet18", "--batch", "1",
-                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "--dtype", "f32", "bf16",
-                           "--gemm", "packed", "ggml", "--json", str(out), "--wait-quiet", "0"],
+                           "--rounds", "1", "--iters", "1", "--engines", "ggml", "--dtype", "f32", "bf16", "q8_0",
+                           "--gemm", "packed", "ggml", path, "avx512bf16", "--json", str(out), "--wait-quiet", "0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    bf16 = {"ggml-bf16-packed", "ggml-bf16-mul_mat"} if gemm_paths("bf16") else {"ggml-bf16"}
-    assert set(report["engines"]) == {"ggml-f32-packed", "ggml-f32-mul_mat"} | bf16
+    bf16 = ["ggml-bf16-packed", "ggml-bf16-mul_mat", f"ggml-bf16-{path}"]
+    if gemm_paths("bf16"):
+        bf16.append("ggml-bf16-avx512bf16")
+    else:
+        assert "note: no ggml-bf16-avx512bf16 row: this CPU cannot run the packed GEMM's avx512bf16 path" in proc.stdout
+    assert list(report["engines"]) == ["ggml-f32-packed", "ggml-f32-mul_mat", f"ggml-f32-{path}", *bf16, "ggml-q8_0"]
     assert all(e["status"] == "ok" for e in report["engines"].values())
+    assert "note: no ggml-f32-avx512bf16 row: this CPU cannot run the packed GEMM's avx512bf16 path for f32" in proc.stdout
 
 
 def test_quiet_waits_for_three_quiet_seconds_and_no_longer_than_told():
@@ -404,3 +411,25 @@ def test_ggml_int8_row_beside_onnxruntime_int8(tmp_path):
     ours, theirs = check["ggml-int8"], check["onnxruntime-int8"]
     assert 1e-4 < ours["rel_l2_error"] <= theirs["rel_l2_error"], (ours, theirs)
     assert ours["top1_agreement"] >= theirs["top1_agreement"] and ours["top5_agreement"] == 1.0, (ours, theirs)
+
+
+def test_a_worker_reports_its_own_peak_rss_not_the_bench_process_s(tmp_path):
+    """The speed table's peak RSS is each engine process's own. Linux's ru_maxrss carries a parent's peak into
+    a child it starts (through vfork and exec), so after the bench process itself once peaked high (its int8
+    conversion) every row read that same peak (583 MiB for every engine). Here this process peaks at 1 GiB
+    first; a ggml ResNet-18 worker's own peak is a fraction of that."""
+    from pyggml_resnet import convert
+    from pyggml_resnet.bench.workload import random_state
+
+    cfg = BY_NAME["resnet18"]
+    path = tmp_path / "resnet18.gguf"
+    convert.write_gguf(convert.Checkpoint.of(random_state(cfg, 10)), path, dtype="f32", progress=False)
+    ballast = np.ones(1 << 30, np.uint8)  # every page touched: this process's peak is above 1 GiB
+    del ballast
+    cmd = procs.child_command("worker", "ggml", path, cfg, 10, size=32, threads=1, dtype="f32", batches=[1])
+    worker, _ = procs.start_worker(cmd, str(tmp_path / "worker.log"))
+    try:
+        peak_kib = worker.request({"cmd": "exit"}, 60)["maxrss_kib"]
+    finally:
+        worker.stop()
+    assert 10 << 10 < peak_kib < 512 << 10  # more than an interpreter's 10 MiB, well under the parent's peak

@@ -1,5 +1,6 @@
 """The CPUs this process may use and the default thread count (pyggml_resnet.cpu): OMP_NUM_THREADS, the
-affinity mask and the cgroup CPU quota, with cgroup files written under a temporary root."""
+affinity mask and the cgroup CPU quota, with cgroup files written under a temporary root; and the CPU's
+vendor, from a /proc/cpuinfo written there too."""
 
 import os
 
@@ -82,3 +83,31 @@ def test_quota_never_raises_above_the_affinity(no_quota, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
     (no_quota / "cpu.max").write_text("800000 100000")
     assert cpu.default_threads() == 1
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+cpu family\t: 6
+model\t\t: 207
+flags\t\t: fpu avx512f avx512_bf16
+
+processor\t: 1
+vendor_id\t: SomeoneElse
+"""
+
+
+@pytest.mark.parametrize("vendor, fast", [("AuthenticAMD", True), ("GenuineIntel", False), ("HygonGenuine", False)])
+def test_the_vendor_and_whether_bf16_is_fast_come_from_the_first_cpu(tmp_path, monkeypatch, vendor, fast):
+    """bf16's own kernel is the default only where the vendor's bf16 dot product beats its f32 FMAs (AMD's Zen 4;
+    not issue 22's Intel Xeon, family 6 model 207); a CPU this cannot tell is not counted fast."""
+    (tmp_path / "cpuinfo").write_text(_CPUINFO.format(vendor=vendor))
+    monkeypatch.setattr(cpu, "CPUINFO", str(tmp_path / "cpuinfo"))
+    cpu.vendor.cache_clear()
+    try:
+        assert cpu.cpuinfo()["model"] == "207" and cpu.cpuinfo()["flags"].split()[-1] == "avx512_bf16"
+        assert (cpu.vendor(), cpu.bf16_dot_is_fast()) == (vendor, fast)
+        monkeypatch.setattr(cpu, "CPUINFO", str(tmp_path / "missing"))  # not Linux
+        cpu.vendor.cache_clear()
+        assert (cpu.cpuinfo(), cpu.vendor(), cpu.bf16_dot_is_fast()) == ({}, None, False)
+    finally:
+        cpu.vendor.cache_clear()  # the next caller reads the real file

@@ -6,11 +6,13 @@ import math
 
 import pytest
 
-from pyggml_resnet import arch
+from pyggml_resnet import arch, cpu
+from pyggml_resnet import plan as plan_module
 from pyggml_resnet.arch import Conv
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.ggml import Type, gemm_path_supported
-from pyggml_resnet.plan import GEMM_CHOICES, Layout, Winograd, gemm_paths, matrix_plan, plan_model
+from pyggml_resnet.packing import GEMM_PATHS
+from pyggml_resnet.plan import GEMM_CHOICES, Layout, Winograd, gemm_paths, matrix_plan, packed_paths, plan_model
 
 NETS = ("resnet18", "resnet50", "resnet101", "resnext50_32x4d")
 # Ungrouped 3x3 stride-1 convs (Winograd's): every 3x3 but the first of stages 2-4 (stride 2); none in a
@@ -74,21 +76,72 @@ def test_packed_plans(name, winograd, rule):
             assert m.stored_shape == (-(-oc // 32) * 2, k, 16) and k == math.prod(m.shape[1:])
 
 
+@pytest.mark.skipif(BF16_PATH is None, reason="no AVX512-BF16 on this CPU")
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_bf16_packs_on_its_own_path_without_winograd(name):
-    p = plan(name, dtype="bf16", winograd=True)
-    assert p.gemm == (BF16_PATH or "ggml")
+    p = plan(name, dtype="bf16", gemm=BF16_PATH, winograd=True)
+    assert p.gemm == BF16_PATH and p.compute_type == Type.BF16
     for m in p.matrices.values():
-        assert m.weight_type == Type.BF16 and m.winograd is Winograd.NEVER
-        assert m.layout is (Layout.PACKED if BF16_PATH else Layout.PLAIN)
-    if BF16_PATH:
-        assert p["conv1.weight"].stored_shape == (4, 148, 16)  # K = 147 padded to whole pairs
+        assert m.weight_type == Type.BF16 and m.winograd is Winograd.NEVER and m.layout is Layout.PACKED
+    assert p["conv1.weight"].stored_shape == (4, 148, 16)  # K = 147 padded to whole pairs
+
+
+@pytest.mark.skipif(F32_PATH is None, reason="no f32 packed GEMM path on this CPU")
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("winograd", [None, True, False])
+def test_widened_weights_are_planned_as_f32_weights(dtype, winograd):
+    """f16 and bf16 weights on an f32 path: the model keeps its dtype, computes in f32, and every matrix has
+    the plan an f32 model's has, Winograd included."""
+    for path in gemm_paths():
+        p, f32 = plan("resnet50", dtype=dtype, gemm=path, winograd=winograd), plan("resnet50", gemm=path,
+                                                                                   winograd=winograd)
+        assert (p.weight_type, p.compute_type, p.gemm) == (Type.parse(dtype), Type.F32, path)
+        assert p.matrices == f32.matrices and f32.compute_type == Type.F32
+
+
+def rule(monkeypatch, vendor: str, avx512bf16: bool) -> None:
+    """This CPU as another: its vendor, and whether it has AVX512-BF16 (its f32 paths as this one's)."""
+    monkeypatch.setattr(cpu, "vendor", lambda: vendor)
+    supported = plan_module.gemm_path_supported
+    monkeypatch.setattr(plan_module, "gemm_path_supported",
+                        lambda path: avx512bf16 if path == "avx512bf16" else supported(path))
+
+
+@pytest.mark.skipif(F32_PATH is None, reason="no f32 packed GEMM path on this CPU")
+@pytest.mark.parametrize("vendor, avx512bf16, native", [
+    ("AuthenticAMD", True, True),  # Zen 4: vdpbf16ps beats its FMAs
+    ("GenuineIntel", True, False),  # issue 22's Xeon: vdpbf16ps slower than its FMAs
+    ("AuthenticAMD", False, False), ("GenuineIntel", False, False),  # no bf16 dot product at all
+    (None, True, False), ("HygonGenuine", True, False),  # a vendor not known fast: f32, which never loses
+])
+def test_bf16_runs_its_own_path_only_where_the_cpu_makes_it_faster(monkeypatch, vendor, avx512bf16, native):
+    """The default (and "packed") for bf16 weights: AVX512-BF16's path on CPUs whose bf16 dot product beats their
+    f32 FMAs, else the f32 path over the weights widened at load; either may still be named. f16 has no path of
+    its own: always widened."""
+    rule(monkeypatch, vendor, avx512bf16)
+    f32_paths = gemm_paths()
+    want = ("avx512bf16", *f32_paths) if native else (*f32_paths, *(("avx512bf16",) if avx512bf16 else ()))
+    assert packed_paths("bf16") == want and packed_paths("f16") == f32_paths == packed_paths("f32")
+    assert packed_paths("q8_0") == ()
+    for gemm in (None, "packed"):
+        p = plan("resnet18", dtype="bf16", gemm=gemm)
+        assert (p.gemm, p.compute_type) == (("avx512bf16", Type.BF16) if native else (F32_PATH, Type.F32))
+        assert (plan("resnet18", dtype="f16", gemm=gemm).gemm, plan("resnet18", gemm=gemm).gemm) == (F32_PATH,) * 2
+    if avx512bf16:
+        assert plan("resnet18", dtype="bf16", gemm="avx512bf16").compute_type == Type.BF16
+    else:
+        with pytest.raises(InputError, match="cannot run the packed GEMM's avx512bf16 path for bf16 weights"):
+            plan("resnet18", dtype="bf16", gemm="avx512bf16")
+    for dtype in ("bf16", "f16"):
+        ggml = plan("resnet18", dtype=dtype, gemm="ggml")
+        assert (ggml.gemm, ggml.compute_type, ggml.fc.weight_type) == ("ggml", Type.parse(dtype), Type.parse(dtype))
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
-def test_f16_and_q8_0_stay_plain(dtype):
-    p = plan("resnet50", dtype=dtype, winograd=True)
-    assert p.gemm == "ggml"
+def test_f16_and_q8_0_stay_plain_on_ggml(dtype):
+    """q8_0 always takes ggml's mul_mat; f16 where asked (gemm="ggml"), or where the CPU has no packed path."""
+    p = plan("resnet50", dtype=dtype, gemm="ggml" if dtype == "f16" else None, winograd=True)
+    assert p.gemm == "ggml" and p.compute_type == Type.parse(dtype)
     assert all((m.layout, m.weight_type) == (Layout.PLAIN, Type.parse(dtype)) for m in p.matrices.values())
 
 
@@ -119,17 +172,16 @@ def test_packed_winograd_only_for_3x3_stride_1_f32():
 def test_impossible_requests_are_refused():
     with pytest.raises(InputError, match="gemm must be one of"):
         plan("resnet18", gemm="blas")
-    for dtype in ("f16", "q8_0"):
-        with pytest.raises(InputError, match="f32 and bf16 only: use gemm='ggml' for"):
-            plan("resnet18", dtype=dtype, gemm="packed")
-    with pytest.raises(InputError, match="cannot run the packed GEMM's avx512bf16 path for f32 weights"):
-        plan("resnet18", gemm="avx512bf16")
-    for path in ("avx512", "avx2"):
-        with pytest.raises(InputError, match=f"cannot run the packed GEMM's {path} path for bf16 weights"):
-            plan("resnet18", dtype="bf16", gemm=path)
-    if BF16_PATH is None:
-        with pytest.raises(InputError, match="no packed GEMM path for bf16 .it needs AVX512-BF16"):
-            plan("resnet18", dtype="bf16", gemm="packed")
+    for gemm in ("packed", *GEMM_PATHS):
+        with pytest.raises(InputError, match="f16 and bf16 widened to f32: use gemm='ggml' for q8_0 weights"):
+            plan("resnet18", dtype="q8_0", gemm=gemm)
+    for dtype in ("f32", "f16"):  # rounding either to bf16 would not be exact: only f32 paths widen
+        with pytest.raises(InputError, match=f"cannot run the packed GEMM's avx512bf16 path for {dtype} weights"):
+            plan("resnet18", dtype=dtype, gemm="avx512bf16")
+    if F32_PATH is None:
+        for dtype in ("f32", "f16", "bf16"):
+            with pytest.raises(InputError, match=f"no packed GEMM path for {dtype} weights .it needs AVX2 and FMA"):
+                plan("resnet18", dtype=dtype, gemm="packed")
     with pytest.raises(InputError, match="cannot run the packed GEMM's int8-avx2 path for f32 weights"):
         plan("resnet18", gemm="int8-avx2")  # int8 paths are for int8 files only
     assert GEMM_CHOICES == ("packed", "ggml", "avx512", "avx2", "avx512bf16", "int8-avx512vnni", "int8-avx2",

@@ -134,6 +134,8 @@ def test_tritonclient_sees_a_ready_server_and_the_models_metadata(client, model)
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
         "probabilities": ("FP32", [-1, CLASSES]), "logits": ("FP32", [-1, CLASSES]),
         "features": ("FP32", [-1, model.feature_dim])}
+    assert meta["parameters"] == {"threads": model.threads, "dtype": model.dtype, "compute_dtype": model.compute_dtype,
+                                  "gemm": model.gemm}
     server_meta = client.get_server_metadata()
     assert server_meta["name"] == "pyggml-resnet" and "binary_tensor_data" in server_meta["extensions"]
 

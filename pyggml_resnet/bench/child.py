@@ -251,6 +251,20 @@ def iterations(k: int, batch: int) -> int:
     return max(1, math.ceil(k / batch))
 
 
+def peak_rss_kib() -> int:
+    """This process's own peak resident memory, KiB. On Linux that is VmHWM: getrusage's ru_maxrss carries
+    over fork and exec (and a vfork'd child, as Python's subprocess makes on Linux, takes the parent's
+    peak), so every worker would report at least the bench parent's peak. Elsewhere ru_maxrss (macOS: bytes)."""
+    import resource
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak
+
+
 def _protocol_stream():
     """A private copy of stdout for JSON lines; fd 1 then points at stderr, so whatever a library prints
     cannot corrupt the protocol."""
@@ -261,8 +275,6 @@ def _protocol_stream():
 
 
 def _worker(a, proto) -> int:
-    import resource
-
     import numpy
 
     mod = _engine_import(a.engine)
@@ -289,7 +301,7 @@ def _worker(a, proto) -> int:
         elif msg["cmd"] == "logits":  # of the test images in an .npy file, one at a time
             reply = {"logits": [[float(v) for v in run(x[None])[0]] for x in numpy.load(msg["path"])]}
         elif msg["cmd"] == "exit":
-            proto.write(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}) + "\n")
+            proto.write(json.dumps({"maxrss_kib": peak_rss_kib()}) + "\n")
             return 0
         else:
             reply = {"error": f"unknown command {msg['cmd']!r}"}

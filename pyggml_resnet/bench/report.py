@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import platform
@@ -10,7 +9,7 @@ import platform
 import numpy as np
 
 from .. import __version__, ggml
-from ..cpu import available_cpus
+from ..cpu import available_cpus, cpuinfo
 
 
 def _dist_version(name: str) -> str | None:
@@ -21,12 +20,7 @@ def _dist_version(name: str) -> str | None:
 
 
 def machine_info() -> dict:
-    info: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:  # the first CPU's entries are everyone's
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
+    info = cpuinfo()
     cpu = info.get("model name") or platform.processor() or platform.machine()
     flags = set(info.get("flags", info.get("Features", "")).split())  # x86, arm64
     # The instruction sets that decide which kernels the engines can use.

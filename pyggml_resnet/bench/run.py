@@ -21,10 +21,15 @@ from ..arch import Preprocessing, ResNetConfig
 from ..argtypes import positive
 from ..dtypes import NAMES as DTYPES
 
-GEMMS = {"packed": "packed", "ggml": "mul_mat"}  # --gemm choices, and the suffix each gives its row's name
-from ..errors import Error, print_error
+from ..errors import Error, InputError, print_error
 from ..cpu import available_cpus, default_threads
-from ..plan import gemm_paths
+from ..ggml import Type
+from ..packing import GEMM_PATHS
+from ..plan import gemm_path, packed_paths
+
+# --gemm choices, and the suffix each gives its row's name: the load default's packed path, ggml's mul_mat, or a
+# packed path by name (an f32 path for bf16 or f16 weights: widened to f32 at load).
+GEMMS = {"packed": "packed", "ggml": "mul_mat", **{path: path for path in GEMM_PATHS}}
 from . import contention, peers, quiet
 from .child import ENGINES, iterations
 from .procs import Worker, WorkerError, answer_timeout, child_command, run_child, start_worker
@@ -104,9 +109,10 @@ def parse_args(argv, prog: str = "pyggml-resnet bench") -> argparse.Namespace:
                    help="ggml weight types, one engine row each (default: f32); int8 converts the model with "
                         "calibration on the int8 peers' --calibration-count images")
     p.add_argument("--gemm", nargs="+", choices=GEMMS, default=None,
-                   help="what runs ggml's f32 products (and bf16's, on CPUs with AVX512-BF16), one row each: packed "
-                        "(our GEMM, ggml-f32-packed) or ggml (its mul_mat, ggml-f32-mul_mat) (default: one row, the "
-                        "load default)")
+                   help="what runs ggml's f32, bf16 and f16 products, one row each: packed (our GEMM on the load "
+                        "default's path, ggml-f32-packed), ggml (its mul_mat, ggml-f32-mul_mat) or a packed path by "
+                        "name (ggml-bf16-avx512: bf16 widened to f32); a choice a type cannot run here is skipped "
+                        "with a note (default: one row, the load default)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run: ggml (one row per --dtype), torch (PyTorch eager), onnxruntime and "
                         "openvino (the f32 ONNX export; openvino-bf16 at OpenVINO's bf16 precision, on CPUs with "
@@ -342,9 +348,7 @@ def engine_rows(run: Run, paths: dict[str, str]) -> None:
                     run.rows["ggml-int8"] = ("ggml", dt, int8_model(run))
                     run.gemm["ggml-int8"] = None
                     continue
-                # bf16 has a packed path only on CPUs with AVX512-BF16; elsewhere its one row is mul_mat.
-                split = dt == "f32" or (dt == "bf16" and gemm_paths("bf16"))
-                for gemm in (run.args.gemm if split else ()) or (None,):
+                for gemm in _gemm_choices(run, dt):
                     name = f"ggml-{dt}" + (f"-{GEMMS[gemm]}" if gemm else "")
                     run.rows[name] = ("ggml", dt, run.gguf_path)
                     run.gemm[name] = gemm
@@ -352,6 +356,22 @@ def engine_rows(run: Run, paths: dict[str, str]) -> None:
             run.rows[engine] = (ENGINES[engine][0], ENGINES[engine][1], paths[engine])
     run.status = {name: {"engine": e, "dtype": dt, "status": "ok", "error": None}
                   for name, (e, dt, _) in run.rows.items()}
+
+
+def _gemm_choices(run: Run, dtype: str) -> list[str | None]:
+    """The load(gemm=...) of each of ggml-`dtype`'s rows: each --gemm choice the plan accepts for it on this CPU
+    (a note names the others), or the load default alone where --gemm is not given or the type has no packed
+    path (q8_0)."""
+    if not run.args.gemm or not packed_paths(dtype):
+        return [None]
+    choices = []
+    for gemm in run.args.gemm:
+        try:
+            gemm_path(gemm, Type.parse(dtype))
+            choices.append(gemm)
+        except InputError as e:
+            run.note(f"no ggml-{dtype}-{GEMMS[gemm]} row: {e}")
+    return choices or [None]
 
 
 def start_workers(run: Run) -> None:
