@@ -146,7 +146,10 @@ def _int8_operands(w: Weights, m: MatrixPlan) -> dict[str, Tensor]:
 # early activations are large and their weights small, so one image's stay in cache where a batch's would
 # not; later weights are large, so a batch reads them once instead of once per image. Results are the same
 # (every op is batch-invariant). Batches above PER_IMAGE_MAX_BATCH (only `Model.stages` makes them) run whole.
-PER_IMAGE_STAGES = 2
+# Through layer3 (not 2): a batch of 8's layer3 activations and Winograd tiles outgrow the L2, and reading its
+# weights once per image costs less (Zen 4, ResNet-101, batch 8 per image: f32 1 thread 129-136 vs 144-146
+# ms, 2 threads 69.3-69.4 vs 70.1-75.3; int8 2 threads 25.0-25.1 vs 25.6-27.2).
+PER_IMAGE_STAGES = 3
 PER_IMAGE_MAX_BATCH = 16
 
 
