@@ -4,6 +4,7 @@ recognised by its content. Every size is checked against the file's before anyth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -89,18 +90,23 @@ def _read_timm_dir(path: Path, arch: str | None) -> Checkpoint:
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     """A .safetensors file (what timm and Hugging Face ship). Holds only tensors, so no code can run; read
-    through torch where it is installed (bfloat16 included), else NumPy."""
+    through torch where it is installed, else NumPy (bfloat16 included where ml_dtypes is installed: importing
+    it teaches NumPy the type, as onnx and others do)."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError as e:
         raise Error("reading a .safetensors file needs the safetensors package: pip install safetensors "
                     "(or 'pyggml-resnet[convert]')") from e
     torch = _torch_or_none()
+    if torch is None:
+        with contextlib.suppress(ImportError):
+            import ml_dtypes  # noqa: F401
     try:
         with safe_open(path, framework="pt" if torch else "numpy") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, TypeError, ValueError, OSError) as e:  # NumPy has no bfloat16: TypeError
-        hint = "; install torch to read bfloat16 tensors" if torch is None and "bfloat16" in str(e) else ""
+        hint = ("; install torch or ml_dtypes to read bfloat16 tensors" if torch is None and "bfloat16" in str(e)
+                else "")
         raise ModelFormatError(f"{path} cannot be read as a safetensors file: {e}{hint}") from e
     sd = _strip_prefix(tensors, path)
     if torch is not None:
@@ -109,9 +115,9 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     for name, value in sd.items():
         if name.endswith(NUM_BATCHES_TRACKED):
             continue
-        if value.dtype.kind != "f":
+        if value.dtype.kind != "f" and value.dtype.name != "bfloat16":  # ml_dtypes' bfloat16 is of kind "V"
             raise ModelFormatError(f"{path}: {name} has dtype {value.dtype}, expected a floating-point tensor")
-        state[name] = value.astype(np.float32)
+        state[name] = value.astype(np.float32)  # exact, bfloat16 included
     return state
 
 
