@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,13 +78,14 @@ def prepare(work: Path, images: int) -> tuple[Path, Path]:
 
 
 PLAIN = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import pyggml_resnet
+from pyggml_resnet.bench.child import peak_rss_kib  # this process's own peak, not one inherited at fork
 paths = sys.argv[3:]
 start = time.perf_counter()
 model = pyggml_resnet.load(sys.argv[1], threads=int(sys.argv[2]))
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded = peak_rss_kib()
 batches = []  # (began, done, images), seconds from the start
 for i in range(0, len(paths), 16):
     began = time.perf_counter() - start
@@ -93,7 +93,7 @@ for i in range(0, len(paths), 16):
     batches.append((began, time.perf_counter() - start, len(paths[i:i + 16])))
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "rss_loaded_kib": loaded, "batches": batches,
-                  "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "rss_peak_kib": peak_rss_kib()}))
 """
 
 
@@ -119,11 +119,12 @@ def measuring():
     """Predictor that also reports its process's RSS after loading and its peak (Ray cannot import this
     script in its workers, so the class is made in a function and sent by value)."""
     import pyggml_resnet.ray as pr
+    from pyggml_resnet.bench.child import peak_rss_kib
 
     class Measuring(pr.Predictor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.loaded = peak_rss_kib()
 
         def __call__(self, batch):
             began = time.time()
@@ -131,7 +132,7 @@ def measuring():
             n = len(out["path"])
             out["pid"] = np.full(n, os.getpid())
             out["rss_loaded_kib"] = np.full(n, self.loaded)
-            out["rss_peak_kib"] = np.full(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            out["rss_peak_kib"] = np.full(n, peak_rss_kib())
             out["threads"] = np.full(n, self.model.threads)
             out["began"] = np.full(n, began)
             out["done"] = np.full(n, time.time())
