@@ -198,6 +198,10 @@ def test_gemm_rows(tmp_path):
     assert list(report["engines"]) == ["ggml-f32-packed", "ggml-f32-mul_mat", f"ggml-f32-{path}", *bf16, "ggml-q8_0"]
     assert all(e["status"] == "ok" for e in report["engines"].values())
     assert "note: no ggml-f32-avx512bf16 row: this CPU cannot run the packed GEMM's avx512bf16 path for f32" in proc.stdout
+    # Each ggml row says what it ran: a bf16 row on an f32 path computes in f32, on ggml's mul_mat in bf16.
+    widened = f"note: ggml-bf16-{path} ran <Model resnet18 bf16 (computed as f32) batchnorm=folded gemm={path} "
+    assert widened in proc.stdout
+    assert "note: ggml-bf16-mul_mat ran <Model resnet18 bf16 batchnorm=folded gemm=ggml " in proc.stdout
 
 
 def test_quiet_waits_for_three_quiet_seconds_and_no_longer_than_told():

@@ -288,7 +288,10 @@ def _worker(a, proto) -> int:
             t = time.perf_counter()
             run(inputs[b])
             per_iter[b] = time.perf_counter() - t
-    proto.write(json.dumps({"ready": True, "load_s": load_s, "warmup_s": per_iter}) + "\n")
+    ready = {"ready": True, "load_s": load_s, "warmup_s": per_iter}
+    if a.engine == "ggml":  # what runs (repr: the path, and "bf16 (computed as f32)"): --gemm alone does not say
+        ready["model"] = repr(run.__self__)  # run is the model's bound `logits`
+    proto.write(json.dumps(ready) + "\n")
     for line in sys.stdin:
         msg = json.loads(line)
         if msg["cmd"] == "time":

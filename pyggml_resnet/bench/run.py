@@ -385,6 +385,8 @@ def start_workers(run: Run) -> None:
             continue
         run.est[name] = {int(b): s for b, s in ready["warmup_s"].items()}
         run.status[name]["load_s_warm"] = ready["load_s"]
+        if ready.get("model"):
+            run.note(f"{name} ran {ready['model']}")
         _progress(f"ready (load {ready['load_s']:.2f} s, " + ", ".join(
             f"batch {b}: {s * 1e3:.0f} ms" for b, s in run.est[name].items()) + ")")
 
