@@ -63,9 +63,9 @@ void gemm_set_l2_bytes(int64_t bytes) {
     __atomic_store_n(&l2_override, bytes > 0 ? bytes : 0, __ATOMIC_RELAXED);
 }
 
-// The pixel block's rows and the output block's floats for this L2: a quarter of it each (on Zen 4's 1 MiB,
-// 480 rows and 64 Ki floats; half that output block made batch 8 about a third slower per image on one thread,
-// its output, pixels and weights no longer fitting L2 together), within what the thread's buffers hold.
+// The pixel block's rows and the output block's floats for this L2: a quarter of it each, so that the two and
+// the weights streaming past fit it together (on Zen 4's 1 MiB: 480 rows, as tuned there, and 64 Ki floats,
+// which measured the same as 128 Ki), within what the thread's buffers hold.
 struct gemm_blocks {
     int64_t nb, c_block;
 };
@@ -176,6 +176,11 @@ static const void * block_weights(const struct gemm_problem * pr, int64_t m, int
     return wbuf[t];
 }
 
+// Values of k per cache block: GEMM_KC floats' bytes (bytes, not values, make the cache block).
+static int64_t cache_block_k(const struct gemm_problem * pr) {
+    return GEMM_KC * (int64_t) sizeof(float) / (int64_t) pr->es;
+}
+
 // Where the sums of a block of pixels and channels go between K's cache blocks: the result itself (f32), or
 // (a u8 result) `part`, rows of ld floats from pixel px0 and channel m0.
 struct gemm_partials {
@@ -217,7 +222,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                         int64_t px0, int64_t px1) {
     const int mr = pr->kern->mr, nr = pr->kern->nr, products = pr->wino ? 16 : 1;
     const size_t es = pr->es;
-    const int64_t KC = GEMM_KC * sizeof(float) / es;  // bytes, not values, make the cache block
+    const int64_t KC = cache_block_k(pr);
     // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
     // from the thread's buffer, each product's in its own part of it: in place, at most a tile's worth
     // (zero-padded), so Winograd's 16 fit; copied, the whole block, and only direct products copy.
@@ -262,7 +267,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
 
 static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     const int mr = pr->kern->mr, nr = pr->kern->nr;
-    const int64_t N = pr->N, KC = GEMM_KC * sizeof(float) / pr->es;
+    const int64_t N = pr->N, KC = cache_block_k(pr);
     // The block's output is read again by each K block after the first, so should stay in L2 (for Winograd,
     // only one product's: making the weights again for smaller blocks costs more than L3 does).
     const struct gemm_blocks bl = gemm_blocks_for_l2();

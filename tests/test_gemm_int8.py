@@ -281,13 +281,14 @@ def test_blocks_are_sized_for_the_cpus_l2():
     if not l2:
         pytest.skip("the kernel lists no level-2 cache here")
     size = (l2[0] / "size").read_text().strip()
-    assert gemm_l2_bytes() == int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    listed = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    assert gemm_l2_bytes() == listed
     try:
         set_gemm_l2_bytes(3 << 20)
         assert gemm_l2_bytes() == 3 << 20
     finally:
         set_gemm_l2_bytes(None)
-    assert gemm_l2_bytes() == int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    assert gemm_l2_bytes() == listed
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InputError):
             set_gemm_l2_bytes(bad)
