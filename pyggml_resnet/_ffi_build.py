@@ -16,6 +16,7 @@ enum ggml_status { GGML_STATUS_SUCCESS, ... };
 
 struct ggml_tensor {
     enum ggml_type type;
+    struct ggml_backend_buffer * buffer;
     int64_t ne[4];
     size_t nb[4];
     void * data;
@@ -54,6 +55,7 @@ void ggml_set_output(struct ggml_tensor * tensor);
 struct ggml_cgraph * ggml_new_graph_custom(struct ggml_context * ctx, size_t size, bool grads);
 void ggml_build_forward_expand(struct ggml_cgraph * cgraph, struct ggml_tensor * tensor);
 int ggml_graph_n_nodes(struct ggml_cgraph * cgraph);
+struct ggml_tensor * ggml_graph_node(struct ggml_cgraph * cgraph, int i);
 
 /* operations */
 struct ggml_tensor * ggml_add(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);

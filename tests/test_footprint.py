@@ -55,19 +55,27 @@ def test_load_and_classify_resnet101_f32_peaks_below_250_mb(model_files):
 
 _PREFAULT_CHILD = r"""
 import json
-from pyggml_resnet.ggml import Backend, Weights
+from pyggml_resnet._ggml import ffi
+from pyggml_resnet.ggml import Backend, Graph, Weights
 
 
-def resident(address):  # of the memory mapping holding `address`, from /proc/self/smaps
+def mappings(lo, hi):  # Rss (bytes) and VmFlags of each memory mapping overlapping [lo, hi), from /proc/self/smaps
+    found, inside = [], False
     with open("/proc/self/smaps") as f:
-        inside = False
         for line in f:
             head = line.split()[0]
             if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= address < hi
+                start, end = (int(v, 16) for v in head.split("-"))
+                inside = start < hi and lo < end
             elif inside and head == "Rss:":
-                return int(line.split()[1]) * 1024
+                found.append({"rss": int(line.split()[1]) * 1024})
+            elif inside and head == "VmFlags:":
+                found[-1]["flags"] = line.split()[1:]
+    return found
+
+
+def resident(address):
+    return sum(m["rss"] for m in mappings(address, address + size))
 
 
 size = 64 << 20
@@ -77,14 +85,24 @@ with Backend(1) as backend, Weights(backend, {"w": ("f32", (size // 4,))}) as we
     before = resident(address[0])
     done = weights.prefault()
     grown = resident(address[0]) - before
+    # madvise splits the mapping: the whole pages inside the buffer are one mapping, asked for huge pages
+    huge = any("hg" in m["flags"] and m["rss"] > size // 2 for m in mappings(address[0], address[0] + size))
     weights.close()
-    print(json.dumps({"done": done, "grown": grown, "size": size, "after_close": weights.prefault()}))
+    graph = Graph(backend)  # a graph's compute buffer (as large, a new mapping too) is asked for huge pages
+    x = graph.input("x", (size // 4,))
+    y = graph.add(x, x)
+    graph.finalize(y)
+    at = int(ffi.cast("uintptr_t", y._ptr.data))
+    compute_huge = any("hg" in m["flags"] for m in mappings(at, at + size))
+    graph.close()
+    print(json.dumps({"done": done, "grown": grown, "size": size, "huge": huge, "compute_huge": compute_huge,
+                      "after_close": weights.prefault()}))
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
 def test_prefault_maps_the_weights_memory_in_at_once():
-    """In a fresh interpreter, where 64 MiB (above malloc's largest mmap threshold, 32 MiB) is a new mapping,
+    """Prefaulting maps all of the weights' memory in, with huge pages asked for. In a fresh interpreter, where 64 MiB (above malloc's largest mmap threshold, 32 MiB) is a new mapping,
     untouched: here, memory earlier tests freed may be reused, already resident."""
     out = subprocess.run([sys.executable, "-c", _PREFAULT_CHILD], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -95,6 +113,9 @@ def test_prefault_maps_the_weights_memory_in_at_once():
     # neighbour, so the growth is what counts).
     assert got["grown"] >= got["size"] - 3 * 4096
     assert not got["after_close"]
+    # ... and asks for 2 MiB pages first (pyggml_resnet/ggml.py, _huge_pages), where the kernel has them
+    if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        assert got["huge"] and got["compute_huge"]
 
 
 _IMPORTS_CHILD = r"""
