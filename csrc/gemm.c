@@ -34,16 +34,22 @@ enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_FLAGS, GP_X_SCALE, GP_X_ZERO, GP_Y_
 enum { GF_BIAS = 1, GF_RES = 2, GF_RELU = 4, GF_WINO = 8 };
 _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 
-// A thread's copy of the current block of pixels: rows of kc values (the path's type), zero rows after N;
-// and, for Winograd, the current tile's transformed weights for each of the 16 products: two panels of kc x 16
-// each (the four corners' stay unused: they are read in place).
-static _Thread_local float xbuf[GEMM_NB_MAX * GEMM_KC] __attribute__((aligned(64)));
-static _Thread_local float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
-// int8: the current tile of channels' epilogue terms (gemm_block's corr and scale); and for a u8 result, which
-// cannot hold them, the int32 partial sums of the current block of pixels and channels between K's cache blocks.
-static _Thread_local int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
-static _Thread_local float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
-static _Thread_local float qpart[GEMM_C_BLOCK_MAX] __attribute__((aligned(64)));
+// A thread's working memory, one thread-local object whose address gemm_run takes once (each access to a
+// thread-local of a shared library is a call to __tls_get_addr: 0.6% of an int8 run when made per block).
+struct gemm_scratch {
+    // The current block of pixels: rows of kc values (the path's type), zero rows after N; and, for Winograd,
+    // the current tile's transformed weights for each of the 16 products: two panels of kc x 16 each (the
+    // four corners' stay unused: they are read in place).
+    float xbuf[GEMM_NB_MAX * GEMM_KC] __attribute__((aligned(64)));
+    float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
+    // int8: the current tile of channels' epilogue terms (gemm_block's corr and scale); and for a u8 result,
+    // which cannot hold them, the int32 partial sums of the current block of pixels and channels between K's
+    // cache blocks.
+    int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
+    float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
+    float qpart[GEMM_C_BLOCK_MAX] __attribute__((aligned(64)));
+};
+static _Thread_local struct gemm_scratch scratch;
 
 // The L2 size the blocks are made for: cpuid's (csrc/cache_size.h), read once, or gemm_set_l2_bytes's.
 static int64_t l2_detected, l2_override;
@@ -127,6 +133,7 @@ struct gemm_problem {
     float x_scale;
     const float * w_scale;
     const int32_t * colsum;
+    struct gemm_scratch * sc;  // this thread's
 };
 
 // Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 of geo's image to `dst` (in xbuf), rows of kc
@@ -155,8 +162,8 @@ static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct
 static void quant_terms(const struct gemm_problem * pr, int64_t m) {
     for (int64_t i = 0; i < GEMM_MR_MAX; ++i) {
         const int in = i < pr->kern->mr && m + i < pr->M;
-        qcorr[i] = in ? pr->quant->zero * pr->colsum[m + i] : 0;
-        qscale[i] = in ? pr->x_scale * pr->w_scale[m + i] : 0.0f;
+        pr->sc->qcorr[i] = in ? pr->quant->zero * pr->colsum[m + i] : 0;
+        pr->sc->qscale[i] = in ? pr->x_scale * pr->w_scale[m + i] : 0.0f;
     }
 }
 
@@ -173,7 +180,7 @@ static const void * block_weights(const struct gemm_problem * pr, int64_t m, int
     if (!pr->wino) return panels + 16 * kb * pr->es;
     if (a % 3 == 0 && b % 3 == 0) return panels + 16 * ((a / 3 * 6 + b / 3 * 2) * pr->K + kb) * pr->es;
     *w_panel = 16 * kc;
-    return wbuf[t];
+    return pr->sc->wbuf[t];
 }
 
 // Values of k per cache block: GEMM_KC floats' bytes (bytes, not values, make the cache block).
@@ -233,14 +240,14 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
         for (int t = 0; t < products && packed0 < px1; ++t) {
             struct patch_geom geo = pr->geo;
             geo.data += t * pr->x_step;
-            pack_pixels((char *) xbuf + t * packed_rows * kc * es, pr, &geo, packed0, px1, kb, kc);
+            pack_pixels((char *) pr->sc->xbuf + t * packed_rows * kc * es, pr, &geo, packed0, px1, kb, kc);
         }
         for (int64_t mt = mt0; mt < mt1; ++mt) {
             const int64_t m = mt * mr;
             if (pr->quant) quant_terms(pr, m);
             if (pr->wino) {
                 const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
-                winograd_weights(wbuf[0], sizeof wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
+                winograd_weights(pr->sc->wbuf[0], sizeof pr->sc->wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
             }
             // The products in turn (Winograd's reusing the weights just made), each over this pixel block.
             for (int t = 0; t < products; ++t) {
@@ -250,7 +257,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     .kc = kc, .mr = pr->M - m < mr ? (int) (pr->M - m) : mr, .out_q = pr->out_q,
                     .first = kb == 0, .last = kb + kc == pr->Kp,
                     .bias = pr->bias ? pr->bias + m : NULL,
-                    .relu = pr->relu, .corr = qcorr, .scale = qscale,
+                    .relu = pr->relu, .corr = pr->sc->qcorr, .scale = pr->sc->qscale,
                 };
                 // Weights stream from memory once per block: ask for the next tile's (the next channels',
                 // else the next K block's first) while this one computes. Winograd's are made in wbuf.
@@ -258,7 +265,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     const int64_t next_m = mt + 1 < mt1 ? m + mr : mt0 * mr, next_kb = mt + 1 < mt1 ? kb : kb + KC;
                     b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
                 }
-                run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step, (const char *) xbuf + t * packed_rows * kc * es,
+                run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step, (const char *) pr->sc->xbuf + t * packed_rows * kc * es,
                           pr->c + t * pr->c_step, m, px0, px1, packed0, kb);
             }
         }
@@ -287,7 +294,7 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
         const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
         for (int64_t mt = m0; mt < m1; mt += mt_block) {
             const int64_t mt_end = mt + mt_block < m1 ? mt + mt_block : m1;
-            const struct gemm_partials sums = { partials ? qpart : NULL, (mt_end - mt) * mr, px0, mt * mr };
+            const struct gemm_partials sums = { partials ? pr->sc->qpart : NULL, (mt_end - mt) * mr, px0, mt * mr };
             pixel_block(pr, &sums, mt, mt_end, px0, px1);
         }
     }
@@ -318,6 +325,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         .quant = quant ? &q : NULL, .out_q = y_scale != 0.0f ? &qy : NULL, .x_scale = x_scale,
         .w_scale = quant ? (const float *) dst->src[2]->data : NULL,
         .colsum = quant ? (const int32_t *) dst->src[3]->data : NULL,
+        .sc = &scratch,
     };
     const int mr = pr.kern->mr, nr = pr.kern->nr;
     if (wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
