@@ -105,7 +105,9 @@ int gemm_path_supported(int path) {
         case GEMM_AVX512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
         case GEMM_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         case GEMM_AVX512_BF16: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-        case GEMM_INT8_AVX512_VNNI: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+        case GEMM_INT8_AVX512_VNNI:  // BW for put_u8's packs: every CPU with AVX512-VNNI has it
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                   && __builtin_cpu_supports("avx512vnni");
         case GEMM_INT8_AVX2: return __builtin_cpu_supports("avx2");
     }
 #endif

@@ -2,7 +2,8 @@
 // zmm each) x 12 pixels, 24 accumulators; 32 x 4 for the last pixels, and 32 x 13 where one pixel would be
 // left over. One vpdpbusd takes a group of 4 k: each lane adds its channel's 4 products with the pixel's 4
 // bytes (broadcast to every lane) to its int32 sum, exactly.
-// Compiled with -mavx512f -mavx512vnni; only called where the CPU has both (gemm.c checks at run time).
+// Compiled with -mavx512f -mavx512bw -mavx512vnni; only called where the CPU has all three (gemm.c checks at run
+// time).
 #include <stdint.h>
 #include <string.h>
 
@@ -29,24 +30,40 @@ static inline __m512i dp_bcast(__m512i w, const uint8_t * p, __m512i c) {
 #define ACC_FINISH(v, b, j) _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(v), \
     _mm512_load_si512((b)->corr + (j) * VL))), _mm512_load_ps((b)->scale + (j) * VL))
 
-// patch_put_u8's arithmetic on the first n (1..16) lanes of v: max and min as patch_put_u8's comparisons take
-// them, and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does. A u8 result is written straight from the
-// sums' registers.
-static inline void v_put_u8(uint8_t * out, int n, __m512 v, const struct patch_quant * q) {
-    const __mmask16 m = n >= 16 ? 0xffff : (__mmask16) ((1u << n) - 1);
+// patch_put_u8's arithmetic on a vector, as int32 in 0..255: max and min as patch_put_u8's comparisons take them,
+// and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does.
+static inline __m512i quant_u8(__m512 v, const struct patch_quant * q) {
     v = _mm512_mul_ps(v, _mm512_set1_ps(q->inv_scale));
     v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps((float) -q->zero)), _mm512_set1_ps((float) (255 - q->zero)));
-    _mm512_mask_cvtepi32_storeu_epi8(out, m, _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(q->zero)));
+    return _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(q->zero));
+}
+
+// The first n (1..16) lanes of v, quantized: a u8 result is written straight from the sums' registers.
+static inline void v_put_u8(uint8_t * out, int n, __m512 v, const struct patch_quant * q) {
+    const __mmask16 m = n >= 16 ? 0xffff : (__mmask16) ((1u << n) - 1);
+    _mm512_mask_cvtepi32_storeu_epi8(out, m, quant_u8(v, q));
 }
 #define V_PUT_U8 v_put_u8
 
-// Pixels 16 at a time, the last ones masked (the compiler's loop would leave short runs, such as the stem's 21
-// values per window row, to scalar code).
+// Pixels 64 at a time, narrowed with two saturating packs (exact: the values are 0..255 already) and one
+// 64-byte store, twice as fast as four narrowing stores (Zen 4: 5.5 vs 10.8 cycles per 16); then 16 at a
+// time, the last ones masked (the compiler's loop would leave short runs, such as the stem's 21 values per
+// window row, to scalar code).
 static void put_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
-    for (int64_t i = 0; i < n; i += 16) {
+    const float * x = in;
+    uint8_t * y = out;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        const __m512i a = quant_u8(_mm512_loadu_ps(x + i), q), b = quant_u8(_mm512_loadu_ps(x + i + 16), q);
+        const __m512i c = quant_u8(_mm512_loadu_ps(x + i + 32), q), d = quant_u8(_mm512_loadu_ps(x + i + 48), q);
+        // The packs work per 128-bit lane: lane l of the result holds 4 values of each of a, b, c, d.
+        const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
+        _mm512_storeu_si512(y + i, _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14,
+                                                                              3, 7, 11, 15), packed));
+    }
+    for (; i < n; i += 16) {
         const int lanes = n - i >= 16 ? 16 : (int) (n - i);
-        v_put_u8((uint8_t *) out + i, lanes, _mm512_maskz_loadu_ps((__mmask16) ((1u << lanes) - 1),
-                                                                   (const float *) in + i), q);
+        v_put_u8(y + i, lanes, _mm512_maskz_loadu_ps((__mmask16) ((1u << lanes) - 1), x + i), q);
     }
 }
 
