@@ -28,9 +28,9 @@ _Static_assert(16 * 12 <= GEMM_NB_MIN, "16 partial tiles (each padded to a tile 
 _Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is one summation block");
 
 // Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: the 16 Winograd products of gemm_winograd);
-// X_SCALE (a float's bits) and X_ZERO: the int8 pixels' sx and zx; Y_SCALE and Y_ZERO: a u8 result's (scale 0:
-// an f32 result).
-enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_FLAGS, GP_X_SCALE, GP_X_ZERO, GP_Y_SCALE, GP_Y_ZERO, GP_N_PARAMS };
+// X_SCALE (a float's bits): the int8 pixels' sx; Y_SCALE: a u8 result's (0: an f32 result); R_SCALE: a u8
+// residual's (0: f32); ZEROS: the three zero points (0..255), x's | y's << 8 | the residual's << 16.
+enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_FLAGS, GP_X_SCALE, GP_Y_SCALE, GP_R_SCALE, GP_ZEROS, GP_N_PARAMS };
 enum { GF_BIAS = 1, GF_RES = 2, GF_RELU = 4, GF_WINO = 8 };
 _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 
@@ -127,6 +127,8 @@ struct gemm_problem {
     char * c;               // the result; Winograd's 16 each c_step bytes after the last's
     size_t c_es;            // its bytes per value: 4 (f32), 1 (int8's u8)
     const float * bias, * res;
+    const uint8_t * res_u8;  // int8: a u8 residual instead of res, dequantized with res_q
+    struct gemm_res_quant res_q;
     int relu;
     int dense_rows;         // X is a dense matrix of rows of K values (the image's pixels)...
     int in_place;           // ... read whole tiles in place, not copied
@@ -219,6 +221,7 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
         b->c = sums->part ? sums->part + (n - sums->px0) * sums->ld + (m - sums->m0) : b->out;
         b->ldc = sums->part ? sums->ld : pr->M;
         b->res = pr->res ? pr->res + n * pr->M + m : NULL;
+        b->res_u8 = pr->res_u8 ? pr->res_u8 + n * pr->M + m : NULL;
         b->nr = px1 - n < height ? (int) (px1 - n) : height;
         (height == nr ? kern->tile : height > nr ? kern->tile_wide : kern->tile_narrow)(b);
         n += height;
@@ -259,7 +262,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     .kc = kc, .mr = pr->M - m < mr ? (int) (pr->M - m) : mr, .out_q = pr->out_q,
                     .first = kb == 0, .last = kb + kc == pr->Kp,
                     .bias = pr->bias ? pr->bias + m : NULL,
-                    .relu = pr->relu, .corr = pr->sc->qcorr, .scale = pr->sc->qscale,
+                    .relu = pr->relu, .corr = pr->sc->qcorr, .scale = pr->sc->qscale, .res_q = pr->res_q,
                 };
                 // Weights stream from memory once per block: ask for the next tile's (the next channels',
                 // else the next K block's first) while this one computes. Winograd's are made in wbuf.
@@ -302,6 +305,32 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     }
 }
 
+// Where the problem's pixel rows X come from (pr->geo, for Winograd pr->N and the products' steps too), and
+// whether they are read in place.
+static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst, int kh) {
+    const struct ggml_tensor * x = dst->src[1];
+    if (pr->wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
+        const int64_t ne[4] = { x->ne[0], x->ne[1], 1, 1 };
+        const size_t nb[4] = { x->nb[0], x->nb[1], x->nb[2], x->nb[2] };
+        pr->geo = patch_geom_of(x->data, ne, nb, x->ne[0], 1, 1, 1, 0);
+        pr->N = dst->ne[1];
+        pr->x_step = x->nb[2];
+        pr->c_step = dst->nb[2];
+    } else {
+        pr->geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, op_param(dst, GP_STRIDE),
+                                 op_param(dst, GP_PAD));
+    }
+    // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
+    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1, or where they must be converted
+    // (to bf16, or quantized for int8): those are copied a row at a time. Winograd's (winograd_input's dense
+    // [C, T, 16] result) are always read in place: its 16 products' whole blocks would not fit the buffer.
+    const struct patch_geom * geo = &pr->geo;
+    pr->dense_rows = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb1 == pr->K * geo->nb0
+                     && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
+    pr->in_place = pr->wino || (pr->dense_rows && geo->nb0 == pr->es && pr->K == pr->Kp
+                                && geo->nb1 % GEMM_ALIAS_BYTES != 0);
+}
+
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
@@ -312,9 +341,12 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     // int8: the weights' scales and column sums come before the epilogue's operands.
     const int quant = kern->es == 1, extra = quant ? 4 : 2;
     const float x_scale = op_param_f32(dst, GP_X_SCALE);
-    const struct patch_quant q = { quant ? 1.0f / x_scale : 0.0f, op_param(dst, GP_X_ZERO) };
+    const int zeros = op_param(dst, GP_ZEROS);
+    const struct patch_quant q = { quant ? 1.0f / x_scale : 0.0f, zeros & 0xff };
     const float y_scale = op_param_f32(dst, GP_Y_SCALE);  // as x_scale: the next product's 1 / sx, bit for bit
-    const struct patch_quant qy = { y_scale != 0.0f ? 1.0f / y_scale : 0.0f, op_param(dst, GP_Y_ZERO) };
+    const struct patch_quant qy = { y_scale != 0.0f ? 1.0f / y_scale : 0.0f, (zeros >> 8) & 0xff };
+    const float r_scale = op_param_f32(dst, GP_R_SCALE);
+    const void * res = flags & GF_RES ? dst->src[extra + has_bias]->data : NULL;
     struct gemm_problem pr = {
         .kern = kern, .es = kern->es,
         .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0],
@@ -322,7 +354,8 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino,
         .c = dst->data, .c_es = ggml_type_size(dst->type),
         .bias = has_bias ? (const float *) dst->src[extra]->data : NULL,
-        .res = flags & GF_RES ? (const float *) dst->src[extra + has_bias]->data : NULL,
+        .res = r_scale == 0.0f ? res : NULL, .res_u8 = r_scale != 0.0f ? res : NULL,
+        .res_q = { r_scale, (zeros >> 16) & 0xff },
         .relu = (flags & GF_RELU) != 0,
         .quant = quant ? &q : NULL, .out_q = y_scale != 0.0f ? &qy : NULL, .x_scale = x_scale,
         .w_scale = quant ? (const float *) dst->src[2]->data : NULL,
@@ -330,26 +363,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         .sc = &scratch,
     };
     const int mr = pr.kern->mr, nr = pr.kern->nr;
-    if (wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
-        const int64_t ne[4] = { x->ne[0], x->ne[1], 1, 1 };
-        const size_t nb[4] = { x->nb[0], x->nb[1], x->nb[2], x->nb[2] };
-        pr.geo = patch_geom_of(x->data, ne, nb, x->ne[0], 1, 1, 1, 0);
-        pr.N = dst->ne[1];
-        pr.x_step = x->nb[2];
-        pr.c_step = dst->nb[2];
-    } else {
-        pr.geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, op_param(dst, GP_STRIDE),
-                                op_param(dst, GP_PAD));
-    }
-    // A 1x1 stride-1 conv's pixels are already rows of K values: copying them would only cost time, except
-    // where rows GEMM_ALIAS_BYTES apart make the tile's loads collide in L1, or where they must be converted
-    // (to bf16, or quantized for int8): those are copied a row at a time. Winograd's (winograd_input's dense
-    // [C, T, 16] result) are always read in place: its 16 products' whole blocks would not fit the buffer.
-    const struct patch_geom * geo = &pr.geo;
-    pr.dense_rows = geo->kh == 1 && geo->stride == 1 && geo->pad == 0 && geo->nb1 == pr.K * geo->nb0
-                    && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
-    pr.in_place = wino || (pr.dense_rows && geo->nb0 == pr.es && pr.K == pr.Kp
-                           && geo->nb1 % GEMM_ALIAS_BYTES != 0);
+    set_pixels(&pr, dst, kh);
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
     // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output
@@ -364,12 +378,14 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     if (m0 < m1 && n0 < n1) gemm_tiles(&pr, m0, m1, n0, n1);
 }
 
-// int8's quantization of the pixels (x) and of a u8 result (y; scale 0: f32).
+// int8's quantization of the pixels (x), of a u8 result (y; scale 0: f32) and of a u8 residual (r; scale 0: f32).
 struct gemm_quant_args {
     float x_scale;
     int x_zero;
     float y_scale;
     int y_zero;
+    float r_scale;
+    int r_zero;
 };
 
 // A convolution's product: args holds w, x and (int8) the scales and column sums; bias and residual follow.
@@ -381,8 +397,8 @@ static struct ggml_tensor * gemm_conv(struct ggml_context * ctx, struct ggml_ten
     const int32_t params[GP_N_PARAMS] = {
         [GP_PATH] = path, [GP_KH] = kh, [GP_STRIDE] = stride, [GP_PAD] = pad,
         [GP_FLAGS] = (bias ? GF_BIAS : 0) | (residual ? GF_RES : 0) | (relu ? GF_RELU : 0),
-        [GP_X_SCALE] = op_param_of_f32(qa.x_scale), [GP_X_ZERO] = qa.x_zero,
-        [GP_Y_SCALE] = op_param_of_f32(qa.y_scale), [GP_Y_ZERO] = qa.y_zero,
+        [GP_X_SCALE] = op_param_of_f32(qa.x_scale), [GP_Y_SCALE] = op_param_of_f32(qa.y_scale),
+        [GP_R_SCALE] = op_param_of_f32(qa.r_scale), [GP_ZEROS] = qa.x_zero | qa.y_zero << 8 | qa.r_zero << 16,
     };
     const struct ggml_tensor * x = args[1];
     const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
@@ -402,9 +418,9 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
                                int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                               int relu, float y_scale, int y_zero, int path) {
+                               float r_scale, int r_zero, int relu, float y_scale, int y_zero, int path) {
     struct ggml_tensor * args[6] = { w, x, scales, colsums };
-    const struct gemm_quant_args qa = { x_scale, x_zero, y_scale, y_zero };
+    const struct gemm_quant_args qa = { x_scale, x_zero, y_scale, y_zero, r_scale, r_zero };
     return gemm_conv(ctx, args, 4, m, kh, stride, pad, bias, residual, relu, path, qa);
 }
 

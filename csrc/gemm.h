@@ -74,6 +74,10 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 // are copied, or read in place, as they are.
 // The sum is taken as sum_k Wq Xq - zx * colsum[m] in int32, exact while 255 * 127 * K fits an int32
 // (K <= GEMM_INT8_K_MAX).
+// R may also be u8 bytes (an I8 tensor, as a previous gemm_int8 writes them) with r_scale > 0: then
+// R[n, m] = (float) (Rq[n, m] - r_zero) * r_scale, one rounding, on every path (r_scale 0: R is f32). A block
+// of a residual network then hands its output on as u8, which its successor's first convolution reads as x and
+// its last adds as R.
 // y_scale 0: C is f32. Otherwise C is quantized as the next convolution's input would be, with sy = y_scale
 // and zy = y_zero in place of sx and zx (the same float operations, so the bytes are those the next
 // gemm_int8 would have made from the f32 C), and returned as u8 bytes in an I8 tensor: the next product
@@ -88,7 +92,7 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
                                int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                               int relu, float y_scale, int y_zero, int path);
+                               float r_scale, int r_zero, int relu, float y_scale, int y_zero, int path);
 
 // A 3x3 stride-1 convolution's 16 Winograd F(2x2, 3x3) products (csrc/winograd.h): w, packed f32 3x3 weights
 // as for gemm_packed (K = 9 C); v: contiguous f32 [C, T, 16, 1] from winograd_input. Returns f32 [M, T, 16, 1]

@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "gemm_tile.h"
 #include "gemm_ymm.h"
 
 #define WT uint8_t
@@ -42,6 +43,13 @@ static inline __m256i channel_sums(struct wv a) {
 
 // 8 accumulators, 4 widened weight vectors and the pixel's: 13 of the 16 ymm registers.
 #define PUT_U8 patch_put_u8
+
+// 8 bytes of a u8 residual as floats: the difference is exact in int32 and as a float, then one multiply.
+static inline __m256 res_u8(const uint8_t * p, const struct gemm_res_quant * q) {
+    const __m256i r = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) p));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r, _mm256_set1_epi32(q->zero))), _mm256_set1_ps(q->scale));
+}
+#define V_RES_U8 res_u8
 
 #define NR 2
 #define TILE_FN tile_int8_avx2

@@ -9,6 +9,12 @@
 #include "gemm.h"
 #include "patch_row.h"
 
+// How a u8 residual (int8) is read: (float) (r - zero) * scale.
+struct gemm_res_quant {
+    float scale;
+    int zero;
+};
+
 struct gemm_block {
     const void * w;        // packed weights of the tile's first channel at the block's first k (f32, bf16 or s8)
     int64_t w_panel;       // elements from one 16-channel panel to the next (16 * K)
@@ -24,6 +30,8 @@ struct gemm_block {
     int first, last;       // whether this is K's first cache block (it writes C) or its last (epilogue)
     const float * bias;    // at the tile's first channel, or NULL
     const float * res;     // residual at the tile's first pixel and channel, or NULL
+    const uint8_t * res_u8;  // int8: or a u8 residual there (res NULL), read as res_q says
+    struct gemm_res_quant res_q;
     int relu;
     const int32_t * corr;  // int8: the tile's zx * colsum[m] and x_scale * w_scale[m], one per channel of a
     const float * scale;   // whole tile (aligned, zeros past M)

@@ -129,7 +129,7 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
                                int kh, int stride, int pad, struct ggml_tensor * scales, struct ggml_tensor * colsums,
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
-                               int relu, float y_scale, int y_zero, int path);
+                               float r_scale, int r_zero, int relu, float y_scale, int y_zero, int path);
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
                                    int64_t m, int path);
 """

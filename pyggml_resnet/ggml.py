@@ -610,8 +610,9 @@ class Graph(_Closable):
 
     def gemm_int8(self, w: Tensor, x: Tensor, m: int, *, scales: Tensor, colsums: Tensor, x_scale: float,
                   x_zero: int, kernel: int = 1, stride: int = 1, padding: int = 0, bias: Tensor | None = None,
-                  residual: Tensor | None = None, relu: bool = False, y_scale: float | None = None,
-                  y_zero: int = 0, path: str | None = None) -> Tensor:
+                  residual: Tensor | None = None, residual_scale: float | None = None, residual_zero: int = 0,
+                  relu: bool = False, y_scale: float | None = None, y_zero: int = 0,
+                  path: str | None = None) -> Tensor:
         """`gemm` with int8 weights (csrc/gemm.h's gemm_int8): the image x [C, W, H, N] (f32) quantized to u8 as
         its windows are packed, q = clamp(rint(x / x_scale) + x_zero, 0, 255) (x_zero 0..255; the padding is
         the value 0.0), times the s8 weights w (`int8.Int8Matrix.packed` of an [m, K] matrix as `int8.words`:
@@ -620,8 +621,9 @@ class Graph(_Closable):
         channel scales; colsums: [m] (the int32 column sums as `int8.words`). With `y_scale` the result is
         quantized in turn, as the next gemm_int8 with x_scale=y_scale and x_zero=y_zero would quantize it, and
         returned as those u8 bytes (an I8 tensor): that op takes it as its x, and gives the same result as from
-        the f32 one. Bit-identical for any path, batch and thread count. `path`: one of `gemm_int8_paths()`
-        (default: the first)."""
+        the f32 one. The residual may be such u8 bytes too, with `residual_scale` and `residual_zero` (how they
+        were quantized): it is added as (float) (r - residual_zero) * residual_scale. Bit-identical for any
+        path, batch and thread count. `path`: one of `gemm_int8_paths()` (default: the first)."""
         operands = tuple(t for t in (bias, residual) if t is not None)
         ctx = self._building(w, x, scales, colsums, *operands)
         paths = gemm_int8_paths()
@@ -629,9 +631,13 @@ class Graph(_Closable):
         if path not in paths:
             raise InputError(f"gemm_int8: path {path!r} cannot run here; this CPU runs {paths}")
         m = _integer(m, "gemm_int8: m", 1)
-        self._need_f32(w, scales, colsums, *operands, op="gemm_int8")
+        u8_residual = residual is not None and residual.type == Type.I8
+        self._need_f32(w, scales, colsums, *(t for t in operands if not u8_residual or t is not residual),
+                       op="gemm_int8")
         if x.type not in (Type.F32, Type.I8):
             raise InputError(f"gemm_int8 takes an f32 image or its u8 bytes (I8), got {x!r}")
+        if u8_residual != (residual_scale is not None):
+            raise InputError("gemm_int8: a u8 (I8) residual needs residual_scale, and only it takes one")
         for t in (w, x, scales, colsums, *operands):
             self._need_contiguous(t, "gemm_int8")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "gemm_int8")
@@ -649,12 +655,14 @@ class Graph(_Closable):
         x_zero = _integer(x_zero, "gemm_int8: x_zero", 0, 255)
         y_scale = 0.0 if y_scale is None else self._x_scale(y_scale)  # 0: an f32 result
         y_zero = _integer(y_zero, "gemm_int8: y_zero", 0, 255)
+        r_scale = 0.0 if residual_scale is None else self._x_scale(residual_scale)  # 0: an f32 residual
+        r_zero = _integer(residual_zero, "gemm_int8: residual_zero", 0, 255)
         out_w, out_h = ((n + 2 * padding - kernel) // stride + 1 for n in x.ne[1:3])
         self._check_epilogue("gemm_int8", (m, out_w, out_h, x.ne[3]), bias, residual)
         return self._new(lib.gemm_int8(ctx, w._ptr, x._ptr, m, kernel, stride, padding, scales._ptr, colsums._ptr,
                                        x_scale, x_zero, bias._ptr if bias is not None else ffi.NULL,
-                                       residual._ptr if residual is not None else ffi.NULL, bool(relu),
-                                       y_scale, y_zero, GEMM_INT8_PATHS[path]))
+                                       residual._ptr if residual is not None else ffi.NULL, r_scale, r_zero,
+                                       bool(relu), y_scale, y_zero, GEMM_INT8_PATHS[path]))
 
     @staticmethod
     def _x_scale(value) -> float:

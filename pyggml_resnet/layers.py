@@ -62,7 +62,8 @@ def batchnorm_scale_bias(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray
 
 def conv2d(g: Graph, x: Tensor, w: Tensor, plan: MatrixPlan, *, bias: Tensor | None = None,
            residual: Tensor | None = None, relu: bool = False, scales: Tensor | None = None,
-           colsums: Tensor | None = None, out_quant: InputQuant | None = None) -> Tensor:
+           colsums: Tensor | None = None, out_quant: InputQuant | None = None,
+           residual_quant: InputQuant | None = None) -> Tensor:
     """The convolution `plan.conv`: x [C, W, H, N], w from `arrange_weight` for this `plan` -> [OC, OW, OH, N],
     then + bias ([OC]), + residual (shaped like the result), ReLU. The packed GEMM does those as it writes its
     output; the other layouts add them as separate ops, after a gathering of patches (above 1x1) that the
@@ -70,12 +71,15 @@ def conv2d(g: Graph, x: Tensor, w: Tensor, plan: MatrixPlan, *, bias: Tensor | N
     `grouped_product`. Winograd runs as `plan.winograd` says for x's size: a packed conv's 16 Winograd
     products in the packed GEMM, the epilogue in the output transform. Int8: `Graph.gemm_int8` with the
     weights' `scales` and `colsums` (their tensors) and the input quantization of the plan, epilogue fused;
-    with `out_quant` (the next int8 conv's input quantization) the result is that conv's u8 input."""
+    with `out_quant` (the next int8 conv's input quantization) the result is that conv's u8 input, and with
+    `residual_quant` the residual is such u8 bytes, quantized as it says."""
     conv = plan.conv
     window = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding)
     if plan.layout is Layout.INT8:
         q = plan.input_quant
         quantized = {} if out_quant is None else dict(y_scale=out_quant.scale, y_zero=out_quant.zero)
+        if residual_quant is not None:
+            quantized.update(residual_scale=residual_quant.scale, residual_zero=residual_quant.zero)
         return g.gemm_int8(w, x, conv.out_ch, scales=scales, colsums=colsums, x_scale=q.scale, x_zero=q.zero,
                            **window, bias=bias, residual=residual, relu=relu, path=plan.path, **quantized)
     if conv.groups > 1:

@@ -135,6 +135,18 @@ def _int8_chain(m: MatrixPlan, then: MatrixPlan) -> InputQuant | None:
     return then.input_quant if m.layout is Layout.INT8 and then.layout is Layout.INT8 else None
 
 
+def _u8_successor(plan: ModelPlan, main: list[Conv], following: list[Conv] | None) -> Conv | None:
+    """The conv whose input quantization a block's output takes, handed on as u8 (a quarter of f32's bytes,
+    and quantized once, as the peers' int8 models do): the next block's first, where it and the next block's
+    last (which adds the output as its residual) are int8, and so is this block's last, which writes it. None
+    where the block's output stays f32: the last of a stage (read by pooling, a downsample, or as the
+    stage's output) and f32 models."""
+    if following is None or any(plan[c.name].layout is not Layout.INT8 for c in (main[-1], following[0],
+                                                                                  following[-1])):
+        return None
+    return following[0]
+
+
 def _int8_operands(w: Weights, m: MatrixPlan) -> dict[str, Tensor]:
     """The int8 GEMM's per-channel weight scales and column sums, for a conv of Layout.INT8."""
     if m.layout is not Layout.INT8:
@@ -178,7 +190,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
         raise InputError("build: conv inputs are tapped one image at a time")
 
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None,
-                then: Conv | None = None) -> Tensor:
+                then: Conv | None = None, residual_quant: InputQuant | None = None) -> Tensor:
         bn, m = conv.bn, plan[conv.name]
         if taps is not None and conv.groups == 1:
             taps[conv.name] = x
@@ -186,23 +198,24 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
             # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
             return layers.conv2d(g, x, w[conv.name], m, bias=w[f"{bn}.folded_bias"], residual=residual, relu=relu,
                                  out_quant=_int8_chain(m, plan[then.name]) if then else None,
-                                 **_int8_operands(w, m))
+                                 residual_quant=residual_quant, **_int8_operands(w, m))
         y = layers.conv2d(g, x, w[conv.name], m)
         y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
                              w[f"{bn}.bias"], eps)
         return layers.epilogue(g, y, residual=residual, relu=relu)
 
     def stage(x: Tensor, number: int) -> Tensor:
-        for block in arch.block_names(cfg):
-            if block.stage != number:
-                continue
-            main, down_conv = arch.block_convs(cfg, block)
+        blocks = [arch.block_convs(cfg, block) for block in arch.block_names(cfg) if block.stage == number]
+        x_quant = None  # how x is quantized where it is a previous block's u8 output
+        for k, (main, down_conv) in enumerate(blocks):
             # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
-            shortcut = conv_bn(x, down_conv, relu=False) if down_conv else x
+            shortcut, shortcut_quant = (conv_bn(x, down_conv, relu=False), None) if down_conv else (x, x_quant)
+            then = _u8_successor(plan, main, blocks[k + 1][0] if k + 1 < len(blocks) else None)
             for i, conv in enumerate(main):
                 last = i == len(main) - 1
                 x = conv_bn(x, conv, relu=True, residual=shortcut if last else None,
-                            then=None if last else main[i + 1])
+                            then=then if last else main[i + 1], residual_quant=shortcut_quant if last else None)
+            x_quant = plan[then.name].input_quant if then else None
         return x
 
     out: dict[str, Tensor] = {}

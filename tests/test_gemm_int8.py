@@ -3,8 +3,8 @@
 The reference quantizes the image as the op documents (x * (1 / sx) in float32, clamped to [-zx, 255 - zx],
 rounded to nearest even, + zx; padding the value 0.0), sums (q - zx) * w over each window exactly (in float64,
 exact here: every partial sum is an integer below 2^53), and applies the documented float32 epilogue in its
-order: (float) sum * (sx * sw), + bias, + residual, ReLU. Every path must give those bits exactly, so the
-paths, batch sizes and thread counts agree bit for bit.
+order: (float) sum * (sx * sw), + bias, + residual (f32, or u8 bytes read as (float) (r - zr) * sr), ReLU.
+Every path must give those bits exactly, so the paths, batch sizes and thread counts agree bit for bit.
 """
 
 from pathlib import Path
@@ -57,9 +57,11 @@ def as_u8(values, scale, zero):
     return (quantize_image(values, scale, zero) + zero).astype(np.uint8)
 
 
-def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False, path=None, u8=None):
+def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False, path=None, u8=None,
+        res_u8=None):
     """Graph.gemm_int8 of img [B, H, W, C] -> [B*OH*OW, M]. With u8 = (sy, zy), the op takes img as its u8
-    bytes (quantized with sx and zx) and gives its result as u8 bytes (quantized with sy and zy)."""
+    bytes (quantized with sx and zx) and gives its result as u8 bytes (quantized with sy and zy); with
+    res_u8 = (sr, zr), it takes the residual as u8 bytes (quantized with sr and zr)."""
     b, h, w, c = img.shape
     m = q.m
     specs = {"w": ("f32", tuple(reversed(q.packed.shape[:3]))), "s": ("f32", (m,)), "c": ("f32", (m,))}
@@ -73,14 +75,17 @@ def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, r
             wt.set("b", bias)
         x = g.input("x", (c, w, h, b), "f32" if u8 is None else Type.I8)
         oh, ow = ((n + 2 * padding - kernel) // stride + 1 for n in (h, w))
-        r = g.input("r", (m, ow, oh, b)) if res is not None else None
+        r = g.input("r", (m, ow, oh, b), "f32" if res_u8 is None else Type.I8) if res is not None else None
+        quant = {} if u8 is None else dict(y_scale=u8[0], y_zero=u8[1])
+        if res_u8 is not None:
+            quant.update(residual_scale=res_u8[0], residual_zero=res_u8[1])
         y = g.gemm_int8(wt["w"], x, m, scales=wt["s"], colsums=wt["c"], x_scale=sx, x_zero=zx, kernel=kernel,
                         stride=stride, padding=padding, bias=wt["b"] if bias is not None else None, residual=r,
-                        relu=relu, path=path, **({} if u8 is None else dict(y_scale=u8[0], y_zero=u8[1])))
+                        relu=relu, path=path, **quant)
         g.finalize(y)
         g.set(x, img if u8 is None else as_u8(img, sx, zx).view(np.int8))
         if r is not None:
-            g.set(r, res.reshape(b, oh, ow, m))
+            g.set(r, res.reshape(b, oh, ow, m) if res_u8 is None else as_u8(res, *res_u8).view(np.int8).reshape(b, oh, ow, m))
         g.compute()
         return g.get(y).reshape(-1, m) if u8 is None else g.get(y).view(np.uint8).reshape(-1, m)
 
@@ -97,15 +102,25 @@ def case(seed, b, h, w, c, m, kernel, stride, padding, epilogue=("bias", "res", 
     return img, int8.quantize_matrix(weights), wq, bias, res
 
 
+def dequantized(values, scale, zero):
+    """f32 values as the op reads them from their u8 bytes: (float) (r - zero) * scale."""
+    return (as_u8(values, scale, zero).astype(np.int32) - zero).astype(F32) * F32(scale)
+
+
 def check(backend, path, seed, b, h, w, c, m, kernel, stride, padding, sx, zx, epilogue=("bias", "res", "relu")):
     """The f32 result against the reference, bit for bit; and from the image's u8 bytes, the result's u8 bytes
-    (quantized with scale 0.05 and zero 0 after a ReLU, else 128): the reference's, quantized."""
+    (quantized with scale 0.05 and zero 0 after a ReLU, else 128): the reference's, quantized. With a residual,
+    both again from its u8 bytes (scale 0.03, zero 128), against the reference with the residual they hold."""
     img, q, wq, bias, res = case(seed, b, h, w, c, m, kernel, stride, padding, epilogue)
-    conv, epi = (kernel, stride, padding, sx, zx), (bias, res, "relu" in epilogue)
-    got, want = run(backend, img, q, *conv, *epi, path=path), reference(img, wq, q.scales, *conv, *epi)
-    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-    sy, zy = 0.05, 0 if "relu" in epilogue else 128
-    np.testing.assert_array_equal(run(backend, img, q, *conv, *epi, path=path, u8=(sy, zy)), as_u8(want, sy, zy))
+    conv, relu = (kernel, stride, padding, sx, zx), "relu" in epilogue
+    sy, zy = 0.05, 0 if relu else 128
+    for res_u8 in (None, (0.03, 128)) if res is not None else (None,):
+        read = res if res_u8 is None else dequantized(res, *res_u8)
+        got = run(backend, img, q, *conv, bias, res, relu, path=path, res_u8=res_u8)
+        want = reference(img, wq, q.scales, *conv, bias, read, relu)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        np.testing.assert_array_equal(run(backend, img, q, *conv, bias, res, relu, path=path, u8=(sy, zy),
+                                          res_u8=res_u8), as_u8(want, sy, zy))
 
 
 def resnet101_convs(size=224):
@@ -221,6 +236,7 @@ def test_gemm_int8_refuses_bad_arguments(backend):
                            "w3": ("f32", (16, int8.packed_shape(m, 9 * c)[1], 2)), "s16": ("f16", (m,))}) as wt, \
             Graph(backend) as g:
         x, r, img = g.input("x", (c, n)), g.input("r", (m, n)), g.input("img", (c, 3, 2))
+        r8 = g.input("r8", (m, n), Type.I8)
         base = dict(w=wt["w"], x=x, m=m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=128, residual=r)
         for kwargs in (dict(w=wt["w3"]), dict(x=g.input("x2", (c + 4, n))), dict(m=33), dict(m=0), dict(path="avx512"),
                        dict(path="int8-neon"), dict(scales=wt["s16"]), dict(colsums=r), dict(x_scale=0.0),
@@ -228,6 +244,11 @@ def test_gemm_int8_refuses_bad_arguments(backend):
                        dict(x_scale="1"), dict(x_zero=256), dict(x_zero=-1), dict(x_zero=1.0), dict(bias=r),
                        dict(residual=g.input("r2", (m, n + 1))), dict(x=g.input("x16", (c, n), "f16")),
                        dict(y_scale=0.0), dict(y_scale=float("inf")), dict(y_zero=256), dict(y_zero=-1),
+                       dict(residual_scale=0.1),  # an f32 residual takes no scale
+                       dict(residual=r8),  # ... and a u8 one needs it
+                       dict(residual=r8, residual_scale=0.0), dict(residual=r8, residual_scale=0.1, residual_zero=256),
+                       dict(residual=g.input("r8b", (m, n + 1), Type.I8), residual_scale=0.1),
+                       dict(residual=g.input("r16", (m, n), "f16")),
                        dict(kernel=3),  # K = 9 c: not w's
                        dict(w=wt["w3"], x=img, kernel=3, residual=None),  # a 3x3 window does not fit 3x2
                        dict(w=wt["w3"], x=img, kernel=3, padding=1)):  # residual not [m, 3, 2]
@@ -235,6 +256,8 @@ def test_gemm_int8_refuses_bad_arguments(backend):
             with pytest.raises(InputError):
                 g.gemm_int8(args.pop("w"), args.pop("x"), args.pop("m"), **args)
         g.gemm_int8(wt["w"], x, m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=128, residual=r)
+        g.gemm_int8(wt["w"], x, m, scales=wt["s"], colsums=wt["c"], x_scale=0.1, x_zero=128, residual=r8,
+                    residual_scale=0.1, residual_zero=255)
         u8 = g.gemm_int8(wt["w"], g.input("x8", (c, n), Type.I8), m, scales=wt["s"], colsums=wt["c"], x_scale=0.1,
                          x_zero=128, y_scale=0.2, y_zero=3)
         assert u8.type == Type.I8 and u8.ne == (m, n, 1, 1)
