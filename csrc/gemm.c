@@ -270,7 +270,8 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     const int64_t next_m = mt + 1 < mt1 ? m + mr : mt0 * mr, next_kb = mt + 1 < mt1 ? kb : kb + KC;
                     b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
                 }
-                run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step, (const char *) pr->sc->xbuf + t * packed_rows * kc * es,
+                run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step,
+                          (const char *) pr->sc->xbuf + t * packed_rows * kc * es,
                           pr->c + t * pr->c_step, m, px0, px1, packed0, kb);
             }
         }

@@ -47,7 +47,8 @@ static inline __m256i channel_sums(struct wv a) {
 // 8 bytes of a u8 residual as floats: the difference is exact in int32 and as a float, then one multiply.
 static inline __m256 res_u8(const uint8_t * p, const struct gemm_res_quant * q) {
     const __m256i r = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) p));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r, _mm256_set1_epi32(q->zero))), _mm256_set1_ps(q->scale));
+    const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(r, _mm256_set1_epi32(q->zero)));
+    return _mm256_mul_ps(d, _mm256_set1_ps(q->scale));
 }
 #define V_RES_U8 res_u8
 

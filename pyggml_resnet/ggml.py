@@ -388,8 +388,9 @@ class Weights(_Closable):
     def prefault(self) -> bool:
         """Maps the weights' memory in ahead of writing it (huge pages asked for first, see `_huge_pages`), in
         one kernel call (MADV_POPULATE_WRITE), rather than a page fault per 4 KiB as it is first written:
-        ResNet-101's 178 MB of faults took ~110 ms of a ~200 ms cold load, this ~60 ms. Whether the kernel did: not before Linux 5.14, nor on other systems
-        (the memory is then faulted in as it is written, as without this call), nor once closed."""
+        ResNet-101's 178 MB of faults took ~110 ms of a ~200 ms cold load, this ~60 ms. Whether the kernel
+        did: not before Linux 5.14, nor on other systems (the memory is then faulted in as it is written, as
+        without this call), nor once closed."""
         buffer = self._natives[1]
         if self._ctx is None or buffer == ffi.NULL:
             return False

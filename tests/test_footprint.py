@@ -102,8 +102,9 @@ with Backend(1) as backend, Weights(backend, {"w": ("f32", (size // 4,))}) as we
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
 def test_prefault_maps_the_weights_memory_in_at_once():
-    """Prefaulting maps all of the weights' memory in, with huge pages asked for. In a fresh interpreter, where 64 MiB (above malloc's largest mmap threshold, 32 MiB) is a new mapping,
-    untouched: here, memory earlier tests freed may be reused, already resident."""
+    """Prefaulting maps all of the weights' memory in, with huge pages asked for. In a fresh interpreter,
+    where 64 MiB (above malloc's largest mmap threshold, 32 MiB) is a new mapping, untouched: here, memory
+    earlier tests freed may be reused, already resident."""
     out = subprocess.run([sys.executable, "-c", _PREFAULT_CHILD], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)

@@ -85,7 +85,8 @@ def run(backend, img, q, kernel, stride, padding, sx, zx, bias=None, res=None, r
         g.finalize(y)
         g.set(x, img if u8 is None else as_u8(img, sx, zx).view(np.int8))
         if r is not None:
-            g.set(r, res.reshape(b, oh, ow, m) if res_u8 is None else as_u8(res, *res_u8).view(np.int8).reshape(b, oh, ow, m))
+            stored = res if res_u8 is None else as_u8(res, *res_u8).view(np.int8)
+            g.set(r, stored.reshape(b, oh, ow, m))
         g.compute()
         return g.get(y).reshape(-1, m) if u8 is None else g.get(y).view(np.uint8).reshape(-1, m)
 
