@@ -318,6 +318,10 @@ if hasattr(os, "register_at_fork"):
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_POPULATE_WRITE = 23  # Linux's values; an unknown advice is refused (EINVAL), which costs nothing
+# 2 MiB pages (where transparent huge pages are on, "madvise" mode included), asked for before a buffer is first
+# written: every run streams all of the weights and activations through the TLB. ResNet-101 on Zen 4, one
+# thread, two loads called in turn in one process: the weights' 1-2.6% faster (f32, int8), the compute
+# buffer's another 1%.
 _MADV_HUGEPAGE = 14
 
 
@@ -327,14 +331,6 @@ def _advise(buffer, advice: int) -> bool:
     start = -(-base // _PAGE) * _PAGE
     end = (base + lib.ggml_backend_buffer_get_size(buffer)) // _PAGE * _PAGE
     return end > start and lib.madvise(ffi.cast("void *", start), end - start, advice) == 0
-
-
-def _huge_pages(buffer) -> None:
-    """Asks for 2 MiB pages (where transparent huge pages are on, "madvise" mode included) before the buffer
-    is first written: every run streams all of the weights and activations through the TLB. ResNet-101 on
-    Zen 4, one thread, the two loads called in turn in one process: the weights' 1-2.6% faster (f32, int8),
-    the compute buffer's another 1%."""
-    _advise(buffer, _MADV_HUGEPAGE)
 
 
 class Weights(_Closable):
@@ -386,7 +382,7 @@ class Weights(_Closable):
         lib.ggml_backend_tensor_set(t._ptr, ffi.from_buffer(array), 0, t.nbytes)
 
     def prefault(self) -> bool:
-        """Maps the weights' memory in ahead of writing it (huge pages asked for first, see `_huge_pages`), in
+        """Maps the weights' memory in ahead of writing it (huge pages asked for first: `_MADV_HUGEPAGE`), in
         one kernel call (MADV_POPULATE_WRITE), rather than a page fault per 4 KiB as it is first written:
         ResNet-101's 178 MB of faults took ~110 ms of a ~200 ms cold load, this ~60 ms. Whether the kernel
         did: not before Linux 5.14, nor on other systems (the memory is then faulted in as it is written, as
@@ -394,7 +390,7 @@ class Weights(_Closable):
         buffer = self._natives[1]
         if self._ctx is None or buffer == ffi.NULL:
             return False
-        _huge_pages(buffer)
+        _advise(buffer, _MADV_HUGEPAGE)
         return _advise(buffer, _MADV_POPULATE_WRITE)
 
     def fill(self, name: str, write) -> None:
@@ -831,7 +827,7 @@ class Graph(_Closable):
 
     def finalize(self, *outputs: Tensor) -> "Graph":
         """Adds `outputs` and everything they depend on to the graph and allocates its memory once (huge
-        pages asked for, see `_huge_pages`)."""
+        pages asked for, see `_MADV_HUGEPAGE`)."""
         self._building()
         if not outputs:
             raise InputError("finalize needs at least one output tensor")
@@ -851,7 +847,7 @@ class Graph(_Closable):
         for i in range(lib.ggml_graph_n_nodes(self._graph)):
             node = lib.ggml_graph_node(self._graph, i)
             if node.view_src == ffi.NULL and node.buffer != ffi.NULL:  # not a view: in the graph's own buffer
-                _huge_pages(node.buffer)
+                _advise(node.buffer, _MADV_HUGEPAGE)
                 break
         self._state = _State.FINALIZED
         return self

@@ -114,7 +114,7 @@ def test_prefault_maps_the_weights_memory_in_at_once():
     # neighbour, so the growth is what counts).
     assert got["grown"] >= got["size"] - 3 * 4096
     assert not got["after_close"]
-    # ... and asks for 2 MiB pages first (pyggml_resnet/ggml.py, _huge_pages), where the kernel has them
+    # ... and asks for 2 MiB pages first (pyggml_resnet/ggml.py, _MADV_HUGEPAGE), where the kernel has them
     if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         assert got["huge"] and got["compute_huge"]
 
