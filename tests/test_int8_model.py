@@ -94,6 +94,24 @@ def test_int8_options_refused(model_files):
     assert not (f32_path.parent / "x.gguf").exists()
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_each_conv_reads_the_quantization_calibrated_for_its_input(model_files, depth):
+    """The file holds, for each conv by name, what calibration measured for that conv's input (calibration
+    meets a block's downsample before its main path, the file lists convs in `arch.convolutions` order):
+    a stage's first conv and its downsample read one tensor, so they share one quantization, and the convs
+    after them each their own."""
+    from pyggml_resnet.convert import calibrate
+    from pyggml_resnet.loader import read
+    _, _, f32_path = model_files(depth)
+    _, _, int8_path = model_files(depth, dtype="int8")
+    with pyggml_resnet.load(f32_path) as f32_model:
+        measured = calibrate.input_quants(f32_model, calibration_pictures(), progress=False)
+    stored = read(int8_path).input_quants
+    assert stored == measured
+    first = "layer2.0.conv1.weight"
+    assert stored[first] == stored["layer2.0.downsample.0.weight"] != stored["layer2.0.conv2.weight"]
+
+
 def test_convert_command_line_calibrates_from_a_directory(model_files, tmp_path, capsys):
     ref, pth, _ = model_files(18, 10)
     for i, picture in enumerate(calibration_pictures(3)):

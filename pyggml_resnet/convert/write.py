@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import atomic, dtypes
-from ..arch import GGUF_ARCH, InputQuant, Key, Preprocessing, expected_tensors
+from ..arch import GGUF_ARCH, InputQuant, Key, Preprocessing, convolutions, expected_tensors
 from ..errors import InputError, ModelFormatError
 from ..labels import imagenet_labels
 from . import calibrate
@@ -88,11 +88,14 @@ def _check_options(dtype: str, weights: str, preprocessing: Preprocessing, calib
         raise InputError(problem)
 
 
-def _add_quants(w: gguf.GGUFWriter, quants: dict[str, InputQuant]) -> None:
-    """An int8 file's input quantization, one entry per calibrated conv in graph order (docs/gguf.md)."""
+def _add_quants(w: gguf.GGUFWriter, cfg, quants: dict[str, InputQuant]) -> None:
+    """An int8 file's input quantization (by conv weight name), one entry per ungrouped conv in the order of
+    `arch.convolutions`, as the loader reads them (docs/gguf.md): not the order calibration met the convs in,
+    which runs a block's downsample before its main path."""
     T = gguf.GGUFValueType
-    w.add_key_value(Key.INPUT_SCALE, [q.scale for q in quants.values()], T.ARRAY, sub_type=T.FLOAT32)
-    w.add_key_value(Key.INPUT_ZERO, [q.zero for q in quants.values()], T.ARRAY, sub_type=T.UINT8)
+    ordered = [quants[conv.name] for conv in convolutions(cfg) if conv.groups == 1]
+    w.add_key_value(Key.INPUT_SCALE, [q.scale for q in ordered], T.ARRAY, sub_type=T.FLOAT32)
+    w.add_key_value(Key.INPUT_ZERO, [q.zero for q in ordered], T.ARRAY, sub_type=T.UINT8)
 
 
 def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Preprocessing) -> None:
@@ -175,7 +178,7 @@ def _write(out: Path, header: tuple, plan: list[_Stored], values, quants: dict[s
         try:
             _add_metadata(writer, *header)
             if quants is not None:
-                _add_quants(writer, quants)
+                _add_quants(writer, cfg, quants)
             # Declaring every tensor up front lets the writer emit the header, then stream the data one
             # tensor at a time instead of holding a converted copy of the whole model.
             for s in plan:
