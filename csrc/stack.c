@@ -22,6 +22,6 @@ static void stack_batch_run(struct ggml_tensor * dst, int ith, int nth, void * u
 struct ggml_tensor * stack_batch(struct ggml_context * ctx, struct ggml_tensor ** srcs, int n) {
     int64_t batch = 0;
     for (int i = 0; i < n; ++i) batch += srcs[i]->ne[3];
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, srcs[0]->ne[0], srcs[0]->ne[1], srcs[0]->ne[2], batch, srcs, n,
+    return ggml_custom_4d(ctx, srcs[0]->type, srcs[0]->ne[0], srcs[0]->ne[1], srcs[0]->ne[2], batch, srcs, n,
                           stack_batch_run, GGML_N_TASKS_MAX, NULL);
 }

@@ -720,17 +720,19 @@ class Graph(_Closable):
         return self._new(lib.ggml_view_4d(ctx, a._ptr, ne0, ne1, ne2, 1, nb1, nb2, nb3, index * nb3))
 
     def stack_batch(self, tensors) -> Tensor:
-        """Contiguous f32 tensors of equal ne0..ne2 stacked along the last dimension (the batch), in order, in one
-        copy (csrc/stack.c; more than the 9 sources a ggml custom op takes need a second copy)."""
+        """Contiguous tensors of one type (f32, or I8: int8's u8 bytes) and equal ne0..ne2 stacked along the last
+        dimension (the batch), in order, in one copy (csrc/stack.c; more than the 9 sources a ggml custom op
+        takes need a second copy)."""
         tensors = list(tensors)
         ctx = self._building(*tensors)
         if not tensors:
             raise InputError("stack_batch needs at least one tensor")
-        self._need_f32(*tensors, op="stack_batch")
+        if tensors[0].type not in (Type.F32, Type.I8):
+            raise InputError(f"stack_batch takes f32 or I8 tensors, got {tensors[0]!r}")
         for t in tensors:
             self._need_contiguous(t, "stack_batch")
-            if t.ne[:3] != tensors[0].ne[:3]:
-                raise InputError(f"stack_batch: {t!r} does not match {tensors[0]!r} in ne0..ne2")
+            if t.ne[:3] != tensors[0].ne[:3] or t.type != tensors[0].type:
+                raise InputError(f"stack_batch: {t!r} does not match {tensors[0]!r} in type and ne0..ne2")
         if len(tensors) > _MAX_SRC:
             return self.stack_batch([self.stack_batch(tensors[i:i + _MAX_SRC]) for i in range(0, len(tensors), _MAX_SRC)])
         return self._new(lib.stack_batch(ctx, ffi.new("struct ggml_tensor *[]", [t._ptr for t in tensors]), len(tensors)))

@@ -135,16 +135,23 @@ def _int8_chain(m: MatrixPlan, then: MatrixPlan) -> InputQuant | None:
     return then.input_quant if m.layout is Layout.INT8 and then.layout is Layout.INT8 else None
 
 
-def _u8_successor(plan: ModelPlan, main: list[Conv], following: list[Conv] | None) -> Conv | None:
+def _u8_successor(plan: ModelPlan, main: list[Conv],
+                  following: tuple[list[Conv], Conv | None] | None) -> Conv | None:
     """The conv whose input quantization a block's output takes, handed on as u8 (a quarter of f32's bytes,
-    and quantized once, as the peers' int8 models do): the next block's first, where it and the next block's
-    last (which adds the output as its residual) are int8, and so is this block's last, which writes it. None
-    where the block's output stays f32: the last of a stage (read by pooling, a downsample, or as the
-    stage's output) and f32 models."""
-    if following is None or any(plan[c.name].layout is not Layout.INT8 for c in (main[-1], following[0],
-                                                                                  following[-1])):
+    and quantized once, as the peers' int8 models do): the first of the `following` block (main convs and
+    downsample), where this block's last conv, which writes the output, and every reader of it are int8 and
+    quantize it alike: the following block's first conv, and its downsample (which must share that conv's
+    input quantization, as minmax calibration gives) or else its last conv (which adds the output as its
+    residual). None where the output stays f32: the last block of the net (read by pooling), and f32 models."""
+    if following is None:
         return None
-    return following[0]
+    then, down = following
+    readers = (then[0], down) if down is not None else (then[0], then[-1])
+    if any(plan[c.name].layout is not Layout.INT8 for c in (main[-1], *readers)):
+        return None
+    if down is not None and plan[down.name].input_quant != plan[then[0].name].input_quant:
+        return None
+    return then[0]
 
 
 def _int8_operands(w: Weights, m: MatrixPlan) -> dict[str, Tensor]:
@@ -186,11 +193,33 @@ def max_nodes(cfg: ResNetConfig, batch: int = 1) -> int:
     return 18 * (early * copies + n_convs - early) + 64 + 8 * copies
 
 
+def _stage(conv_bn, plan: ModelPlan, cfg: ResNetConfig, x: Tensor, x_quant: InputQuant | None, number: int,
+           stages: bool) -> tuple[Tensor, InputQuant | None]:
+    """Stage `number` on x (u8 bytes quantized as x_quant says, or f32 where it is None), each conv by `build`'s
+    conv_bn; returns its output and how that is quantized (None: f32), as `_u8_successor` decides."""
+    blocks = [arch.block_convs(cfg, block) for block in arch.block_names(cfg) if block.stage == number]
+    # The block after each, which reads its output: for the stage's last, the next stage's first (unless
+    # `stages` asks for f32 stage outputs).
+    after = [arch.block_convs(cfg, block) for block in arch.block_names(cfg) if block.stage == number + 1]
+    successors = blocks[1:] + ([] if stages else after[:1])
+    for k, (main, down_conv) in enumerate(blocks):
+        # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
+        shortcut, shortcut_quant = (conv_bn(x, down_conv, relu=False), None) if down_conv else (x, x_quant)
+        then = _u8_successor(plan, main, successors[k] if k < len(successors) else None)
+        for i, conv in enumerate(main):
+            last = i == len(main) - 1
+            x = conv_bn(x, conv, relu=True, residual=shortcut if last else None,
+                        then=then if last else main[i + 1], residual_quant=shortcut_quant if last else None)
+        x_quant = plan[then.name].input_quant if then else None
+    return x, x_quant
+
+
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, batch: int, height: int,
           width: int, stages: bool = False, taps: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Adds the forward pass to `g`, for weights uploaded by `upload_weights` with this `plan`, each matrix
     multiplied as its plan says. Returns the input ("image", ggml [3, W, H, N]: NumPy NHWC) and the outputs:
-    "features" ([F, N]), "logits" and "probs" ([classes, N]), "layer3" and "layer4" ([C, W, H, N]), and with
+    "features" ([F, N]), "logits" and "probs" ([classes, N]), "layer3" and "layer4" ([C, W, H, N]; without
+    `stages`, an int8 model's "layer3" may be the u8 bytes layer4 reads, see `_u8_successor`), and with
     `stages` also "stem", "layer1" and "layer2" (else they may exist only image by image, see per_image_stages).
     `taps` (batch 1 only): filled with each ungrouped conv's input, by weight name (for int8 calibration)."""
     if taps is not None and batch != 1:
@@ -211,20 +240,6 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
                              w[f"{bn}.bias"], eps)
         return layers.epilogue(g, y, residual=residual, relu=relu)
 
-    def stage(x: Tensor, number: int) -> Tensor:
-        blocks = [arch.block_convs(cfg, block) for block in arch.block_names(cfg) if block.stage == number]
-        x_quant = None  # how x is quantized where it is a previous block's u8 output
-        for k, (main, down_conv) in enumerate(blocks):
-            # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
-            shortcut, shortcut_quant = (conv_bn(x, down_conv, relu=False), None) if down_conv else (x, x_quant)
-            then = _u8_successor(plan, main, blocks[k + 1][0] if k + 1 < len(blocks) else None)
-            for i, conv in enumerate(main):
-                last = i == len(main) - 1
-                x = conv_bn(x, conv, relu=True, residual=shortcut if last else None,
-                            then=then if last else main[i + 1], residual_quant=shortcut_quant if last else None)
-            x_quant = plan[then.name].input_quant if then else None
-        return x
-
     out: dict[str, Tensor] = {}
     image = g.input("image", (3, width, height, batch))  # channel-fastest: NumPy NHWC
     out["image"] = image
@@ -235,14 +250,17 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
     for x in [g.batch_slice(image, i) for i in range(batch)] if split else [image]:
         x = conv_bn(x, arch.STEM, relu=True)
         per_image["stem"].append(layers.max_pool(g, x, kernel=3, stride=2, padding=1))
+        x_quant = None
         for number in range(1, n_early + 1):
-            per_image[f"layer{number}"].append(stage(per_image[STAGES[number - 1]][-1], number))
+            x, x_quant = _stage(conv_bn, plan, cfg, per_image[STAGES[number - 1]][-1], x_quant, number, stages)
+            per_image[f"layer{number}"].append(x)
     for name in early:
         if stages or name == early[-1]:
             out[name] = g.stack_batch(per_image[name]) if split else per_image[name][0]
     x = out[early[-1]]
     for number in range(n_early + 1, len(cfg.layers) + 1):
-        x = out[f"layer{number}"] = stage(x, number)
+        x, x_quant = _stage(conv_bn, plan, cfg, x, x_quant, number, stages)
+        out[f"layer{number}"] = x
     out["features"] = layers.global_avg_pool(g, x)
     out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"], plan.fc)
     out["probs"] = g.softmax(out["logits"])

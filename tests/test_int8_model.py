@@ -139,19 +139,31 @@ def test_resnext_int8_keeps_its_grouped_convs_f32(model_files):
     assert 0 < got["rel_l2_error"] < 0.03 and got["top1_agreement"] == 1.0, got  # measured 0.020
 
 
-def test_blocks_hand_their_output_on_as_u8_inside_a_stage(model_files):
-    """Inside a stage each block's output goes to the next block as u8 bytes, quantized as the next block's
-    first conv quantizes its input (its last adds them as its residual); the last block of a stage hands on
-    f32, for the next stage's downsample and the pooling. An f32 model hands on f32 everywhere."""
+def test_blocks_hand_their_output_on_as_u8(model_files):
+    """Each block's output goes to the next block as u8 bytes, quantized as the next block's first conv
+    quantizes its input: its last adds them as its residual, or (the first block of a stage) its downsample
+    reads them, where that shares the first conv's input quantization (minmax calibration gives both the
+    same). The net's last block hands on f32, for the pooling, and so does every block of an f32 model. The
+    bytes are those each reader would make from f32: logits equal `stages`', whose stage outputs stay f32."""
+    import dataclasses
+
     from pyggml_resnet import arch, resnet
+    from pyggml_resnet.arch import InputQuant
     _, _, int8_path = model_files(18, dtype="int8")
     _, _, f32_path = model_files(18)
     with pyggml_resnet.load(int8_path) as int8_model, pyggml_resnet.load(f32_path) as f32_model:
-        cfg = int8_model.config
-        for stage in range(1, len(cfg.layers) + 1):
-            blocks = [arch.block_convs(cfg, b) for b in arch.block_names(cfg) if b.stage == stage]
-            for k, (main, _) in enumerate(blocks):
-                following = blocks[k + 1][0] if k + 1 < len(blocks) else None
-                want = following[0] if following else None
-                assert resnet._u8_successor(int8_model._plan, main, following) == want
-                assert resnet._u8_successor(f32_model._plan, main, following) is None
+        cfg, plan = int8_model.config, int8_model._plan
+        blocks = [arch.block_convs(cfg, b) for b in arch.block_names(cfg)]
+        for k, (main, _) in enumerate(blocks):
+            following = blocks[k + 1] if k + 1 < len(blocks) else None
+            want = following[0][0] if following else None
+            assert resnet._u8_successor(plan, main, following) == want
+            assert resnet._u8_successor(f32_model._plan, main, following) is None
+            if following and following[1]:  # a downsample quantizing apart from the first conv reads f32
+                down = plan[following[1].name]
+                other = InputQuant(down.input_quant.scale * 2, down.input_quant.zero)
+                apart = dataclasses.replace(plan, matrices={**plan.matrices, down.name: dataclasses.replace(
+                    down, input_quant=other)})
+                assert resnet._u8_successor(apart, main, following) is None
+        x = peers.images(peers.TEST, 2)
+        assert np.array_equal(int8_model.logits(x), int8_model.stages(x)["logits"])

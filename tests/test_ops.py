@@ -274,14 +274,17 @@ def test_max_pool_is_exact(backend, k, s, p):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("ttype", [Type.F32, Type.I8])
 @pytest.mark.parametrize("n", [1, 2, 9, 10, 100])
-def test_batch_slices_stack_back_in_any_order(backend, n):
+def test_batch_slices_stack_back_in_any_order(backend, n, ttype):
     """batch_slice views one image; stack_batch copies images into one batch, in the order given, through a
-    second copy past the 9 sources a ggml custom op takes."""
+    second copy past the 9 sources a ggml custom op takes; f32 values or int8's bytes alike."""
     x = rand(n, 5, 3, 2, seed=13)  # NHWC: ggml [2, 3, 5, n]
+    if ttype == Type.I8:
+        x = (x * 1000).astype(np.int8)
     order = np.random.default_rng(0).permutation(n)
     with Graph(backend) as g:
-        xt = g.input("x", (2, 3, 5, n))
+        xt = g.input("x", (2, 3, 5, n), ttype)
         slices = [g.batch_slice(xt, int(i)) for i in order]
         assert all(s.ne == (2, 3, 5, 1) and s.is_contiguous for s in slices)
         y = g.stack_batch(slices)
@@ -383,7 +386,8 @@ BAD_GRAPH_CALLS = [
      "contiguous"),
     ("stack-none", None, lambda g, a, b: g.stack_batch([]), "at least one"),
     ("stack-shapes", None, lambda g, a, b: g.stack_batch([a, b]), "does not match"),
-    ("stack-type", None, lambda g, a, b: g.stack_batch([g.input("h", (4, 3), "f16")]), "f32"),
+    ("stack-type", None, lambda g, a, b: g.stack_batch([g.input("h", (4, 3), "f16")]), "f32 or I8"),
+    ("stack-mixed", None, lambda g, a, b: g.stack_batch([a, g.input("i", a.ne, Type.I8)]), "does not match"),
     ("winograd-v-shape", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)), a, 20, path="avx2"),
      "16, 1"),
     ("winograd-weights", None, lambda g, a, b: g.gemm_winograd(g.input("w", (16, 36, 2)),
