@@ -147,14 +147,17 @@ static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct
                         int64_t n1, int64_t kb, int64_t kc) {
     const size_t es = pr->es;
     const int64_t K = pr->K, N = pr->N, nr = pr->kern->nr;
-    const patch_put put = geo->nb0 == es ? patch_put_copy[es] : es == 1 ? pr->kern->put_u8 : patch_put_bf16;
+    const patch_put put = geo->nb0 == es ? NULL : es == 1 ? pr->kern->put_u8 : patch_put_bf16;
     const int64_t k1 = kb + kc < K ? kb + kc : K;
     char * row = dst;
-    for (int64_t n = n0; n < n1; ++n, row += kc * es) {
-        if (pr->dense_rows) {  // one run: patch_row's divisions per pixel would cost more than copying it
+    struct patch_at at = patch_at_of(geo, n0, kb);
+    for (int64_t n = n0; n < n1; ++n, row += kc * es, patch_next(geo, &at)) {
+        if (!pr->dense_rows) {
+            patch_row(row, es, put, pr->quant, geo, &at, kb, k1);
+        } else if (put) {  // one run
             put(row, geo->data + n * geo->nb1 + kb * geo->nb0, k1 - kb, pr->quant);
         } else {
-            patch_row(row, es, put, pr->quant, geo, n, kb, k1);
+            memcpy(row, geo->data + n * geo->nb1 + kb * geo->nb0, (k1 - kb) * es);
         }
         if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);  // times zero weights
     }

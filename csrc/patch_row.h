@@ -23,13 +23,9 @@ struct patch_quant {
     int zero;
 };
 
-// Writes n values of the image's type from `in` as the output's type (q: the u8 output's quantization).
+// Writes n values of the image's type from `in` as the output's type (q: the u8 output's quantization). NULL
+// where they are the output's type already: their bytes are copied (patch_copy).
 typedef void (*patch_put)(void * out, const void * in, int64_t n, const struct patch_quant * q);
-
-static inline void patch_put_f32(void * out, const void * in, int64_t n, const struct patch_quant * q) {
-    (void) q;
-    memcpy(out, in, n * sizeof(float));
-}
 
 ISA_CLONES
 static inline void patch_put_bf16(void * out, const void * in, int64_t n, const struct patch_quant * q) {  // from f32
@@ -39,20 +35,22 @@ static inline void patch_put_bf16(void * out, const void * in, int64_t n, const 
     for (int64_t i = 0; i < n; ++i) o[i] = patch_to_bf16(f[i]);
 }
 
-static inline void patch_put_copy_u8(void * out, const void * in, int64_t n, const struct patch_quant * q) {
-    (void) q;  // from u8 (quantized already)
-    memcpy(out, in, n);
+// n bytes from src to out, inline: a window row is short (the stem's 21 u8 or 84 f32 bytes), and a call to
+// memcpy for each cost more than the copy. Two overlapping moves of 8, 16 or 32 bytes cover 8..64 bytes.
+static inline void patch_copy(char * out, const char * src, size_t n) {
+#define PATCH_COPY_2(w) do { char a[w], b[w]; memcpy(a, src, w); memcpy(b, src + n - (w), w); \
+                             memcpy(out, a, w); memcpy(out + n - (w), b, w); } while (0)
+    if (n > 64 || n < 8) {
+        memcpy(out, src, n);
+    } else if (n > 32) {
+        PATCH_COPY_2(32);
+    } else if (n > 16) {
+        PATCH_COPY_2(16);
+    } else {
+        PATCH_COPY_2(8);
+    }
+#undef PATCH_COPY_2
 }
-
-static inline void patch_put_copy_bf16(void * out, const void * in, int64_t n, const struct patch_quant * q) {
-    (void) q;  // from bf16
-    memcpy(out, in, n * sizeof(uint16_t));
-}
-
-// The put that copies values of the output's type as they are, by their bytes: u8, bf16 or f32.
-static const patch_put patch_put_copy[sizeof(float) + 1] = {
-    [1] = patch_put_copy_u8, [2] = patch_put_copy_bf16, [4] = patch_put_f32,
-};
 
 // From f32: x * inv_scale clamped to [-zero, 255 - zero] (max and min as maxps and minps take them, NaN to
 // -zero), rounded to nearest even by adding and taking away 1.5 * 2^23 (exact for |v| < 2^22; the clamp
@@ -91,21 +89,43 @@ static inline struct patch_geom patch_geom_of(const void * data, const int64_t n
     return g;
 }
 
-// Values k0..k1-1 (k1 <= kh*kw*C) of output pixel p's window, written to `out` (es bytes each) by `put`
-// (with q, NULL but for u8); outside the image the value 0.0: +0.0 in f32 and bf16, the byte q->zero in u8.
-// A window row inside the image is one run when pixels are dense (C == C'): one copy per ky, not per tap.
-static inline void patch_row(char * out, size_t es, patch_put put, const struct patch_quant * q,
-                             const struct patch_geom * g, int64_t p, int64_t k0, int64_t k1) {
-    const int64_t ox = p % g->OW, oy = (p / g->OW) % g->OH, n = p / (g->OW * g->OH);
+// Where a row of values starts: output pixel (ox, oy) of image n, at value k0 of its window, which is tap
+// (ky, kx) and channel c. Made once with divisions (patch_at_of), then stepped a pixel at a time without
+// (patch_next): divisions per pixel cost more than copying the stem's window rows.
+struct patch_at {
+    int64_t ox, oy, n, ky, kx, c;
+};
+
+static inline struct patch_at patch_at_of(const struct patch_geom * g, int64_t p, int64_t k0) {
     const int64_t row = (int64_t) g->kw * g->C;  // values per window row
+    const struct patch_at at = {
+        .ox = p % g->OW, .oy = (p / g->OW) % g->OH, .n = p / (g->OW * g->OH),
+        .ky = k0 / row, .kx = (k0 % row) / g->C, .c = k0 % g->C,
+    };
+    return at;
+}
+
+static inline void patch_next(const struct patch_geom * g, struct patch_at * at) {
+    if (++at->ox < g->OW) return;
+    at->ox = 0;
+    if (++at->oy < g->OH) return;
+    at->oy = 0;
+    ++at->n;
+}
+
+// Values k0..k1-1 (k1 <= kh*kw*C) of the window at `at` (its k0), written to `out` (es bytes each) by `put`
+// (with q, NULL but for u8; a NULL put copies); outside the image the value 0.0: +0.0 in f32 and bf16, the
+// byte q->zero in u8. A window row inside the image is one run when pixels are dense (C == C'): one copy per
+// ky, not per tap.
+static inline void patch_row(char * out, size_t es, patch_put put, const struct patch_quant * q,
+                             const struct patch_geom * g, const struct patch_at * at, int64_t k0, int64_t k1) {
     const int dense = g->nb1 == (size_t) g->C * g->nb0;
-    const char * img = g->data + n * g->nb3;
-    // Where k0 falls, (ky, kx, c); each run below ends at a tap's or a window row's end (or at k1), so from
-    // there on the position advances without dividing (the stem's 7 runs of 21 values per window would
-    // otherwise spend more time in divisions than in copying).
-    int64_t ky = k0 / row, kx = (k0 % row) / g->C, c = k0 % g->C;
+    const char * img = g->data + at->n * g->nb3;
+    // Each run below ends at a tap's or a window row's end (or at k1), so the position advances without
+    // dividing.
+    int64_t ky = at->ky, kx = at->kx, c = at->c;
     for (int64_t k = k0; k < k1;) {
-        const int64_t iy = oy * g->stride - g->pad + ky, ix = ox * g->stride - g->pad + kx;
+        const int64_t iy = at->oy * g->stride - g->pad + ky, ix = at->ox * g->stride - g->pad + kx;
         int64_t run, taps;
         const char * src = NULL;
         if (iy < 0 || iy >= g->H) {
@@ -118,10 +138,12 @@ static inline void patch_row(char * out, size_t es, patch_put put, const struct 
         }
         run = taps * g->C - c;
         if (run > k1 - k) run = k1 - k;
-        if (src) {
+        if (!src) {
+            memset(out, q ? q->zero : 0, run * es);
+        } else if (put) {
             put(out, src, run, q);
         } else {
-            memset(out, q ? q->zero : 0, run * es);
+            patch_copy(out, src, run * es);
         }
         out += run * es;
         k += run;

@@ -19,7 +19,7 @@ static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void 
     const int64_t Cg = x->ne[0] / groups;  // channels per group
     const int64_t K = (int64_t) kh * kw * Cg, k_pad = dst->ne[0];
     const size_t esize = ggml_type_size(dst->type);
-    const patch_put put = dst->type == GGML_TYPE_BF16 ? patch_put_bf16 : patch_put_f32;
+    const patch_put put = dst->type == GGML_TYPE_BF16 ? patch_put_bf16 : NULL;  // NULL: f32, copied
     int64_t first, last;
     thread_range(P, ith, nth, &first, &last);
 
@@ -33,9 +33,10 @@ static void gather_patches_run(struct ggml_tensor * dst, int ith, int nth, void 
         for (int64_t g = 0; g < groups; ++g) {
             const struct patch_geom geo = patch_geom_of((const char *) x->data + g * Cg * x->nb[0], x->ne, x->nb, Cg,
                                                         kh, kw, stride, pad);
-            for (int64_t p = p0; p < p1; ++p) {
+            struct patch_at at = patch_at_of(&geo, p0, 0);
+            for (int64_t p = p0; p < p1; ++p, patch_next(&geo, &at)) {
                 char * out = (char *) dst->data + (g * P + p) * dst->nb[1];
-                patch_row(out, esize, put, NULL, &geo, p, 0, K);
+                patch_row(out, esize, put, NULL, &geo, &at, 0, K);
                 if (k_pad > K) memset(out + K * esize, 0, (k_pad - K) * esize);
             }
         }
