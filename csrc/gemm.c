@@ -85,7 +85,7 @@ static struct gemm_blocks gemm_blocks_for_l2(void) {
     return (struct gemm_blocks) { nb, c_block };
 }
 
-static const struct gemm_kernel * kernel_for(int path) {
+const struct gemm_kernel * gemm_kernel_for(int path) {
 #ifdef GEMM_X86
     switch (path) {
         case GEMM_AVX512: return &gemm_kernel_avx512;
@@ -341,7 +341,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const struct ggml_tensor * x = dst->src[1];
     const int flags = op_param(dst, GP_FLAGS), wino = (flags & GF_WINO) != 0, has_bias = (flags & GF_BIAS) != 0;
     const int kh = wino ? 1 : op_param(dst, GP_KH);
-    const struct gemm_kernel * kern = kernel_for(op_param(dst, GP_PATH));
+    const struct gemm_kernel * kern = gemm_kernel_for(op_param(dst, GP_PATH));
     // int8: the weights' scales and column sums come before the epilogue's operands.
     const int quant = kern->es == 1, extra = quant ? 4 : 2;
     const float x_scale = op_param_f32(dst, GP_X_SCALE);

@@ -1,7 +1,7 @@
 // The micro-kernel shared by the ISA paths (gemm_avx512.c, gemm_avx2.c, gemm_avx512bf16.c and the int8
 // paths gemm_int8_*.c): one tile of output channels by pixels over one cache block of K, summed in registers
 // a summation block of k at a time, each such sum merged into C in memory (int8: as int32 bits, exactly),
-// with the epilogue after K's last one. Internal to csrc/gemm*.c.
+// with the epilogue after K's last one. Internal to csrc/gemm*.c, and quantize.c (a path's put_u8).
 #pragma once
 
 #include <stdint.h>
@@ -52,6 +52,9 @@ struct gemm_kernel {
     patch_put put_u8;
 };
 #define GEMM_MR_MAX 32  // the widest tile of channels
+
+// The kernel of a path of csrc/gemm.h (NULL where this build has none); the caller checks gemm_path_supported.
+const struct gemm_kernel * gemm_kernel_for(int path);
 
 extern const struct gemm_kernel gemm_kernel_avx512;
 extern const struct gemm_kernel gemm_kernel_avx2;

@@ -117,6 +117,8 @@ struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tenso
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
                                      struct ggml_tensor * bias, struct ggml_tensor * residual, int relu);
 struct ggml_tensor * stack_batch(struct ggml_context * ctx, struct ggml_tensor ** srcs, int n);
+struct ggml_tensor * quantize_u8(struct ggml_context * ctx, struct ggml_tensor * x, float x_scale, int x_zero,
+                                 int path);
 enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, GEMM_INT8_AVX512_VNNI, GEMM_INT8_AVX2, GEMM_INT8_SCALAR,
                  ... };
 #define GEMM_INT8_K_MAX ...
@@ -146,6 +148,7 @@ SOURCE = r"""
 #include "pool.h"
 #include "patches.h"
 #include "q8_0.h"
+#include "quantize.h"
 #include "stack.h"
 #include "winograd.h"
 """

@@ -623,10 +623,7 @@ class Graph(_Closable):
         path, batch and thread count. `path`: one of `gemm_int8_paths()` (default: the first)."""
         operands = tuple(t for t in (bias, residual) if t is not None)
         ctx = self._building(w, x, scales, colsums, *operands)
-        paths = gemm_int8_paths()
-        path = paths[0] if path is None else path
-        if path not in paths:
-            raise InputError(f"gemm_int8: path {path!r} cannot run here; this CPU runs {paths}")
+        code = self._int8_code(path, "gemm_int8")
         m = _integer(m, "gemm_int8: m", 1)
         u8_residual = residual is not None and residual.type == Type.I8
         self._need_f32(w, scales, colsums, *(t for t in operands if not u8_residual or t is not residual),
@@ -659,17 +656,39 @@ class Graph(_Closable):
         return self._new(lib.gemm_int8(ctx, w._ptr, x._ptr, m, kernel, stride, padding, scales._ptr, colsums._ptr,
                                        x_scale, x_zero, bias._ptr if bias is not None else ffi.NULL,
                                        residual._ptr if residual is not None else ffi.NULL, r_scale, r_zero,
-                                       bool(relu), y_scale, y_zero, GEMM_INT8_PATHS[path]))
+                                       bool(relu), y_scale, y_zero, code))
+
+    def quantize_u8(self, x: Tensor, x_scale: float, x_zero: int, path: str | None = None) -> Tensor:
+        """The contiguous f32 tensor x quantized to u8 bytes (an I8 tensor of x's shape) exactly as
+        `gemm_int8` with this x_scale, x_zero and int8 path quantizes the windows it packs (csrc/quantize.h):
+        a gemm_int8 reading these bytes gives the result it gives on x, and quantizes nothing. For an input
+        that many windows read (a 7x7/2 conv's), once instead of once per window."""
+        ctx = self._building(x)
+        code = self._int8_code(path, "quantize_u8")
+        self._need_f32(x, op="quantize_u8")
+        self._need_contiguous(x, "quantize_u8")
+        x_scale = self._x_scale(x_scale, "quantize_u8")
+        x_zero = _integer(x_zero, "quantize_u8: x_zero", 0, 255)
+        return self._new(lib.quantize_u8(ctx, x._ptr, x_scale, x_zero, code))
 
     @staticmethod
-    def _x_scale(value) -> float:
+    def _int8_code(path: str | None, op: str) -> int:
+        """csrc/gemm.h's number of the int8 `path` (None: the first of `gemm_int8_paths()`), checked to run here."""
+        paths = gemm_int8_paths()
+        path = paths[0] if path is None else path
+        if path not in paths:
+            raise InputError(f"{op}: path {path!r} cannot run here; this CPU runs {paths}")
+        return GEMM_INT8_PATHS[path]
+
+    @staticmethod
+    def _x_scale(value, op: str = "gemm_int8") -> float:
         """An activation scale as the float32 the op takes: positive, finite and normal (so 1 / it is finite)."""
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise InputError(f"gemm_int8: a scale must be a number, got {value!r}")
+            raise InputError(f"{op}: a scale must be a number, got {value!r}")
         with np.errstate(over="ignore"):
             f = np.float32(value)
         if not (np.isfinite(f) and f >= np.finfo(np.float32).tiny):
-            raise InputError(f"gemm_int8: a scale must be a positive normal float32, got {value!r}")
+            raise InputError(f"{op}: a scale must be a positive normal float32, got {value!r}")
         return float(f)
 
     @staticmethod

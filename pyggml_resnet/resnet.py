@@ -247,6 +247,9 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
     early = STAGES[:n_early + 1]
     split = _per_image(batch)
     per_image: dict[str, list[Tensor]] = {name: [] for name in early}
+    stem = plan[arch.STEM.name]
+    if stem.layout is Layout.INT8:  # quantized once, not once per window that reads a pixel (about 12 times)
+        image = g.quantize_u8(image, stem.input_quant.scale, stem.input_quant.zero, path=stem.path)
     for x in [g.batch_slice(image, i) for i in range(batch)] if split else [image]:
         x = conv_bn(x, arch.STEM, relu=True)
         per_image["stem"].append(layers.max_pool(g, x, kernel=3, stride=2, padding=1))

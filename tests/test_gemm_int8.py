@@ -187,6 +187,48 @@ def test_extreme_pixels(backend, path):
                                   want.view(np.uint32))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 63, 64, 65, 200])  # whole vectors, 64-value packs and the rest
+def test_quantize_u8_quantizes_as_the_product_packs(backend, path, n):
+    """Graph.quantize_u8 gives the bytes the op makes of its pixels (the reference's, with NaN, infinities,
+    huge values, -0.0 and ties among them), for any count of values and split between threads: the bytes
+    from which the products above give, bit for bit, what they give on the f32 image."""
+    rng = np.random.default_rng(n)
+    values = (rng.standard_normal(n, dtype=F32) * 8).astype(F32)
+    values[:min(n, 8)] = [np.nan, np.inf, -np.inf, 3e38, -0.0, 0.125, -2.375, 1e-45][:min(n, 8)]
+    sx, zx = 0.25, 100  # 0.125 / 0.25 and -2.375 / 0.25 are ties: rounded to even
+    with Graph(backend) as g:
+        x = g.input("x", (n,))
+        y = g.quantize_u8(x, sx, zx, path=path)
+        g.finalize(y)
+        g.set(x, values)
+        g.compute()
+        assert y.type == Type.I8 and y.ne == (n, 1, 1, 1)
+        np.testing.assert_array_equal(g.get(y).view(np.uint8).reshape(n), as_u8(values, sx, zx))
+    img = np.random.default_rng(4).standard_normal((2, 9, 7, 3), dtype=F32)  # a batch of stem-like images
+    with Graph(backend) as g:
+        x = g.input("x", (3, 7, 9, 2))
+        y = g.quantize_u8(x, 0.03, 117, path=path)
+        g.finalize(y)
+        g.set(x, img)
+        g.compute()
+        np.testing.assert_array_equal(g.get(y).view(np.uint8).reshape(img.shape), as_u8(img, 0.03, 117))
+
+
+def test_quantize_u8_refuses_bad_arguments(backend):
+    with Graph(backend) as g:
+        x = g.input("x", (4, 3))
+        for args, match in (((g.input("h", (4, 3), "f16"), 0.1, 0), "f32"), ((g.input("i", (4, 3), Type.I8), 0.1, 0),
+                            "f32"), ((g.permute(x, (1, 0, 2, 3)), 0.1, 0), "contiguous"), ((x, 0.0, 0), "scale"),
+                            ((x, float("nan"), 0), "scale"), ((x, 1e-40, 0), "scale"), ((x, "1", 0), "scale"),
+                            ((x, 0.1, 256), "x_zero"), ((x, 0.1, -1), "x_zero"), ((x, 0.1, 1.0), "x_zero")):
+            with pytest.raises(InputError, match=match):
+                g.quantize_u8(*args)
+        for path in ("avx512", "int8-neon", 3):
+            with pytest.raises(InputError, match="path"):
+                g.quantize_u8(x, 0.1, 0, path=path)
+
+
 def test_paths_batches_and_threads_agree_bit_for_bit():
     """Every path, each image of a batch alone or together, 1, 2 and 3 threads: the same bits."""
     img, q, _, bias, res = case(9, 5, 9, 11, 21, 70, 3, 2, 1)
