@@ -18,10 +18,10 @@ from pyggml_resnet.ggml import gemm_int8_paths
 from conftest import calibration_pictures
 
 TEST_IMAGES = 16
-# Measured on the seeded nets, 8 calibration and 16 test pictures (docs/usage.md): relative L2 error 0.016
-# (ResNet-18) and 0.020 (ResNet-101); top-1 agreement 1.0 and 0.69 (the seeded nets' top logits lie close
-# together; ONNX Runtime int8 agrees on the same 0.69), top-5 1.0. The bounds leave a little room.
-REL_L2_BOUND = {18: 0.025, 101: 0.03}
+# Measured on the seeded nets, 8 calibration and 16 test pictures (docs/usage.md): relative L2 error 0.014
+# (ResNet-18) and 0.0195 (ResNet-101); top-1 agreement 1.0 and 0.75 (the seeded nets' top logits lie close
+# together; ONNX Runtime int8 agrees on 0.69), top-5 1.0. The bounds leave a little room.
+REL_L2_BOUND = {18: 0.02, 101: 0.025}
 TOP1_BOUND = {18: 0.9, 101: 0.6}
 
 
