@@ -187,7 +187,8 @@ class Model(_Closable):
 
     def conv_inputs(self, x) -> dict[str, np.ndarray]:
         """The input of every ungrouped convolution, NHWC float32 by weight name, for one preprocessed NCHW image
-        (1, 3, H, W): what int8 calibration measures (convert/calibrate.py)."""
+        (1, 3, H, W): what int8 calibration measures (convert/calibrate.py). Convs that read one tensor get
+        one array."""
         x = self._check_input(x)
         if len(x) != 1:
             raise InputError(f"conv_inputs takes one image, got {len(x)}")
@@ -197,11 +198,12 @@ class Model(_Closable):
                 taps: dict = {}
                 out = resnet.build(graph, self._weights, self.config, self._eps, self._plan, 1, *x.shape[2:],
                                    taps=taps)
-                distinct = list({id(t): t for t in taps.values()}.values())  # a block's input feeds two convs
-                graph.finalize(out["logits"], *distinct)
+                distinct = {id(t): t for t in taps.values()}  # a block's input feeds two convs
+                graph.finalize(out["logits"], *distinct.values())
                 graph.set(out["image"], self._chunk(x, 0, 1))
                 graph.compute()
-                return {name: graph.get(t) for name, t in taps.items()}
+                got = {key: graph.get(t) for key, t in distinct.items()}
+                return {name: got[id(t)] for name, t in taps.items()}
             finally:
                 graph.close()
 

@@ -141,7 +141,7 @@ def _u8_successor(plan: ModelPlan, main: list[Conv],
     and quantized once, as the peers' int8 models do): the first of the `following` block (main convs and
     downsample), where this block's last conv, which writes the output, and every reader of it are int8 and
     quantize it alike: the following block's first conv, and its downsample (which must share that conv's
-    input quantization, as minmax calibration gives) or else its last conv (which adds the output as its
+    input quantization, as calibration gives them) or else its last conv (which adds the output as its
     residual). None where the output stays f32: the last block of the net (read by pooling), and f32 models."""
     if following is None:
         return None

@@ -112,6 +112,25 @@ def test_each_conv_reads_the_quantization_calibrated_for_its_input(model_files, 
     assert stored[first] == stored["layer2.0.downsample.0.weight"] != stored["layer2.0.conv2.weight"]
 
 
+@pytest.mark.parametrize("rule", ["percentile", "mse"])
+def test_convs_reading_one_tensor_share_its_quantization_under_every_rule(model_files, rule):
+    """A stage's first conv and its downsample read one tensor: calibration measures it once, so they share
+    its range under the sampling rules too (apart, their random samples would give two ranges)."""
+    from pyggml_resnet import arch
+    from pyggml_resnet.convert import calibrate
+    _, _, f32_path = model_files(18)
+    with pyggml_resnet.load(f32_path) as model:
+        inputs = model.conv_inputs(peers.images(peers.TEST, 1))
+        quants = calibrate.input_quants(model, calibration_pictures(2), rule, progress=False)
+        downsampled = [(main[0], down) for main, down in (arch.block_convs(model.config, b)
+                                                          for b in arch.block_names(model.config)) if down]
+    assert len(downsampled) == 3
+    for first, down in downsampled:
+        assert inputs[first.name] is inputs[down.name]
+        assert quants[first.name] == quants[down.name]
+    assert list(quants) == list(inputs)  # graph order, every ungrouped conv
+
+
 def test_convert_command_line_calibrates_from_a_directory(model_files, tmp_path, capsys):
     ref, pth, _ = model_files(18, 10)
     for i, picture in enumerate(calibration_pictures(3)):
@@ -142,8 +161,8 @@ def test_resnext_int8_keeps_its_grouped_convs_f32(model_files):
 def test_blocks_hand_their_output_on_as_u8(model_files):
     """Each block's output goes to the next block as u8 bytes, quantized as the next block's first conv
     quantizes its input: its last adds them as its residual, or (the first block of a stage) its downsample
-    reads them, where that shares the first conv's input quantization (minmax calibration gives both the
-    same). The net's last block hands on f32, for the pooling, and so does every block of an f32 model. The
+    reads them, where that shares the first conv's input quantization (calibration measures their one input
+    once). The net's last block hands on f32, for the pooling, and so does every block of an f32 model. The
     bytes are those each reader would make from f32: logits equal `stages`', whose stage outputs stay f32."""
     import dataclasses
 

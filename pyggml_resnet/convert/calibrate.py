@@ -85,25 +85,30 @@ def threshold(samples: np.ndarray, largest: float, rule: str) -> float:
 
 def input_quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bool = True) -> dict[str, InputQuant]:
     """Each ungrouped conv's InputQuant (by weight name, graph order), from running `model` (f32) over `images`
-    one at a time."""
+    one at a time. Convs that read one tensor (a stage's first conv and its downsample) share one InputQuant,
+    measured once: that tensor can then pass between them as u8 (`resnet._u8_successor`)."""
     if rule not in RULES:
         raise InputError(f"calibration rule must be one of {RULES}, got {rule!r}")
     rng = np.random.default_rng(0)
+    first_reader: dict[str, str] = {}  # conv -> the first conv reading the same tensor, which measures it
     samples: dict[str, list[np.ndarray]] = {}
     largest: dict[str, float] = {}
     for img in tqdm(images, desc="calibrating", unit="image", file=sys.stderr, disable=not progress):
+        readers: dict[int, str] = {}
         for name, x in model.conv_inputs(_preprocessed(model, img)[None]).items():
+            if first_reader.setdefault(name, readers.setdefault(id(x), name)) != name:
+                continue
             flat = x.reshape(-1)
             if name != STEM.name and flat.size and flat.min() < 0:
                 raise InputError(f"the input of {name} is negative: it does not follow a ReLU")
             largest[name] = max(largest.get(name, 0.0), float(flat.max(initial=0.0)))
             samples.setdefault(name, []).append(rng.choice(flat, min(SAMPLES, flat.size), replace=False))
-    quants = {}
+    measured = {}
     for name, parts in samples.items():
         if name == STEM.name:
-            quants[name] = stem_quant(model.preprocessing)
+            measured[name] = stem_quant(model.preprocessing)
             continue
         t = threshold(np.concatenate(parts), largest[name], rule)
         # An input that is always 0 gets any positive scale: every value quantizes to 0 exactly.
-        quants[name] = InputQuant(float(np.float32(t / U8_MAX)) if t > 0 else 1.0, 0)
-    return quants
+        measured[name] = InputQuant(float(np.float32(t / U8_MAX)) if t > 0 else 1.0, 0)
+    return {name: measured[first] for name, first in first_reader.items()}
