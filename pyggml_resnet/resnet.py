@@ -198,14 +198,14 @@ def _stage(conv_bn, plan: ModelPlan, cfg: ResNetConfig, x: Tensor, x_quant: Inpu
     """Stage `number` on x (u8 bytes quantized as x_quant says, or f32 where it is None), each conv by `build`'s
     conv_bn; returns its output and how that is quantized (None: f32), as `_u8_successor` decides."""
     blocks = [arch.block_convs(cfg, block) for block in arch.block_names(cfg) if block.stage == number]
-    # The block after each, which reads its output: for the stage's last, the next stage's first (unless
-    # `stages` asks for f32 stage outputs).
-    after = [arch.block_convs(cfg, block) for block in arch.block_names(cfg) if block.stage == number + 1]
-    successors = blocks[1:] + ([] if stages else after[:1])
-    for k, (main, down_conv) in enumerate(blocks):
+    # The block after each, which reads its output: for the stage's last, the next stage's first (None after
+    # the net's last, or where `stages` asks for f32 stage outputs).
+    after = None if stages else next((arch.block_convs(cfg, block) for block in arch.block_names(cfg)
+                                      if block.stage == number + 1), None)
+    for (main, down_conv), following in zip(blocks, blocks[1:] + [after]):
         # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
         shortcut, shortcut_quant = (conv_bn(x, down_conv, relu=False), None) if down_conv else (x, x_quant)
-        then = _u8_successor(plan, main, successors[k] if k < len(successors) else None)
+        then = _u8_successor(plan, main, following)
         for i, conv in enumerate(main):
             last = i == len(main) - 1
             x = conv_bn(x, conv, relu=True, residual=shortcut if last else None,

@@ -94,10 +94,11 @@ def input_quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bo
     samples: dict[str, list[np.ndarray]] = {}
     largest: dict[str, float] = {}
     for img in tqdm(images, desc="calibrating", unit="image", file=sys.stderr, disable=not progress):
-        readers: dict[int, str] = {}
+        readers: dict[int, str] = {}  # tensor (conv_inputs gives convs reading one tensor one array) -> first
         for name, x in model.conv_inputs(_preprocessed(model, img)[None]).items():
-            if first_reader.setdefault(name, readers.setdefault(id(x), name)) != name:
-                continue
+            first = first_reader.setdefault(name, readers.setdefault(id(x), name))
+            if first != name:
+                continue  # measured as `first`'s input
             flat = x.reshape(-1)
             if name != STEM.name and flat.size and flat.min() < 0:
                 raise InputError(f"the input of {name} is negative: it does not follow a ReLU")
