@@ -47,6 +47,10 @@ class Key:
     # int8 files (docs/gguf.md): one entry per int8 convolution (every ungrouped one), in graph order.
     INPUT_SCALE = "resnet.int8.input_scale"  # float32: the u8 step of the conv's input
     INPUT_ZERO = "resnet.int8.input_zero_point"  # 0..255: the u8 value of an input of 0.0
+    # Optional in int8 files: one entry per downsample conv, in graph order, for its output (the shortcut its
+    # block's last conv adds), stored as u8 where they are given and f32 where not (files converted before).
+    SHORTCUT_SCALE = "resnet.int8.shortcut_scale"
+    SHORTCUT_ZERO = "resnet.int8.shortcut_zero_point"
 
 
 @dataclass(frozen=True)
@@ -288,6 +292,11 @@ def convolutions(cfg: ResNetConfig):
         yield from main
         if down:
             yield down
+
+
+def downsamples(cfg: ResNetConfig) -> list[Conv]:
+    """Every downsample conv, in graph order."""
+    return [down for down in (block_convs(cfg, block)[1] for block in block_names(cfg)) if down]
 
 
 def conv_prefix(conv: Conv) -> str:

@@ -54,6 +54,8 @@ class ModelFile:
     infos: dict[str, TensorInfo] = field(repr=False)
     identity: tuple = field(repr=False)  # (device, inode, size, mtime) of the file checked
     input_quants: dict[str, InputQuant] | None = field(default=None, repr=False)  # an int8 file's, by conv
+    # An int8 file's u8 quantization of each downsample's output, by conv; None where it keeps them f32.
+    shortcut_quants: dict[str, InputQuant] | None = field(default=None, repr=False)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every tensor, read at once (for tools; the model itself streams them with `tensor`)."""
@@ -164,23 +166,34 @@ def _metadata(c: Container) -> tuple[ResNetConfig, int, tuple[str, ...], float, 
     return cfg, num_classes, labels, eps, pre, weights_name
 
 
-def _input_quants(c: Container, cfg: ResNetConfig) -> dict[str, InputQuant] | None:
-    """An int8 file's input quantization of each ungrouped conv (Key.INPUT_SCALE, Key.INPUT_ZERO), every
-    value checked; None for a float file (neither key)."""
-    scales = c.get(Key.INPUT_SCALE, FLOAT_TYPES, "an ARRAY of floats", array=True, required=False)
-    zeros = c.get(Key.INPUT_ZERO, INT_TYPES, "an ARRAY of integers", array=True, required=False)
+def _quants(c: Container, keys: tuple[str, str], names: list[str], what: str) -> dict[str, InputQuant] | None:
+    """The u8 quantizations that the scale and zero point arrays `keys` hold, one for each of `names` (`what`
+    they are), every value checked; None where neither key is there."""
+    scale_key, zero_key = keys
+    scales = c.get(scale_key, FLOAT_TYPES, "an ARRAY of floats", array=True, required=False)
+    zeros = c.get(zero_key, INT_TYPES, "an ARRAY of integers", array=True, required=False)
     if scales is None and zeros is None:
         return None
-    names = [conv.name for conv in arch.convolutions(cfg) if conv.groups == 1]
-    for key, values in ((Key.INPUT_SCALE, scales), (Key.INPUT_ZERO, zeros)):
+    for key, values in ((scale_key, scales), (zero_key, zeros)):
         if values is None or len(values) != len(names):
-            raise ModelFormatError(f"an int8 file needs {key} with {len(names)} values (one per ungrouped "
-                                   f"convolution), got {'none' if values is None else len(values)}")
+            raise ModelFormatError(f"an int8 file needs {key} with {len(names)} values (one per {what}), got "
+                                   f"{'none' if values is None else len(values)}")
     if not all(math.isfinite(v) and 0 < v <= 3.4e38 for v in scales):
-        raise ModelFormatError(f"{Key.INPUT_SCALE} must hold finite positive scales")
+        raise ModelFormatError(f"{scale_key} must hold finite positive scales")
     if not all(0 <= v <= 255 for v in zeros):
-        raise ModelFormatError(f"{Key.INPUT_ZERO} must hold zero points in 0..255")
+        raise ModelFormatError(f"{zero_key} must hold zero points in 0..255")
     return {name: InputQuant(float(s), int(z)) for name, s, z in zip(names, scales, zeros)}
+
+
+def _int8_quants(c: Container, cfg: ResNetConfig) -> tuple[dict[str, InputQuant] | None, dict[str, InputQuant] | None]:
+    """An int8 file's input quantization of each ungrouped conv (Key.INPUT_SCALE, Key.INPUT_ZERO; None for a
+    float file: neither key), and of each downsample's output (Key.SHORTCUT_SCALE, Key.SHORTCUT_ZERO; None
+    where the file has neither: its shortcuts stay f32)."""
+    inputs = _quants(c, (Key.INPUT_SCALE, Key.INPUT_ZERO),
+                     [conv.name for conv in arch.convolutions(cfg) if conv.groups == 1], "ungrouped convolution")
+    shortcuts = _quants(c, (Key.SHORTCUT_SCALE, Key.SHORTCUT_ZERO), [d.name for d in arch.downsamples(cfg)],
+                        "downsample convolution")
+    return inputs, shortcuts
 
 
 def _tensor_kind(name: str, code: int, expected: tuple[int, ...], int8: frozenset | None) -> dtypes.DType:
@@ -237,10 +250,13 @@ def read(path: str | os.PathLike) -> ModelFile:
     with errors.in_file(path):
         container = read_container(path, size, _KEYS)
         cfg, num_classes, labels, eps, pre, weights_name = _metadata(container)
-        quants = _input_quants(container, cfg)
+        quants, shortcut_quants = _int8_quants(container, cfg)
         if quants is None and any(t.type_code == dtypes.I8.code for t in container.tensors):
             raise ModelFormatError(f"the file holds int8 weights but not their activation ranges ({Key.INPUT_SCALE}, "
                                    f"{Key.INPUT_ZERO}): convert the checkpoint with --dtype int8 --calibration IMAGES")
+        if shortcut_quants is not None and quants is None:
+            raise ModelFormatError(f"{Key.SHORTCUT_SCALE} and {Key.SHORTCUT_ZERO} belong to int8 files, which also "
+                                   f"hold {Key.INPUT_SCALE} and {Key.INPUT_ZERO}")
         int8 = None if quants is None else frozenset(quants)  # the s8 tensors: the calibrated convs' weights
         arch.check_tensor_names(cfg, num_classes, [t.name for t in container.tensors], int8=int8 is not None)
         expected = arch.expected_tensors(cfg, num_classes, int8 is not None)
@@ -256,5 +272,5 @@ def read(path: str | os.PathLike) -> ModelFile:
         if len(kinds - {"f32", dtype}):
             raise ModelFormatError(f"weights mix types {sorted(kinds)}")
     return ModelFile(path, cfg, num_classes, labels, eps, pre, weights_name, "int8" if quants else dtype, infos,
-                     _identity(st), quants)
+                     _identity(st), quants, shortcut_quants)
 

@@ -76,7 +76,8 @@ class Model(_Closable):
         int8 = _check_int8(model_file, dtype, batchnorm, winograd)
         self._plan = plan_model(model_file.config, model_file.num_classes,
                                 dtype=Type.F32 if int8 else Type.parse(dtype or model_file.dtype), gemm=gemm,
-                                winograd=winograd, batchnorm=batchnorm, input_quants=model_file.input_quants)
+                                winograd=winograd, batchnorm=batchnorm, input_quants=model_file.input_quants,
+                                shortcut_quants=model_file.shortcut_quants)
         self.dtype = "int8" if int8 else self._plan.weight_type.name.lower()
         # What the products multiply: the dtype, or "f32" for f16 and bf16 weights widened at load (plan.py).
         self.compute_dtype = "int8" if int8 else self._plan.compute_type.name.lower()
@@ -185,25 +186,27 @@ class Model(_Closable):
                 result[name] = graph.get(out[name]).reshape(n, -1)
         return result
 
-    def conv_inputs(self, x) -> dict[str, np.ndarray]:
-        """The input of every ungrouped convolution, NHWC float32 by weight name, for one preprocessed NCHW image
-        (1, 3, H, W): what int8 calibration measures (convert/calibrate.py). Convs that read one tensor get
-        one array."""
+    def calibration_taps(self, x) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """What int8 calibration measures (convert/calibrate.py), for one preprocessed NCHW image (1, 3, H, W):
+        the input of every ungrouped convolution (convs that read one tensor get one array) and the output of
+        every downsample, each NHWC float32 by weight name."""
         x = self._check_input(x)
         if len(x) != 1:
-            raise InputError(f"conv_inputs takes one image, got {len(x)}")
+            raise InputError(f"calibration_taps takes one image, got {len(x)}")
         with self._lock:
             graph = Graph(self._open_backend(), max_nodes=resnet.max_nodes(self.config, 1))
             try:
-                taps: dict = {}
+                inputs: dict = {}
+                shortcuts: dict = {}
                 out = resnet.build(graph, self._weights, self.config, self._eps, self._plan, 1, *x.shape[2:],
-                                   taps=taps)
-                distinct = {id(t): t for t in taps.values()}  # a block's input feeds two convs
+                                   taps=inputs, shortcuts=shortcuts)
+                distinct = {id(t): t for t in (*inputs.values(), *shortcuts.values())}  # a block's input feeds two convs
                 graph.finalize(out["logits"], *distinct.values())
                 graph.set(out["image"], self._chunk(x, 0, 1))
                 graph.compute()
                 got = {key: graph.get(t) for key, t in distinct.items()}
-                return {name: got[id(t)] for name, t in taps.items()}
+                return ({name: got[id(t)] for name, t in inputs.items()},
+                        {name: got[id(t)] for name, t in shortcuts.items()})
             finally:
                 graph.close()
 

@@ -73,6 +73,7 @@ class MatrixPlan:
     stored_shape: tuple[int, ...]  # the NumPy shape they are stored in
     winograd: Winograd  # Layout.WINOGRAD: always; Layout.PACKED: from the packed weights, by this rule
     input_quant: InputQuant | None = None  # Layout.INT8: how its input is quantized (from the file)
+    output_quant: InputQuant | None = None  # a Layout.INT8 downsample's output as u8 (from the file), or None: f32
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,11 @@ def int8_path(gemm: str | None) -> str:
     return gemm
 
 
-def _int8_plan(cfg: ResNetConfig, num_classes: int, gemm: str | None,
-               input_quants: dict[str, InputQuant]) -> ModelPlan:
-    """An int8 file's model: each ungrouped conv Layout.INT8 with its input's quantization; grouped convs
-    (ResNeXt's) and the fc stay f32 on the f32 packed GEMM (or ggml's mul_mat where the CPU has no path),
-    their BatchNorm folded at conversion."""
+def _int8_plan(cfg: ResNetConfig, num_classes: int, gemm: str | None, input_quants: dict[str, InputQuant],
+               shortcut_quants: dict[str, InputQuant] | None) -> ModelPlan:
+    """An int8 file's model: each ungrouped conv Layout.INT8 with its input's quantization (and a downsample
+    its output's, where the file has `shortcut_quants`); grouped convs (ResNeXt's) and the fc stay f32 on the
+    f32 packed GEMM (or ggml's mul_mat where the CPU has no path), their BatchNorm folded at conversion."""
     path, f32_path = int8_path(gemm), gemm_path(None, Type.F32)
     matrices = {}
     for conv in convolutions(cfg):
@@ -226,19 +227,21 @@ def _int8_plan(cfg: ResNetConfig, num_classes: int, gemm: str | None,
             continue
         stored = int8.packed_shape(conv.out_ch, math.prod(conv.shape[1:]))[:3]  # the words' (P, K/4, 16)
         matrices[conv.name] = MatrixPlan(conv.name, conv.shape, conv, Layout.INT8, path, Type.F32, stored,
-                                         Winograd.NEVER, input_quants[conv.name])
+                                         Winograd.NEVER, input_quants[conv.name],
+                                         (shortcut_quants or {}).get(conv.name))
     matrices["fc.weight"] = matrix_plan("fc.weight", (num_classes, cfg.feature_dim), Type.F32, f32_path, False)
     return ModelPlan(Type.F32, Type.F32, path, "folded", matrices, int8=True)
 
 
 def plan_model(cfg: ResNetConfig, num_classes: int, *, dtype: Type, gemm: str | None, winograd: bool | None,
-               batchnorm: str, input_quants: dict[str, InputQuant] | None = None) -> ModelPlan:
+               batchnorm: str, input_quants: dict[str, InputQuant] | None = None,
+               shortcut_quants: dict[str, InputQuant] | None = None) -> ModelPlan:
     """Every matrix's plan for a model of `cfg` with these options (as `model.load` takes them; `dtype` is
     the weight type, already parsed): InputError where the options ask for what this CPU cannot run.
-    `input_quants` (an int8 file's, by conv weight name): the int8 plan (`_int8_plan`), which ignores `dtype`
-    and `winograd` (the caller refuses what an int8 file cannot do)."""
+    `input_quants` and `shortcut_quants` (an int8 file's, by conv weight name): the int8 plan (`_int8_plan`),
+    which ignores `dtype` and `winograd` (the caller refuses what an int8 file cannot do)."""
     if input_quants is not None:
-        return _int8_plan(cfg, num_classes, gemm, input_quants)
+        return _int8_plan(cfg, num_classes, gemm, input_quants, shortcut_quants)
     path = gemm_path(gemm, dtype)
     compute = gemm_type(path) if path else dtype  # f32 on an f32 path: f16 and bf16 weights widened at load
     matrices = {conv.name: matrix_plan(conv.name, conv.shape, compute, path, winograd, conv)

@@ -193,10 +193,18 @@ def max_nodes(cfg: ResNetConfig, batch: int = 1) -> int:
     return 18 * (early * copies + n_convs - early) + 64 + 8 * copies
 
 
+def _shortcut_quant(plan: ModelPlan, main: list[Conv], down: Conv) -> InputQuant | None:
+    """How a downsample's output is stored: as u8 where the file quantizes it (`MatrixPlan.output_quant`) and
+    the block's last conv, which adds it as its residual, is int8; else None (f32)."""
+    quant = plan[down.name].output_quant
+    return quant if quant is not None and plan[main[-1].name].layout is Layout.INT8 else None
+
+
 def _stage(conv_bn, plan: ModelPlan, cfg: ResNetConfig, x: Tensor, x_quant: InputQuant | None, number: int,
-           stages: bool) -> tuple[Tensor, InputQuant | None]:
+           stages: bool, shortcuts: dict[str, Tensor] | None = None) -> tuple[Tensor, InputQuant | None]:
     """Stage `number` on x (u8 bytes quantized as x_quant says, or f32 where it is None), each conv by `build`'s
-    conv_bn; returns its output and how that is quantized (None: f32), as `_u8_successor` decides."""
+    conv_bn; returns its output and how that is quantized (None: f32), as `_u8_successor` decides. `shortcuts`:
+    filled with each downsample's output, by weight name."""
     blocks = [arch.block_convs(cfg, block) for block in arch.block_names(cfg) if block.stage == number]
     # The block after each, which reads its output: for the stage's last, the next stage's first (None after
     # the net's last, or where `stages` asks for f32 stage outputs).
@@ -204,36 +212,45 @@ def _stage(conv_bn, plan: ModelPlan, cfg: ResNetConfig, x: Tensor, x_quant: Inpu
                                       if block.stage == number + 1), None)
     for (main, down_conv), following in zip(blocks, blocks[1:] + [after]):
         # The shortcut comes first, so the main path's last conv can add it (and apply the ReLU) as it writes.
-        shortcut, shortcut_quant = (conv_bn(x, down_conv, relu=False), None) if down_conv else (x, x_quant)
+        shortcut, shortcut_quant = x, x_quant
+        if down_conv:
+            shortcut_quant = _shortcut_quant(plan, main, down_conv)
+            shortcut = conv_bn(x, down_conv, relu=False, out_quant=shortcut_quant)
+            if shortcuts is not None:
+                shortcuts[down_conv.name] = shortcut
         then = _u8_successor(plan, main, following)
         for i, conv in enumerate(main):
             last = i == len(main) - 1
+            reader = then if last else main[i + 1]
             x = conv_bn(x, conv, relu=True, residual=shortcut if last else None,
-                        then=then if last else main[i + 1], residual_quant=shortcut_quant if last else None)
+                        out_quant=_int8_chain(plan[conv.name], plan[reader.name]) if reader else None,
+                        residual_quant=shortcut_quant if last else None)
         x_quant = plan[then.name].input_quant if then else None
     return x, x_quant
 
 
 def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, batch: int, height: int,
-          width: int, stages: bool = False, taps: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+          width: int, stages: bool = False, taps: dict[str, Tensor] | None = None,
+          shortcuts: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Adds the forward pass to `g`, for weights uploaded by `upload_weights` with this `plan`, each matrix
     multiplied as its plan says. Returns the input ("image", ggml [3, W, H, N]: NumPy NHWC) and the outputs:
     "features" ([F, N]), "logits" and "probs" ([classes, N]), "layer3" and "layer4" ([C, W, H, N]; without
     `stages`, an int8 model's "layer3" may be the u8 bytes layer4 reads, see `_u8_successor`), and with
     `stages` also "stem", "layer1" and "layer2" (else they may exist only image by image, see per_image_stages).
-    `taps` (batch 1 only): filled with each ungrouped conv's input, by weight name (for int8 calibration)."""
-    if taps is not None and batch != 1:
-        raise InputError("build: conv inputs are tapped one image at a time")
+    `taps` and `shortcuts` (batch 1 only): filled with each ungrouped conv's input and each downsample's output,
+    by weight name (for int8 calibration)."""
+    if (taps is not None or shortcuts is not None) and batch != 1:
+        raise InputError("build: conv inputs and shortcuts are tapped one image at a time")
 
     def conv_bn(x: Tensor, conv: Conv, relu: bool, residual: Tensor | None = None,
-                then: Conv | None = None, residual_quant: InputQuant | None = None) -> Tensor:
+                out_quant: InputQuant | None = None, residual_quant: InputQuant | None = None) -> Tensor:
         bn, m = conv.bn, plan[conv.name]
         if taps is not None and conv.groups == 1:
             taps[conv.name] = x
         if plan.batchnorm == "folded":
             # BatchNorm's bias, the residual and the ReLU: fused into a packed GEMM, else ops after the conv.
             return layers.conv2d(g, x, w[conv.name], m, bias=w[f"{bn}.folded_bias"], residual=residual, relu=relu,
-                                 out_quant=_int8_chain(m, plan[then.name]) if then else None,
+                                 out_quant=out_quant,
                                  residual_quant=residual_quant, **_int8_operands(w, m))
         y = layers.conv2d(g, x, w[conv.name], m)
         y = layers.batchnorm(g, y, w[f"{bn}.running_mean"], w[f"{bn}.running_var"], w[f"{bn}.weight"],
@@ -255,14 +272,15 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
         per_image["stem"].append(layers.max_pool(g, x, kernel=3, stride=2, padding=1))
         x_quant = None
         for number in range(1, n_early + 1):
-            x, x_quant = _stage(conv_bn, plan, cfg, per_image[STAGES[number - 1]][-1], x_quant, number, stages)
+            x, x_quant = _stage(conv_bn, plan, cfg, per_image[STAGES[number - 1]][-1], x_quant, number, stages,
+                                shortcuts)
             per_image[f"layer{number}"].append(x)
     for name in early:
         if stages or name == early[-1]:
             out[name] = g.stack_batch(per_image[name]) if split else per_image[name][0]
     x = out[early[-1]]
     for number in range(n_early + 1, len(cfg.layers) + 1):
-        x, x_quant = _stage(conv_bn, plan, cfg, x, x_quant, number, stages)
+        x, x_quant = _stage(conv_bn, plan, cfg, x, x_quant, number, stages, shortcuts)
         out[f"layer{number}"] = x
     out["features"] = layers.global_avg_pool(g, x)
     out["logits"] = layers.linear(g, out["features"], w["fc.weight"], w["fc.bias"], plan.fc)

@@ -634,6 +634,18 @@ def test_int8_file_reads_with_its_activation_ranges(corpus, tmp_path):
     assert all(q.zero == 0 for name, q in mf.input_quants.items() if name != "conv1.weight")  # after ReLUs
     q = mf.tensor("layer1.0.conv1.weight")
     assert q.dtype == np.int8 and q.shape == (64, 64, 3, 3) and np.abs(q).max() == 127
+    # Each downsample's output (no ReLU after it: signed), as u8 for its block's last conv to add.
+    assert list(mf.shortcut_quants) == [f"layer{s}.0.downsample.0.weight" for s in (2, 3, 4)]
+    assert all(0 < q.zero < 255 and q.scale > 0 for q in mf.shortcut_quants.values())
+
+
+def test_int8_file_without_shortcut_ranges_reads_with_f32_shortcuts(corpus, tmp_path):
+    """Files converted before shortcuts were quantized hold no shortcut keys: they load, shortcuts f32."""
+    g = corpus("int8")
+    g.drop(Key.SHORTCUT_SCALE)
+    g.drop(Key.SHORTCUT_ZERO)
+    mf = loader.read(write(tmp_path, g, sparse=True))
+    assert mf.dtype == "int8" and mf.shortcut_quants is None and len(mf.input_quants) == N_INT8_CONVS
 
 
 @pytest.mark.parametrize("change, match", [
@@ -648,6 +660,10 @@ def test_int8_file_reads_with_its_activation_ranges(corpus, tmp_path):
     (lambda g: g.set(Key.INPUT_ZERO, A, [-1] * 20, T.INT32), "zero points in 0..255"),
     (lambda g: g.set(Key.INPUT_ZERO, A, [0.5] * 20, T.FLOAT32), "must be an ARRAY of integers"),
     (lambda g: (g.drop(Key.INPUT_ZERO), g.drop(Key.INPUT_SCALE)), "int8 weights but not their activation ranges"),
+    (lambda g: g.drop(Key.SHORTCUT_SCALE), "needs resnet.int8.shortcut_scale with 3 values .* got none"),
+    (lambda g: g.set(Key.SHORTCUT_ZERO, A, [128] * 4, T.UINT8), "shortcut_zero_point with 3 values .* got 4"),
+    (lambda g: g.set(Key.SHORTCUT_SCALE, A, [0.1, float("nan"), 0.1], T.FLOAT32), "shortcut_scale must hold finite positive"),
+    (lambda g: g.set(Key.SHORTCUT_ZERO, A, [0, 300, 0], T.UINT32), "shortcut_zero_point must hold zero points in 0..255"),
     (lambda g: setattr(g.tensor("layer1.0.conv1.weight"), "ttype", 0), "'layer1.0.conv1.weight' of an int8 file must be int8"),
     (lambda g: setattr(g.tensor("fc.bias"), "ttype", I8), "'fc.bias' of an int8 file must be f32, got int8"),
     (lambda g: g.drop_tensor("layer1.0.conv1.weight_scale"), "missing .*layer1.0.conv1.weight_scale"),
@@ -657,6 +673,13 @@ def test_hostile_int8_fields_refused(corpus, tmp_path, change, match):
     g = corpus("int8")
     change(g)
     refused(write(tmp_path, g, sparse=True), match)
+
+
+def test_shortcut_ranges_in_a_float_file_refused(corpus, tmp_path):
+    g = corpus()
+    g.set(Key.SHORTCUT_SCALE, A, [0.1] * 3, T.FLOAT32)
+    g.set(Key.SHORTCUT_ZERO, A, [128] * 3, T.UINT8)
+    refused(write(tmp_path, g, sparse=True), "shortcut_scale and .* belong to int8 files")
 
 
 def test_int8_tensor_in_a_float_file_refused(corpus, tmp_path):

@@ -5,7 +5,8 @@ Every conv input but the stem's follows a ReLU (or a max pool of one), so it is 
 scale = t / 255 for a clipping threshold t that `RULES` choose from the values seen. The stem's input is the
 normalised image, whose range the preprocessing fixes: [min (0 - mean) / std, max (1 - mean) / std], stored
 as asymmetric u8 (scale = range / 255, the zero point the u8 value of 0.0), so no calibration is needed there.
-Which rule is the default was measured (docs/usage.md).
+A downsample's output (the shortcut its block's last conv adds) has no ReLU: asymmetric u8 over a range that
+the same rule picks from both signs. Which rule is the default was measured (docs/usage.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -57,13 +59,28 @@ def _preprocessed(model, img) -> np.ndarray:
     return model.preprocess(img)
 
 
+class Calibration(NamedTuple):
+    """What calibration measured, by conv weight name: each ungrouped conv's input quantization, and each
+    downsample's output quantization (its block's shortcut, stored as u8)."""
+
+    inputs: dict[str, InputQuant]
+    shortcuts: dict[str, InputQuant]
+
+
+def asymmetric(lo: float, hi: float) -> InputQuant:
+    """u8 over [lo, hi] widened to hold 0.0, which it represents exactly: scale = (hi - lo) / 255 (float32),
+    the zero point the u8 value of 0.0. A range of nothing but 0 gets scale 1: every value quantizes to 0."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi == lo:
+        return InputQuant(1.0, 0)
+    scale = float(np.float32((hi - lo) / U8_MAX))
+    return InputQuant(scale, int(np.clip(np.rint(-lo / scale), 0, U8_MAX)))
+
+
 def stem_quant(p: Preprocessing) -> InputQuant:
     """The stem's input (the normalised image) over its whole range: asymmetric u8."""
     mean, std = np.asarray(p.mean, np.float64), np.asarray(p.std, np.float64)
-    lo, hi = float(np.min(-mean / std)), float(np.max((1 - mean) / std))
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / U8_MAX
-    return InputQuant(float(np.float32(scale)), int(np.clip(np.rint(-lo / scale), 0, U8_MAX)))
+    return asymmetric(float(np.min(-mean / std)), float(np.max((1 - mean) / std)))
 
 
 def threshold(samples: np.ndarray, largest: float, rule: str) -> float:
@@ -83,33 +100,64 @@ def threshold(samples: np.ndarray, largest: float, rule: str) -> float:
     return best
 
 
-def input_quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bool = True) -> dict[str, InputQuant]:
-    """Each ungrouped conv's InputQuant (by weight name, graph order), from running `model` (f32) over `images`
-    one at a time. Convs that read one tensor (a stage's first conv and its downsample) share one InputQuant,
-    measured once: that tensor can then pass between them as u8 (`resnet._u8_successor`)."""
+def signed_quant(samples: np.ndarray, lo: float, hi: float, rule: str) -> InputQuant:
+    """Asymmetric u8 (`asymmetric`) for signed values seen between lo and hi, over the range `rule` picks: all
+    of it ("minmax"), the (100 - PERCENTILE)th to the PERCENTILEth percentile ("percentile"), or the fraction
+    of it that minimises the squared error of quantizing and clipping ("mse", over 100 fractions)."""
+    if rule == "percentile":
+        low, high = np.percentile(samples, [100 - PERCENTILE, PERCENTILE])
+        return asymmetric(float(low), float(high)) if high > low else asymmetric(lo, hi)
+    if rule == "minmax" or hi <= lo:
+        return asymmetric(lo, hi)
+    best, best_err = asymmetric(lo, hi), np.inf
+    for f in np.linspace(0.01, 1, 100):
+        q = asymmetric(lo * f, hi * f)
+        err = float(np.square((np.clip(np.rint(samples / q.scale) + q.zero, 0, U8_MAX) - q.zero) * q.scale
+                              - samples).mean())
+        if err < best_err:
+            best, best_err = q, err
+    return best
+
+
+def quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bool = True) -> Calibration:
+    """Each ungrouped conv's input quantization and each downsample's output quantization (by weight name,
+    graph order), from running `model` (f32) over `images` one at a time. Convs that read one tensor (a
+    stage's first conv and its downsample) share one InputQuant, measured once: that tensor can then pass
+    between them as u8 (`resnet._u8_successor`)."""
     if rule not in RULES:
         raise InputError(f"calibration rule must be one of {RULES}, got {rule!r}")
     rng = np.random.default_rng(0)
     first_reader: dict[str, str] = {}  # conv -> the first conv reading the same tensor, which measures it
-    samples: dict[str, list[np.ndarray]] = {}
-    largest: dict[str, float] = {}
+    samples: dict[str, list[np.ndarray]] = {}  # conv inputs' and (under "shortcut:" names) shortcuts'
+    lows: dict[str, float] = {}
+    highs: dict[str, float] = {}
+
+    def seen(key: str, flat: np.ndarray) -> None:
+        lows[key] = min(lows.get(key, 0.0), float(flat.min(initial=0.0)))
+        highs[key] = max(highs.get(key, 0.0), float(flat.max(initial=0.0)))
+        samples.setdefault(key, []).append(rng.choice(flat, min(SAMPLES, flat.size), replace=False))
+
     for img in tqdm(images, desc="calibrating", unit="image", file=sys.stderr, disable=not progress):
-        readers: dict[int, str] = {}  # tensor (conv_inputs gives convs reading one tensor one array) -> first
-        for name, x in model.conv_inputs(_preprocessed(model, img)[None]).items():
+        inputs, shortcuts = model.calibration_taps(_preprocessed(model, img)[None])
+        readers: dict[int, str] = {}  # tensor (one array for convs reading one tensor) -> its first reader
+        for name, x in inputs.items():
             first = first_reader.setdefault(name, readers.setdefault(id(x), name))
             if first != name:
                 continue  # measured as `first`'s input
             flat = x.reshape(-1)
             if name != STEM.name and flat.size and flat.min() < 0:
                 raise InputError(f"the input of {name} is negative: it does not follow a ReLU")
-            largest[name] = max(largest.get(name, 0.0), float(flat.max(initial=0.0)))
-            samples.setdefault(name, []).append(rng.choice(flat, min(SAMPLES, flat.size), replace=False))
+            seen(name, flat)
+        for name, x in shortcuts.items():
+            seen(f"shortcut:{name}", x.reshape(-1))
     measured = {}
-    for name, parts in samples.items():
+    for name in dict.fromkeys(first_reader.values()):
         if name == STEM.name:
             measured[name] = stem_quant(model.preprocessing)
             continue
-        t = threshold(np.concatenate(parts), largest[name], rule)
+        t = threshold(np.concatenate(samples[name]), highs[name], rule)
         # An input that is always 0 gets any positive scale: every value quantizes to 0 exactly.
         measured[name] = InputQuant(float(np.float32(t / U8_MAX)) if t > 0 else 1.0, 0)
-    return {name: measured[first] for name, first in first_reader.items()}
+    shortcut_quants = {key.removeprefix("shortcut:"): signed_quant(np.concatenate(parts), lows[key], highs[key], rule)
+                       for key, parts in samples.items() if key.startswith("shortcut:")}
+    return Calibration({name: measured[first] for name, first in first_reader.items()}, shortcut_quants)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import int8, layers
-from ..arch import InputQuant, conv_prefix, convolutions
+from ..arch import conv_prefix, convolutions
 from ..errors import ModelFormatError
 from ..model import load
 from . import calibrate
@@ -47,10 +47,10 @@ def int8_tensors(checkpoint: Checkpoint, eps: float) -> Iterator[tuple[str, np.n
     yield "fc.bias", np.asarray(state["fc.bias"], np.float32)
 
 
-def calibrated_quants(write_f32, images: Sequence, rule: str, progress: bool) -> dict[str, InputQuant]:
-    """Each ungrouped conv's input quantization, measured on `images` by the f32 model that `write_f32(path)`
-    writes (to a temporary file, deleted after)."""
+def calibrated_quants(write_f32, images: Sequence, rule: str, progress: bool) -> calibrate.Calibration:
+    """Each ungrouped conv's input quantization and each downsample's output quantization, measured on
+    `images` by the f32 model that `write_f32(path)` writes (to a temporary file, deleted after)."""
     with tempfile.TemporaryDirectory(prefix="pyggml-calibrate-") as tmp:
         path = write_f32(Path(tmp) / "f32.gguf")
         with load(path) as model:
-            return calibrate.input_quants(model, images, rule, progress)
+            return calibrate.quants(model, images, rule, progress)

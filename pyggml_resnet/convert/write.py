@@ -15,10 +15,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import atomic, dtypes
-from ..arch import GGUF_ARCH, InputQuant, Key, Preprocessing, convolutions, expected_tensors
+from ..arch import GGUF_ARCH, Key, Preprocessing, convolutions, downsamples, expected_tensors
 from ..errors import InputError, ModelFormatError
 from ..labels import imagenet_labels
 from . import calibrate
+from .calibrate import Calibration
 from .checkpoint import Checkpoint
 from .quantize import calibrated_quants, int8_tensors
 from .readers import GGUF_MAGIC, read_checkpoint
@@ -88,14 +89,17 @@ def _check_options(dtype: str, weights: str, preprocessing: Preprocessing, calib
         raise InputError(problem)
 
 
-def _add_quants(w: gguf.GGUFWriter, cfg, quants: dict[str, InputQuant]) -> None:
-    """An int8 file's input quantization (by conv weight name), one entry per ungrouped conv in the order of
-    `arch.convolutions`, as the loader reads them (docs/gguf.md): not the order calibration met the convs in,
-    which runs a block's downsample before its main path."""
+def _add_quants(w: gguf.GGUFWriter, cfg, quants: Calibration) -> None:
+    """An int8 file's activation quantization (by conv weight name): one entry per ungrouped conv for its
+    input, and one per downsample for its output, each in the order of `arch.convolutions`, as the loader reads
+    them (docs/gguf.md): not the order calibration met the convs in, which runs a block's downsample before
+    its main path."""
     T = gguf.GGUFValueType
-    ordered = [quants[conv.name] for conv in convolutions(cfg) if conv.groups == 1]
-    w.add_key_value(Key.INPUT_SCALE, [q.scale for q in ordered], T.ARRAY, sub_type=T.FLOAT32)
-    w.add_key_value(Key.INPUT_ZERO, [q.zero for q in ordered], T.ARRAY, sub_type=T.UINT8)
+    for (scale_key, zero_key), ordered in (
+            ((Key.INPUT_SCALE, Key.INPUT_ZERO), [quants.inputs[c.name] for c in convolutions(cfg) if c.groups == 1]),
+            ((Key.SHORTCUT_SCALE, Key.SHORTCUT_ZERO), [quants.shortcuts[d.name] for d in downsamples(cfg)])):
+        w.add_key_value(scale_key, [q.scale for q in ordered], T.ARRAY, sub_type=T.FLOAT32)
+        w.add_key_value(zero_key, [q.zero for q in ordered], T.ARRAY, sub_type=T.UINT8)
 
 
 def _add_metadata(w: gguf.GGUFWriter, cfg, num_classes, labels, weights, p: Preprocessing) -> None:
@@ -161,13 +165,13 @@ def write_gguf(checkpoint: Checkpoint, out_path, *, dtype: str = "f32", weights:
         return write_gguf(checkpoint, path, weights=weights, preprocessing=preprocessing, labels=labels,
                           progress=False)
     quants = calibrated_quants(write_f32, images, calibration_rule, progress)
-    plan = [_storage(name, shape, dtype, frozenset(quants))
+    plan = [_storage(name, shape, dtype, frozenset(quants.inputs))
             for name, shape in expected_tensors(cfg, num_classes, int8=True).items()]
     return _write(out, header, plan, (value for _, value in int8_tensors(checkpoint, BN_EPS)), quants, progress,
                   dtype)
 
 
-def _write(out: Path, header: tuple, plan: list[_Stored], values, quants: dict[str, InputQuant] | None,
+def _write(out: Path, header: tuple, plan: list[_Stored], values, quants: Calibration | None,
            progress: bool, dtype: str) -> Path:
     """Writes the metadata (`header`: config, classes, labels, weights name, preprocessing; an int8 file's
     `quants`) and each tensor of `plan` with its value from `values` (in plan order), atomically to `out`;
