@@ -7,18 +7,34 @@
 #include "op_params.h"
 #include "thread_range.h"
 
+// A pixel's C values: out = the larger of out and in, each value by value.
 ISA_CLONES
+static void max_f32(void * out, const void * in, int64_t C) {
+    float * o = out;
+    const float * x = in;
+    // v != v: a NaN wins, as in PyTorch; written branch-free so that it vectorises.
+    for (int64_t c = 0; c < C; ++c) o[c] = (x[c] > o[c] || x[c] != x[c]) ? x[c] : o[c];
+}
+
+ISA_CLONES
+static void max_u8(void * out, const void * in, int64_t C) {
+    uint8_t * o = out;
+    const uint8_t * x = in;
+    for (int64_t c = 0; c < C; ++c) o[c] = x[c] > o[c] ? x[c] : o[c];
+}
+
 static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
     (void) userdata;
     const int k = op_param(dst, 0), stride = op_param(dst, 1), pad = op_param(dst, 2);
     const int64_t C = x->ne[0], W = x->ne[1], H = x->ne[2], OW = dst->ne[1], OH = dst->ne[2];
+    void (*larger)(void *, const void *, int64_t) = x->type == GGML_TYPE_I8 ? max_u8 : max_f32;
     int64_t first, last;
     thread_range(OW * OH * dst->ne[3], ith, nth, &first, &last);
 
     for (int64_t p = first; p < last; ++p) {
         const int64_t ox = p % OW, oy = (p / OW) % OH, n = p / (OW * OH);
-        float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
+        char * out = (char *) dst->data + p * dst->nb[1];
         int seen = 0;  // 2 pad <= k puts at least one cell of every window inside the image
         for (int ky = 0; ky < k; ++ky) {
             const int64_t iy = oy * stride - pad + ky;
@@ -26,13 +42,12 @@ static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * user
             for (int kx = 0; kx < k; ++kx) {
                 const int64_t ix = ox * stride - pad + kx;
                 if (ix < 0 || ix >= W) continue;
-                const float * in = (const float *) ((const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3]);
+                const char * in = (const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3];
                 if (!seen++) {
-                    memcpy(out, in, C * sizeof(float));
-                    continue;
+                    memcpy(out, in, C * x->nb[0]);
+                } else {
+                    larger(out, in, C);
                 }
-                // v != v: a NaN wins, as in PyTorch; written branch-free so that it vectorises.
-                for (int64_t c = 0; c < C; ++c) out[c] = (in[c] > out[c] || in[c] != in[c]) ? in[c] : out[c];
             }
         }
     }
@@ -42,7 +57,7 @@ struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x,
     const int64_t OW = (x->ne[1] + 2 * pad - k) / stride + 1, OH = (x->ne[2] + 2 * pad - k) / stride + 1;
     const int32_t params[3] = { k, stride, pad };
     struct ggml_tensor * args[1] = { x };
-    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], OW, OH, x->ne[3], args, 1, max_pool_run,
+    return op_params_set(ggml_custom_4d(ctx, x->type, x->ne[0], OW, OH, x->ne[3], args, 1, max_pool_run,
                                         GGML_N_TASKS_MAX, NULL), params, 3);
 }
 

@@ -757,10 +757,12 @@ class Graph(_Closable):
         return self._new(lib.stack_batch(ctx, ffi.new("struct ggml_tensor *[]", [t._ptr for t in tensors]), len(tensors)))
 
     def max_pool(self, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
-        """Max pooling of a channel-fastest [C, W, H, N] f32 tensor -> [C, OW, OH, N] (csrc/pool.c):
-        padded cells are ignored and a NaN in a window wins, as in PyTorch."""
+        """Max pooling of a channel-fastest [C, W, H, N] f32 tensor, or I8 holding u8 bytes (compared unsigned),
+        -> [C, OW, OH, N] of its type (csrc/pool.c): padded cells are ignored and a NaN in a window wins, as in
+        PyTorch."""
         ctx = self._building(x)
-        self._need_f32(x, op="max_pool")
+        if x.type not in (Type.F32, Type.I8):
+            raise InputError(f"max_pool takes f32 or I8 (u8) tensors, got {x!r}")
         self._need_contiguous(x, "max_pool")
         kernel, stride, padding = self._check_window(x.ne[1], x.ne[2], kernel, stride, padding, "max_pool")
         if 2 * padding > kernel:

@@ -154,6 +154,15 @@ def _u8_successor(plan: ModelPlan, main: list[Conv],
     return then[0]
 
 
+def _stem_successor(plan: ModelPlan, cfg: ResNetConfig) -> Conv | None:
+    """The conv whose input quantization the stem's output takes, handed on as u8 (`_u8_successor`; the pool
+    of those bytes is the bytes of the f32 pool, since quantizing is monotonic): layer1's first conv, where
+    its block has a downsample that reads the output alike. A basic-block net adds the stem's output as a
+    residual, which `Model.stages` keeps f32, so its stem writes f32 (else its logits would differ)."""
+    main, down = arch.block_convs(cfg, next(arch.block_names(cfg)))
+    return _u8_successor(plan, [arch.STEM], (main, down)) if down is not None else None
+
+
 def _int8_operands(w: Weights, m: MatrixPlan) -> dict[str, Tensor]:
     """The int8 GEMM's per-channel weight scales and column sums, for a conv of Layout.INT8."""
     if m.layout is not Layout.INT8:
@@ -267,10 +276,12 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
     stem = plan[arch.STEM.name]
     if stem.layout is Layout.INT8:  # quantized once, not once per window that reads a pixel (about 12 times)
         image = g.quantize_u8(image, stem.input_quant.scale, stem.input_quant.zero, path=stem.path)
+    then = None if stages else _stem_successor(plan, cfg)
+    stem_quant = plan[then.name].input_quant if then else None
     for x in [g.batch_slice(image, i) for i in range(batch)] if split else [image]:
-        x = conv_bn(x, arch.STEM, relu=True)
+        x = conv_bn(x, arch.STEM, relu=True, out_quant=stem_quant)
         per_image["stem"].append(layers.max_pool(g, x, kernel=3, stride=2, padding=1))
-        x_quant = None
+        x_quant = stem_quant
         for number in range(1, n_early + 1):
             x, x_quant = _stage(conv_bn, plan, cfg, per_image[STAGES[number - 1]][-1], x_quant, number, stages,
                                 shortcuts)

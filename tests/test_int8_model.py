@@ -166,7 +166,8 @@ def test_blocks_hand_their_output_on_as_u8(model_files):
     quantizes its input: its last adds them as its residual, or (the first block of a stage) its downsample
     reads them, where that shares the first conv's input quantization (calibration measures their one input
     once). The net's last block hands on f32, for the pooling, and so does every block of an f32 model. The
-    bytes are those each reader would make from f32: logits equal `stages`', whose stage outputs stay f32."""
+    bytes are those each reader would make from f32: logits equal `stages`', whose stage outputs stay f32. The
+    stem hands its output on as u8 the same way (a bottleneck net's), and the max pool pools its bytes."""
     import dataclasses
 
     from pyggml_resnet import arch, resnet
@@ -176,6 +177,16 @@ def test_blocks_hand_their_output_on_as_u8(model_files):
     with pyggml_resnet.load(int8_path) as int8_model, pyggml_resnet.load(f32_path) as f32_model:
         cfg, plan = int8_model.config, int8_model._plan
         blocks = [arch.block_convs(cfg, b) for b in arch.block_names(cfg)]
+        # The stem's output too, max-pooled as bytes (quantizing is monotonic, so the bytes are the same),
+        # where layer1's first block has a downsample: ResNet-18 adds it as a residual, so it stays f32.
+        assert resnet._u8_successor(plan, [arch.STEM], blocks[0]) == blocks[0][0][0]
+        assert resnet._stem_successor(plan, cfg) is None
+        with pyggml_resnet.load(model_files(50, dtype="int8")[2]) as bottleneck:
+            first = arch.block_convs(bottleneck.config, next(arch.block_names(bottleneck.config)))[0][0]
+            assert resnet._stem_successor(bottleneck._plan, bottleneck.config) == first
+            x = peers.images(peers.TEST, 2)
+            assert np.array_equal(bottleneck.logits(x), bottleneck.stages(x)["logits"])
+        assert resnet._stem_successor(f32_model._plan, cfg) is None
         for k, (main, _) in enumerate(blocks):
             following = blocks[k + 1] if k + 1 < len(blocks) else None
             want = following[0][0] if following else None

@@ -274,6 +274,23 @@ def test_max_pool_is_exact(backend, k, s, p):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (5, 3, 2)])
+def test_max_pool_of_u8_bytes_is_exact(backend, k, s, p):
+    """An I8 tensor's bytes pool as u8 (200 beats 100, unlike as s8): int8's stem pools its u8 output, which is
+    the quantized f32 pool (quantizing is monotonic), PyTorch's max_pool2d of the byte values."""
+    x = np.random.default_rng(9).integers(0, 256, (2, 13, 10, 20), dtype=np.uint8)  # NHWC
+    want = F.max_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32)), k, s, p).numpy()
+    with Graph(backend) as g:
+        xt = g.input("x", (20, 10, 13, 2), Type.I8)
+        y = g.max_pool(xt, k, s, p)
+        assert y.type == Type.I8
+        g.finalize(y)
+        g.set(xt, x.view(np.int8))
+        g.compute()
+        got = g.get(y).view(np.uint8).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got, want.astype(np.uint8))
+
+
 @pytest.mark.parametrize("ttype", [Type.F32, Type.I8])
 @pytest.mark.parametrize("n", [1, 2, 9, 10, 100])
 def test_batch_slices_stack_back_in_any_order(backend, n, ttype):
