@@ -146,7 +146,7 @@ def test_running_a_model_on_arrays_imports_no_image_or_download_code(model_files
 def test_load_and_classify_resnet101_int8_peaks_below_120_mb(model_files):
     """Issue 21's target: the s8 weights go from the file into ggml's memory one conv at a time (packed on
     the way: a few MB at once), so the peak is the weights (~51 MB: s8 convs, the f32 fc) plus what f32 needs
-    beside its weights. Measured on AMD Zen 4: 106 MB."""
+    beside its weights. Measured on AMD Zen 4: 103 MB."""
     _, _, path = model_files(101, dtype="int8")
     got = peak_rss_of_load_and_classify(path)
     assert not got["torch"]
