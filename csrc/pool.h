@@ -10,8 +10,8 @@ extern "C" {
 
 // x: contiguous f32 or I8 (u8 bytes, compared unsigned) [C, W, H, N]. Returns [C, OW, OH, N] of x's type, each
 // value the largest of its k x k window at (ox*stride - pad, oy*stride - pad), cells outside the image ignored
-// and a NaN in the window kept, as PyTorch's max_pool2d does. k, stride, pad in 0..255, 2 pad <= k, and the window must fit the padded input;
-// the caller validates every argument (ggml aborts on bad shapes).
+// and a NaN in the window kept, as PyTorch's max_pool2d does. k, stride, pad in 0..255, 2 pad <= k, and the
+// window must fit the padded input; the caller validates every argument (ggml aborts on bad shapes).
 struct ggml_tensor * max_pool(struct ggml_context * ctx, struct ggml_tensor * x, int k, int stride, int pad);
 
 // x: contiguous f32 [C, W, H, N]. Returns f32 [C, N]: each channel's mean over the W x H pixels of each image,

@@ -200,7 +200,8 @@ class Model(_Closable):
                 shortcuts: dict = {}
                 out = resnet.build(graph, self._weights, self.config, self._eps, self._plan, 1, *x.shape[2:],
                                    taps=inputs, shortcuts=shortcuts)
-                distinct = {id(t): t for t in (*inputs.values(), *shortcuts.values())}  # a block's input feeds two convs
+                # A block's input feeds two convs: one graph output, one array.
+                distinct = {id(t): t for t in (*inputs.values(), *shortcuts.values())}
                 graph.finalize(out["logits"], *distinct.values())
                 graph.set(out["image"], self._chunk(x, 0, 1))
                 graph.compute()
