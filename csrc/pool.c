@@ -7,28 +7,13 @@
 #include "op_params.h"
 #include "thread_range.h"
 
-// A pixel's C values: out = the larger of out and in, each value by value.
 ISA_CLONES
-static void max_f32(void * out, const void * in, int64_t C) {
-    float * o = out;
-    const float * x = in;
-    // v != v: a NaN wins, as in PyTorch; written branch-free so that it vectorises.
-    for (int64_t c = 0; c < C; ++c) o[c] = (x[c] > o[c] || x[c] != x[c]) ? x[c] : o[c];
-}
-
-ISA_CLONES
-static void max_u8(void * out, const void * in, int64_t C) {
-    uint8_t * o = out;
-    const uint8_t * x = in;
-    for (int64_t c = 0; c < C; ++c) o[c] = x[c] > o[c] ? x[c] : o[c];
-}
-
 static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
     (void) userdata;
     const int k = op_param(dst, 0), stride = op_param(dst, 1), pad = op_param(dst, 2);
     const int64_t C = x->ne[0], W = x->ne[1], H = x->ne[2], OW = dst->ne[1], OH = dst->ne[2];
-    void (*larger)(void *, const void *, int64_t) = x->type == GGML_TYPE_I8 ? max_u8 : max_f32;
+    const int u8 = x->type == GGML_TYPE_I8;  // bytes compared unsigned
     int64_t first, last;
     thread_range(OW * OH * dst->ne[3], ith, nth, &first, &last);
 
@@ -45,8 +30,15 @@ static void max_pool_run(struct ggml_tensor * dst, int ith, int nth, void * user
                 const char * in = (const char *) x->data + ix * x->nb[1] + iy * x->nb[2] + n * x->nb[3];
                 if (!seen++) {
                     memcpy(out, in, C * x->nb[0]);
+                } else if (u8) {
+                    uint8_t * o = (uint8_t *) out;
+                    const uint8_t * v = (const uint8_t *) in;
+                    for (int64_t c = 0; c < C; ++c) o[c] = v[c] > o[c] ? v[c] : o[c];
                 } else {
-                    larger(out, in, C);
+                    float * o = (float *) out;
+                    const float * v = (const float *) in;
+                    // v != v: a NaN wins, as in PyTorch; written branch-free so that it vectorises.
+                    for (int64_t c = 0; c < C; ++c) o[c] = (v[c] > o[c] || v[c] != v[c]) ? v[c] : o[c];
                 }
             }
         }

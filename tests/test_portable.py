@@ -68,3 +68,31 @@ def test_nehalem_falls_back_to_ggml_mul_mat(resnet18, tmp_path):
     native = resnet18[2]
     assert np.linalg.norm(logits - native) <= 1e-5 * np.linalg.norm(native)
     assert not np.array_equal(logits, native)  # the emulated run took another path, as the report says
+
+
+# The u8 max pool (int8's stem) in the copy of csrc/pool.c's loop that each emulated CPU picks, against NumPy.
+_POOL_CHILD = r"""
+import numpy as np
+from pyggml_resnet.ggml import Backend, Graph, Type
+x = np.random.default_rng(9).integers(0, 256, (2, 13, 10, 20), dtype=np.uint8)  # NHWC
+with Backend(threads=1) as be, Graph(be) as g:
+    t = g.input("x", (20, 10, 13, 2), Type.I8)
+    y = g.max_pool(t, 3, 2, 1)
+    g.finalize(y)
+    g.set(t, x.view(np.int8))
+    g.compute()
+    got = g.get(y).view(np.uint8)
+padded = np.zeros((2, 15, 12, 20), np.uint8)  # zeros never beat a byte: padding ignored, as the op does
+padded[:, 1:14, 1:11] = x
+want = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(5)], 1)
+                 for i in range(7)], 1)
+print(got.shape == want.shape and bool(np.array_equal(got, want)))
+"""
+
+
+@pytest.mark.parametrize("cpu", ["Haswell", "Nehalem"])
+def test_u8_max_pool_exact_on_older_cpus(cpu):
+    proc = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", _POOL_CHILD], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"under -cpu {cpu}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.splitlines()[-1] == "True"

@@ -119,6 +119,23 @@ def signed_quant(samples: np.ndarray, lo: float, hi: float, rule: str) -> InputQ
     return best
 
 
+class _Seen:
+    """One tensor's values over the calibration images: their extremes, and a sample of each image's."""
+
+    def __init__(self):
+        self.lo = self.hi = 0.0
+        self.parts: list[np.ndarray] = []
+
+    def add(self, flat: np.ndarray, rng: np.random.Generator) -> None:
+        self.lo = min(self.lo, float(flat.min(initial=0.0)))
+        self.hi = max(self.hi, float(flat.max(initial=0.0)))
+        self.parts.append(rng.choice(flat, min(SAMPLES, flat.size), replace=False))
+
+    @property
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self.parts)
+
+
 def quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bool = True) -> Calibration:
     """Each ungrouped conv's input quantization and each downsample's output quantization (by weight name,
     graph order), from running `model` (f32) over `images` one at a time. Convs that read one tensor (a
@@ -128,15 +145,8 @@ def quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bool = T
         raise InputError(f"calibration rule must be one of {RULES}, got {rule!r}")
     rng = np.random.default_rng(0)
     first_reader: dict[str, str] = {}  # conv -> the first conv reading the same tensor, which measures it
-    samples: dict[str, list[np.ndarray]] = {}  # conv inputs' and (under "shortcut:" names) shortcuts'
-    lows: dict[str, float] = {}
-    highs: dict[str, float] = {}
-
-    def seen(key: str, flat: np.ndarray) -> None:
-        lows[key] = min(lows.get(key, 0.0), float(flat.min(initial=0.0)))
-        highs[key] = max(highs.get(key, 0.0), float(flat.max(initial=0.0)))
-        samples.setdefault(key, []).append(rng.choice(flat, min(SAMPLES, flat.size), replace=False))
-
+    inputs_seen: dict[str, _Seen] = {}  # by that first reader
+    shortcuts_seen: dict[str, _Seen] = {}
     for img in tqdm(images, desc="calibrating", unit="image", file=sys.stderr, disable=not progress):
         inputs, shortcuts = model.calibration_taps(_preprocessed(model, img)[None])
         readers: dict[int, str] = {}  # tensor (one array for convs reading one tensor) -> its first reader
@@ -147,17 +157,17 @@ def quants(model, images: Sequence, rule: str = DEFAULT_RULE, progress: bool = T
             flat = x.reshape(-1)
             if name != STEM.name and flat.size and flat.min() < 0:
                 raise InputError(f"the input of {name} is negative: it does not follow a ReLU")
-            seen(name, flat)
+            inputs_seen.setdefault(name, _Seen()).add(flat, rng)
         for name, x in shortcuts.items():
-            seen(f"shortcut:{name}", x.reshape(-1))
+            shortcuts_seen.setdefault(name, _Seen()).add(x.reshape(-1), rng)
     measured = {}
-    for name in dict.fromkeys(first_reader.values()):
+    for name, seen in inputs_seen.items():
         if name == STEM.name:
             measured[name] = stem_quant(model.preprocessing)
             continue
-        t = threshold(np.concatenate(samples[name]), highs[name], rule)
+        t = threshold(seen.samples, seen.hi, rule)
         # An input that is always 0 gets any positive scale: every value quantizes to 0 exactly.
         measured[name] = InputQuant(float(np.float32(t / U8_MAX)) if t > 0 else 1.0, 0)
-    shortcut_quants = {key.removeprefix("shortcut:"): signed_quant(np.concatenate(parts), lows[key], highs[key], rule)
-                       for key, parts in samples.items() if key.startswith("shortcut:")}
+    shortcut_quants = {name: signed_quant(seen.samples, seen.lo, seen.hi, rule)
+                       for name, seen in shortcuts_seen.items()}
     return Calibration({name: measured[first] for name, first in first_reader.items()}, shortcut_quants)
