@@ -108,7 +108,7 @@ int gemm_path_supported(int path) {
         case GEMM_INT8_AVX512_VNNI:  // BW for put_u8's packs: every CPU with AVX512-VNNI has it
             return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
                    && __builtin_cpu_supports("avx512vnni");
-        case GEMM_INT8_AVX2: return __builtin_cpu_supports("avx2");
+        case GEMM_INT8_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }
 #endif
     return path == GEMM_INT8_SCALAR;

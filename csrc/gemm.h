@@ -65,9 +65,9 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
                                  struct ggml_tensor * residual, int relu, int path);
 
 // The int8 product: C[n, m] = relu?( (float) (sum_k Wq[m, k] (Xq[n, k] - zx)) * (sx * sw[m]) + bias[m] + R[n, m] ),
-// each operation rounded in that order (the int32 difference to float, its product with the float sx * sw[m],
-// then the adds), on every int8 path and for any batch and thread count: the integer sum is exact, so results
-// are bit-identical across paths. Xq, the windows of the image quantized as they are packed:
+// each operation rounded in that order (the int32 difference to float, then its product with the float
+// sx * sw[m] plus bias[m] in one rounding, a fused multiply-add, then the residual), on every int8 path and for
+// any batch and thread count: the integer sum is exact, so results are bit-identical across paths. Xq, the windows of the image quantized as they are packed:
 // Xq = clamp(rint(x * (1 / sx)) + zx, 0, 255), with 1 / sx one float division, x * (1 / sx) clamped to
 // [-zx, 255 - zx] before rounding (NaN to -zx) and rint to nearest even; padding is the value 0.0 (byte zx).
 // x may instead be those bytes already (an I8 tensor holding u8, as a previous gemm_int8 writes them): they
@@ -75,9 +75,9 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 // The sum is taken as sum_k Wq Xq - zx * colsum[m] in int32, exact while 255 * 127 * K fits an int32
 // (K <= GEMM_INT8_K_MAX).
 // R may also be u8 bytes (an I8 tensor, as a previous gemm_int8 writes them) with r_scale > 0: then
-// R[n, m] = (float) (Rq[n, m] - r_zero) * r_scale, one rounding, on every path (r_scale 0: R is f32). A block
-// of a residual network then hands its output on as u8, which its successor's first convolution reads as x and
-// its last adds as R.
+// (float) (Rq[n, m] - r_zero) times r_scale is added to the rest in one rounding (a fused multiply-add), on every
+// path (r_scale 0: R is f32, added in its own rounding). A block of a residual network then hands its output
+// on as u8, which its successor's first convolution reads as x and its last adds as R.
 // y_scale 0: C is f32. Otherwise C is quantized as the next convolution's input would be, with sy = y_scale
 // and zy = y_zero in place of sx and zx (the same float operations, so the bytes are those the next
 // gemm_int8 would have made from the f32 C), and returned as u8 bytes in an I8 tensor: the next product

@@ -4,7 +4,8 @@
 // exactly: 8 of a group's 16 products per instruction (no weights limited to 7 bits, whose results would
 // differ from the other paths'). A channel's group of 4 k then sits in two lanes (k 0-1 and 2-3), added
 // once per cache block, so 8 channels take two accumulators.
-// Compiled with -mavx2; only called where the CPU has AVX2 (gemm.c checks at run time).
+// Compiled with -mavx2 -mfma (the epilogue's multiply-adds); only called where the CPU has both (gemm.c checks at
+// run time).
 #include <stdint.h>
 #include <string.h>
 
@@ -38,17 +39,17 @@ static inline __m256i channel_sums(struct wv a) {
 }
 #define ACC_BITS(a) _mm256_castsi256_ps(channel_sums(a))
 #define ACC_SUM(c, a) _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(c), channel_sums(a)))
-#define ACC_FINISH(v, b, j) _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_castps_si256(v), \
-    _mm256_load_si256((const __m256i *) ((b)->corr + (j) * VL)))), _mm256_load_ps((b)->scale + (j) * VL))
+#define ACC_FINISH(v, b, j, bias) _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_castps_si256(v), \
+    _mm256_load_si256((const __m256i *) ((b)->corr + (j) * VL)))), _mm256_load_ps((b)->scale + (j) * VL), bias)
+#define V_FMA_S(a, s, c) _mm256_fmadd_ps(a, _mm256_set1_ps(s), c)
 
 // 8 accumulators, 4 widened weight vectors and the pixel's: 13 of the 16 ymm registers.
 #define PUT_U8 patch_put_u8
 
-// 8 bytes of a u8 residual as floats: the difference is exact in int32 and as a float, then one multiply.
+// 8 bytes of a u8 residual less its zero point as floats: exact in int32 and as a float.
 static inline __m256 res_u8(const uint8_t * p, const struct gemm_res_quant * q) {
     const __m256i r = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) p));
-    const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(r, _mm256_set1_epi32(q->zero)));
-    return _mm256_mul_ps(d, _mm256_set1_ps(q->scale));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(r, _mm256_set1_epi32(q->zero)));
 }
 #define V_RES_U8 res_u8
 

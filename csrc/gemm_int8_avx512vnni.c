@@ -28,8 +28,9 @@ static inline __m512i dp_bcast(__m512i w, const uint8_t * p, __m512i c) {
 #define V_FMA_BCAST(a, p, c) dp_bcast(a, p, c)
 #define ACC_BITS(a) _mm512_castsi512_ps(a)
 #define ACC_SUM(c, a) _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(c), a))
-#define ACC_FINISH(v, b, j) _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(v), \
-    _mm512_load_si512((b)->corr + (j) * VL))), _mm512_load_ps((b)->scale + (j) * VL))
+#define ACC_FINISH(v, b, j, bias) _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(v), \
+    _mm512_load_si512((b)->corr + (j) * VL))), _mm512_load_ps((b)->scale + (j) * VL), bias)
+#define V_FMA_S(a, s, c) _mm512_fmadd_ps(a, _mm512_set1_ps(s), c)
 
 // patch_put_u8's arithmetic on a vector, as int32 in 0..255: max and min as patch_put_u8's comparisons take them,
 // and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does.
@@ -51,19 +52,25 @@ static inline void v_put_u8(uint8_t * out, int n, __m512 v, const struct patch_q
 // are 0..255 already.
 #define PACKED_ORDER _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
 
+// quant_u8 less its lower clamp, for the packs below, whose saturation clamps at 0 alike (a NaN, which
+// min_ps passes on, becomes INT_MIN there, so 0 too).
+static inline __m512i quant_u8_packed(__m512 v, const struct patch_quant * q) {
+    v = _mm512_min_ps(_mm512_set1_ps((float) (255 - q->zero)), _mm512_mul_ps(v, _mm512_set1_ps(q->inv_scale)));
+    return _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(q->zero));
+}
+
 // Two whole vectors (a pixel's 32 channels) in one 32-byte store.
 static inline void v_put_u8_2(uint8_t * out, __m512 v0, __m512 v1, const struct patch_quant * q) {
-    const __m512i ab = _mm512_packus_epi32(quant_u8(v0, q), quant_u8(v1, q));
+    const __m512i ab = _mm512_packus_epi32(quant_u8_packed(v0, q), quant_u8_packed(v1, q));
     const __m512i packed = _mm512_permutexvar_epi32(PACKED_ORDER, _mm512_packus_epi16(ab, ab));
     _mm256_storeu_si256((__m256i *) out, _mm512_castsi512_si256(packed));
 }
 #define V_PUT_U8_2 v_put_u8_2
 
-// 16 bytes of a u8 residual as floats: the difference is exact in int32 and as a float, then one multiply.
+// 16 bytes of a u8 residual less its zero point as floats: exact in int32 and as a float.
 static inline __m512 res_u8(const uint8_t * p, const struct gemm_res_quant * q) {
     const __m512i r = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *) p));
-    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(r, _mm512_set1_epi32(q->zero)));
-    return _mm512_mul_ps(d, _mm512_set1_ps(q->scale));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(r, _mm512_set1_epi32(q->zero)));
 }
 #define V_RES_U8 res_u8
 

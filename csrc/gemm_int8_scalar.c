@@ -1,8 +1,9 @@
 // The int8 path of csrc/gemm.h in portable C, for CPUs without AVX2 and as the other int8 paths' reference:
 // the same tile body (csrc/gemm_tile.inc) over one-lane "vectors", 32 channels x 4 pixels; 32 x 1 for the
 // last pixels. Its integer sums are exact and its epilogue makes the same float operations in the same order
-// as the vector paths' (compiled without contracting a multiply and an add into one rounding), so its
-// results are theirs, bit for bit.
+// as the vector paths' (compiled without contracting a multiply and an add into one rounding; its fused
+// ones are fmaf, correctly rounded as their vfmadd), so its results are theirs, bit for bit.
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -45,7 +46,8 @@ static inline int32_t bits_i(float f) {
 }
 #define ACC_BITS(a) bits_f(a)
 #define ACC_SUM(c, a) bits_f(bits_i(c) + (a))
-#define ACC_FINISH(v, b, j) ((float) (bits_i(v) - (b)->corr[j]) * (b)->scale[j])
+#define ACC_FINISH(v, b, j, bias) fmaf((float) (bits_i(v) - (b)->corr[j]), (b)->scale[j], bias)
+#define V_FMA_S(a, s, c) fmaf(a, s, c)
 
 #define PUT_U8 patch_put_u8
 

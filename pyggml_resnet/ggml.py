@@ -614,13 +614,14 @@ class Graph(_Closable):
         its windows are packed, q = clamp(rint(x / x_scale) + x_zero, 0, 255) (x_zero 0..255; the padding is
         the value 0.0), times the s8 weights w (`int8.Int8Matrix.packed` of an [m, K] matrix as `int8.words`:
         f32 [16, K4/4, P, 1]), summed exactly in int32 over all of K, then (float) (sum - x_zero * colsums) *
-        (x_scale * scales) + bias, + residual, ReLU -> f32 [m, OW, OH, N]. scales: f32 [m], the weights' per
-        channel scales; colsums: [m] (the int32 column sums as `int8.words`). With `y_scale` the result is
-        quantized in turn, as the next gemm_int8 with x_scale=y_scale and x_zero=y_zero would quantize it, and
-        returned as those u8 bytes (an I8 tensor): that op takes it as its x, and gives the same result as from
-        the f32 one. The residual may be such u8 bytes too, with `residual_scale` and `residual_zero` (how they
-        were quantized): it is added as (float) (r - residual_zero) * residual_scale. Bit-identical for any
-        path, batch and thread count. `path`: one of `gemm_int8_paths()` (default: the first)."""
+        (x_scale * scales) + bias in one rounding (a fused multiply-add), + residual, ReLU -> f32
+        [m, OW, OH, N]. scales: f32 [m], the weights' per channel scales; colsums: [m] (the int32 column sums
+        as `int8.words`). With `y_scale` the result is quantized in turn, as the next gemm_int8 with
+        x_scale=y_scale and x_zero=y_zero would quantize it, and returned as those u8 bytes (an I8 tensor):
+        that op takes it as its x, and gives the same result as from the f32 one. The residual may be such u8
+        bytes too, with `residual_scale` and `residual_zero` (how they were quantized): (float)
+        (r - residual_zero) times residual_scale is added in one rounding (a fused multiply-add). Bit-identical
+        for any path, batch and thread count. `path`: one of `gemm_int8_paths()` (default: the first)."""
         operands = tuple(t for t in (bias, residual) if t is not None)
         ctx = self._building(w, x, scales, colsums, *operands)
         code = self._int8_code(path, "gemm_int8")

@@ -3,10 +3,12 @@
 The reference quantizes the image as the op documents (x * (1 / sx) in float32, clamped to [-zx, 255 - zx],
 rounded to nearest even, + zx; padding the value 0.0), sums (q - zx) * w over each window exactly (in float64,
 exact here: every partial sum is an integer below 2^53), and applies the documented float32 epilogue in its
-order: (float) sum * (sx * sw), + bias, + residual (f32, or u8 bytes read as (float) (r - zr) * sr), ReLU.
-Every path must give those bits exactly, so the paths, batch sizes and thread counts agree bit for bit.
+order: (float) sum * (sx * sw) + bias in one rounding, + residual (f32; or u8 bytes r, (float) (r - zr) * sr +
+that in one rounding), ReLU. Every path must give those bits exactly, so the paths, batch sizes and thread
+counts agree bit for bit.
 """
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +40,53 @@ def quantize_image(img, sx, zx):
     return np.rint(v).astype(np.int64)
 
 
-def reference(img, wq, scales, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False):
+def fma32(a, b, c):
+    """a * b + c for float32 arrays, rounded once to float32 (as vfmadd and fmaf round), broadcasting."""
+    a, b, c = np.broadcast_arrays(*(np.asarray(v, F32).astype(np.float64) for v in (a, b, c)))
+    p = a * b  # exact: 48 bits
+    s = p + c
+    bp = s - p
+    err = (p - (s - bp)) + (c - bp)  # TwoSum: p + c == s + err exactly
+    r = s.astype(F32)
+    # s is the float64 nearest p + c, so rounding it to float32 errs only where it is halfway between two
+    # float32s and err, lost in float64, says on which side the exact sum lies.
+    other = np.nextafter(r, np.where(s > r.astype(np.float64), np.inf, -np.inf).astype(F32))
+    tie = (s != r) & (2 * s == r.astype(np.float64) + other.astype(np.float64)) & (err != 0)
+    toward_other = np.sign(err) == np.sign(other.astype(np.float64) - s)
+    return np.where(tie & toward_other, other, r)
+
+
+def nearest_f32(x):
+    """The float32 nearest the exact rational x, ties to even."""
+    r = np.float32(float(x))
+    near = [r, np.nextafter(r, F32(np.inf)), np.nextafter(r, F32(-np.inf))]
+    return min(near, key=lambda v: (abs(Fraction(float(v)) - x), int(v.view(np.uint32)) & 1))
+
+
+def test_fma32_rounds_once():
+    a, tiny = F32(1 + 2**-12), F32(2**-80)
+    # a * a = 1 + 2^-11 + 2^-24, halfway between two float32s: a tiny addend, lost in float64, decides it.
+    assert fma32(a, a, tiny) == F32(1 + 2**-11 + 2**-23)
+    assert fma32(a, a, -tiny) == F32(1 + 2**-11)
+    assert fma32(a, a, F32(0)) == F32(1 + 2**-11)  # the tie itself: to even
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal(2000).astype(F32) for _ in range(2))
+    z = rng.standard_normal(2000).astype(F32) * F32(2.0) ** rng.integers(-30, 30, 2000).astype(F32)
+    want = [nearest_f32(Fraction(float(u)) * Fraction(float(v)) + Fraction(float(w))) for u, v, w in zip(x, y, z)]
+    np.testing.assert_array_equal(fma32(x, y, z), np.array(want, F32))
+
+
+def reference(img, wq, scales, kernel, stride, padding, sx, zx, bias=None, res=None, relu=False, res_u8=None):
     """img [B, H, W, C] f32 times the s8 weights wq [M, K] with their scales -> [B*OH*OW, M] f32, exactly as
-    the op computes it."""
+    the op computes it; the residual res as f32, or with res_u8 = (sr, zr) as the op reads its u8 bytes."""
     patches, _ = im2col(quantize_image(img, sx, zx).astype(np.float64), kernel, stride, padding)
     sums = patches @ wq.T.astype(np.float64)  # exact: integers far below 2^53
     assert np.abs(sums).max(initial=0) < 2**31
-    y = sums.astype(np.int32).astype(F32) * (F32(sx) * scales)
-    if bias is not None:
-        y = y + bias
-    if res is not None:
+    y = fma32(sums.astype(np.int32).astype(F32), F32(sx) * scales, F32(0) if bias is None else bias)
+    if res is not None and res_u8 is None:
         y = y + res
+    elif res is not None:
+        y = fma32(minus_zero(res, *res_u8), F32(res_u8[0]), y)
     return np.where(y > 0, y, F32(0)) if relu else y
 
 
@@ -103,9 +141,9 @@ def case(seed, b, h, w, c, m, kernel, stride, padding, epilogue=("bias", "res", 
     return img, int8.quantize_matrix(weights), wq, bias, res
 
 
-def dequantized(values, scale, zero):
-    """f32 values as the op reads them from their u8 bytes: (float) (r - zero) * scale."""
-    return (as_u8(values, scale, zero).astype(np.int32) - zero).astype(F32) * F32(scale)
+def minus_zero(values, scale, zero):
+    """f32 values' u8 bytes less the zero point, as floats: (float) (r - zero), as the op reads a u8 residual."""
+    return (as_u8(values, scale, zero).astype(np.int32) - zero).astype(F32)
 
 
 def check(backend, path, seed, b, h, w, c, m, kernel, stride, padding, sx, zx, epilogue=("bias", "res", "relu")):
@@ -116,9 +154,8 @@ def check(backend, path, seed, b, h, w, c, m, kernel, stride, padding, sx, zx, e
     conv, relu = (kernel, stride, padding, sx, zx), "relu" in epilogue
     sy, zy = 0.05, 0 if relu else 128
     for res_u8 in (None, (0.03, 128)) if res is not None else (None,):
-        read = res if res_u8 is None else dequantized(res, *res_u8)
         got = run(backend, img, q, *conv, bias, res, relu, path=path, res_u8=res_u8)
-        want = reference(img, wq, q.scales, *conv, bias, read, relu)
+        want = reference(img, wq, q.scales, *conv, bias, res, relu, res_u8=res_u8)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
         np.testing.assert_array_equal(run(backend, img, q, *conv, bias, res, relu, path=path, u8=(sy, zy),
                                           res_u8=res_u8), as_u8(want, sy, zy))
