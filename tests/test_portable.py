@@ -1,6 +1,7 @@
 """The portable build on older CPUs: the installed package runs a ResNet-18 under qemu-user's emulated Haswell
 (AVX2, no AVX-512) and Nehalem (SSE4.2, no AVX), picks the kernels each CPU has, and gives the logits of the
-run on this machine (docs/building.md). A build for this machine only (PYGGML_NATIVE) fails here: SIGILL.
+run on this machine (docs/building.md); so do the int8 product and the u8 max pool. A build for this machine
+only (PYGGML_NATIVE) fails here: SIGILL.
 
 qemu-x86_64 comes from Debian's qemu-user package, which .ci/run installs; without it these tests skip.
 """
@@ -96,3 +97,56 @@ def test_u8_max_pool_exact_on_older_cpus(cpu):
                           timeout=600)
     assert proc.returncode == 0, f"under -cpu {cpu}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert proc.stdout.splitlines()[-1] == "True"
+
+
+# An int8 conv (3x3 over u8 pixels with a zero point, bias, a u8 residual, ReLU), f32 and u8 results, on the
+# int8 path the CPU picks: Haswell's AVX2+FMA one, Nehalem's portable one, whose epilogue's fused multiply-adds
+# are libm's fmaf, in software there.
+_INT8_CHILD = r"""
+import sys
+import numpy as np
+from pyggml_resnet import int8
+from pyggml_resnet.ggml import Backend, Graph, Type, Weights, gemm_int8_paths
+rng = np.random.default_rng(5)
+c, m, h, w = 16, 32, 6, 7
+q = int8.quantize_matrix(rng.standard_normal((m, 3, 3, c), dtype=np.float32))
+x = rng.integers(0, 256, (1, h, w, c), dtype=np.uint8)
+r = rng.integers(0, 256, (1, h, w, m), dtype=np.uint8)
+specs = {"w": ("f32", tuple(reversed(q.packed.shape[:3]))), "s": ("f32", (m,)), "c": ("f32", (m,)),
+         "b": ("f32", (m,))}
+with Backend(threads=1) as be, Weights(be, specs) as wt, Graph(be) as g:
+    wt.set("w", int8.words(q.packed))
+    wt.set("s", q.scales)
+    wt.set("c", int8.words(q.colsums))
+    wt.set("b", rng.standard_normal(m, dtype=np.float32))
+    xt, rt = g.input("x", (c, w, h, 1), Type.I8), g.input("r", (m, w, h, 1), Type.I8)
+    conv = dict(scales=wt["s"], colsums=wt["c"], x_scale=0.02, x_zero=3, kernel=3, padding=1, bias=wt["b"],
+                residual=rt, residual_scale=0.05, residual_zero=128, relu=True)
+    y32 = g.gemm_int8(wt["w"], xt, m, **conv)
+    y8 = g.gemm_int8(wt["w"], xt, m, y_scale=0.04, y_zero=0, **conv)
+    g.finalize(y32, y8)
+    g.set(xt, x.view(np.int8))
+    g.set(rt, r.view(np.int8))
+    g.compute()
+    np.save(sys.argv[1], g.get(y32))
+    np.save(sys.argv[2], g.get(y8).view(np.uint8))
+print(gemm_int8_paths()[0])
+"""
+
+
+def int8_conv(tmp_path, cpu=None):
+    """The int8 child's path and results (f32, u8), under qemu's model of `cpu` or on this machine."""
+    f32, u8 = tmp_path / f"{cpu}-f32.npy", tmp_path / f"{cpu}-u8.npy"
+    cmd = [sys.executable, "-c", _INT8_CHILD, str(f32), str(u8)]
+    proc = subprocess.run([QEMU, "-cpu", cpu, *cmd] if cpu else cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"under -cpu {cpu}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc.stdout.splitlines()[-1], np.load(f32), np.load(u8)
+
+
+@pytest.mark.parametrize("cpu, path", [("Haswell", "int8-avx2"), ("Nehalem", "int8-scalar")])
+def test_int8_conv_bit_identical_on_older_cpus(cpu, path, tmp_path):
+    _, native_f32, native_u8 = int8_conv(tmp_path)  # whichever path this CPU picks: all give the same bits
+    got_path, f32, u8 = int8_conv(tmp_path, cpu)
+    assert got_path == path
+    assert np.array_equal(f32.view(np.uint32), native_f32.view(np.uint32))
+    assert np.array_equal(u8, native_u8) and 0 < np.count_nonzero(u8) < u8.size  # bytes on both sides of the clamp
