@@ -67,7 +67,8 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
 // The int8 product: C[n, m] = relu?( (float) (sum_k Wq[m, k] (Xq[n, k] - zx)) * (sx * sw[m]) + bias[m] + R[n, m] ),
 // each operation rounded in that order (the int32 difference to float, then its product with the float
 // sx * sw[m] plus bias[m] in one rounding, a fused multiply-add, then the residual), on every int8 path and for
-// any batch and thread count: the integer sum is exact, so results are bit-identical across paths. Xq, the windows of the image quantized as they are packed:
+// any batch and thread count: the integer sum is exact, so results are bit-identical across paths. Xq, the
+// windows of the image quantized as they are packed:
 // Xq = clamp(rint(x * (1 / sx)) + zx, 0, 255), with 1 / sx one float division, x * (1 / sx) clamped to
 // [-zx, 255 - zx] before rounding (NaN to -zx) and rint to nearest even; padding is the value 0.0 (byte zx).
 // x may instead be those bytes already (an I8 tensor holding u8, as a previous gemm_int8 writes them): they

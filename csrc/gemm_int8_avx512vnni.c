@@ -33,17 +33,20 @@ static inline __m512i dp_bcast(__m512i w, const uint8_t * p, __m512i c) {
 #define V_FMA_S(a, s, c) _mm512_fmadd_ps(a, _mm512_set1_ps(s), c)
 
 // patch_put_u8's arithmetic on a vector, as int32 in 0..255: max and min as patch_put_u8's comparisons take them,
-// and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does.
-static inline __m512i quant_u8(__m512 v, const struct patch_quant * q) {
+// and vcvtps2dq rounds to nearest even, as its 1.5 * 2^23 does. Without `low` the lower clamp is left to the
+// caller's packs, whose saturation clamps at 0 alike: values below 0 (a NaN, which min_ps then passes on,
+// becomes INT_MIN) are bytes 0 there too.
+static inline __m512i quant_u8(__m512 v, const struct patch_quant * q, int low) {
     v = _mm512_mul_ps(v, _mm512_set1_ps(q->inv_scale));
-    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps((float) -q->zero)), _mm512_set1_ps((float) (255 - q->zero)));
+    if (low) v = _mm512_max_ps(v, _mm512_set1_ps((float) -q->zero));
+    v = _mm512_min_ps(_mm512_set1_ps((float) (255 - q->zero)), v);
     return _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(q->zero));
 }
 
 // The first n (1..16) lanes of v, quantized: a u8 result is written straight from the sums' registers.
 static inline void v_put_u8(uint8_t * out, int n, __m512 v, const struct patch_quant * q) {
     const __mmask16 m = n >= 16 ? 0xffff : (__mmask16) ((1u << n) - 1);
-    _mm512_mask_cvtepi32_storeu_epi8(out, m, quant_u8(v, q));
+    _mm512_mask_cvtepi32_storeu_epi8(out, m, quant_u8(v, q, 1));
 }
 #define V_PUT_U8 v_put_u8
 
@@ -52,16 +55,9 @@ static inline void v_put_u8(uint8_t * out, int n, __m512 v, const struct patch_q
 // are 0..255 already.
 #define PACKED_ORDER _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
 
-// quant_u8 less its lower clamp, for the packs below, whose saturation clamps at 0 alike (a NaN, which
-// min_ps passes on, becomes INT_MIN there, so 0 too).
-static inline __m512i quant_u8_packed(__m512 v, const struct patch_quant * q) {
-    v = _mm512_min_ps(_mm512_set1_ps((float) (255 - q->zero)), _mm512_mul_ps(v, _mm512_set1_ps(q->inv_scale)));
-    return _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(q->zero));
-}
-
 // Two whole vectors (a pixel's 32 channels) in one 32-byte store.
 static inline void v_put_u8_2(uint8_t * out, __m512 v0, __m512 v1, const struct patch_quant * q) {
-    const __m512i ab = _mm512_packus_epi32(quant_u8_packed(v0, q), quant_u8_packed(v1, q));
+    const __m512i ab = _mm512_packus_epi32(quant_u8(v0, q, 0), quant_u8(v1, q, 0));
     const __m512i packed = _mm512_permutexvar_epi32(PACKED_ORDER, _mm512_packus_epi16(ab, ab));
     _mm256_storeu_si256((__m256i *) out, _mm512_castsi512_si256(packed));
 }
@@ -82,8 +78,8 @@ static void put_u8(void * out, const void * in, int64_t n, const struct patch_qu
     uint8_t * y = out;
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
-        const __m512i a = quant_u8(_mm512_loadu_ps(x + i), q), b = quant_u8(_mm512_loadu_ps(x + i + 16), q);
-        const __m512i c = quant_u8(_mm512_loadu_ps(x + i + 32), q), d = quant_u8(_mm512_loadu_ps(x + i + 48), q);
+        const __m512i a = quant_u8(_mm512_loadu_ps(x + i), q, 1), b = quant_u8(_mm512_loadu_ps(x + i + 16), q, 1);
+        const __m512i c = quant_u8(_mm512_loadu_ps(x + i + 32), q, 1), d = quant_u8(_mm512_loadu_ps(x + i + 48), q, 1);
         const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
         _mm512_storeu_si512(y + i, _mm512_permutexvar_epi32(PACKED_ORDER, packed));
     }
