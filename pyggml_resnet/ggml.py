@@ -17,7 +17,7 @@ import numpy as np
 
 from . import dtypes, int8
 from ._ggml import ffi, lib
-from .cpu import MAX_THREADS, default_threads
+from .cpu import MAX_THREADS, CpuShare, default_threads
 from .errors import InputError
 from .packing import GEMM_PATHS, PANEL, packed_shape
 
@@ -255,11 +255,15 @@ class Backend(_Closable):
     computations (ggml's default pool is started for every computation, and its new threads spin while
     they wait for work, which a busy machine pays for)."""
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, adapt: bool = False):
+        """threads: the pool's threads, the most a computation uses (default: `cpu.default_threads()`).
+        adapt: each computation runs on fewer while other processes keep this process's CPUs busy
+        (`cpu.CpuShare`); else on all of them."""
         self._lock = threading.Lock()
         self._natives = [ffi.NULL, ffi.NULL]  # what the finalizer frees: the backend and its thread pool
         self._finalizer = weakref.finalize(self, _free_backend, self._natives)
         self._ptr = None
+        self._adapt = bool(adapt)
         self._start(default_threads() if threads is None else threads)
         _BACKENDS.add(self)
 
@@ -268,6 +272,7 @@ class Backend(_Closable):
         if ptr == ffi.NULL:
             raise MemoryError("ggml could not start its CPU backend")
         self._ptr = self._natives[0] = ptr
+        self._share = CpuShare() if self._adapt else None  # after a fork: the child's own share
         self.threads = threads
 
     @property
@@ -287,7 +292,17 @@ class Backend(_Closable):
             old, self._natives[1] = self._natives[1], pool
             if old != ffi.NULL:
                 lib.ggml_threadpool_free(old)
-            self._threads = n
+            self._threads = self.last_threads = n
+
+    def _compute(self, graph) -> int:
+        """Runs a graph on this backend's pool, on as many of its threads as `adapt` leaves; ggml's status."""
+        with self._lock:
+            ptr = _alive(self._ptr, "backend")
+            n = self._share.threads(self._threads) if self._share is not None else self._threads
+            if n != self.last_threads:  # the pool keeps its threads; those beyond n sit this computation out
+                lib.ggml_backend_cpu_set_n_threads(ptr, n)
+                self.last_threads = n
+            return lib.ggml_backend_graph_compute(ptr, graph)
 
     def _after_fork_in_child(self):
         # The pool's threads did not survive the fork, and freeing the pool would join them: leave the old
@@ -898,8 +913,7 @@ class Graph(_Closable):
         self._require(_State.FINALIZED)
         if any(w._ctx is None for w in self._weights):
             raise InputError("the weights this graph reads have been closed")
-        with self._backend._lock:
-            status = lib.ggml_backend_graph_compute(_alive(self._backend._ptr, "backend"), self._graph)
+        status = self._backend._compute(self._graph)
         if status != lib.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
 

@@ -69,7 +69,7 @@ class Model(_Closable):
 
     def __init__(self, model_file: loader.ModelFile, *, threads: int | None = None,
                  batchnorm: str = "folded", dtype: str | None = None, winograd: bool | None = None,
-                 gemm: str | None = None):
+                 gemm: str | None = None, adapt_threads: bool = True):
         resnet.check_batchnorm(batchnorm)
         # The path of a load, top-down: the file (read), the plan, the weights arranged by the plan, and (per
         # input shape, in `_graph`) the graph built by the plan.
@@ -92,7 +92,7 @@ class Model(_Closable):
         self._eps = model_file.eps
         self._lock = threading.RLock()
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
-        self._backend = Backend(threads)
+        self._backend = Backend(threads, adapt=adapt_threads)
         try:
             self._weights = resnet.upload_weights(self._backend, model_file, self._plan)
         except BaseException:
@@ -336,11 +336,16 @@ class Model(_Closable):
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str = "folded",
-         dtype: str | None = None, winograd: bool | None = None, gemm: str | None = None) -> Model:
+         dtype: str | None = None, winograd: bool | None = None, gemm: str | None = None,
+         adapt_threads: bool = True) -> Model:
     """Loads a GGUF model file written by `python -m pyggml_resnet.convert`.
 
     threads: CPU threads per computation (default: `cpu.default_threads()`: OMP_NUM_THREADS if set, else
         every CPU this process may use, within its cgroup's CPU quota).
+    adapt_threads: run each computation on fewer threads while other processes keep this process's CPUs
+        busy: as many as they leave free (measured from /proc/stat over the last 0.2 s or more), at least 1
+        and at most `threads` (`cpu.CpuShare`). The results are the same bits on any number of threads.
+        False: always `threads`.
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
         "int8" (the default for them) only for a file converted with `--dtype int8 --calibration` (whose
@@ -370,4 +375,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
     check_gemm(gemm)
     if winograd is not None and not isinstance(winograd, bool):
         raise InputError(f"winograd must be True, False or None, got {winograd!r}")
-    return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype, winograd=winograd, gemm=gemm)
+    if not isinstance(adapt_threads, bool):
+        raise InputError(f"adapt_threads must be True or False, got {adapt_threads!r}")
+    return Model(loader.read(path), threads=threads, batchnorm=batchnorm, dtype=dtype, winograd=winograd, gemm=gemm,
+                 adapt_threads=adapt_threads)

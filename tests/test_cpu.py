@@ -111,3 +111,71 @@ def test_the_vendor_and_whether_bf16_is_fast_come_from_the_first_cpu(tmp_path, m
         assert (cpu.cpuinfo(), cpu.vendor(), cpu.bf16_dot_is_fast()) == ({}, None, False)
     finally:
         cpu.vendor.cache_clear()  # the next caller reads the real file
+
+
+class FakeProc:
+    """/proc/stat and /proc/self/stat written under a temporary directory, and a clock, for `cpu.CpuShare`:
+    CPUs 0 and 1 are this process's, CPU 2 is not."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        self.stat, self.own = tmp_path / "stat", tmp_path / "self_stat"
+        monkeypatch.setattr(cpu, "PROC_STAT", str(self.stat))
+        monkeypatch.setattr(cpu, "PROC_SELF_STAT", str(self.own))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        monkeypatch.setattr(os, "sysconf", lambda name: 100 if name == "SC_CLK_TCK" else os.sysconf(name))
+        self.now, self.busy, self.mine = 1000.0, [0, 0], 0
+        self.write()
+
+    def write(self):
+        # cpuN user nice system idle iowait irq softirq steal: the busy ticks spread over user, system and
+        # softirq; idle, iowait and steal large and never counted; CPU 2 busy but not ours.
+        lines = ["cpu  1 1 1 1 1 1 1 1 0 0"]
+        for n, busy in enumerate(self.busy + [10**6]):
+            lines.append(f"cpu{n} {busy - busy // 2 - busy // 4} 0 {busy // 2} 5000 700 0 {busy // 4} 900 0 0")
+        self.stat.write_text("\n".join(lines + ["intr 1 2 3", "procs_running 3"]) + "\n")
+        self.own.write_text(f"42 (a (strange) name) R 1 42 42 0 -1 0 0 0 0 0 {self.mine - self.mine // 3} "
+                            f"{self.mine // 3} 0 0 20 0 3 0\n")
+
+    def advance(self, seconds, others, mine=0.0):
+        """`seconds` pass, in which other processes use `others` CPUs and this one `mine` (in ticks of 1/100 s)."""
+        self.now += seconds
+        ticks = round(others * seconds * 100), round(mine * seconds * 100)
+        self.busy = [self.busy[0] + ticks[0] + ticks[1], self.busy[1]]
+        self.mine += ticks[1]
+        self.write()
+
+    def share(self):
+        return cpu.CpuShare(clock=lambda: self.now)
+
+
+def test_cpu_share_counts_only_other_processes_on_this_processs_cpus(tmp_path, monkeypatch):
+    proc = FakeProc(tmp_path, monkeypatch)
+    share = proc.share()
+    proc.advance(0.1, others=1.0)
+    assert share.busy_elsewhere() is None  # too short a span to tell: the next one keeps counting
+    proc.advance(0.4, others=0.5, mine=1.5)
+    assert share.busy_elsewhere() == pytest.approx((10 + 20) / 50)
+    proc.advance(1.0, others=0.0, mine=2.0)
+    assert share.busy_elsewhere() == 0.0
+
+
+@pytest.mark.parametrize("steps", [
+    # (others over the last span, threads then), starting from the 2 CPUs: fewer once the free CPUs fall
+    # half a CPU short of the threads, more once they exceed them by 0.4.
+    [(0.0, 2), (0.45, 2), (0.55, 1), (0.7, 1), (0.55, 2)],
+    [(1.0, 1), (2.0, 1), (0.0, 2)],
+    [(0.6, 1), (0.65, 1), (0.6, 2)],
+])
+def test_cpu_share_picks_threads_for_the_cpus_others_leave(tmp_path, monkeypatch, steps):
+    proc = FakeProc(tmp_path, monkeypatch)
+    share = proc.share()
+    for others, threads in steps:
+        proc.advance(0.25, others)
+        assert share.threads(8) == threads, (others, threads)
+    assert share.threads(1) == 1
+
+
+def test_cpu_share_without_proc_gives_every_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "PROC_STAT", str(tmp_path / "missing"))
+    share = cpu.CpuShare(clock=lambda: 1e9)
+    assert share.busy_elsewhere() is None and share.threads(2) == 2

@@ -246,7 +246,8 @@ def test_logits_are_bit_identical_for_any_batch_thread_count_and_path(model_file
     probe = 5  # the image followed through every batch
     want = None
     for gemm in gemm_paths(dtype):
-        with pyggml_resnet.load(path, threads=2, gemm=gemm, dtype=dtype) as model:
+        # adapt_threads=False: each computation on exactly the threads asked for, however busy the machine
+        with pyggml_resnet.load(path, threads=2, gemm=gemm, dtype=dtype, adapt_threads=False) as model:
             assert model.gemm == gemm and f"gemm={gemm}" in repr(model)
             if want is None:
                 want = model.logits(batch[probe:probe + 1])[0]
@@ -282,6 +283,8 @@ def test_gemm_option(model_files):
     for bad in ("yes", 1, 0.0):
         with pytest.raises(InputError, match="winograd must be"):
             pyggml_resnet.load(path, winograd=bad)
+        with pytest.raises(InputError, match="adapt_threads must be True or False"):
+            pyggml_resnet.load(path, adapt_threads=bad)
     for name in GEMM_PATHS:
         if name not in gemm_paths():
             with pytest.raises(InputError, match="cannot run"):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from pyggml_resnet.ggml import Backend
 
 
@@ -44,6 +46,44 @@ def test_waiting_threads_sleep_when_there_are_more_threads_than_cpus():
     # 10 computations of 80 nodes: a busy-waiting pool sleeps only to start and join its threads (about
     # 3 per computation); a sleeping barrier waits hundreds of times.
     assert waits > 10 * 40, waits
+
+
+# Beside busy processes, an adapting backend computes on fewer threads: a process pinned to 2 CPUs starts 2
+# busy loops there (they inherit the pinning) and computes after 0.5 s of them.
+BESIDE_BUSY = textwrap.dedent("""
+    import os, subprocess, sys, time
+    import numpy as np
+    from pyggml_resnet.ggml import Backend, Graph
+
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+    with Backend(threads=2, adapt=True) as b, Graph(b) as g:
+        x = g.input("x", (64, 64))
+        y = x
+        for _ in range(40):
+            y = g.relu(g.add(y, x))
+        g.finalize(y)
+        data = np.ones((64, 64), np.float32)
+        g.set(x, data); g.compute()
+        quiet = b.last_threads
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+        try:
+            time.sleep(0.5)
+            g.set(x, data); g.compute()
+        finally:
+            for p in busy:
+                p.kill()
+        assert (g.get(y) == 41).all()
+        print(b.threads, quiet, b.last_threads)
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_an_adapting_backend_runs_fewer_threads_beside_busy_processes():
+    out = subprocess.run([sys.executable, "-c", BESIDE_BUSY], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    most, first, beside_busy = (int(v) for v in out.stdout.split())
+    # The first computation comes before any span was measured: all threads.
+    assert (most, first, beside_busy) == (2, 2, 1)
 
 
 FORKED = textwrap.dedent("""
