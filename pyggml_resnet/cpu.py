@@ -1,5 +1,5 @@
 """The CPUs this process may use, and the compute threads to run on them by default: its affinity mask, its
-cgroup's CPU quota and OMP_NUM_THREADS; how many of them other processes keep busy (`CpuShare`); and what the
+cgroup's CPU quota and OMP_NUM_THREADS; how many of them its computations get (`CpuShare`); and what the
 CPU's vendor tells of its speed (`bf16_dot_is_fast`).
 Plain Python, no ggml: which instructions the CPU has is the packed GEMM's cpuid check
 (`ggml.gemm_path_supported`)."""
@@ -17,11 +17,12 @@ MAX_THREADS = 512  # the most compute threads a ggml Backend takes, and so the m
 # Where the cgroup file systems are mounted, and the kernel's CPU description; tests point them elsewhere.
 CGROUP_ROOT = "/sys/fs/cgroup"
 CPUINFO = "/proc/cpuinfo"
-PROC_STAT = "/proc/stat"
-PROC_SELF_STAT = "/proc/self/stat"
-# The shortest span CpuShare measures over: the kernel counts CPU time in ticks (1/100 s on Linux), so over
-# 0.2 s a CPU's share is known to within 5%.
-SHARE_WINDOW = 0.2
+# CpuShare: the computing time it measures over before it decides; the CPUs short of their threads at which
+# computations run on fewer; and how long they do before trying them all again (doubling from the first to the
+# second while that fails).
+SHARE_WINDOW = 0.5
+SHORT_CPUS = 0.6
+PROBE_AFTER = (0.5, 2.0)
 # CPU vendors (cpuid's vendor string) whose bf16 dot product (AVX512-BF16's vdpbf16ps) beats their f32 FMAs over
 # the same products: AMD's Zen 4 (ResNet-101, batch 1, 2 threads: bf16 48.5 ms, f32 76.6 ms per image). On
 # Intel's it loses (issue 22, a Xeon of family 6 model 207: bf16 0.97-1.03x PyTorch's time, f32 0.54-0.69x);
@@ -112,81 +113,58 @@ def bf16_dot_is_fast() -> bool:
     return vendor() in FAST_BF16_VENDORS
 
 
-def _cpu_ticks(cpus) -> int | None:
-    """The CPU time spent on the given CPUs, by every process, in ticks since boot: /proc/stat's user, nice,
-    system, irq and softirq (not idle, iowait, or steal: time the hypervisor gave to other machines)."""
-    try:
-        with open(PROC_STAT) as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    total = 0
-    for line in lines:
-        fields = line.split()
-        if fields and fields[0].startswith("cpu") and fields[0][3:].isdigit() and int(fields[0][3:]) in cpus:
-            try:
-                total += sum(int(fields[i]) for i in (1, 2, 3, 6, 7))
-            except (IndexError, ValueError):
-                return None
-    return total
-
-
-def _own_ticks() -> int | None:
-    """This process's CPU time (all its threads, user and system) in ticks: /proc/self/stat's utime and stime."""
-    try:
-        with open(PROC_SELF_STAT) as f:
-            fields = f.read().rpartition(")")[2].split()  # the command name before ")" may hold spaces
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 class CpuShare:
-    """How many of this process's CPUs (its affinity mask) other processes keep busy, measured over spans of at
-    least SHARE_WINDOW seconds between calls of `threads`, and so how many compute threads to run now.
+    """How much of its CPUs a backend's computations get, and so how many threads to run them on.
 
-    ggml's threads wait for each other at every graph node: a thread that shares its CPU with a busy process
-    holds the others up at each one (ResNet-101 int8 beside one busy loop on 2 CPUs: 2 threads 69 ms per
-    image, 1 thread 44 ms; alone 22 and 41). Where /proc cannot be read (not Linux), nothing is measured and
-    `threads` gives the most it is asked for."""
+    A computation on n threads that took wall time w and CPU time c (the process's, every thread) got
+    r = c / (n w) of them: 0.98 alone; 0.50 beside a busy loop on one of 2 CPUs, where the thread sharing a
+    CPU runs half the time and the other sleeps in ggml's barrier waiting for it (ResNet-101 int8, batch 1,
+    69 ms per image, against 42 on one thread). Only computations count: what others do while this process
+    is idle does not compete with it.
+
+    Once the computations of the last SHARE_WINDOW seconds of computing got SHORT_CPUS fewer CPUs than their
+    threads, they run on the CPUs they got, rounded (at least 1). Fewer threads cannot tell whether the CPUs
+    came free again (each gets a whole CPU either way), so after PROBE_AFTER[0] seconds one computation runs
+    on all of them, and the count goes back up unless that one fell as short; else the next try waits twice
+    as long, at most PROBE_AFTER[1]. Measured beside a process busy part of the time on one of 2 CPUs (ms per
+    image, 2 threads / 1; r on 2 threads): half the time 36 / 41 (r 0.81), three quarters 44 / 42 (0.66),
+    always 66 / 41 (0.50)."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
-        try:
-            self._cpus = os.sched_getaffinity(0)
-        except AttributeError:  # not Linux
-            self._cpus = set(range(os.cpu_count() or 1))
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._free = len(self._cpus)
-        self._last = self._sample()
-
-    def _sample(self):
-        busy, own = _cpu_ticks(self._cpus), _own_ticks()
-        return None if busy is None or own is None else (self._clock(), busy, own)
-
-    def busy_elsewhere(self) -> float | None:
-        """CPUs' worth of time other processes took over the span since the last measurement, if that span is
-        long enough (then a new one starts); else None."""
-        now = self._clock()
-        if self._last is None or now - self._last[0] < SHARE_WINDOW:
-            return None
-        last, self._last = self._last, self._sample()
-        if self._last is None:
-            return None
-        span = (self._last[0] - last[0]) * self._tick
-        return max(0.0, ((self._last[1] - last[1]) - (self._last[2] - last[2])) / span)
+        self._reduced = None  # the threads chosen while fewer than the most, else None
+        self._probing = False
+        self._wait = PROBE_AFTER[0]
+        self._probe_at = 0.0
+        self._cpu = self._wall = 0.0
 
     def threads(self, most: int) -> int:
-        """Compute threads for the next computation: about the CPUs that others leave free, at least 1 and at
-        most `most`. Fewer once the free CPUs fall half a CPU short of the threads; more once they exceed
-        them by 0.4. Measured beside a process busy part of the time on one of 2 CPUs (ResNet-101 int8, batch
-        1, ms per image, 2 threads / 1): busy half the time 36 / 41 (it took 0.39 of a CPU beside 2 threads,
-        0.51 beside 1), three quarters 44 / 42 (0.56, 0.76), always 66 / 41 (0.95, 1.01)."""
-        others = self.busy_elsewhere()
-        if others is not None:
-            free = len(self._cpus) - others
-            if free < self._free - 0.5:
-                self._free = max(1, math.floor(free + 0.5))
-            elif free >= self._free + 0.4:
-                self._free = math.floor(free + 0.6)
-        return min(most, self._free)
+        """Threads for the next computation, at most `most`."""
+        if self._reduced is None or self._reduced >= most:
+            self._reduced = None
+            return most
+        self._probing = self._clock() >= self._probe_at
+        return most if self._probing else self._reduced
+
+    def record(self, threads: int, cpu_seconds: float, wall_seconds: float) -> None:
+        """A computation on `threads` threads took `wall_seconds`, and the process `cpu_seconds` of CPU time."""
+        if wall_seconds <= 0:
+            return
+        if self._probing:
+            self._probing = False
+            if cpu_seconds / wall_seconds > threads - SHORT_CPUS:
+                self._reduced, self._wait = None, PROBE_AFTER[0]
+            else:
+                self._wait = min(2 * self._wait, PROBE_AFTER[1])
+                self._probe_at = self._clock() + self._wait
+            self._cpu = self._wall = 0.0
+            return
+        self._cpu += cpu_seconds / threads
+        self._wall += wall_seconds
+        if self._wall < SHARE_WINDOW:
+            return
+        got = self._cpu / self._wall * threads  # CPUs' worth over the window
+        self._cpu = self._wall = 0.0
+        if threads > 1 and got <= threads - SHORT_CPUS:
+            self._reduced = max(1, math.floor(got + 0.5))
+            self._probe_at = self._clock() + self._wait

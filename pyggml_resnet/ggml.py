@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -257,8 +258,8 @@ class Backend(_Closable):
 
     def __init__(self, threads: int | None = None, adapt: bool = False):
         """threads: the pool's threads, the most a computation uses (default: `cpu.default_threads()`).
-        adapt: each computation runs on fewer while other processes keep this process's CPUs busy
-        (`cpu.CpuShare`); else on all of them."""
+        adapt: computations run on fewer while they get less than all of their CPUs (other processes busy
+        on them: `cpu.CpuShare`); else on all of them."""
         self._lock = threading.Lock()
         self._natives = [ffi.NULL, ffi.NULL]  # what the finalizer frees: the backend and its thread pool
         self._finalizer = weakref.finalize(self, _free_backend, self._natives)
@@ -302,7 +303,11 @@ class Backend(_Closable):
             if n != self.last_threads:  # the pool keeps its threads; those beyond n sit this computation out
                 lib.ggml_backend_cpu_set_n_threads(ptr, n)
                 self.last_threads = n
-            return lib.ggml_backend_graph_compute(ptr, graph)
+            cpu, wall = time.process_time(), time.perf_counter()
+            status = lib.ggml_backend_graph_compute(ptr, graph)
+            if self._share is not None:
+                self._share.record(n, time.process_time() - cpu, time.perf_counter() - wall)
+            return status
 
     def _after_fork_in_child(self):
         # The pool's threads did not survive the fork, and freeing the pool would join them: leave the old

@@ -342,10 +342,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
 
     threads: CPU threads per computation (default: `cpu.default_threads()`: OMP_NUM_THREADS if set, else
         every CPU this process may use, within its cgroup's CPU quota).
-    adapt_threads: run each computation on fewer threads while other processes keep this process's CPUs
-        busy: as many as they leave free (measured from /proc/stat over the last 0.2 s or more), at least 1
-        and at most `threads` (`cpu.CpuShare`). The results are the same bits on any number of threads.
-        False: always `threads`.
+    adapt_threads: run computations on fewer threads while they get less CPU time than their threads
+        could use (other processes busy on the same CPUs): on the CPUs they got, at least 1, trying all
+        `threads` again now and then (`cpu.CpuShare`). The results are the same bits on any number of
+        threads. False: always `threads`.
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
         "int8" (the default for them) only for a file converted with `--dtype int8 --calibration` (whose

@@ -113,69 +113,53 @@ def test_the_vendor_and_whether_bf16_is_fast_come_from_the_first_cpu(tmp_path, m
         cpu.vendor.cache_clear()  # the next caller reads the real file
 
 
-class FakeProc:
-    """/proc/stat and /proc/self/stat written under a temporary directory, and a clock, for `cpu.CpuShare`:
-    CPUs 0 and 1 are this process's, CPU 2 is not."""
 
-    def __init__(self, tmp_path, monkeypatch):
-        self.stat, self.own = tmp_path / "stat", tmp_path / "self_stat"
-        monkeypatch.setattr(cpu, "PROC_STAT", str(self.stat))
-        monkeypatch.setattr(cpu, "PROC_SELF_STAT", str(self.own))
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-        monkeypatch.setattr(os, "sysconf", lambda name: 100 if name == "SC_CLK_TCK" else os.sysconf(name))
-        self.now, self.busy, self.mine = 1000.0, [0, 0], 0
-        self.write()
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
 
-    def write(self):
-        # cpuN user nice system idle iowait irq softirq steal: the busy ticks spread over user, system and
-        # softirq; idle, iowait and steal large and never counted; CPU 2 busy but not ours.
-        lines = ["cpu  1 1 1 1 1 1 1 1 0 0"]
-        for n, busy in enumerate(self.busy + [10**6]):
-            lines.append(f"cpu{n} {busy - busy // 2 - busy // 4} 0 {busy // 2} 5000 700 0 {busy // 4} 900 0 0")
-        self.stat.write_text("\n".join(lines + ["intr 1 2 3", "procs_running 3"]) + "\n")
-        self.own.write_text(f"42 (a (strange) name) R 1 42 42 0 -1 0 0 0 0 0 {self.mine - self.mine // 3} "
-                            f"{self.mine // 3} 0 0 20 0 3 0\n")
-
-    def advance(self, seconds, others, mine=0.0):
-        """`seconds` pass, in which other processes use `others` CPUs and this one `mine` (in ticks of 1/100 s)."""
-        self.now += seconds
-        ticks = round(others * seconds * 100), round(mine * seconds * 100)
-        self.busy = [self.busy[0] + ticks[0] + ticks[1], self.busy[1]]
-        self.mine += ticks[1]
-        self.write()
-
-    def share(self):
-        return cpu.CpuShare(clock=lambda: self.now)
+    def __call__(self):
+        return self.now
 
 
-def test_cpu_share_counts_only_other_processes_on_this_processs_cpus(tmp_path, monkeypatch):
-    proc = FakeProc(tmp_path, monkeypatch)
-    share = proc.share()
-    proc.advance(0.1, others=1.0)
-    assert share.busy_elsewhere() is None  # too short a span to tell: the next one keeps counting
-    proc.advance(0.4, others=0.5, mine=1.5)
-    assert share.busy_elsewhere() == pytest.approx((10 + 20) / 50)
-    proc.advance(1.0, others=0.0, mine=2.0)
-    assert share.busy_elsewhere() == 0.0
+def run(share, clock, most, got, seconds, each=0.1):
+    """Computations of `each` seconds for `seconds`, on the threads `share` picks (at most `most`), each getting
+    `got(threads)` CPUs' worth of time; the threads each one ran on."""
+    used = []
+    for _ in range(round(seconds / each)):
+        n = share.threads(most)
+        share.record(n, got(n) * each, each)
+        clock.now += each
+        used.append(n)
+    return used
 
 
-@pytest.mark.parametrize("steps", [
-    # (others over the last span, threads then), starting from the 2 CPUs: fewer once the free CPUs fall
-    # half a CPU short of the threads, more once they exceed them by 0.4.
-    [(0.0, 2), (0.45, 2), (0.55, 1), (0.7, 1), (0.55, 2)],
-    [(1.0, 1), (2.0, 1), (0.0, 2)],
-    [(0.6, 1), (0.65, 1), (0.6, 2)],
-])
-def test_cpu_share_picks_threads_for_the_cpus_others_leave(tmp_path, monkeypatch, steps):
-    proc = FakeProc(tmp_path, monkeypatch)
-    share = proc.share()
-    for others, threads in steps:
-        proc.advance(0.25, others)
-        assert share.threads(8) == threads, (others, threads)
-    assert share.threads(1) == 1
+def test_cpu_share_keeps_every_thread_while_the_computations_get_their_cpus():
+    clock = FakeClock()
+    share = cpu.CpuShare(clock=clock)
+    assert run(share, clock, 2, lambda n: 0.98 * n, 10) == [2] * 100
+    # a neighbour busy half the time: r = 0.81 on 2 threads, where 2 threads were faster than 1
+    assert set(run(share, clock, 2, lambda n: 0.81 * n, 10)) == {2}
+    assert run(share, clock, 1, lambda n: 0.3, 2) == [1] * 20  # one thread: nothing to step back to
 
 
-def test_cpu_share_without_proc_gives_every_thread(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu, "PROC_STAT", str(tmp_path / "missing"))
-    share = cpu.CpuShare(clock=lambda: 1e9)
-    assert share.busy_elsewhere() is None and share.threads(2) == 2
+def test_cpu_share_steps_back_beside_a_busy_process_and_tries_again():
+    clock = FakeClock()
+    share = cpu.CpuShare(clock=clock)
+    busy = lambda n: min(n, 2) * 0.5 if n > 1 else 1.0  # noqa: E731 (2 CPUs, one shared with a busy loop)
+    used = run(share, clock, 2, busy, 10)
+    # SHARE_WINDOW (0.5 s) of computing on 2, then 1; tries 2 again after 0.5, 1 and then every 2 s
+    assert used[:5] == [2] * 5 and used[5] == 1
+    tries = [i for i, n in enumerate(used) if n == 2 and i >= 5]
+    assert tries == [9, 19, 39, 59, 79, 99]  # 0.5 s after stepping back, then 1 s after, then every 2 s
+    # the busy process stops: the next try stays on 2 threads
+    used = run(share, clock, 2, lambda n: 0.98 * n, 3)
+    assert 2 in used and used[used.index(2):] == [2] * (len(used) - used.index(2))
+
+
+def test_cpu_share_uses_the_cpus_the_computations_got():
+    clock = FakeClock()
+    share = cpu.CpuShare(clock=clock)
+    used = run(share, clock, 8, lambda n: min(n, 5.2), 0.9)  # 5.2 of 8 CPUs: 5 threads
+    assert used == [8] * 5 + [5] * 4
+    assert share.threads(4) == 4  # at most what it is asked for

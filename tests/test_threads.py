@@ -49,7 +49,8 @@ def test_waiting_threads_sleep_when_there_are_more_threads_than_cpus():
 
 
 # Beside busy processes, an adapting backend computes on fewer threads: a process pinned to 2 CPUs starts 2
-# busy loops there (they inherit the pinning) and computes after 0.5 s of them.
+# busy loops there (they inherit the pinning) and computes until its computations have measured their share
+# (cpu.SHARE_WINDOW seconds of them), or 20 s at most.
 BESIDE_BUSY = textwrap.dedent("""
     import os, subprocess, sys, time
     import numpy as np
@@ -57,17 +58,19 @@ BESIDE_BUSY = textwrap.dedent("""
 
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
     with Backend(threads=2, adapt=True) as b, Graph(b) as g:
-        x = g.input("x", (64, 64))
+        x = g.input("x", (256, 256))
         y = x
         for _ in range(40):
             y = g.relu(g.add(y, x))
         g.finalize(y)
-        data = np.ones((64, 64), np.float32)
-        g.set(x, data); g.compute()
+        data = np.ones((256, 256), np.float32)
         busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
         try:
-            time.sleep(0.5)
-            g.set(x, data); g.compute()
+            time.sleep(0.2)
+            start = time.monotonic()
+            while b.last_threads == 2 and time.monotonic() - start < 20:
+                g.set(x, data)
+                g.compute()
         finally:
             for p in busy:
                 p.kill()
