@@ -1,6 +1,7 @@
 """The CPUs this process may use and the default thread count (pyggml_resnet.cpu): OMP_NUM_THREADS, the
-affinity mask and the cgroup CPU quota, with cgroup files written under a temporary root; and the CPU's
-vendor, from a /proc/cpuinfo written there too."""
+affinity mask and the cgroup CPU quota, with cgroup files written under a temporary root; the CPU's vendor,
+from a /proc/cpuinfo written there too; and how many threads CpuShare picks for given measurements, on a
+clock of the tests' own."""
 
 import os
 
@@ -113,7 +114,6 @@ def test_the_vendor_and_whether_bf16_is_fast_come_from_the_first_cpu(tmp_path, m
         cpu.vendor.cache_clear()  # the next caller reads the real file
 
 
-
 class FakeClock:
     def __init__(self):
         self.now = 1000.0
@@ -146,8 +146,7 @@ def test_cpu_share_keeps_every_thread_while_the_computations_get_their_cpus():
 def test_cpu_share_steps_back_beside_a_busy_process_and_tries_again():
     clock = FakeClock()
     share = cpu.CpuShare(clock=clock)
-    busy = lambda n: min(n, 2) * 0.5 if n > 1 else 1.0  # noqa: E731 (2 CPUs, one shared with a busy loop)
-    used = run(share, clock, 2, busy, 10)
+    used = run(share, clock, 2, lambda n: 1.0, 10)  # 2 CPUs, one kept by a busy loop: one CPU's worth
     # SHARE_WINDOW (0.5 s) of computing on 2, then 1; tries 2 again after 0.5, 1 and then every 2 s
     assert used[:5] == [2] * 5 and used[5] == 1
     tries = [i for i, n in enumerate(used) if n == 2 and i >= 5]
