@@ -159,11 +159,11 @@ class CpuShare:
                 self._probe_at = self._clock() + self._wait
             self._cpu = self._wall = 0.0
             return
-        self._cpu += cpu_seconds / threads
+        self._cpu += cpu_seconds
         self._wall += wall_seconds
         if self._wall < SHARE_WINDOW:
             return
-        got = self._cpu / self._wall * threads  # CPUs' worth over the window
+        got = self._cpu / self._wall  # CPUs' worth over the window (on one thread count: it resets on a change)
         self._cpu = self._wall = 0.0
         if threads > 1 and got <= threads - SHORT_CPUS:
             self._reduced = max(1, math.floor(got + 0.5))

@@ -293,7 +293,7 @@ class Backend(_Closable):
             old, self._natives[1] = self._natives[1], pool
             if old != ffi.NULL:
                 lib.ggml_threadpool_free(old)
-            self._threads = self.last_threads = n
+            self._threads = self.last_threads = n  # last_threads: what the last computation ran on
 
     def _compute(self, graph) -> int:
         """Runs a graph on this backend's pool, on as many of its threads as `adapt` leaves; ggml's status."""
@@ -303,10 +303,11 @@ class Backend(_Closable):
             if n != self.last_threads:  # the pool keeps its threads; those beyond n sit this computation out
                 lib.ggml_backend_cpu_set_n_threads(ptr, n)
                 self.last_threads = n
+            if self._share is None:
+                return lib.ggml_backend_graph_compute(ptr, graph)
             cpu, wall = time.process_time(), time.perf_counter()
             status = lib.ggml_backend_graph_compute(ptr, graph)
-            if self._share is not None:
-                self._share.record(n, time.process_time() - cpu, time.perf_counter() - wall)
+            self._share.record(n, time.process_time() - cpu, time.perf_counter() - wall)
             return status
 
     def _after_fork_in_child(self):
