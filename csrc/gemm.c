@@ -30,7 +30,10 @@ _Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is 
 // Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: the 16 Winograd products of gemm_winograd);
 // X_SCALE (a float's bits): the int8 pixels' sx; Y_SCALE: a u8 result's (0: an f32 result); R_SCALE: a u8
 // residual's (0: f32); ZEROS: the three zero points (0..255), x's | y's << 8 | the residual's << 16.
-enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_FLAGS, GP_X_SCALE, GP_Y_SCALE, GP_R_SCALE, GP_ZEROS, GP_N_PARAMS };
+// CLAIMS is no parameter but the threads' shared record of which chunks of the work are taken (gemm_run):
+// zero between computations.
+enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_FLAGS, GP_X_SCALE, GP_Y_SCALE, GP_R_SCALE, GP_ZEROS, GP_CLAIMS,
+       GP_N_PARAMS };
 enum { GF_BIAS = 1, GF_RES = 2, GF_RELU = 4, GF_WINO = 8 };
 _Static_assert(GP_N_PARAMS <= OP_PARAMS_MAX, "the op's parameters fit");
 
@@ -267,10 +270,14 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     .bias = pr->bias ? pr->bias + m : NULL,
                     .relu = pr->relu, .corr = pr->sc->qcorr, .scale = pr->sc->qscale, .res_q = pr->res_q,
                 };
-                // Weights stream from memory once per block: ask for the next tile's (the next channels',
-                // else the next K block's first) while this one computes. Winograd's are made in wbuf.
-                if (!pr->wino && (mt + 1 < mt1 || kb + KC < pr->Kp)) {
-                    const int64_t next_m = mt + 1 < mt1 ? m + mr : mt0 * mr, next_kb = mt + 1 < mt1 ? kb : kb + KC;
+                // Weights stream from memory once per block: ask for the next tile's while this one computes:
+                // the next channels', else the next K block's first, else the first K block of the channels
+                // after these (a thread's next chunk, gemm_run), or of these again (the next pixels). Winograd's
+                // are made in wbuf.
+                if (!pr->wino) {
+                    const int64_t next_m = mt + 1 < mt1 ? m + mr
+                                           : kb + KC < pr->Kp || mt1 * mr >= pr->M ? mt0 * mr : mt1 * mr;
+                    const int64_t next_kb = mt + 1 < mt1 ? kb : kb + KC < pr->Kp ? kb + KC : 0;
                     b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
                 }
                 run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step,
@@ -335,6 +342,28 @@ static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst,
                                 && geo->nb1 % GEMM_ALIAS_BYTES != 0);
 }
 
+// Chunks of work per thread (more balance the threads finer, fewer repack a conv's pixels less often), and the
+// claims record's bits for chunks: the other 12 count the threads done (up to 4095, above MAX_THREADS).
+#define GEMM_CHUNKS 4
+#define GEMM_CLAIM_BITS 20
+
+// Takes chunk c for this thread: whether no other thread had.
+static int gemm_claim(uint32_t * claims, int c) {
+    return !(__atomic_fetch_or(claims, 1u << c, __ATOMIC_ACQ_REL) & (1u << c));
+}
+
+// Chunk c of `chunks` (runs of the split dimension's `units` tiles, as equal as can be; chunks <= units), over
+// the other dimension whole.
+static void gemm_chunk(const struct gemm_problem * pr, int split_m, int64_t units, int chunks, int64_t c,
+                       int64_t m_tiles, int64_t n_tiles) {
+    const int64_t u0 = units * c / chunks, u1 = units * (c + 1) / chunks;
+    if (split_m) {
+        gemm_tiles(pr, u0, u1, 0, n_tiles);
+    } else {
+        gemm_tiles(pr, 0, m_tiles, u0, u1);
+    }
+}
+
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
@@ -370,16 +399,39 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     set_pixels(&pr, dst, kh);
     const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
 
-    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output
-    // channels when they outnumber pixel tiles, MLAS's rule); never K (it fixes the sums' order).
-    int64_t m0 = 0, m1 = m_tiles, n0 = 0, n1 = n_tiles;
-    const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
-    if (by_m < by_n || (by_m == by_n && m_tiles >= n_tiles)) {
-        thread_range(m_tiles, ith, nth, &m0, &m1);
-    } else {
-        thread_range(n_tiles, ith, nth, &n0, &n1);
+    if (nth == 1) {
+        gemm_tiles(&pr, 0, m_tiles, 0, n_tiles);
+        return;
     }
-    if (m0 < m1 && n0 < n1) gemm_tiles(&pr, m0, m1, n0, n1);
+    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output
+    // channels when they outnumber pixel tiles, MLAS's rule); never K (it fixes the sums' order). Each thread's
+    // share is a run of chunks (GEMM_CHUNKS per thread), which it takes in order; a thread done with its own
+    // takes the chunks another has not started, from the end of that one's run. So a thread that gets less of
+    // its CPU (another process on it, or a host's other tenants) holds the rest up for a chunk, not for its
+    // whole share. Every output is still summed by one thread over all of K, in the same order.
+    const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
+    const int split_m = by_m < by_n || (by_m == by_n && m_tiles >= n_tiles);
+    const int64_t units = split_m ? m_tiles : n_tiles;
+    const int per_thread = pr.in_place || !split_m ? GEMM_CHUNKS : 1;
+    int chunks = per_thread * nth < GEMM_CLAIM_BITS ? per_thread * nth : GEMM_CLAIM_BITS;
+    if (units < chunks) chunks = (int) units;
+    uint32_t * claims = (uint32_t *) dst->op_params + OP_PARAMS_FIRST + GP_CLAIMS;
+    int64_t c0, c1;  // this thread's chunks
+    thread_range(chunks, ith, nth, &c0, &c1);
+    for (int64_t c = c0; c < c1 && gemm_claim(claims, (int) c); ++c) {
+        gemm_chunk(&pr, split_m, units, chunks, c, m_tiles, n_tiles);
+    }
+    for (int t = 1; t < nth; ++t) {
+        int64_t o0, o1;
+        thread_range(chunks, (ith + t) % nth, nth, &o0, &o1);
+        for (int64_t c = o1 - 1; c >= o0; --c) {
+            if (gemm_claim(claims, (int) c)) gemm_chunk(&pr, split_m, units, chunks, c, m_tiles, n_tiles);
+        }
+    }
+    // The last thread out clears the record for the next computation (which starts after ggml's barrier).
+    if (__atomic_fetch_add(claims, 1u << GEMM_CLAIM_BITS, __ATOMIC_ACQ_REL) >> GEMM_CLAIM_BITS == (uint32_t) nth - 1) {
+        __atomic_store_n(claims, 0, __ATOMIC_RELEASE);
+    }
 }
 
 // int8's quantization of the pixels (x), of a u8 result (y; scale 0: f32) and of a u8 residual (r; scale 0: f32).

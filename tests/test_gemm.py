@@ -193,6 +193,38 @@ def test_paths_batches_and_threads_agree_bit_for_bit(paths):
         np.testing.assert_array_equal(r, results[0])
 
 
+def test_threads_take_chunks_afresh_in_each_computation():
+    """Threads take a product's chunks as they come free (csrc/gemm.c, gemm_run: one done with its own chunks
+    takes those another has not started) and clear their record of taken chunks after each computation. One
+    graph computed on new inputs each time, on a thread count that changes between computations and is at
+    times more than the CPUs (so threads wait and others take their chunks), gives the bits one thread gives:
+    split by channels and by pixels, and a 3x3 convolution (its pixels packed as they are read)."""
+    rng = np.random.default_rng(5)
+    counts = (2, 7, 1, 3, 7, 2, 5)
+    # (m, kernel, x's ggml shape: [K, N] or an image [C, W, H])
+    for m, kernel, shape in ((320, 1, (200, 20)), (40, 1, (200, 300)), (48, 3, (10, 15, 20))):
+        k = kernel * kernel * shape[0]
+        w = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32)
+        xs = [rng.standard_normal(tuple(reversed(shape))).astype(np.float32) for _ in counts]
+        results = {}
+        for mode in ("one thread", "changing"):
+            with Backend(threads=1) as b, Weights(b, {"w": ("f32", tuple(reversed(packed_shape(m, k))))}) as wt, \
+                    Graph(b) as g:
+                wt.set("w", pack_matrix(w))
+                xi = g.input("x", shape)
+                y = g.gemm(wt["w"], xi, m, kernel=kernel, padding=kernel // 2, path=F32_PATHS[0])
+                g.finalize(y)
+                results[mode] = []
+                for count, x in zip(counts, xs):
+                    b.threads = 1 if mode == "one thread" else count
+                    g.set(xi, x)
+                    g.compute()
+                    results[mode].append(g.get(y).copy())
+        for got, want in zip(results["changing"], results["one thread"]):
+            np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(results["one thread"][0], results["one thread"][1])  # new inputs each time
+
+
 def test_gemm_refuses_bad_arguments(backend):
     m, k, n = 20, 9, 4
     with Weights(backend, {"w": ("f32", (16, k, 2)), "b": ("f32", (m,)), "plain": ("f32", (k, m)),
