@@ -403,14 +403,18 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         gemm_tiles(&pr, 0, m_tiles, 0, n_tiles);
         return;
     }
-    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: output
-    // channels when they outnumber pixel tiles, MLAS's rule); never K (it fixes the sums' order). Each thread's
-    // share is a run of chunks (GEMM_CHUNKS per thread), which it takes in order; a thread done with its own
-    // takes the chunks another has not started, from the end of that one's run. So a thread that gets less of
-    // its CPU (another process on it, or a host's other tenants) holds the rest up for a chunk, not for its
-    // whole share. Every output is still summed by one thread over all of K, in the same order.
+    // Never split K (it fixes the sums' order). Each thread's share is a run of chunks (GEMM_CHUNKS per thread)
+    // that it takes in order; a thread done with its own takes the chunks another has not started, from the end
+    // of that one's run. So a thread that gets less of its CPU (another process on it, or a VM host's other
+    // tenants) holds the rest up for a chunk, not for its whole share. Every output is still summed by one
+    // thread over all of K, in the same order.
+    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: channels when
+    // they outnumber pixel tiles, MLAS's rule); but pixels packed as they are read are split wherever they are
+    // enough for every chunk, since each chunk of channels would pack all of them again (where channels are
+    // split all the same, each thread takes one chunk).
     const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
-    const int split_m = by_m < by_n || (by_m == by_n && m_tiles >= n_tiles);
+    const int split_m = (pr.in_place || n_tiles < (int64_t) GEMM_CHUNKS * nth)
+                        && (by_m < by_n || (by_m == by_n && m_tiles >= n_tiles));
     const int64_t units = split_m ? m_tiles : n_tiles;
     const int per_thread = pr.in_place || !split_m ? GEMM_CHUNKS : 1;
     int chunks = per_thread * nth < GEMM_CLAIM_BITS ? per_thread * nth : GEMM_CLAIM_BITS;
