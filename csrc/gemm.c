@@ -364,6 +364,50 @@ static void gemm_chunk(const struct gemm_problem * pr, int split_m, int64_t unit
     }
 }
 
+// Thread ith's part of the product (claims: the op's record of taken chunks, zero between computations).
+static void gemm_share(const struct gemm_problem * pr, uint32_t * claims, int ith, int nth) {
+    const int mr = pr->kern->mr, nr = pr->kern->nr;
+    const int64_t m_tiles = (pr->M + mr - 1) / mr, n_tiles = (pr->N + nr - 1) / nr;
+
+    if (nth == 1) {
+        gemm_tiles(pr, 0, m_tiles, 0, n_tiles);
+        return;
+    }
+    // Never split K (it fixes the sums' order). Each thread's share is a run of chunks (GEMM_CHUNKS per thread)
+    // that it takes in order; a thread done with its own takes the chunks another has not started, from the end
+    // of that one's run. So a thread that gets less of its CPU (another process on it, or a VM host's other
+    // tenants) holds the rest up for a chunk, not for its whole share. Every output is still summed by one
+    // thread over all of K, in the same order.
+    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: channels when
+    // they outnumber pixel tiles, MLAS's rule); but pixels packed as they are read are split wherever they are
+    // enough for every chunk, since each chunk of channels would pack all of them again (where channels are
+    // split all the same, each thread takes one chunk).
+    const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
+    const int split_m = (pr->in_place || n_tiles < (int64_t) GEMM_CHUNKS * nth)
+                        && (by_m < by_n || (by_m == by_n && m_tiles >= n_tiles));
+    const int64_t units = split_m ? m_tiles : n_tiles;
+    const int per_thread = pr->in_place || !split_m ? GEMM_CHUNKS : 1;
+    int chunks = per_thread * nth < GEMM_CLAIM_BITS ? per_thread * nth : GEMM_CLAIM_BITS;
+    if (units < chunks) chunks = (int) units;
+    int64_t c0, c1;  // this thread's chunks
+    thread_range(chunks, ith, nth, &c0, &c1);
+    for (int64_t c = c0; c < c1 && gemm_claim(claims, (int) c); ++c) {
+        gemm_chunk(pr, split_m, units, chunks, c, m_tiles, n_tiles);
+    }
+    for (int t = 1; t < nth; ++t) {
+        int64_t o0, o1;
+        thread_range(chunks, (ith + t) % nth, nth, &o0, &o1);
+        for (int64_t c = o1 - 1; c >= o0; --c) {
+            if (gemm_claim(claims, (int) c)) gemm_chunk(pr, split_m, units, chunks, c, m_tiles, n_tiles);
+        }
+    }
+    // The last thread out clears the record for the next computation (which starts after ggml's barrier).
+    if (__atomic_fetch_add(claims, 1u << GEMM_CLAIM_BITS, __ATOMIC_ACQ_REL) >> GEMM_CLAIM_BITS == (uint32_t) nth - 1) {
+        __atomic_store_n(claims, 0, __ATOMIC_RELEASE);
+    }
+}
+
+
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
@@ -395,47 +439,8 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         .colsum = quant ? (const int32_t *) dst->src[3]->data : NULL,
         .sc = &scratch,
     };
-    const int mr = pr.kern->mr, nr = pr.kern->nr;
     set_pixels(&pr, dst, kh);
-    const int64_t m_tiles = (pr.M + mr - 1) / mr, n_tiles = (pr.N + nr - 1) / nr;
-
-    if (nth == 1) {
-        gemm_tiles(&pr, 0, m_tiles, 0, n_tiles);
-        return;
-    }
-    // Never split K (it fixes the sums' order). Each thread's share is a run of chunks (GEMM_CHUNKS per thread)
-    // that it takes in order; a thread done with its own takes the chunks another has not started, from the end
-    // of that one's run. So a thread that gets less of its CPU (another process on it, or a VM host's other
-    // tenants) holds the rest up for a chunk, not for its whole share. Every output is still summed by one
-    // thread over all of K, in the same order.
-    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: channels when
-    // they outnumber pixel tiles, MLAS's rule); but pixels packed as they are read are split wherever they are
-    // enough for every chunk, since each chunk of channels would pack all of them again (where channels are
-    // split all the same, each thread takes one chunk).
-    const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
-    const int split_m = (pr.in_place || n_tiles < (int64_t) GEMM_CHUNKS * nth)
-                        && (by_m < by_n || (by_m == by_n && m_tiles >= n_tiles));
-    const int64_t units = split_m ? m_tiles : n_tiles;
-    const int per_thread = pr.in_place || !split_m ? GEMM_CHUNKS : 1;
-    int chunks = per_thread * nth < GEMM_CLAIM_BITS ? per_thread * nth : GEMM_CLAIM_BITS;
-    if (units < chunks) chunks = (int) units;
-    uint32_t * claims = (uint32_t *) dst->op_params + OP_PARAMS_FIRST + GP_CLAIMS;
-    int64_t c0, c1;  // this thread's chunks
-    thread_range(chunks, ith, nth, &c0, &c1);
-    for (int64_t c = c0; c < c1 && gemm_claim(claims, (int) c); ++c) {
-        gemm_chunk(&pr, split_m, units, chunks, c, m_tiles, n_tiles);
-    }
-    for (int t = 1; t < nth; ++t) {
-        int64_t o0, o1;
-        thread_range(chunks, (ith + t) % nth, nth, &o0, &o1);
-        for (int64_t c = o1 - 1; c >= o0; --c) {
-            if (gemm_claim(claims, (int) c)) gemm_chunk(&pr, split_m, units, chunks, c, m_tiles, n_tiles);
-        }
-    }
-    // The last thread out clears the record for the next computation (which starts after ggml's barrier).
-    if (__atomic_fetch_add(claims, 1u << GEMM_CLAIM_BITS, __ATOMIC_ACQ_REL) >> GEMM_CLAIM_BITS == (uint32_t) nth - 1) {
-        __atomic_store_n(claims, 0, __ATOMIC_RELEASE);
-    }
+    gemm_share(&pr, (uint32_t *) dst->op_params + OP_PARAMS_FIRST + GP_CLAIMS, ith, nth);
 }
 
 // int8's quantization of the pixels (x), of a u8 result (y; scale 0: f32) and of a u8 residual (r; scale 0: f32).
