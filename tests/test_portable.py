@@ -7,6 +7,7 @@ qemu-x86_64 comes from Debian's qemu-user package, which .ci/run installs; witho
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,16 @@ import pyggml_resnet
 
 QEMU = shutil.which("qemu-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="needs qemu-x86_64 (Debian's qemu-user; .ci/run installs it)")
+
+
+def run(cpu: str | None, cmd: list[str]) -> subprocess.CompletedProcess:
+    """cmd under qemu's model of `cpu`, or on this machine (None). numpy's OpenBLAS is told the emulated CPU's
+    kernels: on an AMD Zen 5 host it chose Haswell's under `-cpu Nehalem` though cpuid there says Nehalem
+    (family 6 model 26, no AVX), and `import numpy` died of SIGILL; the test is about our build."""
+    if cpu is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([QEMU, "-cpu", cpu, *cmd], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OPENBLAS_CORETYPE": cpu.upper()})
 
 # Run in the emulated process: logits of the saved input, what ran the products, and which of ggml's CPU
 # libraries was loaded (qemu-user shows the guest's own mappings in /proc/self/maps).
@@ -48,8 +59,7 @@ def emulated(cpu: str, resnet18, tmp_path):
     """The child's report and logits, run on qemu's model of `cpu`."""
     path, x_path, _ = resnet18
     out = tmp_path / f"{cpu}.npy"
-    proc = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", _CHILD, str(path), str(x_path), str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = run(cpu, [sys.executable, "-c", _CHILD, str(path), str(x_path), str(out)])
     assert proc.returncode == 0, f"under -cpu {cpu}: exit {proc.returncode} (-4: SIGILL)\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.splitlines()[-1]), np.load(out)
 
@@ -93,8 +103,7 @@ print(got.shape == want.shape and bool(np.array_equal(got, want)))
 
 @pytest.mark.parametrize("cpu", ["Haswell", "Nehalem"])
 def test_u8_max_pool_exact_on_older_cpus(cpu):
-    proc = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", _POOL_CHILD], capture_output=True, text=True,
-                          timeout=600)
+    proc = run(cpu, [sys.executable, "-c", _POOL_CHILD])
     assert proc.returncode == 0, f"under -cpu {cpu}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert proc.stdout.splitlines()[-1] == "True"
 
@@ -137,8 +146,7 @@ print(gemm_int8_paths()[0])
 def int8_conv(tmp_path, cpu=None):
     """The int8 child's path and results (f32, u8), under qemu's model of `cpu` or on this machine."""
     f32, u8 = tmp_path / f"{cpu}-f32.npy", tmp_path / f"{cpu}-u8.npy"
-    cmd = [sys.executable, "-c", _INT8_CHILD, str(f32), str(u8)]
-    proc = subprocess.run([QEMU, "-cpu", cpu, *cmd] if cpu else cmd, capture_output=True, text=True, timeout=600)
+    proc = run(cpu, [sys.executable, "-c", _INT8_CHILD, str(f32), str(u8)])
     assert proc.returncode == 0, f"under -cpu {cpu}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc.stdout.splitlines()[-1], np.load(f32), np.load(u8)
 
