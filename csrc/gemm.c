@@ -30,7 +30,7 @@ _Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is 
 // Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: the 16 Winograd products of gemm_winograd);
 // X_SCALE (a float's bits): the int8 pixels' sx; Y_SCALE: a u8 result's (0: an f32 result); R_SCALE: a u8
 // residual's (0: f32); ZEROS: the three zero points (0..255), x's | y's << 8 | the residual's << 16.
-// CLAIMS is no parameter but the threads' shared record of which chunks of the work are taken (gemm_run):
+// CLAIMS is no parameter but the threads' shared record of which chunks of the work are taken (gemm_share):
 // zero between computations.
 enum { GP_PATH, GP_KH, GP_STRIDE, GP_PAD, GP_FLAGS, GP_X_SCALE, GP_Y_SCALE, GP_R_SCALE, GP_ZEROS, GP_CLAIMS,
        GP_N_PARAMS };
@@ -272,7 +272,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                 };
                 // Weights stream from memory once per block: ask for the next tile's while this one computes:
                 // the next channels', else the next K block's first, else the first K block of the channels
-                // after these (a thread's next chunk, gemm_run), or of these again (the next pixels). Winograd's
+                // after these (a thread's next chunk, gemm_share), or of these again (the next pixels). Winograd's
                 // are made in wbuf.
                 if (!pr->wino) {
                     const int64_t next_m = mt + 1 < mt1 ? m + mr
@@ -406,7 +406,6 @@ static void gemm_share(const struct gemm_problem * pr, uint32_t * claims, int it
         __atomic_store_n(claims, 0, __ATOMIC_RELEASE);
     }
 }
-
 
 static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;

@@ -194,7 +194,7 @@ def test_paths_batches_and_threads_agree_bit_for_bit(paths):
 
 
 def test_threads_take_chunks_afresh_in_each_computation():
-    """Threads take a product's chunks as they come free (csrc/gemm.c, gemm_run: one done with its own chunks
+    """Threads take a product's chunks as they come free (csrc/gemm.c, gemm_share: one done with its own chunks
     takes those another has not started) and clear their record of taken chunks after each computation. One
     graph computed on new inputs each time, on a thread count that changes between computations and is at
     times more than the CPUs (so threads wait and others take their chunks), gives the bits one thread gives:
