@@ -275,9 +275,11 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                 // after these (a thread's next chunk, gemm_share), or of these again (the next pixels). Winograd's
                 // are made in wbuf.
                 if (!pr->wino) {
-                    const int64_t next_m = mt + 1 < mt1 ? m + mr
-                                           : kb + KC < pr->Kp || mt1 * mr >= pr->M ? mt0 * mr : mt1 * mr;
-                    const int64_t next_kb = mt + 1 < mt1 ? kb : kb + KC < pr->Kp ? kb + KC : 0;
+                    int64_t next_m = m + mr, next_kb = kb;
+                    if (mt + 1 == mt1) {
+                        next_kb = kb + KC < pr->Kp ? kb + KC : 0;
+                        next_m = next_kb > 0 || mt1 * mr >= pr->M ? mt0 * mr : mt1 * mr;
+                    }
                     b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
                 }
                 run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step,
