@@ -3,14 +3,14 @@
 #ifdef GEMM_X86
 #include <cpuid.h>
 
-// The level-2 data or unified cache that cpuid `leaf` lists (subleaf by subleaf, until a null entry), or 0.
-static int64_t l2_of_leaf(unsigned leaf) {
+// The data or unified cache of `level` that cpuid `leaf` lists (subleaf by subleaf, until a null entry), or 0.
+static int64_t cache_of_leaf(unsigned leaf, int level) {
     for (unsigned i = 0; i < 16; ++i) {
         unsigned a, b, c, d;
         if (!__get_cpuid_count(leaf, i, &a, &b, &c, &d)) return 0;
-        const unsigned type = a & 31, level = (a >> 5) & 7;
+        const unsigned type = a & 31;
         if (type == 0) return 0;
-        if (level == 2 && (type == 2 || type == 3)) {  // 1: instructions only
+        if ((int) ((a >> 5) & 7) == level && (type == 1 || type == 3)) {  // 1: data, 2: instructions, 3: unified
             return (int64_t) (((b >> 22) & 0x3ff) + 1) * (((b >> 12) & 0x3ff) + 1) * ((b & 0xfff) + 1) * ((int64_t) c + 1);
         }
     }
@@ -18,13 +18,13 @@ static int64_t l2_of_leaf(unsigned leaf) {
 }
 #endif
 
-int64_t cache_l2_bytes(void) {
+int64_t cache_bytes(int level) {
 #ifdef GEMM_X86
-    int64_t l2 = l2_of_leaf(4);
+    int64_t size = cache_of_leaf(4, level);
     unsigned a, b, c, d;
     // AMD's leaf needs TopologyExtensions (cpuid 0x80000001 ecx bit 22); its leaf 4 lists nothing.
-    if (l2 == 0 && __get_cpuid(0x80000001, &a, &b, &c, &d) && (c >> 22) & 1) l2 = l2_of_leaf(0x8000001D);
-    if (l2 > 0) return l2;
+    if (size == 0 && __get_cpuid(0x80000001, &a, &b, &c, &d) && (c >> 22) & 1) size = cache_of_leaf(0x8000001D, level);
+    if (size > 0) return size;
 #endif
-    return CACHE_L2_DEFAULT;
+    return level == 1 ? CACHE_L1D_DEFAULT : CACHE_L2_DEFAULT;
 }

@@ -10,14 +10,17 @@
 #include "thread_range.h"
 #include "winograd.h"
 
-// Cache blocks: GEMM_KC values of k for f32, as many bytes of bf16 or int8 (the weights' tile reused from L1), of
-// up to nb pixels (X, copied once per block into a thread's buffer, or read in place, and kept in L2 while every
-// weight tile passes over it), fewer when the thread's channels are many so that the block's output, c_block
-// floats at most, stays in L2 across its K blocks: each of the two a quarter of the L2 (struct gemm_blocks).
-// They order the work, not the arithmetic. A block holds whole summation blocks (GEMM_KS, GEMM_KS_BF16,
-// GEMM_KS_INT8); nb is a multiple of every path's tile heights (GEMM_NB_STEP). Pixel rows GEMM_ALIAS_BYTES apart
-// are always copied (see in_place).
-#define GEMM_KC 128
+// Cache blocks: kc values of k, GEMM_KC_BYTES_MAX bytes of them whatever the type where the weights' tile of
+// GEMM_MR_MAX channels then takes at most two thirds of the L1d (it is reused from there: 48 KiB, Zen 5 and
+// recent Intel), else GEMM_KC_BYTES_MIN (32 KiB, Zen 4); of up to nb pixels (X, copied once per block into a
+// thread's buffer, or read in place, and kept in L2 while every weight tile passes over it), fewer when the
+// thread's channels are many so that the block's output, c_block floats at most, stays in L2 across its K
+// blocks: each of the two a quarter of the L2 (struct gemm_blocks). They order the work, not the arithmetic.
+// A block holds whole summation blocks (GEMM_KS, GEMM_KS_BF16, GEMM_KS_INT8); nb is a multiple of every path's
+// tile heights (GEMM_NB_STEP). Pixel rows GEMM_ALIAS_BYTES apart are always copied (see in_place).
+#define GEMM_KC_BYTES_MIN 512
+#define GEMM_KC_BYTES_MAX 1024
+#define GEMM_KC (GEMM_KC_BYTES_MAX / 4)  // the most f32 values of k in a block, which the buffers hold
 #define GEMM_NB_STEP 48
 #define GEMM_NB_MIN (4 * GEMM_NB_STEP)
 #define GEMM_NB_MAX (20 * GEMM_NB_STEP)
@@ -25,7 +28,9 @@
 #define GEMM_ALIAS_BYTES 4096
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
 _Static_assert(16 * 12 <= GEMM_NB_MIN, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
-_Static_assert(GEMM_KS_INT8 == GEMM_KC * sizeof(float), "an int8 cache block is one summation block");
+_Static_assert(GEMM_KS_INT8 == GEMM_KC_BYTES_MAX, "an int8 cache block is one summation block");
+_Static_assert(GEMM_KC_BYTES_MIN % (GEMM_KS_BF16 * 2) == 0 && GEMM_KC_BYTES_MIN % (GEMM_KS * 4) == 0,
+               "a cache block holds whole summation blocks");
 
 // Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: the 16 Winograd products of gemm_winograd);
 // X_SCALE (a float's bits): the int8 pixels' sx; Y_SCALE: a u8 result's (0: an f32 result); R_SCALE: a u8
@@ -54,34 +59,41 @@ struct gemm_scratch {
 };
 static _Thread_local struct gemm_scratch scratch;
 
-// The L2 size the blocks are made for: cpuid's (csrc/cache_size.h), read once, or gemm_set_l2_bytes's.
-static int64_t l2_detected, l2_override;
+// The L1d and L2 sizes the blocks are made for: cpuid's (csrc/cache_size.h), read once, or gemm_set_cache_bytes's.
+static int64_t cache_detected[2], cache_override[2];
 
-int64_t gemm_l2_bytes(void) {
-    int64_t l2 = __atomic_load_n(&l2_override, __ATOMIC_RELAXED);
-    if (l2 > 0) return l2;
-    l2 = __atomic_load_n(&l2_detected, __ATOMIC_RELAXED);
-    if (l2 == 0) {  // every thread that gets here computes the same value
-        l2 = cache_l2_bytes();
-        __atomic_store_n(&l2_detected, l2, __ATOMIC_RELAXED);
+int64_t gemm_cache_bytes(int level) {
+    if (level != 1 && level != 2) return 0;
+    int64_t size = __atomic_load_n(&cache_override[level - 1], __ATOMIC_RELAXED);
+    if (size > 0) return size;
+    size = __atomic_load_n(&cache_detected[level - 1], __ATOMIC_RELAXED);
+    if (size == 0) {  // every thread that gets here computes the same value
+        size = cache_bytes(level);
+        __atomic_store_n(&cache_detected[level - 1], size, __ATOMIC_RELAXED);
     }
-    return l2;
+    return size;
 }
 
-void gemm_set_l2_bytes(int64_t bytes) {
-    __atomic_store_n(&l2_override, bytes > 0 ? bytes : 0, __ATOMIC_RELAXED);
+void gemm_set_cache_bytes(int level, int64_t bytes) {
+    if (level == 1 || level == 2) __atomic_store_n(&cache_override[level - 1], bytes > 0 ? bytes : 0, __ATOMIC_RELAXED);
 }
 
-// The pixel block's rows and the output block's floats for this L2: a quarter of it each, so that the two and
-// the weights streaming past fit it together (on Zen 4's 1 MiB: 480 rows, as tuned there, and 64 Ki floats,
-// which measured the same as 128 Ki), within what the thread's buffers hold.
+// On Zen 5, blocks of 1024 bytes made ResNet-101 about 3% faster in f32 and 1-2% in int8 than 512, which is
+// what Zen 4's 32 KiB holds.
+int64_t gemm_kc_bytes(void) {
+    return GEMM_MR_MAX * GEMM_KC_BYTES_MAX <= gemm_cache_bytes(1) * 2 / 3 ? GEMM_KC_BYTES_MAX : GEMM_KC_BYTES_MIN;
+}
+
+// The pixel block's rows (of kc_bytes) and the output block's floats for this L2: a quarter of it each, so that
+// the two and the weights streaming past fit it together (on Zen 4's 1 MiB: 480 rows of 512 bytes, as tuned
+// there, and 64 Ki floats, which measured the same as 128 Ki), within what the thread's buffers hold.
 struct gemm_blocks {
     int64_t nb, c_block;
 };
 
-static struct gemm_blocks gemm_blocks_for_l2(void) {
-    const int64_t quarter = gemm_l2_bytes() / 4;
-    int64_t nb = quarter / (GEMM_KC * (int64_t) sizeof(float)) / GEMM_NB_STEP * GEMM_NB_STEP;
+static struct gemm_blocks gemm_blocks_for_l2(int64_t kc_bytes) {
+    const int64_t quarter = gemm_cache_bytes(2) / 4;
+    int64_t nb = quarter / kc_bytes / GEMM_NB_STEP * GEMM_NB_STEP;
     int64_t c_block = quarter / (int64_t) sizeof(float);
     nb = nb < GEMM_NB_MIN ? GEMM_NB_MIN : nb > GEMM_NB_MAX ? GEMM_NB_MAX : nb;
     c_block = c_block < GEMM_C_BLOCK_MAX / 8 ? GEMM_C_BLOCK_MAX / 8 : c_block > GEMM_C_BLOCK_MAX ? GEMM_C_BLOCK_MAX : c_block;
@@ -123,6 +135,7 @@ struct gemm_problem {
     const struct gemm_kernel * kern;
     struct patch_geom geo;  // where X's rows come from (Winograd: product 0's)
     size_t es;              // bytes per weight and pixel value
+    int64_t kc;             // values of k per cache block: gemm_kc_bytes()'s, read once per computation
     int64_t M, K, Kp, N;    // Kp: the packed weights' K: K, rounded up to even for bf16, to a multiple of 4 for int8
     const char * w;         // packed weights; for Winograd the 3x3 ones, transformed per block into wbuf
     int wino;               // 16 Winograd products, X and C of each x_step and c_step bytes after the last's
@@ -193,11 +206,6 @@ static const void * block_weights(const struct gemm_problem * pr, int64_t m, int
     return pr->sc->wbuf[t];
 }
 
-// Values of k per cache block: GEMM_KC floats' bytes (bytes, not values, make the cache block).
-static int64_t cache_block_k(const struct gemm_problem * pr) {
-    return GEMM_KC * (int64_t) sizeof(float) / (int64_t) pr->es;
-}
-
 // Where the sums of a block of pixels and channels go between K's cache blocks: the result itself (f32), or
 // (a u8 result) `part`, rows of ld floats from pixel px0 and channel m0.
 struct gemm_partials {
@@ -240,7 +248,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                         int64_t px0, int64_t px1) {
     const int mr = pr->kern->mr, nr = pr->kern->nr, products = pr->wino ? 16 : 1;
     const size_t es = pr->es;
-    const int64_t KC = cache_block_k(pr);
+    const int64_t KC = pr->kc;
     // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
     // from the thread's buffer, each product's in its own part of it: in place, at most a tile's worth
     // (zero-padded), so Winograd's 16 fit; copied, the whole block, and only direct products copy.
@@ -292,10 +300,10 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
 
 static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     const int mr = pr->kern->mr, nr = pr->kern->nr;
-    const int64_t N = pr->N, KC = cache_block_k(pr);
+    const int64_t N = pr->N, KC = pr->kc;
     // The block's output is read again by each K block after the first, so should stay in L2 (for Winograd,
     // only one product's: making the weights again for smaller blocks costs more than L3 does).
-    const struct gemm_blocks bl = gemm_blocks_for_l2();
+    const struct gemm_blocks bl = gemm_blocks_for_l2(KC * (int64_t) pr->es);
     int64_t nb_tiles = pr->Kp <= KC ? bl.nb / nr : bl.c_block / ((m1 - m0) * mr * nr);
     nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > bl.nb / nr ? bl.nb / nr : nb_tiles;
     // Blocks of equal size: each block reads all of its weights again, and a last block of a few pixels
@@ -426,7 +434,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const float r_scale = op_param_f32(dst, GP_R_SCALE);
     const void * res = flags & GF_RES ? dst->src[extra + has_bias]->data : NULL;
     struct gemm_problem pr = {
-        .kern = kern, .es = kern->es,
+        .kern = kern, .es = kern->es, .kc = gemm_kc_bytes() / (int64_t) kern->es,
         .M = dst->ne[0], .K = (int64_t) kh * kh * x->ne[0],
         .Kp = wino ? x->ne[0] : w->ne[1] * (int64_t) ggml_type_size(w->type) / kern->es,
         .N = dst->ne[1] * dst->ne[2] * dst->ne[3], .w = w->data, .wino = wino,

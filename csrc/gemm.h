@@ -37,15 +37,18 @@ extern "C" {
 // block costs no visible accuracy; merging sums into C less often makes its products faster (32 -> 128: ~14%;
 // 128 -> 256: ~4% of a whole bf16 ResNet-101, 1 thread).
 #define GEMM_KS_BF16 256
-// int8 sums are exact, so their block only orders the work: one per cache block (csrc/gemm.c's GEMM_KC
-// floats' worth of bytes).
-#define GEMM_KS_INT8 512
+// int8 sums are exact, so their block only orders the work: one per cache block (csrc/gemm.c's largest,
+// GEMM_KC_BYTES_MAX).
+#define GEMM_KS_INT8 1024
 
-// The L2 cache size the products' cache blocks are sized for (csrc/gemm.c): cpuid's (csrc/cache_size.h), or
-// what gemm_set_l2_bytes last set (a value <= 0 goes back to cpuid's). The blocks order the work, not the
-// arithmetic: results are the same for any value.
-int64_t gemm_l2_bytes(void);
-void gemm_set_l2_bytes(int64_t bytes);
+// The cache sizes the products' cache blocks are sized for (csrc/gemm.c), level 1 (data) or 2: cpuid's
+// (csrc/cache_size.h), or what gemm_set_cache_bytes last set for that level (a value <= 0 goes back to
+// cpuid's); other levels: 0, and setting them does nothing. The blocks order the work, not the arithmetic:
+// results are the same for any value.
+int64_t gemm_cache_bytes(int level);
+void gemm_set_cache_bytes(int level, int64_t bytes);
+// The bytes of k per cache block for the L1d above (the same for every type: 4 per f32 value, 1 per int8).
+int64_t gemm_kc_bytes(void);
 
 // The int8 paths: AVX512-VNNI, AVX2, and portable C (every CPU).
 enum gemm_path {

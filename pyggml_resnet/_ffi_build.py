@@ -123,8 +123,9 @@ enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, GEMM_INT8_AVX512_VNNI
                  ... };
 #define GEMM_INT8_K_MAX ...
 int gemm_path_supported(int path);
-int64_t gemm_l2_bytes(void);
-void gemm_set_l2_bytes(int64_t bytes);
+int64_t gemm_cache_bytes(int level);
+void gemm_set_cache_bytes(int level, int64_t bytes);
+int64_t gemm_kc_bytes(void);
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path);

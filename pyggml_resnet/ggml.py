@@ -118,16 +118,25 @@ def gemm_path_supported(path: str) -> bool:
     return bool(lib.gemm_path_supported(_GEMM_CODES[path]))
 
 
-def gemm_l2_bytes() -> int:
-    """The L2 cache size (bytes, one core's) the packed GEMM sizes its cache blocks for: the CPU's, read with
-    cpuid (1 MiB where cpuid does not list it), unless `set_gemm_l2_bytes` chose another."""
-    return int(lib.gemm_l2_bytes())
+def gemm_cache_bytes(level: int) -> int:
+    """The size (bytes, one core's) of the level-1 data cache (level 1) or the L2 (level 2) that the packed
+    GEMM sizes its cache blocks for: the CPU's, read with cpuid (32 KiB and 1 MiB where cpuid does not list
+    them), unless `set_gemm_cache_bytes` chose another."""
+    return int(lib.gemm_cache_bytes(_integer(level, "gemm_cache_bytes: level", 1, 2)))
 
 
-def set_gemm_l2_bytes(size: int | None) -> None:
-    """Sizes the packed GEMM's blocks for an L2 of `size` bytes (None: the CPU's again), for every model in
-    this process: to measure other blockings. Results do not change; only the order of the work does."""
-    lib.gemm_set_l2_bytes(0 if size is None else _integer(size, "set_gemm_l2_bytes: size", 1, 2**40))
+def gemm_block_k_bytes() -> int:
+    """The bytes of k (4 per f32 value, 1 per int8) in each of the packed GEMM's cache blocks: 1024 where the
+    L1d (`gemm_cache_bytes(1)`) holds a tile of weights that size in two thirds of itself, else 512."""
+    return int(lib.gemm_kc_bytes())
+
+
+def set_gemm_cache_bytes(level: int, size: int | None) -> None:
+    """Sizes the packed GEMM's blocks for a level-`level` cache of `size` bytes (None: the CPU's again), for
+    every model in this process: to measure other blockings. Results do not change; only the order of the work
+    does. Call it between computations, not while one runs."""
+    level = _integer(level, "set_gemm_cache_bytes: level", 1, 2)
+    lib.gemm_set_cache_bytes(level, 0 if size is None else _integer(size, "set_gemm_cache_bytes: size", 1, 2**40))
 
 
 def _integer(value, what: str, lo: int, hi: int | None = None) -> int:

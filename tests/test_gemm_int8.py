@@ -17,8 +17,8 @@ import pytest
 from pyggml_resnet import arch, int8
 from pyggml_resnet.bench.workload import products
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import (Backend, Graph, Type, Weights, gemm_int8_paths, gemm_l2_bytes,
-                                set_gemm_l2_bytes)
+from pyggml_resnet.ggml import (Backend, Graph, Type, Weights, gemm_block_k_bytes, gemm_cache_bytes,
+                                gemm_int8_paths, set_gemm_cache_bytes)
 from test_gemm import im2col
 
 PATHS = gemm_int8_paths()
@@ -355,43 +355,56 @@ def test_gemm_int8_refuses_a_k_whose_sums_could_overflow(backend):
 
 
 def test_results_do_not_depend_on_the_cache_blocks(backend):
-    """Blocks sized for L2s from 128 KiB to 8 MiB (pixel blocks of 192 to 960 rows, output blocks of 16 Ki
-    to 128 Ki floats) order the work differently and give the same bits: f32 and bf16 products, and int8 with
-    an f32 and a u8 result, each over K and N larger than one block."""
+    """Blocks sized for L1ds of 32 and 48 KiB (512 and 1024 bytes of k per block) and L2s from 128 KiB to
+    8 MiB (pixel blocks of 192 to 960 rows, output blocks of 16 Ki to 128 Ki floats) order the work
+    differently and give the same bits: f32 and bf16 products, and int8 with an f32 and a u8 result, each over
+    K and N larger than one block."""
     from test_gemm import PATHS as FLOAT_PATHS, operands, run_gemm
     w, x, bias, res = operands(200, 1500, 1100, 3, ("bias", "res"))
     img, q, _, ibias, ires = case(4, 2, 23, 25, 170, 200, 3, 1, 1)
     results = []
     try:
-        for l2 in (None, 128 << 10, 512 << 10, 8 << 20):
-            set_gemm_l2_bytes(l2)
+        for l1, l2 in ((None, None), (32 << 10, 128 << 10), (48 << 10, 512 << 10), (32 << 10, 8 << 20),
+                       (48 << 10, 8 << 20)):
+            set_gemm_cache_bytes(1, l1)
+            set_gemm_cache_bytes(2, l2)
+            if l1:
+                assert gemm_block_k_bytes() == (1024 if l1 >= 48 << 10 else 512)
             results.append([run_gemm(backend, w, x, bias, res, True, path) for path in FLOAT_PATHS]
                            + [run(backend, img, q, 3, 1, 1, 0.03, 128, ibias, ires, True, path, u8)
                               for path in PATHS for u8 in (None, (0.05, 0))])
     finally:
-        set_gemm_l2_bytes(None)
+        set_gemm_cache_bytes(1, None)
+        set_gemm_cache_bytes(2, None)
     for r in results[1:]:
         for got, want in zip(r, results[0]):
             np.testing.assert_array_equal(got, want)
 
 
-def test_blocks_are_sized_for_the_cpus_l2():
-    """The L2 size the blocks are made for is the one the kernel lists for CPU 0 (read there from cpuid as
-    well), unless set; set_gemm_l2_bytes(None) goes back to it."""
+@pytest.mark.parametrize("level, kind", [(1, ("Data",)), (2, ("Data", "Unified"))])
+def test_blocks_are_sized_for_the_cpus_caches(level, kind):
+    """The L1d and L2 sizes the blocks are made for are the ones the kernel lists for CPU 0 (read there from
+    cpuid as well), unless set; set_gemm_cache_bytes(level, None) goes back to them."""
     caches = Path("/sys/devices/system/cpu/cpu0/cache")
-    l2 = [d for d in caches.glob("index*") if (d / "level").read_text().strip() == "2"
-          and (d / "type").read_text().strip() in ("Data", "Unified")] if caches.is_dir() else []
-    if not l2:
-        pytest.skip("the kernel lists no level-2 cache here")
-    size = (l2[0] / "size").read_text().strip()
+    listed = [d for d in caches.glob("index*") if (d / "level").read_text().strip() == str(level)
+              and (d / "type").read_text().strip() in kind] if caches.is_dir() else []
+    if not listed:
+        pytest.skip(f"the kernel lists no level-{level} {' or '.join(kind).lower()} cache here")
+    size = (listed[0] / "size").read_text().strip()
     listed = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
-    assert gemm_l2_bytes() == listed
+    assert gemm_cache_bytes(level) == listed
     try:
-        set_gemm_l2_bytes(3 << 20)
-        assert gemm_l2_bytes() == 3 << 20
+        set_gemm_cache_bytes(level, 3 << 20)
+        assert gemm_cache_bytes(level) == 3 << 20
+        assert gemm_cache_bytes(3 - level) != 3 << 20  # the other level keeps its own
     finally:
-        set_gemm_l2_bytes(None)
-    assert gemm_l2_bytes() == listed
+        set_gemm_cache_bytes(level, None)
+    assert gemm_cache_bytes(level) == listed
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InputError):
-            set_gemm_l2_bytes(bad)
+            set_gemm_cache_bytes(level, bad)
+    for bad in (0, 3, 1.0):
+        with pytest.raises(InputError):
+            gemm_cache_bytes(bad)
+        with pytest.raises(InputError):
+            set_gemm_cache_bytes(bad, 1 << 20)

@@ -29,7 +29,8 @@ def machine_info() -> dict:
     # Family and model tell an Intel Xeon's generation apart ("Intel(R) Xeon(R) Processor" names several).
     cpu += f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info and "model" in info else ""
     return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": available_cpus(), "isa": isa,
-            "l2_kib": ggml.gemm_l2_bytes() >> 10, "os": platform.platform(),
+            "l1d_kib": ggml.gemm_cache_bytes(1) >> 10, "block_k_bytes": ggml.gemm_block_k_bytes(),
+            "l2_kib": ggml.gemm_cache_bytes(2) >> 10, "os": platform.platform(),
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "torch": _dist_version("torch"), "onnxruntime": _dist_version("onnxruntime"),
                          "openvino": _dist_version("openvino"), "onnx": _dist_version("onnx"),
@@ -65,7 +66,9 @@ def format_report(r: dict) -> str:
     mc = r["machine"]
     out.append(f"machine: {mc['cpu']}, {mc['cpus_available']} of {mc['cpus_total']} CPUs available, "
                f"{s['threads']} threads used; {' '.join(mc['isa']) or 'no ISA flags known'}; "
-               f"GEMM blocks for an L2 of {mc.get('l2_kib', '?')} KiB; {mc['os']}")
+               f"GEMM blocks of {mc.get('block_k_bytes', '?')} bytes of k for an L1d of {mc.get('l1d_kib', '?')} KiB, "
+               f"sized for an L2 of {mc.get('l2_kib', '?')} KiB; "
+               f"{mc['os']}")
     out.append("versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v))
     return "\n".join(out)
 
