@@ -100,10 +100,27 @@ static struct gemm_blocks gemm_blocks_for_l2(int64_t kc_bytes) {
     return (struct gemm_blocks) { nb, c_block };
 }
 
+static int folds_override = -1;
+
+int gemm_folds_broadcasts(void) {
+    const int folded = __atomic_load_n(&folds_override, __ATOMIC_RELAXED);
+    if (folded >= 0) return folded;
+#ifdef GEMM_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amdfam19h");
+#else
+    return 0;
+#endif
+}
+
+void gemm_set_folds_broadcasts(int folded) {
+    __atomic_store_n(&folds_override, folded < 0 ? -1 : folded != 0, __ATOMIC_RELAXED);
+}
+
 const struct gemm_kernel * gemm_kernel_for(int path) {
 #ifdef GEMM_X86
     switch (path) {
-        case GEMM_AVX512: return &gemm_kernel_avx512;
+        case GEMM_AVX512: return gemm_folds_broadcasts() ? &gemm_kernel_avx512_folded : &gemm_kernel_avx512;
         case GEMM_AVX2: return &gemm_kernel_avx2;
         case GEMM_AVX512_BF16: return &gemm_kernel_avx512bf16;
         case GEMM_INT8_AVX512_VNNI: return &gemm_kernel_int8_avx512vnni;

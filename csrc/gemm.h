@@ -50,6 +50,13 @@ void gemm_set_cache_bytes(int level, int64_t bytes);
 // The bytes of k per cache block for the L1d above (the same for every type: 4 per f32 value, 1 per int8).
 int64_t gemm_kc_bytes(void);
 
+// Whether the AVX-512 f32 path's tiles fold each pixel's broadcast into its FMAs (csrc/gemm_avx512.c), or
+// broadcast it into a register first: folded on AMD's family 19h (Zen 4, where it measured faster), in a
+// register elsewhere (Zen 5: 11% faster tiles), unless gemm_set_folds_broadcasts chose (1: folded, 0: in a
+// register, < 0: the CPU's choice again). The same arithmetic either way: results are the same bits.
+int gemm_folds_broadcasts(void);
+void gemm_set_folds_broadcasts(int folded);
+
 // The int8 paths: AVX512-VNNI, AVX2, and portable C (every CPU).
 enum gemm_path {
     GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2,

@@ -56,7 +56,7 @@ struct gemm_kernel {
 // The kernel of a path of csrc/gemm.h (NULL where this build has none); the caller checks gemm_path_supported.
 const struct gemm_kernel * gemm_kernel_for(int path);
 
-extern const struct gemm_kernel gemm_kernel_avx512;
+extern const struct gemm_kernel gemm_kernel_avx512, gemm_kernel_avx512_folded;  // see gemm_folds_broadcasts
 extern const struct gemm_kernel gemm_kernel_avx2;
 extern const struct gemm_kernel gemm_kernel_avx512bf16;
 extern const struct gemm_kernel gemm_kernel_int8_avx512vnni;

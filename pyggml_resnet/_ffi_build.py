@@ -126,6 +126,8 @@ int gemm_path_supported(int path);
 int64_t gemm_cache_bytes(int level);
 void gemm_set_cache_bytes(int level, int64_t bytes);
 int64_t gemm_kc_bytes(void);
+int gemm_folds_broadcasts(void);
+void gemm_set_folds_broadcasts(int folded);
 struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x,
                                  int64_t m, int kh, int stride, int pad, struct ggml_tensor * bias,
                                  struct ggml_tensor * residual, int relu, int path);

@@ -131,6 +131,21 @@ def gemm_block_k_bytes() -> int:
     return int(lib.gemm_kc_bytes())
 
 
+def gemm_folds_broadcasts() -> bool:
+    """Whether the packed GEMM's AVX-512 f32 tiles fold each pixel's broadcast into their FMAs (AMD Zen 4's
+    form) rather than broadcast it into a register first (every other CPU's), unless
+    `set_gemm_folds_broadcasts` chose. The two give the same bits; only their speed differs by CPU."""
+    return bool(lib.gemm_folds_broadcasts())
+
+
+def set_gemm_folds_broadcasts(folded: bool | None) -> None:
+    """Runs the AVX-512 f32 tiles in the folded form (True), the register form (False) or the CPU's (None),
+    for every model in this process: to measure or test both forms. Call it between computations."""
+    if folded is not None and not isinstance(folded, (bool, np.bool_)):
+        raise InputError(f"set_gemm_folds_broadcasts: folded must be True, False or None, got {folded!r}")
+    lib.gemm_set_folds_broadcasts(-1 if folded is None else int(folded))
+
+
 def set_gemm_cache_bytes(level: int, size: int | None) -> None:
     """Sizes the packed GEMM's blocks for a level-`level` cache of `size` bytes (None: the CPU's again), for
     every model in this process: to measure other blockings. Results do not change; only the order of the work

@@ -16,7 +16,9 @@ import pytest
 
 from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
-from pyggml_resnet.ggml import MAX_WINDOW, Backend, Graph, Type, Weights
+from pyggml_resnet.cpu import cpuinfo
+from pyggml_resnet.ggml import (MAX_WINDOW, Backend, Graph, Type, Weights, gemm_folds_broadcasts,
+                                set_gemm_folds_broadcasts)
 from pyggml_resnet.packing import pack_matrix, packed_shape
 from pyggml_resnet.plan import gemm_paths, gemm_type
 
@@ -25,6 +27,20 @@ U = 2.0 ** -24
 F32_PATHS = gemm_paths()
 PATHS = F32_PATHS + gemm_paths("bf16")
 pytestmark = pytest.mark.skipif(not PATHS, reason="this CPU has no packed GEMM path (ggml's mul_mat runs)")
+# Each path, and the AVX-512 f32 path's tiles in both forms (csrc/gemm_avx512.c): each pixel's broadcast folded
+# into the FMAs (Zen 4's) and in a register (other CPUs'), whichever this CPU runs by default.
+PATH_FORMS = [(p, folded) for p in PATHS for folded in ((True, False) if p == "avx512" else (None,))]
+
+
+@pytest.fixture(params=PATH_FORMS, ids=[p + {True: "-folded", False: "-register", None: ""}[f] for p, f in PATH_FORMS])
+def path(request):
+    """A packed GEMM path, run in the tile form its parameter names."""
+    name, folded = request.param
+    set_gemm_folds_broadcasts(folded)
+    try:
+        yield name
+    finally:
+        set_gemm_folds_broadcasts(None)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +116,6 @@ def test_resnet101_has_104_products():
     assert sum(2 * m * k * n for m, k, n in shapes) + 2 * 2048 * 1000 == flops_per_image("resnet101")
 
 
-@pytest.mark.parametrize("path", PATHS)
 def test_every_resnet101_product(backend, path):
     """All 104 products of ResNet-101 at 224x224 (N = one image) and its fc layer, with the epilogues."""
     seen = {}
@@ -121,7 +136,6 @@ AWKWARD = [
 ]
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("m,k,n", AWKWARD)
 def test_awkward_shapes(backend, path, m, k, n):
     for j, epilogue in enumerate(EPILOGUES):
@@ -144,7 +158,6 @@ CONVS = [(3, 7, 2, 3, 23, 17, 2), (40, 3, 1, 1, 9, 7, 1), (200, 3, 2, 1, 8, 9, 2
          (5, 3, 1, 0, 3, 4, 1), (17, 5, 3, 4, 6, 5, 2), (1, 3, 1, 1, 1, 1, 1)]
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("c,kernel,stride,padding,h,w,b", CONVS)
 def test_convolutions_read_their_windows(backend, path, c, kernel, stride, padding, h, w, b):
     """The op reads each window straight from the image: the same products as over NumPy's patches."""
@@ -175,20 +188,26 @@ def test_convolutions_read_their_windows(backend, path, c, kernel, stride, paddi
 
 @pytest.mark.parametrize("paths", [F32_PATHS, gemm_paths("bf16")], ids=["f32", "bf16"])
 def test_paths_batches_and_threads_agree_bit_for_bit(paths):
-    """The summation order depends on K alone: every path of one type, batch size and thread count gives
-    the same bits."""
+    """The summation order depends on K alone: every path of one type (and both forms of the AVX-512 tiles),
+    batch size and thread count gives the same bits."""
     if not paths:
         pytest.skip("no packed GEMM path of this type on this CPU")
     m, k, n = 72, 333, 29
     w, x, bias, res = operands(m, k, n, 7, ("bias", "res"))
     results = []
-    for threads in (1, 2, 3):
-        with Backend(threads=threads) as b:
-            for path in paths:
-                results.append(run_gemm(b, w, x, bias, res, True, path))
-                for rows in (1, 5, 13):  # a prefix of the pixels is its own, smaller product
-                    np.testing.assert_array_equal(run_gemm(b, w, x[:rows], bias, res[:rows], True, path),
-                                                  results[-1][:rows])
+    try:
+        for threads in (1, 2, 3):
+            with Backend(threads=threads) as b:
+                for path, folded in PATH_FORMS:
+                    if path not in paths:
+                        continue
+                    set_gemm_folds_broadcasts(folded)
+                    results.append(run_gemm(b, w, x, bias, res, True, path))
+                    for rows in (1, 5, 13):  # a prefix of the pixels is its own, smaller product
+                        np.testing.assert_array_equal(run_gemm(b, w, x[:rows], bias, res[:rows], True, path),
+                                                      results[-1][:rows])
+    finally:
+        set_gemm_folds_broadcasts(None)
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
 
@@ -258,3 +277,24 @@ def test_gemm_bf16_refuses_bad_arguments(backend):
             with pytest.raises(InputError):
                 g.gemm(w, xx, m, path=path)
         g.gemm(wt["w"], x, m, path="avx512bf16")  # well formed
+
+
+def test_the_avx512_tiles_fold_broadcasts_on_zen4_only():
+    """The CPU's choice of tile form: folded on AMD's family 19h (Zen 4: /proc/cpuinfo's family 25), in a
+    register elsewhere; set_gemm_folds_broadcasts overrides it until set to None, and takes only those."""
+    info = cpuinfo()
+    if "cpu family" not in info:
+        pytest.skip("/proc/cpuinfo gives no CPU family here")
+    zen4 = info.get("vendor_id") == "AuthenticAMD" and int(info["cpu family"]) == 25
+    assert gemm_folds_broadcasts() is zen4
+    try:
+        for folded in (not zen4, zen4):
+            set_gemm_folds_broadcasts(folded)
+            assert gemm_folds_broadcasts() is folded
+        set_gemm_folds_broadcasts(not zen4)
+    finally:
+        set_gemm_folds_broadcasts(None)
+    assert gemm_folds_broadcasts() is zen4
+    for bad in (0, 1, "yes", 2.0):
+        with pytest.raises(InputError):
+            set_gemm_folds_broadcasts(bad)

@@ -11,6 +11,9 @@ import numpy as np
 from .. import __version__, ggml
 from ..cpu import available_cpus, cpuinfo
 
+# How the AVX-512 f32 tiles broadcast each pixel (ggml.gemm_folds_broadcasts).
+_FORMS = {True: "broadcasts folded into the FMAs", False: "broadcasts in registers"}
+
 
 def _dist_version(name: str) -> str | None:
     try:
@@ -30,6 +33,7 @@ def machine_info() -> dict:
     cpu += f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info and "model" in info else ""
     return {"cpu": cpu, "cpus_total": os.cpu_count(), "cpus_available": available_cpus(), "isa": isa,
             "l1d_kib": ggml.gemm_cache_bytes(1) >> 10, "block_k_bytes": ggml.gemm_block_k_bytes(),
+            "folds_broadcasts": ggml.gemm_folds_broadcasts(),
             "l2_kib": ggml.gemm_cache_bytes(2) >> 10, "os": platform.platform(),
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "torch": _dist_version("torch"), "onnxruntime": _dist_version("onnxruntime"),
@@ -67,8 +71,8 @@ def format_report(r: dict) -> str:
     out.append(f"machine: {mc['cpu']}, {mc['cpus_available']} of {mc['cpus_total']} CPUs available, "
                f"{s['threads']} threads used; {' '.join(mc['isa']) or 'no ISA flags known'}; "
                f"GEMM blocks of {mc.get('block_k_bytes', '?')} bytes of k for an L1d of {mc.get('l1d_kib', '?')} KiB, "
-               f"sized for an L2 of {mc.get('l2_kib', '?')} KiB; "
-               f"{mc['os']}")
+               f"sized for an L2 of {mc.get('l2_kib', '?')} KiB; AVX-512 f32 tiles with "
+               f"{_FORMS.get(mc.get('folds_broadcasts'), '? broadcasts')}; {mc['os']}")
     out.append("versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v))
     return "\n".join(out)
 
