@@ -26,6 +26,8 @@
 #define GEMM_NB_MAX (20 * GEMM_NB_STEP)
 #define GEMM_C_BLOCK_MAX (128 * 1024)
 #define GEMM_ALIAS_BYTES 4096
+// Winograd's pixel blocks hold at most this many tiles, whose 16 products' sums the thread keeps (wpart).
+#define GEMM_WINO_NB (GEMM_NB_MAX / 2)
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
 _Static_assert(16 * 12 <= GEMM_NB_MIN, "16 partial tiles (each padded to a tile of at most 12 pixels) fit xbuf");
 _Static_assert(GEMM_KS_INT8 == GEMM_KC_BYTES_MAX, "an int8 cache block is one summation block");
@@ -56,6 +58,9 @@ struct gemm_scratch {
     int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
     float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
     float qpart[GEMM_C_BLOCK_MAX] __attribute__((aligned(64)));
+    // Winograd: the 16 products' sums of the current block of tiles and channels, until the output transform
+    // reads them (its result is all that leaves the thread).
+    float wpart[16 * GEMM_WINO_NB * GEMM_MR_MAX] __attribute__((aligned(64)));
 };
 static _Thread_local struct gemm_scratch scratch;
 
@@ -155,9 +160,10 @@ struct gemm_problem {
     int64_t kc;             // values of k per cache block: gemm_kc_bytes()'s, read once per computation
     int64_t M, K, Kp, N;    // Kp: the packed weights' K: K, rounded up to even for bf16, to a multiple of 4 for int8
     const char * w;         // packed weights; for Winograd the 3x3 ones, transformed per block into wbuf
-    int wino;               // 16 Winograd products, X and C of each x_step and c_step bytes after the last's
-    size_t x_step, c_step;
-    char * c;               // the result; Winograd's 16 each c_step bytes after the last's
+    int wino;               // 16 Winograd products, X of each x_step bytes after the last's, sums in wpart
+    size_t x_step;
+    struct winograd_out wout;  // Winograd: its result and epilogue (the products' own have none)
+    char * c;               // the result (not Winograd's)
     size_t c_es;            // its bytes per value: 4 (f32), 1 (int8's u8)
     const float * bias, * res;
     const uint8_t * res_u8;  // int8: a u8 residual instead of res, dequantized with res_q
@@ -224,10 +230,11 @@ static const void * block_weights(const struct gemm_problem * pr, int64_t m, int
 }
 
 // Where the sums of a block of pixels and channels go between K's cache blocks: the result itself (f32), or
-// (a u8 result) `part`, rows of ld floats from pixel px0 and channel m0.
+// (a u8 result) `part`, rows of ld floats from pixel px0 and channel m0; for Winograd wpart, each product's
+// t_step floats after the last's, where they stay for the output transform.
 struct gemm_partials {
     float * part;
-    int64_t ld, px0, m0;
+    int64_t ld, px0, m0, t_step;
 };
 
 // The tiles of pixels px0..px1-1 for one tile of channels (b: weights, epilogue and K block set), X in place
@@ -251,6 +258,10 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
         b->ldo = pr->M;
         b->c = sums->part ? sums->part + (n - sums->px0) * sums->ld + (m - sums->m0) : b->out;
         b->ldc = sums->part ? sums->ld : pr->M;
+        if (pr->wino) {  // the products' results stay in wpart, for the output transform
+            b->out = b->c;
+            b->ldo = b->ldc;
+        }
         b->res = pr->res ? pr->res + n * pr->M + m : NULL;
         b->res_u8 = pr->res_u8 ? pr->res_u8 + n * pr->M + m : NULL;
         b->nr = px1 - n < height ? (int) (px1 - n) : height;
@@ -307,11 +318,21 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     }
                     b.next_w = pr->w + ((next_m / 16) * 16 * pr->Kp + 16 * next_kb) * es;
                 }
-                run_tiles(pr, &b, sums, pr->geo.data + t * pr->x_step,
-                          (const char *) pr->sc->xbuf + t * packed_rows * kc * es,
-                          pr->c + t * pr->c_step, m, px0, px1, packed0, kb);
+                struct gemm_partials st = *sums;
+                if (st.part) st.part += t * st.t_step;
+                run_tiles(pr, &b, &st, pr->geo.data + t * pr->x_step,
+                          (const char *) pr->sc->xbuf + t * packed_rows * kc * es, pr->c, m, px0, px1, packed0, kb);
             }
         }
+    }
+}
+
+// Winograd: the output transform (and epilogue) of tiles sums->px0..px1-1, channels sums->m0..m1-1, from their
+// products' sums in wpart.
+static void winograd_outputs(const struct gemm_problem * pr, const struct gemm_partials * sums, int64_t px1,
+                             int64_t m1) {
+    for (int64_t n = sums->px0; n < px1; ++n) {
+        winograd_output_tile(&pr->wout, n, sums->part + (n - sums->px0) * sums->ld, sums->t_step, sums->m0, m1);
     }
 }
 
@@ -322,23 +343,30 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     // only one product's: making the weights again for smaller blocks costs more than L3 does).
     const struct gemm_blocks bl = gemm_blocks_for_l2(KC * (int64_t) pr->es);
     int64_t nb_tiles = pr->Kp <= KC ? bl.nb / nr : bl.c_block / ((m1 - m0) * mr * nr);
-    nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > bl.nb / nr ? bl.nb / nr : nb_tiles;
+    const int64_t nb_max = pr->wino && GEMM_WINO_NB < bl.nb ? GEMM_WINO_NB / nr : bl.nb / nr;
+    nb_tiles = nb_tiles < 1 ? 1 : nb_tiles > nb_max ? nb_max : nb_tiles;
     // Blocks of equal size: each block reads all of its weights again, and a last block of a few pixels
     // would do that for almost no work (ResNet-101's 2048 x 1024 conv at 7x7: blocks of 48 pixels and 1).
     const int64_t n_blocks = (n1 - n0 + nb_tiles - 1) / nb_tiles;
     nb_tiles = (n1 - n0 + n_blocks - 1) / n_blocks;
     // A u8 result's partial sums go to qpart, as many tiles of channels at a time as fit it (all, but for
-    // thousands of channels).
+    // thousands of channels); Winograd's to wpart, one tile of channels at a time where K is one block (the
+    // output transform then reads them while they are fresh in cache), else as many as fit.
     const int partials = pr->out_q && pr->Kp > KC;
     int64_t mt_block = partials ? bl.c_block / (nb_tiles * nr * mr) : m1 - m0;
+    if (pr->wino) mt_block = pr->Kp <= KC ? 1 : GEMM_WINO_NB * GEMM_MR_MAX / (nb_tiles * nr * mr);
     mt_block = mt_block < 1 ? 1 : mt_block;
     for (int64_t nb = n0; nb < n1; nb += nb_tiles) {
         const int64_t nb_end = nb + nb_tiles < n1 ? nb + nb_tiles : n1;
         const int64_t px0 = nb * nr, px1 = nb_end * nr < N ? nb_end * nr : N;
         for (int64_t mt = m0; mt < m1; mt += mt_block) {
             const int64_t mt_end = mt + mt_block < m1 ? mt + mt_block : m1;
-            const struct gemm_partials sums = { partials ? pr->sc->qpart : NULL, (mt_end - mt) * mr, px0, mt * mr };
+            const int64_t ld = (mt_end - mt) * mr;
+            const struct gemm_partials sums = {
+                pr->wino ? pr->sc->wpart : partials ? pr->sc->qpart : NULL, ld, px0, mt * mr, (nb_end - nb) * nr * ld,
+            };
             pixel_block(pr, &sums, mt, mt_end, px0, px1);
+            if (pr->wino) winograd_outputs(pr, &sums, px1, mt_end * mr < pr->M ? mt_end * mr : pr->M);
         }
     }
 }
@@ -351,9 +379,8 @@ static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst,
         const int64_t ne[4] = { x->ne[0], x->ne[1], 1, 1 };
         const size_t nb[4] = { x->nb[0], x->nb[1], x->nb[2], x->nb[2] };
         pr->geo = patch_geom_of(x->data, ne, nb, x->ne[0], 1, 1, 1, 0);
-        pr->N = dst->ne[1];
+        pr->N = x->ne[1];
         pr->x_step = x->nb[2];
-        pr->c_step = dst->nb[2];
     } else {
         pr->geo = patch_geom_of(x->data, x->ne, x->nb, x->ne[0], kh, kh, op_param(dst, GP_STRIDE),
                                  op_param(dst, GP_PAD));
@@ -470,6 +497,14 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         .colsum = quant ? (const int32_t *) dst->src[3]->data : NULL,
         .sc = &scratch,
     };
+    if (wino) {  // the epilogue is the output transform's
+        pr.wout = (struct winograd_out) {
+            dst->data, dst->nb[1], dst->nb[2], dst->nb[3], dst->ne[1], dst->ne[2], pr.bias, (const char *) res, pr.relu,
+        };
+        pr.bias = NULL;
+        pr.res = NULL;
+        pr.relu = 0;
+    }
     set_pixels(&pr, dst, kh);
     gemm_share(&pr, (uint32_t *) dst->op_params + OP_PARAMS_FIRST + GP_CLAIMS, ith, nth);
 }
@@ -521,9 +556,16 @@ struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w
 }
 
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
-                                   int64_t m, int path) {
-    struct ggml_tensor * args[2] = { w, v };
-    const int32_t params[GP_N_PARAMS] = { [GP_PATH] = path, [GP_FLAGS] = GF_WINO };
-    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, v->ne[1], 16, 1, args, 2, gemm_run, GGML_N_TASKS_MAX,
-                                        NULL), params, GP_N_PARAMS);
+                                   struct ggml_tensor * x, int64_t m, struct ggml_tensor * bias,
+                                   struct ggml_tensor * residual, int relu, int path) {
+    struct ggml_tensor * args[4] = { w, v };
+    int n_args = 2;
+    if (bias) args[n_args++] = bias;
+    if (residual) args[n_args++] = residual;
+    const int32_t params[GP_N_PARAMS] = {
+        [GP_PATH] = path,
+        [GP_FLAGS] = GF_WINO | (bias ? GF_BIAS : 0) | (residual ? GF_RES : 0) | (relu ? GF_RELU : 0),
+    };
+    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, x->ne[1], x->ne[2], x->ne[3], args, n_args, gemm_run,
+                                        GGML_N_TASKS_MAX, NULL), params, GP_N_PARAMS);
 }

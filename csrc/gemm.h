@@ -105,13 +105,16 @@ struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
                                float r_scale, int r_zero, int relu, float y_scale, int y_zero, int path);
 
-// A 3x3 stride-1 convolution's 16 Winograd F(2x2, 3x3) products (csrc/winograd.h): w, packed f32 3x3 weights
-// as for gemm_packed (K = 9 C); v: contiguous f32 [C, T, 16, 1] from winograd_input. Returns f32 [M, T, 16, 1]
-// for winograd_output: slice t is v's slice t times (G g G^T)_t, the weights transformed as each tile needs
-// them (the packed 3x3 weights are all the model stores), each product summed as gemm_packed sums, K = C.
-// f32 paths only; the caller validates every argument.
+// A 3x3 stride-1 padding-1 convolution of x (contiguous f32 [C, W, H, B]) by Winograd F(2x2, 3x3)
+// (csrc/winograd.h): w, packed f32 3x3 weights as for gemm_packed (K = 9 C); v: winograd_input(x), f32
+// [C, T, 16, 1]. Returns f32 [M, W, H, B], what winograd_output makes of the 16 products, bias, residual and
+// relu (as for gemm_packed): product t is v's slice t times (G g G^T)_t, the weights transformed as each tile
+// needs them (the packed 3x3 weights are all the model stores), each summed as gemm_packed sums, K = C; each
+// thread keeps the products' sums of its blocks of tiles and channels and transforms them itself, so they
+// never leave it. f32 paths only; the caller validates every argument.
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
-                                   int64_t m, int path);
+                                   struct ggml_tensor * x, int64_t m, struct ggml_tensor * bias,
+                                   struct ggml_tensor * residual, int relu, int path);
 
 #ifdef __cplusplus
 }

@@ -93,56 +93,60 @@ static inline __attribute__((always_inline)) void output_epilogue(float y[CH], c
 }
 
 ISA_CLONES
+void winograd_output_tile(const struct winograd_out * o, int64_t t, const float * in, int64_t in_step, int64_t c0,
+                          int64_t c1) {
+    const int64_t tw = (o->W + 1) / 2, th = (o->H + 1) / 2;
+    const int64_t tx = t % tw, ty = (t / tw) % th, n = t / (tw * th);
+    size_t offs[4];
+    int inside[4];
+    for (int i = 0; i < 2; ++i) {
+        for (int j = 0; j < 2; ++j) {
+            const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
+            inside[2 * i + j] = oy < o->H && ox < o->W;
+            offs[2 * i + j] = ox * o->nb1 + oy * o->nb2 + n * o->nb3;
+        }
+    }
+    for (int64_t c = c0; c < c1; c += CH) {
+        const int nc = c1 - c < CH ? (int) (c1 - c) : CH;
+        float v[16][CH], u[8][CH], y[4][CH];
+        for (int k = 0; k < 16; ++k) copy_chunk(v[k], in + k * in_step + (c - c0), nc);
+        // u = A^T v (rows), then y = u A (columns); A^T = [1 1 1 0; 0 1 -1 -1].
+        for (int j = 0; j < 4; ++j) {
+            for (int l = 0; l < CH; ++l) {
+                u[0 + j][l] = v[0 + j][l] + v[4 + j][l] + v[8 + j][l];
+                u[4 + j][l] = v[4 + j][l] - v[8 + j][l] - v[12 + j][l];
+            }
+        }
+        for (int i = 0; i < 2; ++i) {
+            for (int l = 0; l < CH; ++l) {
+                y[2 * i + 0][l] = u[4 * i + 0][l] + u[4 * i + 1][l] + u[4 * i + 2][l];
+                y[2 * i + 1][l] = u[4 * i + 1][l] - u[4 * i + 2][l] - u[4 * i + 3][l];
+            }
+        }
+        // Then + bias, + residual, ReLU, in that order (the packed GEMM's epilogue).
+        for (int k = 0; k < 4; ++k) {
+            if (!inside[k]) continue;
+            output_epilogue(y[k], o->bias ? o->bias + c : NULL,
+                            o->res ? (const float *) (o->res + offs[k]) + c : NULL, o->relu, nc);
+            copy_chunk(o->data + offs[k] + c * sizeof(float), y[k], nc);
+        }
+    }
+}
+
 static void winograd_output_run(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * m = dst->src[0];
     (void) userdata;
     const int has_bias = op_param(dst, WO_BIAS);
-    const float * bias = has_bias ? (const float *) dst->src[1]->data : NULL;
     const struct ggml_tensor * res = op_param(dst, WO_RES) ? dst->src[1 + has_bias] : NULL;
-    const int relu = op_param(dst, WO_RELU);
-    const int64_t OC = dst->ne[0], W = dst->ne[1], H = dst->ne[2];
-    const int64_t tw = (W + 1) / 2, th = (H + 1) / 2, T = m->ne[1];
+    const struct winograd_out o = {
+        dst->data, dst->nb[1], dst->nb[2], dst->nb[3], dst->ne[1], dst->ne[2],
+        has_bias ? (const float *) dst->src[1]->data : NULL, res ? res->data : NULL, op_param(dst, WO_RELU),
+    };
     int64_t first, last;
-    thread_range(T, ith, nth, &first, &last);
-
+    thread_range(m->ne[1], ith, nth, &first, &last);
     for (int64_t t = first; t < last; ++t) {
-        const int64_t tx = t % tw, ty = (t / tw) % th, n = t / (tw * th);
-        const float * in[16];
-        for (int k = 0; k < 16; ++k) in[k] = (const float *) ((const char *) m->data + t * m->nb[1] + k * m->nb[2]);
-        size_t offs[4];
-        int inside[4];
-        for (int i = 0; i < 2; ++i) {
-            for (int j = 0; j < 2; ++j) {
-                const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
-                inside[2 * i + j] = oy < H && ox < W;
-                offs[2 * i + j] = ox * dst->nb[1] + oy * dst->nb[2] + n * dst->nb[3];
-            }
-        }
-        for (int64_t c0 = 0; c0 < OC; c0 += CH) {
-            const int nc = OC - c0 < CH ? (int) (OC - c0) : CH;
-            float v[16][CH], u[8][CH], y[4][CH];
-            for (int k = 0; k < 16; ++k) copy_chunk(v[k], in[k] + c0, nc);
-            // u = A^T v (rows), then y = u A (columns); A^T = [1 1 1 0; 0 1 -1 -1].
-            for (int j = 0; j < 4; ++j) {
-                for (int l = 0; l < CH; ++l) {
-                    u[0 + j][l] = v[0 + j][l] + v[4 + j][l] + v[8 + j][l];
-                    u[4 + j][l] = v[4 + j][l] - v[8 + j][l] - v[12 + j][l];
-                }
-            }
-            for (int i = 0; i < 2; ++i) {
-                for (int l = 0; l < CH; ++l) {
-                    y[2 * i + 0][l] = u[4 * i + 0][l] + u[4 * i + 1][l] + u[4 * i + 2][l];
-                    y[2 * i + 1][l] = u[4 * i + 1][l] - u[4 * i + 2][l] - u[4 * i + 3][l];
-                }
-            }
-            // Then + bias, + residual, ReLU, in that order (the packed GEMM's epilogue).
-            for (int k = 0; k < 4; ++k) {
-                if (!inside[k]) continue;
-                output_epilogue(y[k], bias ? bias + c0 : NULL,
-                                res ? (const float *) ((const char *) res->data + offs[k]) + c0 : NULL, relu, nc);
-                copy_chunk((char *) dst->data + offs[k] + c0 * sizeof(float), y[k], nc);
-            }
-        }
+        winograd_output_tile(&o, t, (const float *) ((const char *) m->data + t * m->nb[1]),
+                             (int64_t) (m->nb[2] / sizeof(float)), 0, dst->ne[0]);
     }
 }
 

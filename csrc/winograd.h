@@ -21,7 +21,25 @@ struct ggml_tensor * winograd_input(struct ggml_context * ctx, struct ggml_tenso
 struct ggml_tensor * winograd_output(struct ggml_context * ctx, struct ggml_tensor * m, struct ggml_tensor * x,
                                      struct ggml_tensor * bias, struct ggml_tensor * residual, int relu);
 
-// Internal to csrc/ (the packed GEMM): the transformed weights U_t = (G g G^T)[a][b] of every product
+// Internal to csrc/ (the packed GEMM), from here on. Where winograd_output_tile writes: an f32 [OC, W, H, N]
+// result (channels contiguous, nb1..nb3 its byte strides), and its epilogue's operands: bias NULL or [OC]; res
+// NULL or a residual laid out as the result; relu 0 or 1.
+struct winograd_out {
+    char * data;
+    size_t nb1, nb2, nb3;
+    int64_t W, H;
+    const float * bias;
+    const char * res;
+    int relu;
+};
+
+// Tile t's 2x2 outputs A^T m A (cut at the result's edges) for channels c0..c1-1, then + bias, + residual, ReLU:
+// its 16 products' values for channel c0 at in, in + in_step, ... (floats), the next channels after each.
+// What winograd_output does for each tile and every channel.
+void winograd_output_tile(const struct winograd_out * o, int64_t t, const float * in, int64_t in_step, int64_t c0,
+                          int64_t c1);
+
+// The transformed weights U_t = (G g G^T)[a][b] of every product
 // t = 4a + b but the four corners (each one tap of g, read in place), for k (input channels) kb..kb+kc-1 of
 // the two 16-channel panels of packed f32 3x3 weights at w (gemm.h's layout, K = 9 C, k = (ky, kx, c)):
 // product t's at out + t * t_step, its two panels kc * 16 floats apart, each k-major.

@@ -136,7 +136,8 @@ struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w
                                float x_scale, int x_zero, struct ggml_tensor * bias, struct ggml_tensor * residual,
                                float r_scale, int r_zero, int relu, float y_scale, int y_zero, int path);
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
-                                   int64_t m, int path);
+                                   struct ggml_tensor * x, int64_t m, struct ggml_tensor * bias,
+                                   struct ggml_tensor * residual, int relu, int path);
 """
 
 SOURCE = r"""

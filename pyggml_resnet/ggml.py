@@ -630,25 +630,35 @@ class Graph(_Closable):
                                          residual._ptr if residual is not None else ffi.NULL, bool(relu),
                                          code))
 
-    def gemm_winograd(self, w: Tensor, v: Tensor, m: int, *, path: str) -> Tensor:
-        """The 16 Winograd F(2x2,3x3) products of a 3x3 stride-1 convolution (csrc/gemm.h): v [C, T, 16, 1]
-        from `winograd_input`, w the packed f32 3x3 weights `gemm` takes (K = 9 C) -> [m, T, 16, 1] for
-        `winograd_output`. The weights are transformed as the product needs them, so nothing else is stored.
-        `path`: an f32 path, as for `gemm`."""
-        ctx = self._building(w, v)
+    def gemm_winograd(self, w: Tensor, v: Tensor, m: int, *, like: Tensor, bias: Tensor | None = None,
+                      residual: Tensor | None = None, relu: bool = False, path: str) -> Tensor:
+        """A 3x3 stride-1 padding-1 convolution of `like` [C, W, H, N] by Winograd F(2x2,3x3) in the packed GEMM
+        (csrc/gemm.h): v [C, T, 16, 1] is `winograd_input(like)`, w the packed f32 3x3 weights `gemm` takes
+        (K = 9 C) -> [m, W, H, N], then + bias ([m]), + residual (shaped like the result), ReLU: what
+        `winograd_output` makes of the 16 products, which each thread transforms as it finishes them. The
+        weights are transformed as the product needs them, so nothing else is stored. `path`: an f32 path, as
+        for `gemm`."""
+        extra = tuple(t for t in (bias, residual) if t is not None)
+        ctx = self._building(w, v, like, *extra)
         code = self._gemm_code(w, path, "gemm_winograd")
         self._need_f32(w, op="gemm_winograd")
         m = _integer(m, "gemm_winograd: m", 1)
-        self._need_f32(v, op="gemm_winograd")
-        self._need_contiguous(v, "gemm_winograd")
-        self._need_contiguous(w, "gemm_winograd")
-        if v.ne[2:] != (16, 1):
-            raise InputError(f"gemm_winograd: v {v!r} must be [C, T, 16, 1]")
-        panels, k, _ = packed_shape(m, 9 * v.ne[0])
+        self._need_f32(v, like, *extra, op="gemm_winograd")
+        for t in (w, v, *extra):
+            self._need_contiguous(t, "gemm_winograd")
+        channels, width, height, n = like.ne
+        tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
+        if v.ne != (channels, tiles, 16, 1):
+            raise InputError(f"gemm_winograd: v {v!r} must be [{channels}, {tiles}, 16, 1], "
+                             f"winograd_input of {like!r}")
+        panels, k, _ = packed_shape(m, 9 * channels)
         if w.ne != (PANEL, k, panels, 1):
-            raise InputError(f"gemm_winograd: {w!r} is not packed 3x3 weights for m={m} and {v.ne[0]} channels "
+            raise InputError(f"gemm_winograd: {w!r} is not packed 3x3 weights for m={m} and {channels} channels "
                              f"(want ne {(PANEL, k, panels, 1)})")
-        return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, m, code))
+        self._check_epilogue("gemm_winograd", (m, width, height, n), bias, residual)
+        return self._new(lib.gemm_winograd(ctx, w._ptr, v._ptr, like._ptr, m,
+                                           bias._ptr if bias is not None else ffi.NULL,
+                                           residual._ptr if residual is not None else ffi.NULL, bool(relu), code))
 
     def gemm_int8(self, w: Tensor, x: Tensor, m: int, *, scales: Tensor, colsums: Tensor, x_scale: float,
                   x_zero: int, kernel: int = 1, stride: int = 1, padding: int = 0, bias: Tensor | None = None,

@@ -69,10 +69,10 @@ def conv2d(g: Graph, x: Tensor, w: Tensor, plan: MatrixPlan, *, bias: Tensor | N
     output; the other layouts add them as separate ops, after a gathering of patches (above 1x1) that the
     packed layout does not need: it reads its windows straight from x. A grouped conv (plain): see
     `grouped_product`. Winograd runs as `plan.winograd` says for x's size: a packed conv's 16 Winograd
-    products in the packed GEMM, the epilogue in the output transform. Int8: `Graph.gemm_int8` with the
-    weights' `scales` and `colsums` (their tensors) and the input quantization of the plan, epilogue fused;
-    with `out_quant` (the next int8 conv's input quantization) the result is that conv's u8 input, and with
-    `residual_quant` the residual is such u8 bytes, quantized as it says."""
+    products in the packed GEMM, which also makes the output transform and the epilogue. Int8:
+    `Graph.gemm_int8` with the weights' `scales` and `colsums` (their tensors) and the input quantization of
+    the plan, epilogue fused; with `out_quant` (the next int8 conv's input quantization) the result is that
+    conv's u8 input, and with `residual_quant` the residual is such u8 bytes, quantized as it says."""
     conv = plan.conv
     window = dict(kernel=conv.kernel, stride=conv.stride, padding=conv.padding)
     if plan.layout is Layout.INT8:
@@ -86,9 +86,9 @@ def conv2d(g: Graph, x: Tensor, w: Tensor, plan: MatrixPlan, *, bias: Tensor | N
         y = grouped_product(g, x, w, **window, groups=conv.groups)
     elif plan.winograd.runs(x.ne[1], x.ne[2]):
         v = g.winograd_input(x)
-        products = (g.mul_mat(w, v) if plan.layout is Layout.WINOGRAD
-                    else g.gemm_winograd(w, v, conv.out_ch, path=plan.path))
-        return g.winograd_output(products, x, bias=bias, residual=residual, relu=relu)
+        if plan.layout is Layout.WINOGRAD:
+            return g.winograd_output(g.mul_mat(w, v), x, bias=bias, residual=residual, relu=relu)
+        return g.gemm_winograd(w, v, conv.out_ch, like=x, bias=bias, residual=residual, relu=relu, path=plan.path)
     elif plan.layout is Layout.PACKED:
         if w.type == Type.BF16 and conv.kernel > 1:
             # Rounded to bf16 once here, not for each of the kernel*kernel windows that read a pixel.

@@ -18,7 +18,7 @@ from pyggml_resnet.bench.workload import flops_per_image, products
 from pyggml_resnet.errors import InputError
 from pyggml_resnet.cpu import cpuinfo
 from pyggml_resnet.ggml import (MAX_WINDOW, Backend, Graph, Type, Weights, gemm_folds_broadcasts,
-                                set_gemm_folds_broadcasts)
+                                set_gemm_cache_bytes, set_gemm_folds_broadcasts)
 from pyggml_resnet.packing import pack_matrix, packed_shape
 from pyggml_resnet.plan import gemm_paths, gemm_type
 
@@ -210,6 +210,64 @@ def test_paths_batches_and_threads_agree_bit_for_bit(paths):
         set_gemm_folds_broadcasts(None)
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+def run_winograd(backend, img, wt, bias, res, path):
+    """The 3x3 stride-1 padding-1 convolution of img (N, H, W, C) by wt [M, C, 3, 3] through Graph.gemm_winograd,
+    + bias, + res (N, H, W, M), ReLU -> (N, H, W, M)."""
+    n, h, w, c = img.shape
+    m = len(wt)
+    k = 9 * c
+    with Weights(backend, {"w": ("f32", tuple(reversed(packed_shape(m, k)))), "b": ("f32", (m,))}) as wts, \
+            Graph(backend) as g:
+        wts.set("w", pack_matrix(wt.transpose(0, 2, 3, 1).reshape(m, k)))  # k = (ky, kx, c), as gemm orders it
+        wts.set("b", bias)
+        xi, ri = g.input("x", (c, w, h, n)), g.input("r", (m, w, h, n))
+        y = g.gemm_winograd(wts["w"], g.winograd_input(xi), m, like=xi, bias=wts["b"], residual=ri, relu=True,
+                            path=path)
+        g.finalize(y)
+        g.set(xi, img)
+        g.set(ri, res)
+        g.compute()
+        return g.get(y)
+
+
+def test_winograd_products_agree_bit_for_bit():
+    """Winograd's products keep each thread's sums of a block of tiles and channels and transform them as the
+    block is done (csrc/gemm.c): every f32 path and tile form, thread count, batch size and cache block (L1ds
+    of 32 and 48 KiB: 512 and 1024 bytes of k, so 160 channels are two K blocks or one; L2s of 128 KiB to 8 MiB:
+    pixel blocks of 16 to 40 tiles of 12, of 432 Winograd tiles here) gives the same bits, as close to float64
+    as Winograd F(2x2,3x3) in f32 is; odd sizes cut the edge tiles and 40 channels a tile of 32 short."""
+    if not F32_PATHS:
+        pytest.skip("no f32 packed GEMM path on this CPU")
+    rng = np.random.default_rng(9)
+    n, h, w, c, m = 3, 23, 25, 160, 40
+    img = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    wt = (rng.standard_normal((m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    bias, res = rng.standard_normal(m).astype(np.float32), rng.standard_normal((n, h, w, m)).astype(np.float32)
+    results = []
+    try:
+        for threads, (l1, l2) in zip((1, 2, 3, 2, 2), ((None, None), (32 << 10, 128 << 10), (48 << 10, 128 << 10),
+                                                        (32 << 10, 8 << 20), (48 << 10, 8 << 20))):
+            set_gemm_cache_bytes(1, l1)
+            set_gemm_cache_bytes(2, l2)
+            with Backend(threads=threads) as b:
+                for path, folded in PATH_FORMS:
+                    if path in F32_PATHS:
+                        set_gemm_folds_broadcasts(folded)
+                        results.append(run_winograd(b, img, wt, bias, res, path))
+                        np.testing.assert_array_equal(run_winograd(b, img[1:2], wt, bias, res[1:2], path),
+                                                      results[-1][1:2])
+    finally:
+        set_gemm_cache_bytes(1, None)
+        set_gemm_cache_bytes(2, None)
+        set_gemm_folds_broadcasts(None)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    x64 = np.pad(img.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = sum(x64[:, i:i + h, j:j + w] @ wt[:, :, i, j].astype(np.float64).T for i in range(3) for j in range(3))
+    want = np.maximum(want + bias + res, 0)
+    assert np.linalg.norm(results[0] - want) / np.linalg.norm(want) < 1e-6
 
 
 def test_threads_take_chunks_afresh_in_each_computation():
