@@ -170,22 +170,15 @@ def _int8_operands(w: Weights, m: MatrixPlan) -> dict[str, Tensor]:
     return {"scales": w[f"{m.name}_scale"], "colsums": w[f"{m.name}_colsums"]}
 
 
-# The stem and the first stages run image by image (`per_image_stages`), then the later stages over the whole
+# The stem and the first PER_IMAGE_STAGES stages run image by image, then the later stages over the whole
 # batch: early activations are large and their weights small, so one image's stay in cache where a batch's
 # would not; later weights are large, so a batch reads them once instead of once per image. Results are the
 # same (every op is batch-invariant). Batches above PER_IMAGE_MAX_BATCH (only `Model.stages` makes them) run
-# whole. f32 and bf16 through layer3 (not 2): a batch of 8's layer3 activations and Winograd tiles outgrow the
-# L2, and reading its weights once per image costs less (Zen 4, ResNet-101, batch 8 per image: f32 1 thread
-# 129-136 vs 144-146 ms, 2 threads 69.3-69.4 vs 70.1-75.3). int8 through layer2: its layer3 activations are
-# u8, a quarter of f32's bytes, and a batch's fit (2 threads, both in one process, called in turn: batch 8
-# 1.7% and 1.8% faster in two runs, batch 2 1.0%).
-PER_IMAGE_STAGES = 3  # the most, for any plan
+# whole. Through layer2, for every type: layer3 over the batch made ResNet-101 at batch 8 0.972-0.985x in
+# f32 and 0.955x in bf16 on Zen 5 (int8 0.99-1.00x) once each thread kept its Winograd products (gemm_winograd);
+# on Zen 4, when those went through memory 16-fold, f32 had measured layer3 image by image faster.
+PER_IMAGE_STAGES = 2
 PER_IMAGE_MAX_BATCH = 16
-
-
-def per_image_stages(plan: ModelPlan) -> int:
-    """How many stages after the stem run image by image in a batch (see PER_IMAGE_STAGES)."""
-    return 2 if plan.int8 else PER_IMAGE_STAGES
 
 
 def _per_image(batch: int) -> bool:
@@ -245,7 +238,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
     multiplied as its plan says. Returns the input ("image", ggml [3, W, H, N]: NumPy NHWC) and the outputs:
     "features" ([F, N]), "logits" and "probs" ([classes, N]), "layer3" and "layer4" ([C, W, H, N]; without
     `stages`, an int8 model's "layer3" may be the u8 bytes layer4 reads, see `_u8_successor`), and with
-    `stages` also "stem", "layer1" and "layer2" (else they may exist only image by image, see per_image_stages).
+    `stages` also "stem", "layer1" and "layer2" (else they may exist only image by image, see PER_IMAGE_STAGES).
     `taps` and `shortcuts` (batch 1 only): filled with each ungrouped conv's input and each downsample's output,
     by weight name (for int8 calibration)."""
     if (taps is not None or shortcuts is not None) and batch != 1:
@@ -269,8 +262,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
     out: dict[str, Tensor] = {}
     image = g.input("image", (3, width, height, batch))  # channel-fastest: NumPy NHWC
     out["image"] = image
-    n_early = per_image_stages(plan)
-    early = STAGES[:n_early + 1]
+    early = STAGES[:PER_IMAGE_STAGES + 1]
     split = _per_image(batch)
     per_image: dict[str, list[Tensor]] = {name: [] for name in early}
     stem = plan[arch.STEM.name]
@@ -282,7 +274,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
         x = conv_bn(x, arch.STEM, relu=True, out_quant=stem_quant)
         per_image["stem"].append(layers.max_pool(g, x, kernel=3, stride=2, padding=1))
         x_quant = stem_quant
-        for number in range(1, n_early + 1):
+        for number in range(1, PER_IMAGE_STAGES + 1):
             x, x_quant = _stage(conv_bn, plan, cfg, per_image[STAGES[number - 1]][-1], x_quant, number, stages,
                                 shortcuts)
             per_image[f"layer{number}"].append(x)
@@ -290,7 +282,7 @@ def build(g: Graph, w: Weights, cfg: ResNetConfig, eps: float, plan: ModelPlan, 
         if stages or name == early[-1]:
             out[name] = g.stack_batch(per_image[name]) if split else per_image[name][0]
     x = out[early[-1]]
-    for number in range(n_early + 1, len(cfg.layers) + 1):
+    for number in range(PER_IMAGE_STAGES + 1, len(cfg.layers) + 1):
         x, x_quant = _stage(conv_bn, plan, cfg, x, x_quant, number, stages, shortcuts)
         out[f"layer{number}"] = x
     out["features"] = layers.global_avg_pool(g, x)
