@@ -34,7 +34,7 @@ _Static_assert(GEMM_KS_INT8 == GEMM_KC_BYTES_MAX, "an int8 cache block is one su
 _Static_assert(GEMM_KC_BYTES_MIN % (GEMM_KS_BF16 * 2) == 0 && GEMM_KC_BYTES_MIN % (GEMM_KS * 4) == 0,
                "a cache block holds whole summation blocks");
 
-// Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: the 16 Winograd products of gemm_winograd);
+// Op parameters (csrc/op_params.h): FLAGS holds the GF_ bits (WINO: gemm_winograd's convolution);
 // X_SCALE (a float's bits): the int8 pixels' sx; Y_SCALE: a u8 result's (0: an f32 result); R_SCALE: a u8
 // residual's (0: f32); ZEROS: the three zero points (0..255), x's | y's << 8 | the residual's << 16.
 // CLAIMS is no parameter but the threads' shared record of which chunks of the work are taken (gemm_share):
