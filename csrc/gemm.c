@@ -519,22 +519,24 @@ struct gemm_quant_args {
     int r_zero;
 };
 
-// A convolution's product: args holds w, x and (int8) the scales and column sums; bias and residual follow.
-static struct ggml_tensor * gemm_conv(struct ggml_context * ctx, struct ggml_tensor ** args, int n_args, int64_t m,
-                                      int kh, int stride, int pad, struct ggml_tensor * bias,
-                                      struct ggml_tensor * residual, int relu, int path, struct gemm_quant_args qa) {
+// A convolution's product: args holds w, x (for Winograd, winograd_input's v) and (int8) the scales and column
+// sums; bias and residual follow. The result is shaped by the convolution of `image` (x itself, or what v was
+// made from); `wino`: Winograd's 16 products (gemm_winograd).
+static struct ggml_tensor * gemm_conv(struct ggml_context * ctx, struct ggml_tensor ** args, int n_args,
+                                      const struct ggml_tensor * image, int64_t m, int kh, int stride, int pad,
+                                      struct ggml_tensor * bias, struct ggml_tensor * residual, int relu, int wino,
+                                      int path, struct gemm_quant_args qa) {
     if (bias) args[n_args++] = bias;
     if (residual) args[n_args++] = residual;
     const int32_t params[GP_N_PARAMS] = {
         [GP_PATH] = path, [GP_KH] = kh, [GP_STRIDE] = stride, [GP_PAD] = pad,
-        [GP_FLAGS] = (bias ? GF_BIAS : 0) | (residual ? GF_RES : 0) | (relu ? GF_RELU : 0),
+        [GP_FLAGS] = (bias ? GF_BIAS : 0) | (residual ? GF_RES : 0) | (relu ? GF_RELU : 0) | (wino ? GF_WINO : 0),
         [GP_X_SCALE] = op_param_of_f32(qa.x_scale), [GP_Y_SCALE] = op_param_of_f32(qa.y_scale),
         [GP_R_SCALE] = op_param_of_f32(qa.r_scale), [GP_ZEROS] = qa.x_zero | qa.y_zero << 8 | qa.r_zero << 16,
     };
-    const struct ggml_tensor * x = args[1];
-    const int64_t OW = (x->ne[1] + 2 * pad - kh) / stride + 1, OH = (x->ne[2] + 2 * pad - kh) / stride + 1;
+    const int64_t OW = (image->ne[1] + 2 * pad - kh) / stride + 1, OH = (image->ne[2] + 2 * pad - kh) / stride + 1;
     const enum ggml_type type = qa.y_scale != 0.0f ? GGML_TYPE_I8 : GGML_TYPE_F32;
-    return op_params_set(ggml_custom_4d(ctx, type, m, OW, OH, x->ne[3], args, n_args, gemm_run,
+    return op_params_set(ggml_custom_4d(ctx, type, m, OW, OH, image->ne[3], args, n_args, gemm_run,
                                         GGML_N_TASKS_MAX, NULL), params, GP_N_PARAMS);
 }
 
@@ -543,7 +545,7 @@ struct ggml_tensor * gemm_packed(struct ggml_context * ctx, struct ggml_tensor *
                                  struct ggml_tensor * residual, int relu, int path) {
     struct ggml_tensor * args[4] = { w, x };
     const struct gemm_quant_args none = { 0 };
-    return gemm_conv(ctx, args, 2, m, kh, stride, pad, bias, residual, relu, path, none);
+    return gemm_conv(ctx, args, 2, x, m, kh, stride, pad, bias, residual, relu, 0, path, none);
 }
 
 struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x, int64_t m,
@@ -552,20 +554,13 @@ struct ggml_tensor * gemm_int8(struct ggml_context * ctx, struct ggml_tensor * w
                                float r_scale, int r_zero, int relu, float y_scale, int y_zero, int path) {
     struct ggml_tensor * args[6] = { w, x, scales, colsums };
     const struct gemm_quant_args qa = { x_scale, x_zero, y_scale, y_zero, r_scale, r_zero };
-    return gemm_conv(ctx, args, 4, m, kh, stride, pad, bias, residual, relu, path, qa);
+    return gemm_conv(ctx, args, 4, x, m, kh, stride, pad, bias, residual, relu, 0, path, qa);
 }
 
 struct ggml_tensor * gemm_winograd(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * v,
                                    struct ggml_tensor * x, int64_t m, struct ggml_tensor * bias,
                                    struct ggml_tensor * residual, int relu, int path) {
     struct ggml_tensor * args[4] = { w, v };
-    int n_args = 2;
-    if (bias) args[n_args++] = bias;
-    if (residual) args[n_args++] = residual;
-    const int32_t params[GP_N_PARAMS] = {
-        [GP_PATH] = path,
-        [GP_FLAGS] = GF_WINO | (bias ? GF_BIAS : 0) | (residual ? GF_RES : 0) | (relu ? GF_RELU : 0),
-    };
-    return op_params_set(ggml_custom_4d(ctx, GGML_TYPE_F32, m, x->ne[1], x->ne[2], x->ne[3], args, n_args, gemm_run,
-                                        GGML_N_TASKS_MAX, NULL), params, GP_N_PARAMS);
+    const struct gemm_quant_args none = { 0 };
+    return gemm_conv(ctx, args, 2, x, m, 3, 1, 1, bias, residual, relu, 1, path, none);
 }

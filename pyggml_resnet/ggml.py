@@ -647,7 +647,7 @@ class Graph(_Closable):
         for t in (w, v, *extra):
             self._need_contiguous(t, "gemm_winograd")
         channels, width, height, n = like.ne
-        tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
+        tiles = self._winograd_tiles(like)
         if v.ne != (channels, tiles, 16, 1):
             raise InputError(f"gemm_winograd: v {v!r} must be [{channels}, {tiles}, 16, 1], "
                              f"winograd_input of {like!r}")
@@ -872,12 +872,18 @@ class Graph(_Closable):
         for t in (m, *extra):
             self._need_contiguous(t, "winograd_output")
         _, width, height, n = like.ne
-        tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
+        tiles = self._winograd_tiles(like)
         if m.ne[1:] != (tiles, 16, 1):
             raise InputError(f"winograd_output: {m!r} must be [OC, {tiles}, 16, 1] for {like!r}")
         self._check_epilogue("winograd_output", (m.ne[0], width, height, n), bias, residual)
         return self._new(lib.winograd_output(ctx, m._ptr, like._ptr, bias._ptr if bias is not None else ffi.NULL,
                                              residual._ptr if residual is not None else ffi.NULL, bool(relu)))
+
+    @staticmethod
+    def _winograd_tiles(x: Tensor) -> int:
+        """The 2x2 output tiles of a padding-1 3x3 convolution of x [C, W, H, N]: winograd_input's T."""
+        _, width, height, n = x.ne
+        return n * ((height + 1) // 2) * ((width + 1) // 2)
 
     @staticmethod
     def _check_window(w, h, kernel, stride, padding, op) -> tuple[int, int, int]:
