@@ -8,6 +8,7 @@ Shapes use ggml's order: `ne[0]` is the fastest-varying dimension (NumPy's last 
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import os
 import threading
@@ -278,7 +279,11 @@ class _Closable:
 class Backend(_Closable):
     """ggml's CPU backend with its thread count, and a thread pool of its own whose threads sleep between
     computations (ggml's default pool is started for every computation, and its new threads spin while
-    they wait for work, which a busy machine pays for)."""
+    they wait for work, which a busy machine pays for).
+
+    A computation either runs one graph on the backend's threads, which meet at a barrier after every op, or
+    runs graphs side by side on its lanes (`lane`): single-thread backends, each graph on a thread of its own,
+    with nothing to wait for but its own work (`compute`)."""
 
     def __init__(self, threads: int | None = None, adapt: bool = False):
         """threads: the pool's threads, the most a computation uses (default: `cpu.default_threads()`).
@@ -289,6 +294,8 @@ class Backend(_Closable):
         self._finalizer = weakref.finalize(self, _free_backend, self._natives)
         self._ptr = None
         self._adapt = bool(adapt)
+        self._lanes: list[Backend] = []
+        self._runners = None  # Python threads that compute lanes' graphs beside the caller's (`compute`)
         self._start(default_threads() if threads is None else threads)
         _BACKENDS.add(self)
 
@@ -319,32 +326,75 @@ class Backend(_Closable):
                 lib.ggml_threadpool_free(old)
             self._threads = self.last_threads = n  # last_threads: what the last computation ran on
 
-    def _compute(self, graph) -> int:
-        """Runs a graph on this backend's pool, on as many of its threads as `adapt` leaves; ggml's status."""
+    def lane(self, i: int) -> "Backend":
+        """Lane i (0 <= i < threads): a single-thread backend of this one's, made on first use and closed with
+        it, whose graphs `compute` runs beside the other lanes' (their memory is ggml's CPU memory, as this
+        backend's: they read its weights)."""
+        i = _integer(i, "lane", 0, self._threads - 1)
+        with self._lock:
+            _alive(self._ptr, "backend")
+            while len(self._lanes) <= i:
+                self._lanes.append(Backend(1))
+            return self._lanes[i]
+
+    def next_threads(self) -> int:
+        """The threads the next computation gets: `threads`, or fewer while `adapt` finds the CPUs shared (ask
+        once per computation, then pass the answer to `compute`)."""
+        with self._lock:
+            return self._share.threads(self._threads) if self._share is not None else self._threads
+
+    def compute(self, graphs: "list[Graph]", threads: int) -> None:
+        """Computes graphs built on this backend, on `threads` threads (`next_threads()`), or on its lanes: the
+        lanes' graphs first, side by side (at most `threads` of them; each computation holds its own thread
+        and releases Python's lock), then the others in turn."""
+        threads = _integer(threads, "threads", 1, self._threads)
+        lanes = [g for g in graphs if g._backend is not self]
+        if len(lanes) > threads or any(g._backend not in self._lanes for g in lanes):
+            raise InputError(f"compute takes graphs of this backend and at most {threads} of its lanes'")
+        if len({id(g._backend) for g in lanes}) != len(lanes):
+            raise InputError("two graphs on one lane cannot compute side by side")
+        for g in graphs:
+            g._check_computable()
+        cpu, wall = time.process_time(), time.perf_counter()
+        if lanes:
+            if self._runners is None:
+                self._runners = concurrent.futures.ThreadPoolExecutor(MAX_THREADS - 1, "pyggml-lane")
+            beside = [self._runners.submit(g._backend._run, g._graph, 1) for g in lanes[1:]]
+            statuses = [lanes[0]._backend._run(lanes[0]._graph, 1)] + [f.result() for f in beside]
+        else:
+            statuses = []
+        statuses += [self._run(g._graph, threads) for g in graphs if g._backend is self]
+        if self._share is not None:
+            self._share.record(threads, time.process_time() - cpu, time.perf_counter() - wall)
+        for status in statuses:
+            if status != lib.GGML_STATUS_SUCCESS:
+                raise RuntimeError(f"ggml graph compute failed with status {status}")
+
+    def _run(self, graph, n: int) -> int:
+        """Runs a cgraph on this backend's pool, on n of its threads; ggml's status."""
         with self._lock:
             ptr = _alive(self._ptr, "backend")
-            n = self._share.threads(self._threads) if self._share is not None else self._threads
             if n != self.last_threads:  # the pool keeps its threads; those beyond n sit this computation out
                 lib.ggml_backend_cpu_set_n_threads(ptr, n)
                 self.last_threads = n
-            if self._share is None:
-                return lib.ggml_backend_graph_compute(ptr, graph)
-            cpu, wall = time.process_time(), time.perf_counter()
-            status = lib.ggml_backend_graph_compute(ptr, graph)
-            self._share.record(n, time.process_time() - cpu, time.perf_counter() - wall)
-            return status
+            return lib.ggml_backend_graph_compute(ptr, graph)
 
     def _after_fork_in_child(self):
         # The pool's threads did not survive the fork, and freeing the pool would join them: leave the old
         # backend and pool to the parent, and start new ones. A lock held by a thread of the parent would
-        # stay held here forever.
+        # stay held here forever. The lanes are backends too (they restart themselves), the runners threads.
         self._lock = threading.Lock()
+        self._runners = None
         if self._ptr is not None:
             self._natives[:] = [ffi.NULL, ffi.NULL]
             self._start(self._threads)
 
     def close(self):
         self._ptr = None
+        for lane in self._lanes:
+            lane.close()
+        if self._runners is not None:
+            self._runners.shutdown(wait=False)
         self._finalizer()
 
 
@@ -956,12 +1006,12 @@ class Graph(_Closable):
 
     def compute(self):
         """Runs the graph. Inputs must be set again before each call: ggml reuses their memory."""
+        self._backend.compute([self], self._backend.next_threads())
+
+    def _check_computable(self):
         self._require(_State.FINALIZED)
         if any(w._ctx is None for w in self._weights):
             raise InputError("the weights this graph reads have been closed")
-        status = self._backend._compute(self._graph)
-        if status != lib.GGML_STATUS_SUCCESS:
-            raise RuntimeError(f"ggml graph compute failed with status {status}")
 
     def get(self, tensor: Tensor) -> np.ndarray:
         """A fresh NumPy array (shape: reversed ne) holding the f32 tensor's current data (an I8 tensor's bytes

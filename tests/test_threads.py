@@ -6,9 +6,12 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
-from pyggml_resnet.ggml import Backend
+from pyggml_resnet.errors import InputError
+from pyggml_resnet.ggml import Backend, Graph
+from pyggml_resnet.model import lanes
 
 
 # The oversubscribed case, checked by how threads wait rather than by time: a process pinned to one CPU
@@ -142,3 +145,48 @@ def test_the_backend_keeps_its_own_pool_of_threads():
         b.threads = 5
         assert tasks() == before + 4
     assert tasks() == before
+
+
+def _doubling_graph(backend, adds: int):
+    """A graph of `adds` adds on an input x: y = x * (adds + 1)."""
+    g = Graph(backend)
+    x = g.input("x", (64, 64))
+    y = x
+    for _ in range(adds):
+        y = g.add(y, x)
+    g.finalize(y)
+    return g, x, y
+
+
+def test_lanes_compute_graphs_side_by_side():
+    # Three graphs at once: two on the lanes (each on its own thread), one on the backend's 2 threads after them.
+    with Backend(threads=2) as b:
+        made = [_doubling_graph(backend, adds) for backend, adds in ((b.lane(0), 3), (b.lane(1), 5), (b, 7))]
+        assert b.lane(0) is made[0][0]._backend and b.lane(0).threads == 1
+        data = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+        for g, x, _ in made:
+            g.set(x, data)
+        b.compute([g for g, _, _ in made], 2)
+        for (g, _, y), adds in zip(made, (3, 5, 7)):
+            np.testing.assert_array_equal(g.get(y).reshape(64, 64), data * (adds + 1))
+        lane0, lane1, own = (g for g, _, _ in made)
+        with pytest.raises(InputError, match="at most 1"):
+            b.compute([lane0, lane1], 1)  # two lanes on one thread would not be side by side
+        second = _doubling_graph(b.lane(0), 1)[0]
+        with pytest.raises(InputError, match="one lane"):
+            b.compute([lane0, second], 2)
+        with Backend(threads=2) as other, pytest.raises(InputError, match="at most 2"):
+            other.compute([lane0], 2)  # not one of other's lanes
+        with pytest.raises(InputError, match="lane"):
+            b.lane(2)
+    with pytest.raises(InputError, match="closed"):
+        lane0.compute()  # the lanes close with their backend
+
+
+def test_a_batch_runs_in_equal_shares_on_lanes_and_the_rest_on_every_thread():
+    assert lanes(8, 2) == [(0, 4, 0), (4, 8, 1)]
+    assert lanes(3, 2) == [(0, 1, 0), (1, 2, 1), (2, 3, None)]
+    assert lanes(2, 4) == [(0, 1, 0), (1, 2, 1)]
+    assert lanes(7, 3) == [(0, 2, 0), (2, 4, 1), (4, 6, 2), (6, 7, None)]
+    assert lanes(1, 2) == lanes(1, 1) == [(0, 1, None)]
+    assert lanes(16, 1) == [(0, 16, None)]
