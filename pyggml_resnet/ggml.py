@@ -343,27 +343,41 @@ class Backend(_Closable):
         with self._lock:
             return self._share.threads(self._threads) if self._share is not None else self._threads
 
-    def compute(self, graphs: "list[Graph]", threads: int) -> None:
+    def compute(self, graphs: "list[Graph]", threads: int, prepare=None) -> None:
         """Computes graphs built on this backend, on `threads` threads (`next_threads()`), or on its lanes: the
         lanes' graphs first, side by side (at most `threads` of them; each computation holds its own thread
-        and releases Python's lock), then the others in turn."""
+        and releases Python's lock), then the others in turn. prepare: None, or a callable (or None) per graph,
+        called on the thread that computes the graph just before it does (to set its inputs: the lanes' side
+        by side too); the first exception raised is raised once every lane is done."""
         threads = _integer(threads, "threads", 1, self._threads)
-        lanes = [g for g in graphs if g._backend is not self]
-        if len(lanes) > threads or any(g._backend not in self._lanes for g in lanes):
+        prepare = [None] * len(graphs) if prepare is None else list(prepare)
+        if len(prepare) != len(graphs):
+            raise InputError(f"compute got {len(graphs)} graphs but {len(prepare)} prepare callables")
+        lanes = [i for i, g in enumerate(graphs) if g._backend is not self]
+        if len(lanes) > threads or any(graphs[i]._backend not in self._lanes for i in lanes):
             raise InputError(f"compute takes graphs of this backend and at most {threads} of its lanes'")
-        if len({id(g._backend) for g in lanes}) != len(lanes):
+        if len({id(graphs[i]._backend) for i in lanes}) != len(lanes):
             raise InputError("two graphs on one lane cannot compute side by side")
         for g in graphs:
             g._check_computable()
+
+        def run(i: int, n: int) -> int:
+            if prepare[i] is not None:
+                prepare[i]()
+            return graphs[i]._backend._run(graphs[i]._graph, n)
+
         cpu, wall = time.process_time(), time.perf_counter()
+        statuses = []
         if lanes:
             if self._runners is None:
                 self._runners = concurrent.futures.ThreadPoolExecutor(MAX_THREADS - 1, "pyggml-lane")
-            beside = [self._runners.submit(g._backend._run, g._graph, 1) for g in lanes[1:]]
-            statuses = [lanes[0]._backend._run(lanes[0]._graph, 1)] + [f.result() for f in beside]
-        else:
-            statuses = []
-        statuses += [self._run(g._graph, threads) for g in graphs if g._backend is self]
+            beside = [self._runners.submit(run, i, 1) for i in lanes[1:]]
+            try:
+                statuses.append(run(lanes[0], 1))
+            finally:  # the graphs are the caller's again only once every lane is done with its own
+                concurrent.futures.wait(beside)
+            statuses += [f.result() for f in beside]
+        statuses += [run(i, threads) for i, g in enumerate(graphs) if g._backend is self]
         if self._share is not None:
             self._share.record(threads, time.process_time() - cpu, time.perf_counter() - wall)
         for status in statuses:

@@ -291,18 +291,19 @@ class Model(_Closable):
         result = {name: np.empty((n, width), np.float32) for name, width in widths.items()}
         step = max(1, min(MAX_BATCH, MAX_CHUNK_PIXELS // (h * w)))
         for start in range(0, n, step):
-            chunk = self._chunk(x, start, start + step)
             with self._lock:
                 backend = self._open_backend()  # closed by another thread since the check?
                 threads = backend.next_threads()
-                parts = [(lo, hi, *self._graph((hi - lo,) + x.shape[1:], lane=lane))
-                         for lo, hi, lane in lanes(len(chunk), threads)]
-                for lo, hi, graph, out in parts:
-                    graph.set(out["image"], chunk[lo:hi])
-                backend.compute([graph for _, _, graph, _ in parts], threads)
-                for lo, hi, graph, out in parts:
+                parts = [(start + lo, start + hi, *self._graph((hi - lo,) + x.shape[1:], lane=lane))
+                         for lo, hi, lane in lanes(min(step, n - start), threads)]
+
+                def prepare(first, end, graph, out):  # each part's images made NHWC on its lane's thread
+                    return lambda: graph.set(out["image"], self._chunk(x, first, end))
+
+                backend.compute([part[2] for part in parts], threads, [prepare(*part) for part in parts])
+                for first, end, graph, out in parts:
                     for name, width in widths.items():
-                        result[name][start + lo:start + hi] = graph.get(out[name]).reshape(hi - lo, width)
+                        result[name][first:end] = graph.get(out[name]).reshape(end - first, width)
         return result
 
     def _graph(self, shape, stages: bool = False, lane: int | None = None) -> tuple[Graph, dict]:

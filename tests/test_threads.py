@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -170,6 +171,22 @@ def test_lanes_compute_graphs_side_by_side():
         for (g, _, y), adds in zip(made, (3, 5, 7)):
             np.testing.assert_array_equal(g.get(y).reshape(64, 64), data * (adds + 1))
         lane0, lane1, own = (g for g, _, _ in made)
+        # prepare runs on the thread that computes its graph: the lanes' on two threads; an exception in one
+        # is raised once both are done.
+        where = {}
+        sets = [lambda g=g, x=x, i=i: (g.set(x, data + i), where.setdefault(i, threading.get_ident()))
+                for i, (g, x, _) in enumerate(made[:2])]
+        b.compute([lane0, lane1], 2, sets)
+        assert where[0] != where[1]
+        np.testing.assert_array_equal(lane1.get(made[1][2]).reshape(64, 64), (data + 1) * 6)
+
+        def fail():
+            raise InputError("bad image")
+
+        with pytest.raises(InputError, match="bad image"):
+            b.compute([lane0, lane1], 2, [sets[0], fail])
+        with pytest.raises(InputError, match="prepare"):
+            b.compute([lane0, lane1], 2, [None])
         with pytest.raises(InputError, match="at most 1"):
             b.compute([lane0, lane1], 1)  # two lanes on one thread would not be side by side
         second = _doubling_graph(b.lane(0), 1)[0]
