@@ -338,24 +338,25 @@ class Backend(_Closable):
             return self._lanes[i]
 
     def next_threads(self) -> int:
-        """The threads the next computation gets: `threads`, or fewer while `adapt` finds the CPUs shared (ask
-        once per computation, then pass the answer to `compute`)."""
+        """The threads the next computation's graphs on this backend get: `threads`, or fewer while `adapt`
+        finds the CPUs shared (ask once per such computation, then pass the answer to `compute`). Lanes need
+        no such care: they wait for nobody, so a lane on a shared CPU slows only its own share."""
         with self._lock:
             return self._share.threads(self._threads) if self._share is not None else self._threads
 
     def compute(self, graphs: "list[Graph]", threads: int, prepare=None) -> None:
         """Computes graphs built on this backend, on `threads` threads (`next_threads()`), or on its lanes: the
-        lanes' graphs first, side by side (at most `threads` of them; each computation holds its own thread
-        and releases Python's lock), then the others in turn. prepare: None, or a callable (or None) per graph,
-        called on the thread that computes the graph just before it does (to set its inputs: the lanes' side
-        by side too); the first exception raised is raised once every lane is done."""
+        lanes' graphs first, side by side (one per lane; each computation holds its own thread and releases
+        Python's lock), then the others in turn. prepare: None, or a callable (or None) per graph, called on
+        the thread that computes the graph just before it does (to set its inputs: the lanes' side by side
+        too); the first exception raised is raised once every lane is done."""
         threads = _integer(threads, "threads", 1, self._threads)
         prepare = [None] * len(graphs) if prepare is None else list(prepare)
         if len(prepare) != len(graphs):
             raise InputError(f"compute got {len(graphs)} graphs but {len(prepare)} prepare callables")
         lanes = [i for i, g in enumerate(graphs) if g._backend is not self]
-        if len(lanes) > threads or any(graphs[i]._backend not in self._lanes for i in lanes):
-            raise InputError(f"compute takes graphs of this backend and at most {threads} of its lanes'")
+        if any(graphs[i]._backend not in self._lanes for i in lanes):
+            raise InputError("compute takes graphs of this backend and of its lanes")
         if len({id(graphs[i]._backend) for i in lanes}) != len(lanes):
             raise InputError("two graphs on one lane cannot compute side by side")
         for g in graphs:
@@ -379,7 +380,7 @@ class Backend(_Closable):
             statuses += [f.result() for f in beside]
         statuses += [run(i, threads) for i, g in enumerate(graphs) if g._backend is self]
         if self._share is not None:
-            self._share.record(threads, time.process_time() - cpu, time.perf_counter() - wall)
+            self._share.record(max(threads, len(lanes)), time.process_time() - cpu, time.perf_counter() - wall)
         for status in statuses:
             if status != lib.GGML_STATUS_SUCCESS:
                 raise RuntimeError(f"ggml graph compute failed with status {status}")
