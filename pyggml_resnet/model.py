@@ -349,8 +349,8 @@ def lanes(n: int, threads: int) -> list[tuple[int, int, int | None]]:
     """How a chunk of n images runs on `threads` threads: (first, end, lane) per part. Each lane takes an equal
     share of the images on one thread, side by side with the others and no barrier between them; the images
     left over run on every thread (lane None), as does a single image. ResNet-101, 2 threads, batch 8 on Zen 5:
-    f32 0.95x the time of one graph on both threads (26.0-26.7 against 27.6-28.0 ms per image), int8 0.99x, and
-    steady through the host's slow stretches, where two threads meeting at each op's barrier lose 1.26x."""
+    f32 0.98x the time of one graph on both threads, int8 0.95x, and steady through the host's slow stretches
+    (its CPUs on cores without a shared L3), where two threads meeting at each op's barrier lose 1.26x."""
     if threads < 2 or n < 2:
         return [(0, n, None)]
     k = min(threads, n)
@@ -369,8 +369,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
         images on each thread, side by side (`lanes`); a single image runs on all of them.
     adapt_threads: run computations on fewer threads while they get less CPU time than their threads
         could use (other processes busy on the same CPUs): on the CPUs they got, at least 1, trying all
-        `threads` again now and then (`cpu.CpuShare`). The results are the same bits on any number of
-        threads. False: always `threads`.
+        `threads` again now and then (`cpu.CpuShare`). A batch's lanes, which wait for nobody, run on all
+        `threads` regardless. The results are the same bits on any number of threads. False: always
+        `threads`.
     batchnorm: "folded" (fast, default) or "explicit" (each BatchNorm as ggml sub/div/mul/add).
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
         "int8" (the default for them) only for a file converted with `--dtype int8 --calibration` (whose
