@@ -95,19 +95,31 @@ FORKED = textwrap.dedent("""
     import numpy as np
     from pyggml_resnet.ggml import Backend, Graph
 
-    with Backend(threads=3) as b, Graph(b) as g:
+    def chain(g):
         x = g.input("x", (64, 64))
         y = x
         for _ in range(10):
             y = g.relu(g.add(y, x))
         g.finalize(y)
+        return x, y
+
+    with Backend(threads=3) as b, Graph(b) as g, Graph(b.lane(0)) as g0, Graph(b.lane(1)) as g1:
+        x, y = chain(g)
+        (x0, y0), (x1, y1) = chain(g0), chain(g1)
         g.set(x, np.ones((64, 64), np.float32))
         g.compute()  # the pool's threads have run in the parent
+        g0.set(x0, np.ones((64, 64), np.float32))
+        g1.set(x1, np.ones((64, 64), np.float32))
+        b.compute([g0, g1], 3)  # and so has a lane's Python thread
         pid = os.fork()
         if pid == 0:
             g.set(x, np.full((64, 64), 2, np.float32))
             g.compute()
             ok = (g.get(y) == 22).all()
+            g0.set(x0, np.full((64, 64), 4, np.float32))
+            g1.set(x1, np.full((64, 64), 5, np.float32))
+            b.compute([g0, g1], 3)
+            ok = ok and (g0.get(y0) == 44).all() and (g1.get(y1) == 55).all()
             b.threads = 2
             g.set(x, np.ones((64, 64), np.float32))
             g.compute()
@@ -128,7 +140,8 @@ FORKED = textwrap.dedent("""
 
 
 def test_a_forked_child_computes_with_its_parents_backend():
-    # The pool's threads do not survive fork(): the child must get its own instead of waiting for them.
+    # The pool's threads do not survive fork(), nor the Python thread that computed a lane: the child must get
+    # its own instead of waiting for them.
     out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0"]
