@@ -304,7 +304,8 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     .kc = kc, .mr = pr->M - m < mr ? (int) (pr->M - m) : mr, .out_q = pr->out_q,
                     .first = kb == 0, .last = kb + kc == pr->Kp,
                     .bias = pr->bias ? pr->bias + m : NULL,
-                    .relu = pr->relu, .corr = pr->sc->qcorr, .scale = pr->sc->qscale, .res_q = pr->res_q,
+                    .relu = pr->relu, .corr = pr->quant && pr->quant->zero ? pr->sc->qcorr : NULL,
+                    .scale = pr->sc->qscale, .res_q = pr->res_q,
                 };
                 // Weights stream from memory once per block: ask for the next tile's while this one computes:
                 // the next channels', else the next K block's first, else the first K block of the channels

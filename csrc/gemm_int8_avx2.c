@@ -39,8 +39,13 @@ static inline __m256i channel_sums(struct wv a) {
 }
 #define ACC_BITS(a) _mm256_castsi256_ps(channel_sums(a))
 #define ACC_SUM(c, a) _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(c), channel_sums(a)))
-#define ACC_FINISH(v, b, j, bias) _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_castps_si256(v), \
-    _mm256_load_si256((const __m256i *) ((b)->corr + (j) * VL)))), _mm256_load_ps((b)->scale + (j) * VL), bias)
+// The sums less zx * colsum[m] (where zx is not 0: corr), as floats times their scales, plus bias.
+static inline __m256 acc_finish(__m256 v, const struct gemm_block * b, int j, __m256 bias) {
+    __m256i s = _mm256_castps_si256(v);
+    if (b->corr) s = _mm256_sub_epi32(s, _mm256_load_si256((const __m256i *) (b->corr + j * VL)));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(b->scale + j * VL), bias);
+}
+#define ACC_FINISH acc_finish
 #define V_FMA_S(a, s, c) _mm256_fmadd_ps(a, _mm256_set1_ps(s), c)
 
 // 8 accumulators, 4 widened weight vectors and the pixel's: 13 of the 16 ymm registers.

@@ -28,8 +28,13 @@ static inline __m512i dp_bcast(__m512i w, const uint8_t * p, __m512i c) {
 #define V_FMA_BCAST(a, p, c) dp_bcast(a, p, c)
 #define ACC_BITS(a) _mm512_castsi512_ps(a)
 #define ACC_SUM(c, a) _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(c), a))
-#define ACC_FINISH(v, b, j, bias) _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(v), \
-    _mm512_load_si512((b)->corr + (j) * VL))), _mm512_load_ps((b)->scale + (j) * VL), bias)
+// The sums less zx * colsum[m] (where zx is not 0: corr), as floats times their scales, plus bias.
+static inline __m512 acc_finish(__m512 v, const struct gemm_block * b, int j, __m512 bias) {
+    __m512i s = _mm512_castps_si512(v);
+    if (b->corr) s = _mm512_sub_epi32(s, _mm512_load_si512(b->corr + j * VL));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_load_ps(b->scale + j * VL), bias);
+}
+#define ACC_FINISH acc_finish
 #define V_FMA_S(a, s, c) _mm512_fmadd_ps(a, _mm512_set1_ps(s), c)
 
 // patch_put_u8's arithmetic on a vector, as int32 in 0..255: max and min as patch_put_u8's comparisons take them,

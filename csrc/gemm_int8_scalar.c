@@ -46,7 +46,7 @@ static inline int32_t bits_i(float f) {
 }
 #define ACC_BITS(a) bits_f(a)
 #define ACC_SUM(c, a) bits_f(bits_i(c) + (a))
-#define ACC_FINISH(v, b, j, bias) fmaf((float) (bits_i(v) - (b)->corr[j]), (b)->scale[j], bias)
+#define ACC_FINISH(v, b, j, bias) fmaf((float) (bits_i(v) - ((b)->corr ? (b)->corr[j] : 0)), (b)->scale[j], bias)
 #define V_FMA_S(a, s, c) fmaf(a, s, c)
 
 #define PUT_U8 patch_put_u8

@@ -33,8 +33,8 @@ struct gemm_block {
     const uint8_t * res_u8;  // int8: or a u8 residual there (res NULL), read as res_q says
     struct gemm_res_quant res_q;
     int relu;
-    const int32_t * corr;  // int8: the tile's zx * colsum[m] and x_scale * w_scale[m], one per channel of a
-    const float * scale;   // whole tile (aligned, zeros past M)
+    const int32_t * corr;  // int8: the tile's zx * colsum[m] (NULL where zx is 0) and x_scale * w_scale[m],
+    const float * scale;   // one per channel of a whole tile (aligned, zeros past M)
     const void * next_w;   // the next tile's weights (same layout as w), fetched into cache as this one runs, or NULL
 };
 
