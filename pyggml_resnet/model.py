@@ -20,7 +20,9 @@ MAX_SIDE = 4096  # larger images would need more than 4 GiB of activations
 # A graph's compute buffer takes ~248 bytes per input pixel (any depth), so a chunk holds at most this many
 # pixels (~190 MiB): 16 images of 224x224, 4 of 448x448, one of anything larger.
 MAX_CHUNK_PIXELS = MAX_BATCH * 224 * 224
-_GRAPH_CACHE = 8  # compiled graphs kept per model (per input shape in use: one, or one per lane and one more)
+# Compiled graphs are kept for this many input shapes in use per model: a shape's graphs are one per lane and
+# one on every thread (`lanes`), so a model keeps up to _GRAPH_CACHE * (threads + 1) of them.
+_GRAPH_CACHE = 4
 OUTPUTS = ("features", "logits", "probs")  # what a forward pass gives (`Model.outputs`)
 
 
@@ -327,7 +329,7 @@ class Model(_Closable):
             graph.close()
             raise
         self._graphs[key] = (graph, out)
-        if len(self._graphs) > _GRAPH_CACHE:
+        if len(self._graphs) > _GRAPH_CACHE * (self._backend.threads + 1):
             self._graphs.popitem(last=False)[1][0].close()
         return graph, out
 

@@ -235,6 +235,20 @@ def test_bf16_widened_to_f32_computes_exactly_the_f32_model_of_its_values(model_
         assert 1e-4 < rel_l2(exact, want) <= 5e-2  # bf16's bound, as above (measured 1.4e-2; bf16's path: 1.8-3.0e-2)
 
 
+def test_a_model_on_many_threads_keeps_every_lanes_graph(model_files):
+    """A batch of 9 on 8 threads runs as 8 lanes' graphs and one on every thread: all of them are kept, so a
+    second call builds none (a cache of fewer graphs than that would build them all again at every call)."""
+    _, _, path = model_files(18, num_classes=10)
+    x = images(9, size=32)
+    with pyggml_resnet.load(path, threads=8, adapt_threads=False) as model:
+        first = model.logits(x)
+        kept = dict(model._graphs)
+        assert len(kept) == 9
+        np.testing.assert_array_equal(model.logits(x), first)
+        assert all(model._graphs[key] is graph for key, graph in kept.items())
+        np.testing.assert_array_equal(model.logits(x[8:]), first[8:])  # the image on every thread
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_logits_are_bit_identical_for_any_batch_thread_count_and_path(model_files, dtype):
     """With the packed GEMM each output's summation order depends on the model alone: the same image gives

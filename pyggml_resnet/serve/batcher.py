@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Each batch size builds its graphs (~5-10% of a pass's time; one per lane, model.lanes) and a model keeps 8
-# (model._GRAPH_CACHE): batches of 1..4 images of one size need at most 5 (2 or 4 threads), none is rebuilt.
+# Each batch size builds its graphs (~5-10% of a pass's time; one per lane, model.lanes) and a model keeps 4
+# batch sizes' (model._GRAPH_CACHE): with batches of 1..4 images of one size, none is ever rebuilt.
 MAX_BATCH = 4
 MAX_WAIT = 0.002  # seconds
 
