@@ -337,20 +337,13 @@ class Backend(_Closable):
                 self._lanes.append(Backend(1))
             return self._lanes[i]
 
-    def next_threads(self) -> int:
-        """The threads the next computation's graphs on this backend get: `threads`, or fewer while `adapt`
-        finds the CPUs shared (ask once per such computation, then pass the answer to `compute`). Lanes need
-        no such care: they wait for nobody, so a lane on a shared CPU slows only its own share."""
-        with self._lock:
-            return self._share.threads(self._threads) if self._share is not None else self._threads
-
-    def compute(self, graphs: "list[Graph]", threads: int, prepare=None) -> None:
-        """Computes graphs built on this backend, on `threads` threads (`next_threads()`), or on its lanes: the
-        lanes' graphs first, side by side (one per lane; each computation holds its own thread and releases
-        Python's lock), then the others in turn. prepare: None, or a callable (or None) per graph, called on
-        the thread that computes the graph just before it does (to set its inputs: the lanes' side by side
-        too); the first exception raised is raised once every lane is done."""
-        threads = _integer(threads, "threads", 1, self._threads)
+    def compute(self, graphs: "list[Graph]", prepare=None) -> None:
+        """Computes graphs built on this backend or on its lanes: the lanes' graphs first, side by side (one per
+        lane; each computation holds its own thread and releases Python's lock), then the others in turn on the
+        backend's threads, or fewer while `adapt` finds the CPUs shared (lanes wait for nobody, so a lane on a
+        shared CPU slows only its own share). prepare: None, or a callable (or None) per graph, called on the
+        thread that computes the graph just before it does (to set its inputs: the lanes' side by side too);
+        the first exception raised is raised once every lane is done."""
         prepare = [None] * len(graphs) if prepare is None else list(prepare)
         if len(prepare) != len(graphs):
             raise InputError(f"compute got {len(graphs)} graphs but {len(prepare)} prepare callables")
@@ -361,6 +354,10 @@ class Backend(_Closable):
             raise InputError("two graphs on one lane cannot compute side by side")
         for g in graphs:
             g._check_computable()
+        threads = 1
+        if len(lanes) < len(graphs):  # asked once per computation with graphs of its own: CpuShare's probes
+            with self._lock:
+                threads = self._share.threads(self._threads) if self._share is not None else self._threads
 
         def run(i: int, n: int) -> int:
             if prepare[i] is not None:
@@ -1021,7 +1018,7 @@ class Graph(_Closable):
 
     def compute(self):
         """Runs the graph. Inputs must be set again before each call: ggml reuses their memory."""
-        self._backend.compute([self], self._backend.next_threads())
+        self._backend.compute([self])
 
     def _check_computable(self):
         self._require(_State.FINALIZED)

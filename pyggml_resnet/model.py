@@ -295,17 +295,13 @@ class Model(_Closable):
         for start in range(0, n, step):
             with self._lock:
                 backend = self._open_backend()  # closed by another thread since the check?
-                split = lanes(min(step, n - start), backend.threads)
-                # Lanes run on every thread however busy the CPUs (`next_threads` is for graphs whose threads
-                # meet at barriers): a lane whose CPU is shared slows only its own share.
-                threads = backend.next_threads() if split[-1][2] is None else backend.threads
                 parts = [(start + lo, start + hi, *self._graph((hi - lo,) + x.shape[1:], lane=lane))
-                         for lo, hi, lane in split]
+                         for lo, hi, lane in lanes(min(step, n - start), backend.threads)]
 
                 def prepare(first, end, graph, out):  # each part's images made NHWC on its lane's thread
                     return lambda: graph.set(out["image"], self._chunk(x, first, end))
 
-                backend.compute([part[2] for part in parts], threads, [prepare(*part) for part in parts])
+                backend.compute([part[2] for part in parts], [prepare(*part) for part in parts])
                 for first, end, graph, out in parts:
                     for name, width in widths.items():
                         result[name][first:end] = graph.get(out[name]).reshape(end - first, width)

@@ -110,7 +110,7 @@ FORKED = textwrap.dedent("""
         g.compute()  # the pool's threads have run in the parent
         g0.set(x0, np.ones((64, 64), np.float32))
         g1.set(x1, np.ones((64, 64), np.float32))
-        b.compute([g0, g1], 3)  # and so has a lane's Python thread
+        b.compute([g0, g1])  # and so has a lane's Python thread
         pid = os.fork()
         if pid == 0:
             g.set(x, np.full((64, 64), 2, np.float32))
@@ -118,7 +118,7 @@ FORKED = textwrap.dedent("""
             ok = (g.get(y) == 22).all()
             g0.set(x0, np.full((64, 64), 4, np.float32))
             g1.set(x1, np.full((64, 64), 5, np.float32))
-            b.compute([g0, g1], 3)
+            b.compute([g0, g1])
             ok = ok and (g0.get(y0) == 44).all() and (g1.get(y1) == 55).all()
             b.threads = 2
             g.set(x, np.ones((64, 64), np.float32))
@@ -180,7 +180,7 @@ def test_lanes_compute_graphs_side_by_side():
         data = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
         for g, x, _ in made:
             g.set(x, data)
-        b.compute([g for g, _, _ in made], 2)
+        b.compute([g for g, _, _ in made])
         for (g, _, y), adds in zip(made, (3, 5, 7)):
             np.testing.assert_array_equal(g.get(y).reshape(64, 64), data * (adds + 1))
         lane0, lane1, own = (g for g, _, _ in made)
@@ -189,7 +189,7 @@ def test_lanes_compute_graphs_side_by_side():
         where = {}
         sets = [lambda g=g, x=x, i=i: (g.set(x, data + i), where.setdefault(i, threading.get_ident()))
                 for i, (g, x, _) in enumerate(made[:2])]
-        b.compute([lane0, lane1], 2, sets)
+        b.compute([lane0, lane1], sets)
         assert where[0] != where[1]
         np.testing.assert_array_equal(lane1.get(made[1][2]).reshape(64, 64), (data + 1) * 6)
 
@@ -197,16 +197,16 @@ def test_lanes_compute_graphs_side_by_side():
             raise InputError("bad image")
 
         with pytest.raises(InputError, match="bad image"):
-            b.compute([lane0, lane1], 2, [sets[0], fail])
+            b.compute([lane0, lane1], [sets[0], fail])
         with pytest.raises(InputError, match="prepare"):
-            b.compute([lane0, lane1], 2, [None])
-        b.compute([lane0, lane1, own], 1)  # `threads` is the backend's own graphs': each lane has its thread
+            b.compute([lane0, lane1], [None])
+        b.compute([lane0, lane1, own])  # the lanes' side by side, then the backend's own
         np.testing.assert_array_equal(own.get(made[2][2]).reshape(64, 64), data * 8)
         second = _doubling_graph(b.lane(0), 1)[0]
         with pytest.raises(InputError, match="one lane"):
-            b.compute([lane0, second], 2)
+            b.compute([lane0, second])
         with Backend(threads=2) as other, pytest.raises(InputError, match="its lanes"):
-            other.compute([lane0], 2)  # not one of other's lanes
+            other.compute([lane0])  # not one of other's lanes
         with pytest.raises(InputError, match="lane"):
             b.lane(2)
     with pytest.raises(InputError, match="closed"):
