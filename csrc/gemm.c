@@ -56,6 +56,9 @@ struct gemm_scratch {
     // which cannot hold them, the int32 partial sums of the current block of pixels and channels between K's
     // cache blocks.
     int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
+    // int8's direct windows: where each pixel of the current block starts in the padded image (in xbuf), and
+    // past the block's last pixel up to a whole tile, the first's (their sums are never stored).
+    int32_t xoff[GEMM_NB_MAX + GEMM_NR_MAX];
     float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
     float qpart[GEMM_C_BLOCK_MAX] __attribute__((aligned(64)));
     // Winograd: the 16 products' sums of the current block of tiles and channels, until the output transform
@@ -171,6 +174,8 @@ struct gemm_problem {
     int relu;
     int dense_rows;         // X is a dense matrix of rows of K values (the image's pixels)...
     int in_place;           // ... read whole tiles in place, not copied
+    int direct;             // int8: windows read from this thread's padded copy of the image (pad_image), not copied
+    int64_t pad_w, pad_h;   // its width and height
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
     const struct patch_quant * out_q;  // int8: how the result becomes u8, or NULL for an f32 result
     float x_scale;
@@ -203,16 +208,72 @@ static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct
     if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
 }
 
-// int8: the epilogue's terms of the tile of channels from m, zx * colsum[m] and sx * sw[m] (one float
-// product), into qcorr and qscale; zeros past M.
+// int8: the epilogue's terms of the tile of channels from m, zx * colsum[m] (only where zx is not 0: the tiles
+// read it only then) and sx * sw[m] (one float product), into qcorr and qscale; zeros past M. Loops without
+// tests, which vectorise: this runs for every tile of channels of every cache block.
 static void quant_terms(const struct gemm_problem * pr, int64_t m) {
-    for (int64_t i = 0; i < GEMM_MR_MAX; ++i) {
-        const int in = i < pr->kern->mr && m + i < pr->M;
-        pr->sc->qcorr[i] = in ? pr->quant->zero * pr->colsum[m + i] : 0;
-        pr->sc->qscale[i] = in ? pr->x_scale * pr->w_scale[m + i] : 0.0f;
+    const int64_t mr = pr->kern->mr, n = pr->M - m < mr ? pr->M - m : mr;
+    const int zero = pr->quant->zero;
+    const float sx = pr->x_scale;
+    int32_t * corr = pr->sc->qcorr;
+    float * scale = pr->sc->qscale;
+    const int32_t * colsum = pr->colsum + m;
+    const float * sw = pr->w_scale + m;
+    for (int64_t i = 0; i < n; ++i) scale[i] = sx * sw[i];
+    for (int64_t i = n; i < mr; ++i) scale[i] = 0.0f;
+    if (zero == 0) return;
+    for (int64_t i = 0; i < n; ++i) corr[i] = zero * colsum[i];
+    for (int64_t i = n; i < mr; ++i) corr[i] = 0;
+}
+
+// The padded image of a direct product (set_pixels) into xbuf: [C, pad_w, pad_h, B] bytes, quantized as pixels
+// are packed where the image is f32, the byte zx around it.
+static void pad_image(const struct gemm_problem * pr) {
+    const struct patch_geom * g = &pr->geo;
+    const int64_t C = g->C, row = pr->pad_w * C, B = pr->N / (g->OW * g->OH);
+    uint8_t * out = (uint8_t *) pr->sc->xbuf;
+    const int zero = pr->quant->zero;
+    for (int64_t n = 0; n < B; ++n) {
+        for (int64_t y = 0; y < pr->pad_h; ++y, out += row) {
+            const int64_t iy = y - g->pad;
+            if (iy < 0 || iy >= g->H) {
+                memset(out, zero, row);
+                continue;
+            }
+            const char * src = g->data + n * g->nb3 + iy * g->nb2;
+            memset(out, zero, g->pad * C);
+            if (g->nb0 == 1) {
+                memcpy(out + g->pad * C, src, g->W * C);
+            } else {
+                pr->kern->put_u8(out + g->pad * C, src, g->W * C, pr->quant);
+            }
+            memset(out + (g->pad + g->W) * C, zero, (pr->pad_w - g->pad - g->W) * C);
+        }
     }
 }
 
+// Where the windows of pixels px0..px1-1 start in the padded image (pad_image), into xoff; past px1 up to a
+// whole tile, px0's.
+static void window_offsets(const struct gemm_problem * pr, int64_t px0, int64_t px1) {
+    const struct patch_geom * g = &pr->geo;
+    struct patch_at at = patch_at_of(g, px0, 0);
+    int32_t * off = pr->sc->xoff;
+    for (int64_t n = px0; n < px1; ++n, patch_next(g, &at)) {
+        off[n - px0] = (int32_t) (((at.n * pr->pad_h + at.oy * g->stride) * pr->pad_w + at.ox * g->stride) * g->C);
+    }
+    for (int64_t i = px1 - px0; i < px1 - px0 + GEMM_NR_MAX; ++i) off[i] = off[0];
+}
+
+// A direct block's pixel rows from k = kb (gemm_block's x, ldx, krun, krest and kjump): the padded image's row of
+// window taps kb / krun.
+static void window_rows(const struct gemm_problem * pr, struct gemm_block * b, int64_t kb) {
+    const int64_t krun = pr->geo.kw * pr->geo.C, row_bytes = pr->pad_w * pr->geo.C;
+    b->x = (const char *) pr->sc->xbuf + kb / krun * row_bytes;
+    b->ldx = pr->geo.stride * pr->geo.C;
+    b->krun = krun;
+    b->krest = krun - kb % krun;
+    b->kjump = row_bytes;
+}
 
 // The weights of the tile at channel m for k block kb (of product t for Winograd), and the distance between its
 // two panels: in the packed weights, or for Winograd in wbuf[t], transformed; a corner of G g G^T is one tap
@@ -237,9 +298,9 @@ struct gemm_partials {
     int64_t ld, px0, m0, t_step;
 };
 
-// The tiles of pixels px0..px1-1 for one tile of channels (b: weights, epilogue and K block set), X in place
-// before packed0, from `packed` after it, the result at `out`: whole tiles, then the last pixels in one a pixel
-// wider (one left over, N = 49) or in narrower ones (N = 196 leaves 4).
+// The tiles of pixels px0..px1-1 for one tile of channels (b: weights, epilogue and K block set; direct windows'
+// x too), X in place before packed0, from `packed` after it, the result at `out`: whole tiles, then the last
+// pixels in one a pixel wider (one left over, N = 49) or in narrower ones (N = 196 leaves 4).
 static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, const struct gemm_partials * sums,
                       const char * x, const char * packed, char * out, int64_t m, int64_t px0, int64_t px1,
                       int64_t packed0, int64_t kb) {
@@ -247,7 +308,9 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
     const int nr = kern->nr;
     for (int64_t n = px0; n < px1;) {
         const int height = px1 - n == nr + 1 && kern->tile_wide ? nr + 1 : px1 - n >= nr ? nr : kern->nr_narrow;
-        if (n < packed0) {
+        if (pr->direct) {
+            b->xoff = pr->sc->xoff + (n - px0);
+        } else if (n < packed0) {
             b->x = x + n * pr->geo.nb1 + kb * pr->es;
             b->ldx = pr->K;
         } else {
@@ -279,9 +342,11 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
     const int64_t KC = pr->kc;
     // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
     // from the thread's buffer, each product's in its own part of it: in place, at most a tile's worth
-    // (zero-padded), so Winograd's 16 fit; copied, the whole block, and only direct products copy.
-    const int64_t packed0 = pr->in_place ? px0 + (px1 - px0) / nr * nr : px0;
+    // (zero-padded), so Winograd's 16 fit; copied, the whole block, and only single products copy. Direct
+    // windows (set_pixels) are all read from the padded image.
+    const int64_t packed0 = pr->direct ? px1 : pr->in_place ? px0 + (px1 - px0) / nr * nr : px0;
     const int64_t packed_rows = (px1 - packed0 + nr - 1) / nr * nr;
+    if (pr->direct) window_offsets(pr, px0, px1);
     for (int64_t kb = 0; kb < pr->Kp; kb += KC) {
         const int64_t kc = pr->Kp - kb < KC ? pr->Kp - kb : KC;
         for (int t = 0; t < products && packed0 < px1; ++t) {
@@ -307,6 +372,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
                     .relu = pr->relu, .corr = pr->quant && pr->quant->zero ? pr->sc->qcorr : NULL,
                     .scale = pr->sc->qscale, .res_q = pr->res_q,
                 };
+                if (pr->direct) window_rows(pr, &b, kb);
                 // Weights stream from memory once per block: ask for the next tile's while this one computes:
                 // the next channels', else the next K block's first, else the first K block of the channels
                 // after these (a thread's next chunk, gemm_share), or of these again (the next pixels). Winograd's
@@ -395,7 +461,17 @@ static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst,
                      && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
     pr->in_place = pr->wino || (pr->dense_rows && geo->nb0 == pr->es && pr->K == pr->Kp
                                 && geo->nb1 % GEMM_ALIAS_BYTES != 0);
+    // int8 windows of more than one pixel are read from a padded copy of the image, made once per thread (a
+    // ninth or less of what copying each window makes), where it fits the buffer: the tiles' pairs of pixel
+    // rows (GEMM_INT8_XGROUP) then stay on one output row if its width is even, and a group of 4 k within a
+    // window row if its channels are a multiple of 4.
+    pr->pad_w = geo->W + 2 * geo->pad;
+    pr->pad_h = geo->H + 2 * geo->pad;
+    pr->direct = pr->es == 1 && geo->kh > 1 && geo->C % 4 == 0 && geo->OW % GEMM_INT8_XGROUP == 0
+                 && geo->nb1 == geo->C * geo->nb0 && pr->pad_w * pr->pad_h * geo->C * (int64_t) (pr->N / (geo->OW * geo->OH))
+                    <= (int64_t) sizeof pr->sc->xbuf;
 }
+
 
 // Chunks of work per thread (more balance the threads finer, fewer repack a conv's pixels less often), and the
 // claims record's bits for chunks: the other 12 count the threads done (up to 4095, above MAX_THREADS).
@@ -443,10 +519,10 @@ static void gemm_share(const struct gemm_problem * pr, uint32_t * claims, int it
     // enough for every chunk, since each chunk of channels would pack all of them again (where channels are
     // split all the same, each thread takes one chunk).
     const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
-    const int split_m = (pr->in_place || n_tiles < (int64_t) GEMM_CHUNKS * nth)
+    const int split_m = (pr->in_place || pr->direct || n_tiles < (int64_t) GEMM_CHUNKS * nth)
                         && (by_m < by_n || (by_m == by_n && m_tiles >= n_tiles));
     const int64_t units = split_m ? m_tiles : n_tiles;
-    const int per_thread = pr->in_place || !split_m ? GEMM_CHUNKS : 1;
+    const int per_thread = pr->in_place || pr->direct || !split_m ? GEMM_CHUNKS : 1;
     int chunks = per_thread * nth < GEMM_CLAIM_BITS ? per_thread * nth : GEMM_CLAIM_BITS;
     if (units < chunks) chunks = (int) units;
     int64_t c0, c1;  // this thread's chunks
@@ -507,6 +583,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         pr.relu = 0;
     }
     set_pixels(&pr, dst, kh);
+    if (pr.direct) pad_image(&pr);
     gemm_share(&pr, (uint32_t *) dst->op_params + OP_PARAMS_FIRST + GP_CLAIMS, ith, nth);
 }
 

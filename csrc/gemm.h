@@ -8,7 +8,8 @@
 // X is never stored whole: each cache block of pixels and k is copied from the image into a per-thread buffer
 // (on the bf16 path rounded to bf16 as gather_patches rounds, unless the image is bf16 already) and multiplied
 // from there, except where X's rows are the image's own pixels (a 1x1 stride-1 convolution): those are read
-// in place.
+// in place; and on the int8 paths, a larger window's rows are read from a padded copy of the image where it
+// fits (csrc/gemm.c's direct windows).
 //
 // Packed weights (made once at load, by the caller): f32 [16, K, P, 1] in ggml's order (NumPy (P, K, 16)):
 // panel p holds output channels 16p..16p+15, k-major, so the 16 weights of one k are contiguous. P is even

@@ -23,6 +23,7 @@ static inline struct wv wv_load(const uint8_t * p) {
 #define WV_LOAD(p) wv_load(p)
 #define KSTEP 4
 #define KS GEMM_KS_INT8
+#define XGROUP GEMM_INT8_XGROUP  // csrc/gemm.c's direct windows need pairs
 #define ACC struct wv  // pair sums of channels 0-3 and 4-7, as the weights
 #define ACC_ZERO() ((struct wv) { _mm256_setzero_si256(), _mm256_setzero_si256() })
 static inline struct wv dp_bcast(struct wv w, const uint8_t * p, struct wv c) {

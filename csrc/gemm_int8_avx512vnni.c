@@ -16,6 +16,7 @@
 #define WV_LOAD(p) _mm512_loadu_si512(p)
 #define KSTEP 4
 #define KS GEMM_KS_INT8
+#define XGROUP GEMM_INT8_XGROUP  // csrc/gemm.c's direct windows need pairs
 #define ACC __m512i
 #define ACC_ZERO() _mm512_setzero_si512()
 // vpdpbusd's unsigned operand is a register: the pixel's 4 bytes are broadcast into one (a load-port

@@ -27,6 +27,7 @@
 #define WV_LOAD(p) (p)
 #define KSTEP 4
 #define KS GEMM_KS_INT8
+#define XGROUP GEMM_INT8_XGROUP  // csrc/gemm.c's direct windows need pairs
 #define ACC int32_t
 #define ACC_ZERO() 0
 static inline int32_t dp(const uint8_t * w, const uint8_t * x, int32_t c) {

@@ -20,6 +20,12 @@ struct gemm_block {
     int64_t w_panel;       // elements from one 16-channel panel to the next (16 * K)
     const void * x;        // the tile's first pixel row at the block's first k (the weights' type; int8: u8)
     int64_t ldx;           // elements between pixel rows
+    // Or, where xoff is not NULL (int8's direct windows, csrc/gemm.c): pixel i's window row holding the
+    // block's first k starts at x + xoff[i] (x: the padded image's row of taps ky for a window at offset 0),
+    // krun values, of which krest are left from the block's first k; the next row's start is kjump after x.
+    // (Each of the tile's groups of pixel rows, XGROUP in csrc/gemm_tile.inc, has its rows ldx apart.)
+    const int32_t * xoff;
+    int64_t krest, krun, kjump;
     int64_t kc;            // k values in this cache block (whole summation blocks, except at K's end)
     int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
     float * c;             // partial sums of the tile's first pixel and channel, kept between K's cache blocks:
@@ -52,6 +58,10 @@ struct gemm_kernel {
     patch_put put_u8;
 };
 #define GEMM_MR_MAX 32  // the widest tile of channels
+#define GEMM_NR_MAX 16  // more than the tallest tile of pixels
+// The int8 tiles' pixel rows per base address (XGROUP, csrc/gemm_tile.inc): pairs, which csrc/gemm.c's direct
+// windows need (a pair from an even pixel never spans two output rows of an even width).
+#define GEMM_INT8_XGROUP 2
 
 // The kernel of a path of csrc/gemm.h (NULL where this build has none); the caller checks gemm_path_supported.
 const struct gemm_kernel * gemm_kernel_for(int path);

@@ -199,11 +199,15 @@ def test_every_resnet101_conv(backend, path):
 # (B, H, W, C, M, kernel, stride, padding): M off 16 and 32, K off 4 (1x1 over 3 channels, 3x3 over 5), N = 1,
 # 13 and 49, one-pixel images, padding wider than the image, stride 2 over odd sides, a K across cache blocks;
 # channels too many for one block of a u8 result's partial sums (24000: each thread's 375 tiles of 32, over
-# GEMM_C_BLOCK / (12 * 32) = 341)
+# GEMM_C_BLOCK / (12 * 32) = 341). Then windows read from a padded copy of the image (csrc/gemm.c's direct
+# windows: channels a multiple of 4, an even output width): a batch of 3, stride 2 without padding, a 5x5 with
+# padding 2, window rows of 1280 values across cache blocks (K 3840); and one too big for the copy (packed).
 AWKWARD = [
     (1, 1, 1, 3, 1, 1, 1, 0), (1, 1, 13, 5, 17, 1, 1, 0), (1, 7, 7, 7, 33, 1, 1, 0), (1, 1, 1, 5, 40, 3, 1, 2),
     (2, 7, 9, 5, 20, 3, 2, 1), (1, 9, 7, 130, 31, 3, 2, 1), (3, 5, 3, 2, 48, 7, 2, 3), (1, 13, 1, 200, 16, 1, 1, 0),
     (2, 2, 3, 3, 1, 3, 1, 3), (1, 2, 1, 600, 24000, 1, 1, 0),
+    (3, 6, 10, 8, 40, 3, 1, 1), (2, 9, 9, 12, 33, 3, 2, 0), (1, 6, 6, 4, 16, 5, 1, 2), (1, 3, 4, 256, 20, 5, 1, 2),
+    (3, 40, 40, 200, 16, 3, 1, 1),
 ]
 
 
@@ -266,9 +270,10 @@ def test_quantize_u8_refuses_bad_arguments(backend):
                 g.quantize_u8(x, 0.1, 0, path=path)
 
 
-def test_paths_batches_and_threads_agree_bit_for_bit():
+@pytest.mark.parametrize("c,w", [(21, 11), (24, 12)])  # windows packed, and read from a padded copy (even width)
+def test_paths_batches_and_threads_agree_bit_for_bit(c, w):
     """Every path, each image of a batch alone or together, 1, 2 and 3 threads: the same bits."""
-    img, q, _, bias, res = case(9, 5, 9, 11, 21, 70, 3, 2, 1)
+    img, q, _, bias, res = case(9, 5, 9, w, c, 70, 3, 2, 1)
     per_image = res.shape[0] // 5
     results = []
     for threads in (1, 2, 3):
