@@ -26,6 +26,10 @@
 #define GEMM_NB_MAX (20 * GEMM_NB_STEP)
 #define GEMM_C_BLOCK_MAX (128 * 1024)
 #define GEMM_ALIAS_BYTES 4096
+// The largest padded image (int8's windows, set_pixels): ResNet's at 224x224 in batches of 4, a lane's share of 8.
+#define GEMM_PAD_BYTES (2 << 20)
+// pack_padded moves short window rows GEMM_COPY_SLACK bytes at a time, past their end: the buffers have room.
+#define GEMM_COPY_SLACK 32
 // Winograd's pixel blocks hold at most this many tiles, whose 16 products' sums the thread keeps (wpart).
 #define GEMM_WINO_NB (GEMM_NB_MAX / 2)
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
@@ -50,13 +54,15 @@ struct gemm_scratch {
     // The current block of pixels: rows of kc values (the path's type), zero rows after N; and, for Winograd,
     // the current tile's transformed weights for each of the 16 products: two panels of kc x 16 each (the
     // four corners' stay unused: they are read in place).
-    float xbuf[GEMM_NB_MAX * GEMM_KC] __attribute__((aligned(64)));
+    float xbuf[GEMM_NB_MAX * GEMM_KC + GEMM_COPY_SLACK / 4] __attribute__((aligned(64)));
     float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
+    // int8: the image's padded copy (pad_image), where it fits.
+    uint8_t pbuf[GEMM_PAD_BYTES + GEMM_COPY_SLACK] __attribute__((aligned(64)));
     // int8: the current tile of channels' epilogue terms (gemm_block's corr and scale); and for a u8 result,
     // which cannot hold them, the int32 partial sums of the current block of pixels and channels between K's
     // cache blocks.
     int32_t qcorr[GEMM_MR_MAX] __attribute__((aligned(64)));
-    // int8's direct windows: where each pixel of the current block starts in the padded image (in xbuf), and
+    // int8's direct windows: where each pixel of the current block starts in the padded image (pbuf), and
     // past the block's last pixel up to a whole tile, the first's (their sums are never stored).
     int32_t xoff[GEMM_NB_MAX + GEMM_NR_MAX];
     float qscale[GEMM_MR_MAX] __attribute__((aligned(64)));
@@ -174,7 +180,8 @@ struct gemm_problem {
     int relu;
     int dense_rows;         // X is a dense matrix of rows of K values (the image's pixels)...
     int in_place;           // ... read whole tiles in place, not copied
-    int direct;             // int8: windows read from this thread's padded copy of the image (pad_image), not copied
+    int padded;             // int8: windows copied from this thread's padded copy of the image (pad_image)...
+    int direct;             // ... or read from it in place
     int64_t pad_w, pad_h;   // its width and height
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
     const struct patch_quant * out_q;  // int8: how the result becomes u8, or NULL for an f32 result
@@ -226,12 +233,12 @@ static void quant_terms(const struct gemm_problem * pr, int64_t m) {
     for (int64_t i = n; i < mr; ++i) corr[i] = 0;
 }
 
-// The padded image of a direct product (set_pixels) into xbuf: [C, pad_w, pad_h, B] bytes, quantized as pixels
-// are packed where the image is f32, the byte zx around it.
+// The padded image (set_pixels) into pbuf: [C, pad_w, pad_h, B] bytes, quantized as pixels are packed where
+// the image is f32, the byte zx around it.
 static void pad_image(const struct gemm_problem * pr) {
     const struct patch_geom * g = &pr->geo;
     const int64_t C = g->C, row = pr->pad_w * C, B = pr->N / (g->OW * g->OH);
-    uint8_t * out = (uint8_t *) pr->sc->xbuf;
+    uint8_t * out = pr->sc->pbuf;
     const int zero = pr->quant->zero;
     for (int64_t n = 0; n < B; ++n) {
         for (int64_t y = 0; y < pr->pad_h; ++y, out += row) {
@@ -252,15 +259,17 @@ static void pad_image(const struct gemm_problem * pr) {
     }
 }
 
-// Where the windows of pixels px0..px1-1 start in the padded image (pad_image), into xoff; past px1 up to a
-// whole tile, px0's.
-static void window_offsets(const struct gemm_problem * pr, int64_t px0, int64_t px1) {
+// Where the window at `at` starts in the padded image (pad_image).
+static inline int64_t window_offset(const struct gemm_problem * pr, const struct patch_at * at) {
     const struct patch_geom * g = &pr->geo;
-    struct patch_at at = patch_at_of(g, px0, 0);
+    return ((at->n * pr->pad_h + at->oy * g->stride) * pr->pad_w + at->ox * g->stride) * g->C;
+}
+
+// Where the windows of pixels px0..px1-1 start in the padded image, into xoff; past px1 up to a whole tile, px0's.
+static void window_offsets(const struct gemm_problem * pr, int64_t px0, int64_t px1) {
+    struct patch_at at = patch_at_of(&pr->geo, px0, 0);
     int32_t * off = pr->sc->xoff;
-    for (int64_t n = px0; n < px1; ++n, patch_next(g, &at)) {
-        off[n - px0] = (int32_t) (((at.n * pr->pad_h + at.oy * g->stride) * pr->pad_w + at.ox * g->stride) * g->C);
-    }
+    for (int64_t n = px0; n < px1; ++n, patch_next(&pr->geo, &at)) off[n - px0] = (int32_t) window_offset(pr, &at);
     for (int64_t i = px1 - px0; i < px1 - px0 + GEMM_NR_MAX; ++i) off[i] = off[0];
 }
 
@@ -268,11 +277,39 @@ static void window_offsets(const struct gemm_problem * pr, int64_t px0, int64_t 
 // window taps kb / krun.
 static void window_rows(const struct gemm_problem * pr, struct gemm_block * b, int64_t kb) {
     const int64_t krun = pr->geo.kw * pr->geo.C, row_bytes = pr->pad_w * pr->geo.C;
-    b->x = (const char *) pr->sc->xbuf + kb / krun * row_bytes;
+    b->x = (const char *) pr->sc->pbuf + kb / krun * row_bytes;
     b->ldx = pr->geo.stride * pr->geo.C;
     b->krun = krun;
     b->krest = krun - kb % krun;
     b->kjump = row_bytes;
+}
+
+// pack_pixels's rows from the padded image, where the tiles cannot read it in place (set_pixels): each window
+// row's values in the block one run, copied without a test of the image's edges; whole windows of rows of at
+// most GEMM_COPY_SLACK bytes (the stem's 7 of 21) a move of that many bytes a row, each the next one's excess.
+static void pack_padded(char * dst, const struct gemm_problem * pr, int64_t n0, int64_t n1, int64_t kb, int64_t kc) {
+    const struct patch_geom * g = &pr->geo;
+    const int64_t krun = g->kw * g->C, row_bytes = pr->pad_w * g->C, k1 = kb + kc < pr->K ? kb + kc : pr->K;
+    const int64_t nr = pr->kern->nr;
+    const int short_rows = kb == 0 && k1 == pr->K && krun <= GEMM_COPY_SLACK;
+    struct patch_at at = patch_at_of(g, n0, 0);
+    char * row = dst;
+    for (int64_t n = n0; n < n1; ++n, row += kc, patch_next(g, &at)) {
+        const char * win = (const char *) pr->sc->pbuf + window_offset(pr, &at);
+        char * out = row;
+        for (int64_t k = kb, ky = kb / krun, kk = kb % krun; k < k1; ++ky, kk = 0) {
+            const int64_t run = krun - kk < k1 - k ? krun - kk : k1 - k;
+            if (short_rows) {
+                memcpy(out, win + ky * row_bytes, GEMM_COPY_SLACK);
+            } else {
+                patch_copy(out, win + ky * row_bytes + kk, run);
+            }
+            out += run;
+            k += run;
+        }
+        if (k1 - kb < kc) memset(out, 0, kc - (k1 - kb));  // times zero weights (after any excess)
+    }
+    if (n1 == pr->N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc);
 }
 
 // The weights of the tile at channel m for k block kb (of product t for Winograd), and the distance between its
@@ -352,7 +389,8 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
         for (int t = 0; t < products && packed0 < px1; ++t) {
             struct patch_geom geo = pr->geo;
             geo.data += t * pr->x_step;
-            pack_pixels((char *) pr->sc->xbuf + t * packed_rows * kc * es, pr, &geo, packed0, px1, kb, kc);
+            char * dst = (char *) pr->sc->xbuf + t * packed_rows * kc * es;
+            pr->padded ? pack_padded(dst, pr, packed0, px1, kb, kc) : pack_pixels(dst, pr, &geo, packed0, px1, kb, kc);
         }
         for (int64_t mt = mt0; mt < mt1; ++mt) {
             const int64_t m = mt * mr;
@@ -461,15 +499,15 @@ static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst,
                      && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
     pr->in_place = pr->wino || (pr->dense_rows && geo->nb0 == pr->es && pr->K == pr->Kp
                                 && geo->nb1 % GEMM_ALIAS_BYTES != 0);
-    // int8 windows of more than one pixel are read from a padded copy of the image, made once per thread (a
-    // ninth or less of what copying each window makes), where it fits the buffer: the tiles' pairs of pixel
-    // rows (GEMM_INT8_XGROUP) then stay on one output row if its width is even, and a group of 4 k within a
-    // window row if its channels are a multiple of 4.
+    // int8 windows of more than one pixel come from a padded copy of the image, made once per thread (a ninth
+    // or less of what copying each window makes), where it fits the buffer: read in place where the tiles' pairs
+    // of pixel rows (GEMM_INT8_XGROUP) stay on one output row (its width even) and a group of 4 k within a
+    // window row (channels a multiple of 4), else copied into blocks (pack_padded).
     pr->pad_w = geo->W + 2 * geo->pad;
     pr->pad_h = geo->H + 2 * geo->pad;
-    pr->direct = pr->es == 1 && geo->kh > 1 && geo->C % 4 == 0 && geo->OW % GEMM_INT8_XGROUP == 0
-                 && geo->nb1 == geo->C * geo->nb0 && pr->pad_w * pr->pad_h * geo->C * (int64_t) (pr->N / (geo->OW * geo->OH))
-                    <= (int64_t) sizeof pr->sc->xbuf;
+    pr->padded = pr->es == 1 && geo->kh > 1 && geo->nb1 == geo->C * geo->nb0
+                 && pr->pad_w * pr->pad_h * geo->C * (pr->N / (geo->OW * geo->OH)) <= GEMM_PAD_BYTES;
+    pr->direct = pr->padded && geo->C % 4 == 0 && geo->OW % GEMM_INT8_XGROUP == 0;
 }
 
 
@@ -583,7 +621,7 @@ static void gemm_run(struct ggml_tensor * dst, int ith, int nth, void * userdata
         pr.relu = 0;
     }
     set_pixels(&pr, dst, kh);
-    if (pr.direct) pad_image(&pr);
+    if (pr.padded) pad_image(&pr);
     gemm_share(&pr, (uint32_t *) dst->op_params + OP_PARAMS_FIRST + GP_CLAIMS, ith, nth);
 }
 
