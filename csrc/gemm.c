@@ -28,8 +28,8 @@
 #define GEMM_ALIAS_BYTES 4096
 // The largest padded image (int8's windows, set_pixels): ResNet's at 224x224 in batches of 4, a lane's share of 8.
 #define GEMM_PAD_BYTES (2 << 20)
-// pack_padded moves short window rows GEMM_COPY_SLACK bytes at a time, past their end: the buffers have room.
-#define GEMM_COPY_SLACK 32
+// pack_padded moves short window rows 32 or GEMM_COPY_SLACK bytes at a time, past their end: the buffers have room.
+#define GEMM_COPY_SLACK 128
 // Winograd's pixel blocks hold at most this many tiles, whose 16 products' sums the thread keeps (wpart).
 #define GEMM_WINO_NB (GEMM_NB_MAX / 2)
 // The buffer also holds the last partial tile of each of Winograd's 16 products (read in place otherwise).
@@ -56,7 +56,7 @@ struct gemm_scratch {
     // four corners' stay unused: they are read in place).
     float xbuf[GEMM_NB_MAX * GEMM_KC + GEMM_COPY_SLACK / 4] __attribute__((aligned(64)));
     float wbuf[16][2 * GEMM_KC * 16] __attribute__((aligned(64)));
-    // int8: the image's padded copy (pad_image), where it fits.
+    // The image's padded copy (pad_image), where it fits.
     uint8_t pbuf[GEMM_PAD_BYTES + GEMM_COPY_SLACK] __attribute__((aligned(64)));
     // int8: the current tile of channels' epilogue terms (gemm_block's corr and scale); and for a u8 result,
     // which cannot hold them, the int32 partial sums of the current block of pixels and channels between K's
@@ -180,8 +180,8 @@ struct gemm_problem {
     int relu;
     int dense_rows;         // X is a dense matrix of rows of K values (the image's pixels)...
     int in_place;           // ... read whole tiles in place, not copied
-    int padded;             // int8: windows copied from this thread's padded copy of the image (pad_image)...
-    int direct;             // ... or read from it in place
+    int padded;             // windows copied from this thread's padded copy of the image (pad_image)...
+    int direct;             // ... or (int8) read from it in place
     int64_t pad_w, pad_h;   // its width and height
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
     const struct patch_quant * out_q;  // int8: how the result becomes u8, or NULL for an f32 result
@@ -233,13 +233,13 @@ static void quant_terms(const struct gemm_problem * pr, int64_t m) {
     for (int64_t i = n; i < mr; ++i) corr[i] = 0;
 }
 
-// The padded image (set_pixels) into pbuf: [C, pad_w, pad_h, B] bytes, quantized as pixels are packed where
-// the image is f32, the byte zx around it.
+// The padded image (set_pixels) into pbuf: [C, pad_w, pad_h, B] values of the path's type, quantized as
+// pixels are packed where an int8 path's image is f32; around it zeros (int8: the byte zx).
 static void pad_image(const struct gemm_problem * pr) {
     const struct patch_geom * g = &pr->geo;
-    const int64_t C = g->C, row = pr->pad_w * C, B = pr->N / (g->OW * g->OH);
+    const int64_t C = g->C * (int64_t) pr->es, row = pr->pad_w * C, B = pr->N / (g->OW * g->OH);
     uint8_t * out = pr->sc->pbuf;
-    const int zero = pr->quant->zero;
+    const int zero = pr->quant ? pr->quant->zero : 0;
     for (int64_t n = 0; n < B; ++n) {
         for (int64_t y = 0; y < pr->pad_h; ++y, out += row) {
             const int64_t iy = y - g->pad;
@@ -249,10 +249,10 @@ static void pad_image(const struct gemm_problem * pr) {
             }
             const char * src = g->data + n * g->nb3 + iy * g->nb2;
             memset(out, zero, g->pad * C);
-            if (g->nb0 == 1) {
+            if (g->nb0 == pr->es) {
                 memcpy(out + g->pad * C, src, g->W * C);
             } else {
-                pr->kern->put_u8(out + g->pad * C, src, g->W * C, pr->quant);
+                pr->kern->put_u8(out + g->pad * C, src, g->W * g->C, pr->quant);
             }
             memset(out + (g->pad + g->W) * C, zero, (pr->pad_w - g->pad - g->W) * C);
         }
@@ -285,31 +285,34 @@ static void window_rows(const struct gemm_problem * pr, struct gemm_block * b, i
 }
 
 // pack_pixels's rows from the padded image, where the tiles cannot read it in place (set_pixels): each window
-// row's values in the block one run, copied without a test of the image's edges; whole windows of rows of at
-// most GEMM_COPY_SLACK bytes (the stem's 7 of 21) a move of that many bytes a row, each the next one's excess.
+// row's values in the block one run, copied without a test of the image's edges; whole windows of short rows
+// (the stem's 7 of 21 values) a move of 32 or GEMM_COPY_SLACK bytes a row, each the next one's excess.
 static void pack_padded(char * dst, const struct gemm_problem * pr, int64_t n0, int64_t n1, int64_t kb, int64_t kc) {
     const struct patch_geom * g = &pr->geo;
-    const int64_t krun = g->kw * g->C, row_bytes = pr->pad_w * g->C, k1 = kb + kc < pr->K ? kb + kc : pr->K;
+    const size_t es = pr->es;
+    const int64_t krun = g->kw * g->C, row_bytes = pr->pad_w * g->C * es, k1 = kb + kc < pr->K ? kb + kc : pr->K;
     const int64_t nr = pr->kern->nr;
-    const int short_rows = kb == 0 && k1 == pr->K && krun <= GEMM_COPY_SLACK;
+    const int short_rows = kb == 0 && k1 == pr->K && krun * es <= GEMM_COPY_SLACK;
     struct patch_at at = patch_at_of(g, n0, 0);
     char * row = dst;
-    for (int64_t n = n0; n < n1; ++n, row += kc, patch_next(g, &at)) {
-        const char * win = (const char *) pr->sc->pbuf + window_offset(pr, &at);
+    for (int64_t n = n0; n < n1; ++n, row += kc * es, patch_next(g, &at)) {
+        const char * win = (const char *) pr->sc->pbuf + window_offset(pr, &at) * es;
         char * out = row;
         for (int64_t k = kb, ky = kb / krun, kk = kb % krun; k < k1; ++ky, kk = 0) {
             const int64_t run = krun - kk < k1 - k ? krun - kk : k1 - k;
-            if (short_rows) {
+            if (short_rows && krun * es <= 32) {
+                memcpy(out, win + ky * row_bytes, 32);
+            } else if (short_rows) {
                 memcpy(out, win + ky * row_bytes, GEMM_COPY_SLACK);
             } else {
-                patch_copy(out, win + ky * row_bytes + kk, run);
+                patch_copy(out, win + ky * row_bytes + kk * es, run * es);
             }
-            out += run;
+            out += run * es;
             k += run;
         }
-        if (k1 - kb < kc) memset(out, 0, kc - (k1 - kb));  // times zero weights (after any excess)
+        if (k1 - kb < kc) memset(out, 0, (kc - (k1 - kb)) * es);  // times zero weights (after any excess)
     }
-    if (n1 == pr->N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc);
+    if (n1 == pr->N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
 }
 
 // The weights of the tile at channel m for k block kb (of product t for Winograd), and the distance between its
@@ -499,15 +502,18 @@ static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst,
                      && geo->nb2 == geo->W * geo->nb1 && (geo->nb3 == geo->H * geo->nb2 || dst->ne[3] == 1);
     pr->in_place = pr->wino || (pr->dense_rows && geo->nb0 == pr->es && pr->K == pr->Kp
                                 && geo->nb1 % GEMM_ALIAS_BYTES != 0);
-    // int8 windows of more than one pixel come from a padded copy of the image, made once per thread (a ninth
-    // or less of what copying each window makes), where it fits the buffer: read in place where the tiles' pairs
+    // int8 windows of more than one pixel come from a padded copy of the image, made once per thread (a ninth or
+    // less of what copying each window makes), where it fits the buffer: read in place where the tiles' pairs
     // of pixel rows (GEMM_INT8_XGROUP) stay on one output row (its width even) and a group of 4 k within a
-    // window row (channels a multiple of 4), else copied into blocks (pack_padded).
+    // window row (channels a multiple of 4), else copied into blocks (pack_padded). So are other paths'
+    // windows of short rows (the stem's), where the copy holds the path's type; for long rows, patch_row's
+    // one copy per row costs less than each thread's copy of the image (ResNet-101 f32, batch 1: 1-2% slower).
     pr->pad_w = geo->W + 2 * geo->pad;
     pr->pad_h = geo->H + 2 * geo->pad;
-    pr->padded = pr->es == 1 && geo->kh > 1 && geo->nb1 == geo->C * geo->nb0
-                 && pr->pad_w * pr->pad_h * geo->C * (pr->N / (geo->OW * geo->OH)) <= GEMM_PAD_BYTES;
-    pr->direct = pr->padded && geo->C % 4 == 0 && geo->OW % GEMM_INT8_XGROUP == 0;
+    pr->padded = !pr->wino && geo->kh > 1 && geo->nb1 == geo->C * geo->nb0
+                 && (pr->es == 1 || (geo->nb0 == pr->es && geo->kw * geo->C * (int64_t) pr->es <= GEMM_COPY_SLACK))
+                 && pr->pad_w * pr->pad_h * geo->C * (pr->N / (geo->OW * geo->OH)) * (int64_t) pr->es <= GEMM_PAD_BYTES;
+    pr->direct = pr->padded && pr->es == 1 && geo->C % 4 == 0 && geo->OW % GEMM_INT8_XGROUP == 0;
 }
 
 
