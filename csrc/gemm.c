@@ -26,7 +26,7 @@
 #define GEMM_NB_MAX (20 * GEMM_NB_STEP)
 #define GEMM_C_BLOCK_MAX (128 * 1024)
 #define GEMM_ALIAS_BYTES 4096
-// The largest padded image (int8's windows, set_pixels): ResNet's at 224x224 in batches of 4, a lane's share of 8.
+// The largest padded image (set_pixels): int8 ResNet's at 224x224 in batches of 4, a lane's share of 8.
 #define GEMM_PAD_BYTES (2 << 20)
 // pack_padded moves short window rows 32 or GEMM_COPY_SLACK bytes at a time, past their end: the buffers have room.
 #define GEMM_COPY_SLACK 128
