@@ -191,13 +191,19 @@ struct gemm_problem {
     struct gemm_scratch * sc;  // this thread's
 };
 
+// After a block's last row (`row`, past pixel n1 - 1), zero rows up to a whole tile where the block ends at N.
+static void zero_tail_rows(char * row, const struct gemm_problem * pr, int64_t n0, int64_t n1, int64_t kc) {
+    const int64_t nr = pr->kern->nr;
+    if (n1 == pr->N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * pr->es);
+}
+
 // Copies values kb..kb+kc-1 (zeros past K) of pixels n0..n1-1 of geo's image to `dst` (in xbuf), rows of kc
 // values of the path's type, with zero rows after N up to a whole tile: an f32 image is rounded to bf16 where
 // the type is, quantized where it is u8; an image of that type already is copied.
 static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct patch_geom * geo, int64_t n0,
                         int64_t n1, int64_t kb, int64_t kc) {
     const size_t es = pr->es;
-    const int64_t K = pr->K, N = pr->N, nr = pr->kern->nr;
+    const int64_t K = pr->K;
     const patch_put put = geo->nb0 == es ? NULL : es == 1 ? pr->kern->put_u8 : patch_put_bf16;
     const int64_t k1 = kb + kc < K ? kb + kc : K;
     char * row = dst;
@@ -212,7 +218,7 @@ static void pack_pixels(char * dst, const struct gemm_problem * pr, const struct
         }
         if (k1 - kb < kc) memset(row + (k1 - kb) * es, 0, (kc - (k1 - kb)) * es);  // times zero weights
     }
-    if (n1 == N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
+    zero_tail_rows(row, pr, n0, n1, kc);
 }
 
 // int8: the epilogue's terms of the tile of channels from m, zx * colsum[m] (only where zx is not 0: the tiles
@@ -291,7 +297,6 @@ static void pack_padded(char * dst, const struct gemm_problem * pr, int64_t n0, 
     const struct patch_geom * g = &pr->geo;
     const size_t es = pr->es;
     const int64_t krun = g->kw * g->C, row_bytes = pr->pad_w * g->C * es, k1 = kb + kc < pr->K ? kb + kc : pr->K;
-    const int64_t nr = pr->kern->nr;
     const int short_rows = kb == 0 && k1 == pr->K && krun * es <= GEMM_COPY_SLACK;
     struct patch_at at = patch_at_of(g, n0, 0);
     char * row = dst;
@@ -312,7 +317,7 @@ static void pack_padded(char * dst, const struct gemm_problem * pr, int64_t n0, 
         }
         if (k1 - kb < kc) memset(out, 0, (kc - (k1 - kb)) * es);  // times zero weights (after any excess)
     }
-    if (n1 == pr->N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * es);
+    zero_tail_rows(row, pr, n0, n1, kc);
 }
 
 // The weights of the tile at channel m for k block kb (of product t for Winograd), and the distance between its
@@ -397,7 +402,7 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
         }
         for (int64_t mt = mt0; mt < mt1; ++mt) {
             const int64_t m = mt * mr;
-            if (pr->quant) quant_terms(pr, m);
+            if (pr->quant && kb + kc == pr->Kp) quant_terms(pr, m);  // read only by K's last block's epilogue
             if (pr->wino) {
                 const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
                 winograd_weights(pr->sc->wbuf[0], sizeof pr->sc->wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
