@@ -22,7 +22,10 @@ How the numbers are made fair:
 * Workers are started and warmed up one after the other, then wait idle while another one runs. The timed
   part is interleaved: each round runs every engine in turn (in rotating order) for every batch size, so
   slow drift of a shared machine (other load, clocks, heat) spreads over all engines instead of biasing
-  whichever ran last. Every sample is one full forward of a batch, timed with perf_counter in the worker.
+  whichever ran last. Every sample is one full forward of a batch, timed with perf_counter in the worker,
+  after one untimed forward at the start of each turn (kept apart in the JSON as `first_ms_per_image`): what
+  the other engines' turns evicted or put to sleep is thus not timed, as the peers' own benchmark tools
+  measure a steady state (OpenVINO's first forward after another engine's turn takes up to a third longer).
 * Correctness is checked in the same run on the same weights: every engine's logits for synthetic test
   images (none of them a calibration image), as a relative L2 error and top-1/top-5 agreement against
   PyTorch's.

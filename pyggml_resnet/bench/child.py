@@ -7,7 +7,8 @@ the torch, ONNX Runtime and OpenVINO processes carry nothing of ours but its sta
 level imports only the standard library, and everything else is imported where it is used.
 
 Workers talk JSON lines over stdin/stdout: after start-up a worker prints {"ready": ...}; then it answers
-{"cmd": "time", "batch": B, "iters": K} with {"times": [seconds, ...]}, {"cmd": "logits", "path": P} with
+{"cmd": "time", "batch": B, "iters": K} with {"first": seconds, "times": [seconds, ...]} (one untimed
+forward first, "first": what another engine's turn left to redo), {"cmd": "logits", "path": P} with
 {"logits": [[...], ...]} (one list per image of the .npy file P, each run at batch 1), and {"cmd": "exit"}
 with {"maxrss_kib": N}; a failure is {"error": "..."}.
 """
@@ -296,11 +297,14 @@ def _worker(a, proto) -> int:
         msg = json.loads(line)
         if msg["cmd"] == "time":
             x, times = inputs[msg["batch"]], []
+            t = time.perf_counter()
+            run(x)
+            first = time.perf_counter() - t
             for _ in range(msg["iters"]):
                 t = time.perf_counter()
                 run(x)
                 times.append(time.perf_counter() - t)
-            reply = {"times": times}
+            reply = {"first": first, "times": times}
         elif msg["cmd"] == "logits":  # of the test images in an .npy file, one at a time
             reply = {"logits": [[float(v) for v in run(x[None])[0]] for x in numpy.load(msg["path"])]}
         elif msg["cmd"] == "exit":

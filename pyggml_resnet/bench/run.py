@@ -181,7 +181,7 @@ def _phases(run: Run) -> int:
     start_workers(run)
     correctness = check_correctness(run)
     busy = _wait_until_quiet(run, load_avg)
-    samples = timed_rounds(run)
+    samples, firsts = timed_rounds(run)
     oversubscribed = contention_cases(run)
     stop_workers(run)
     cold = cold_starts(run)
@@ -198,7 +198,7 @@ def _phases(run: Run) -> int:
         "machine": {**machine_info(), "load_average_at_start": load_avg, "busy_cpus_before_timing": busy},
         "engines": run.status,
         "correctness": correctness,
-        "results": summarize(run, samples, flops),
+        "results": summarize(run, samples, firsts, flops),
         "cold_start": cold,
         "load_by_dtype": loads,
         "contention": oversubscribed,
@@ -422,10 +422,14 @@ def check_correctness(run: Run) -> list[dict]:
     return correctness
 
 
-def timed_rounds(run: Run) -> dict[str, dict[int, list[float]]]:
-    """Interleaved rounds, the engines in rotating order: {name: {batch: [seconds per image, ...]}}."""
+def timed_rounds(run: Run) -> tuple[dict[str, dict[int, list[float]]], dict[str, dict[int, list[float]]]]:
+    """Interleaved rounds, the engines in rotating order: the timed samples, {name: {batch: [seconds per image,
+    ...]}}, and alike each turn's untimed first forward (what the other engines' turns left it to redo: caches,
+    sleeping threads; OpenVINO's is up to a third slower than its next, so timing it would flatter engines that
+    keep less warm state)."""
     a = run.args
     samples = {name: {b: [] for b in a.batch} for name in run.rows}
+    firsts = {name: {b: [] for b in a.batch} for name in run.rows}
     for r in range(a.rounds if run.workers else 0):
         order = list(run.workers)
         order = order[r % len(order):] + order[:r % len(order)]
@@ -440,12 +444,13 @@ def timed_rounds(run: Run) -> dict[str, dict[int, list[float]]]:
                 _progress(f" {name}", end="")
                 try:
                     reply = run.workers[name].request({"cmd": "time", "batch": b, "iters": iters},
-                                                      run.timeout(name, b, iters))
+                                                      run.timeout(name, b, iters + 1))
                     samples[name][b] += [t / b for t in reply["times"]]
+                    firsts[name][b].append(reply["first"] / b)
                 except WorkerError as e:
                     run.fail(name, e, inline=True)  # the error itself is in the report
         _progress("")
-    return samples
+    return samples, firsts
 
 
 def contention_cases(run: Run) -> list[dict]:
@@ -522,8 +527,9 @@ def load_times(run: Run) -> list[dict]:
              "file_bytes": os.path.getsize(paths[dt]), "samples_s": s} for dt, s in times.items()]
 
 
-def summarize(run: Run, samples: dict, flops: int) -> list[dict]:
-    """Per engine and batch: median, min and max time per image, the ratio to PyTorch, GFLOP/s."""
+def summarize(run: Run, samples: dict, firsts: dict, flops: int) -> list[dict]:
+    """Per engine and batch: median, min and max time per image, the ratio to PyTorch, GFLOP/s, and the median
+    of each turn's untimed first forward."""
     results = []
     for b in run.args.batch:
         torch_s = samples.get("torch", {}).get(b)
@@ -538,5 +544,6 @@ def summarize(run: Run, samples: dict, flops: int) -> list[dict]:
                             "ratio_to_torch": med / torch_med if torch_med else None,
                             "gflops": flops / med / 1e9, "peak_rss_kib": run.status[name].get("peak_rss_kib"),
                             "rel_l2_error": run.status[name].get("rel_l2_error"),
-                            "samples_ms_per_image": [v * 1e3 for v in s]})
+                            "samples_ms_per_image": [v * 1e3 for v in s],
+                            "first_ms_per_image": statistics.median(firsts[name][b]) * 1e3})
     return results
