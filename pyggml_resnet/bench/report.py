@@ -50,7 +50,8 @@ def format_report(r: dict) -> str:
     m, s = r["model"], r["settings"]
     out = [f"pyggml-resnet bench: {m['arch']}, {m['source']}, input {'x'.join(map(str, m['input']))}, "
            f"{m['flops_per_image'] / 1e9:.2f} GFLOP per image",
-           f"{s['threads']} threads per engine, {s['rounds']} rounds, timed iterations per engine per round: "
+           f"{s['threads']} threads per engine, {s['rounds']} rounds, timed iterations per engine per round "
+           "(after an untimed one): "
            + ", ".join(f"batch {b}: {k}" for b, k in s["iters"].items()), ""]
     if r["correctness"]:
         out += _correctness(r["correctness"], s) + [""]
