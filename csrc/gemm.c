@@ -243,7 +243,7 @@ static void quant_terms(const struct gemm_problem * pr, int64_t m) {
 // pixels are packed where an int8 path's image is f32; around it zeros (int8: the byte zx).
 static void pad_image(const struct gemm_problem * pr) {
     const struct patch_geom * g = &pr->geo;
-    const int64_t C = g->C * (int64_t) pr->es, row = pr->pad_w * C, B = pr->N / (g->OW * g->OH);
+    const int64_t px = g->C * (int64_t) pr->es, row = pr->pad_w * px, B = pr->N / (g->OW * g->OH);  // px, row: bytes
     uint8_t * out = pr->sc->pbuf;
     const int zero = pr->quant ? pr->quant->zero : 0;
     for (int64_t n = 0; n < B; ++n) {
@@ -254,13 +254,13 @@ static void pad_image(const struct gemm_problem * pr) {
                 continue;
             }
             const char * src = g->data + n * g->nb3 + iy * g->nb2;
-            memset(out, zero, g->pad * C);
+            memset(out, zero, g->pad * px);
             if (g->nb0 == pr->es) {
-                memcpy(out + g->pad * C, src, g->W * C);
+                memcpy(out + g->pad * px, src, g->W * px);
             } else {
-                pr->kern->put_u8(out + g->pad * C, src, g->W * g->C, pr->quant);
+                pr->kern->put_u8(out + g->pad * px, src, g->W * g->C, pr->quant);
             }
-            memset(out + (g->pad + g->W) * C, zero, (pr->pad_w - g->pad - g->W) * C);
+            memset(out + (g->pad + g->W) * px, zero, (pr->pad_w - g->pad - g->W) * px);
         }
     }
 }
