@@ -182,6 +182,8 @@ struct gemm_problem {
     int in_place;           // ... read whole tiles in place, not copied
     int padded;             // windows copied from this thread's padded copy of the image (pad_image)...
     int direct;             // ... or (int8) read from it in place
+    int nr;                 // pixels per tile: the kernel's nr, or its nr_tall where that divides N
+    int skip_rows;          // direct windows, zero point 0, tiles each along one output row: see clip_rows
     int64_t pad_w, pad_h;   // its width and height
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
     const struct patch_quant * out_q;  // int8: how the result becomes u8, or NULL for an f32 result
@@ -193,7 +195,7 @@ struct gemm_problem {
 
 // After a block's last row (`row`, past pixel n1 - 1), zero rows up to a whole tile where the block ends at N.
 static void zero_tail_rows(char * row, const struct gemm_problem * pr, int64_t n0, int64_t n1, int64_t kc) {
-    const int64_t nr = pr->kern->nr;
+    const int64_t nr = pr->nr;
     if (n1 == pr->N) memset(row, 0, (size_t) ((nr - (n1 - n0) % nr) % nr) * kc * pr->es);
 }
 
@@ -290,6 +292,23 @@ static void window_rows(const struct gemm_problem * pr, struct gemm_block * b, i
     b->kjump = row_bytes;
 }
 
+// A direct tile's part of K block kb (b: the block's) where its pixels lie along one output row (skip_rows): only
+// the kernel rows that reach into the image, since the others multiply the padding's zeros (zero point 0) and
+// integer sums are the same bits without them; its first and last k are the epilogue's. Whether any is left.
+static int clip_rows(const struct gemm_problem * pr, struct gemm_block * b, int64_t n, int64_t kb) {
+    const struct patch_geom * g = &pr->geo;
+    const int64_t iy = (n / g->OW) % g->OH * g->stride - g->pad, krun = g->kw * g->C;
+    const int64_t r0 = (iy < 0 ? -iy : 0) * krun, r1 = (g->H - iy < g->kh ? g->H - iy : g->kh) * krun;
+    const int64_t k0 = kb > r0 ? kb : r0, k1 = kb + b->kc < r1 ? kb + b->kc : r1;
+    if (k0 >= k1) return 0;
+    b->w = (const char *) b->w + 16 * (k0 - kb) * pr->es;
+    b->kc = k1 - k0;
+    b->first = k0 == r0;
+    b->last = k1 == r1;
+    window_rows(pr, b, k0);
+    return 1;
+}
+
 // pack_pixels's rows from the padded image, where the tiles cannot read it in place (set_pixels): each window
 // row's values in the block one run, copied without a test of the image's edges; whole windows of short rows
 // (the stem's 7 of 21 values) a move of 32 or GEMM_COPY_SLACK bytes a row, each the next one's excess.
@@ -350,9 +369,10 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
                       const char * x, const char * packed, char * out, int64_t m, int64_t px0, int64_t px1,
                       int64_t packed0, int64_t kb) {
     const struct gemm_kernel * kern = pr->kern;
-    const int nr = kern->nr;
+    const int nr = pr->nr;
     for (int64_t n = px0; n < px1;) {
-        const int height = px1 - n == nr + 1 && kern->tile_wide ? nr + 1 : px1 - n >= nr ? nr : kern->nr_narrow;
+        const int height = px1 - n == nr + 1 && kern->tile_wide && nr == kern->nr ? nr + 1
+                           : px1 - n >= nr ? nr : kern->nr_narrow;
         if (pr->direct) {
             b->xoff = pr->sc->xoff + (n - px0);
         } else if (n < packed0) {
@@ -373,7 +393,14 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
         b->res = pr->res ? pr->res + n * pr->M + m : NULL;
         b->res_u8 = pr->res_u8 ? pr->res_u8 + n * pr->M + m : NULL;
         b->nr = px1 - n < height ? (int) (px1 - n) : height;
-        (height == nr ? kern->tile : height > nr ? kern->tile_wide : kern->tile_narrow)(b);
+        void (*tile)(const struct gemm_block *) = height < nr ? kern->tile_narrow : height > nr ? kern->tile_wide
+                                                  : nr == kern->nr ? kern->tile : kern->tile_tall;
+        struct gemm_block clipped;
+        if (!pr->skip_rows) {
+            tile(b);
+        } else if (clipped = *b, clip_rows(pr, &clipped, n, kb)) {
+            tile(&clipped);
+        }
         n += height;
     }
 }
@@ -382,7 +409,7 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
 // multiplied by each tile of channels' weights.
 static void pixel_block(const struct gemm_problem * pr, const struct gemm_partials * sums, int64_t mt0, int64_t mt1,
                         int64_t px0, int64_t px1) {
-    const int mr = pr->kern->mr, nr = pr->kern->nr, products = pr->wino ? 16 : 1;
+    const int mr = pr->kern->mr, nr = pr->nr, products = pr->wino ? 16 : 1;
     const size_t es = pr->es;
     const int64_t KC = pr->kc;
     // Pixels read in place (see in_place) up to the last whole tile; the rest, and every pixel otherwise,
@@ -402,7 +429,8 @@ static void pixel_block(const struct gemm_problem * pr, const struct gemm_partia
         }
         for (int64_t mt = mt0; mt < mt1; ++mt) {
             const int64_t m = mt * mr;
-            if (pr->quant && kb + kc == pr->Kp) quant_terms(pr, m);  // read only by K's last block's epilogue
+            // Read only by the epilogues: K's last block's, or with skip_rows any block's.
+            if (pr->quant && (kb + kc == pr->Kp || pr->skip_rows)) quant_terms(pr, m);
             if (pr->wino) {
                 const float * w3 = (const float *) pr->w + (m / 16) * 16 * 9 * pr->K;  // the 3x3 panels
                 winograd_weights(pr->sc->wbuf[0], sizeof pr->sc->wbuf[0] / sizeof(float), w3, pr->K, kb, kc);
@@ -450,7 +478,7 @@ static void winograd_outputs(const struct gemm_problem * pr, const struct gemm_p
 }
 
 static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    const int mr = pr->kern->mr, nr = pr->kern->nr;
+    const int mr = pr->kern->mr, nr = pr->nr;
     const int64_t N = pr->N, KC = pr->kc;
     // The block's output is read again by each K block after the first, so should stay in L2 (for Winograd,
     // only one product's: making the weights again for smaller blocks costs more than L3 does).
@@ -519,6 +547,9 @@ static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst,
                  && (pr->es == 1 || (geo->nb0 == pr->es && geo->kw * geo->C * (int64_t) pr->es <= GEMM_COPY_SLACK))
                  && pr->pad_w * pr->pad_h * geo->C * (pr->N / (geo->OW * geo->OH)) * (int64_t) pr->es <= GEMM_PAD_BYTES;
     pr->direct = pr->padded && pr->es == 1 && geo->C % 4 == 0 && geo->OW % GEMM_INT8_XGROUP == 0;
+    const struct gemm_kernel * kern = pr->kern;
+    pr->nr = kern->nr_tall && pr->N % kern->nr_tall == 0 ? kern->nr_tall : kern->nr;
+    pr->skip_rows = pr->direct && pr->quant->zero == 0 && geo->OW % pr->nr == 0;
 }
 
 
@@ -551,7 +582,7 @@ static void gemm_chunk(const struct gemm_problem * pr, int split_m, int64_t unit
 
 // Thread ith's part of the product (claims: the op's record of taken chunks, zero between computations).
 static void gemm_share(const struct gemm_problem * pr, uint32_t * claims, int ith, int nth) {
-    const int mr = pr->kern->mr, nr = pr->kern->nr;
+    const int mr = pr->kern->mr, nr = pr->nr;
     const int64_t m_tiles = (pr->M + mr - 1) / mr, n_tiles = (pr->N + nr - 1) / nr;
 
     if (nth == 1) {
@@ -563,13 +594,13 @@ static void gemm_share(const struct gemm_problem * pr, uint32_t * claims, int it
     // of that one's run. So a thread that gets less of its CPU (another process on it, or a VM host's other
     // tenants) holds the rest up for a chunk, not for its whole share. Every output is still summed by one
     // thread over all of K, in the same order.
-    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: channels when
-    // they outnumber pixel tiles, MLAS's rule); but pixels packed as they are read are split wherever they are
-    // enough for every chunk, since each chunk of channels would pack all of them again (where channels are
-    // split all the same, each thread takes one chunk).
+    // Split output channels or pixels, whichever gives the busiest thread less work (on a tie: channels where
+    // they outnumber pixels, so that each thread reads the smaller of weights and pixels whole); but pixels
+    // packed as they are read are split wherever they are enough for every chunk, since each chunk of channels
+    // would pack all of them again (where channels are split all the same, each thread takes one chunk).
     const int64_t by_m = (m_tiles + nth - 1) / nth * n_tiles, by_n = (n_tiles + nth - 1) / nth * m_tiles;
     const int split_m = (pr->in_place || pr->direct || n_tiles < (int64_t) GEMM_CHUNKS * nth)
-                        && (by_m < by_n || (by_m == by_n && m_tiles >= n_tiles));
+                        && (by_m < by_n || (by_m == by_n && pr->M >= pr->N));
     const int64_t units = split_m ? m_tiles : n_tiles;
     const int per_thread = pr->in_place || pr->direct || !split_m ? GEMM_CHUNKS : 1;
     int chunks = per_thread * nth < GEMM_CLAIM_BITS ? per_thread * nth : GEMM_CLAIM_BITS;

@@ -1,5 +1,5 @@
 // The AVX-512 path of csrc/gemm.h: 32 channels (two panels, one zmm each) x 12 pixels, 24 accumulators;
-// 32 x 4 for the last pixels, and 32 x 13 where one pixel would be left over.
+// 32 x 4 for the last pixels, 32 x 13 where one pixel would be left over, and 32 x 14 where N is a multiple of 14.
 // Compiled with -mavx512f -mfma; only called where the CPU has AVX-512F (gemm.c checks at run time).
 //
 // Each tile comes in two forms that differ only in how a pixel's value reaches its two FMAs, so they give the

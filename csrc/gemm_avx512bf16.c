@@ -1,7 +1,7 @@
-// The AVX512-BF16 path of csrc/gemm.h: bf16 weights and pixels, f32 sums; 32 channels (two panels) x 12
-// pixels, 24 accumulators; 32 x 4 for the last pixels, and 32 x 13 where one pixel would be left over. One
-// vdpbf16ps takes a pair of k: each lane multiplies its channel's two weights by the pixel's two values (both
-// products exact in f32) and adds them to its sum.
+// The AVX512-BF16 path of csrc/gemm.h: bf16 weights and pixels, f32 sums; 32 channels (two panels) x 12 pixels, 24
+// accumulators; 32 x 4 for the last pixels, 32 x 13 where one pixel would be left over, and 32 x 14 where N is a
+// multiple of 14. One vdpbf16ps takes a pair of k: each lane multiplies its channel's two weights by the pixel's
+// two values (both products exact in f32) and adds them to its sum.
 // Compiled with -mavx512f -mavx512bf16; only called where the CPU has both (gemm.c checks at run time).
 #include <stdint.h>
 
@@ -35,6 +35,14 @@ static inline __m512 dp_bcast(__m512bh a, const uint16_t * p, __m512 c) {
 #define NR 13
 #define TILE_FN tile_avx512bf16_wide
 #include "gemm_tile.inc"
+#undef NR
+#undef TILE_FN
+
+// 28 accumulators and the two weight vectors: 30 registers.
+#define NR 14
+#define TILE_FN tile_avx512bf16_tall
+#include "gemm_tile.inc"
 
 const struct gemm_kernel gemm_kernel_avx512bf16 = { MV * VL, 12, 4, tile_avx512bf16, tile_avx512bf16_narrow,
-                                                     tile_avx512bf16_wide, sizeof(uint16_t) };
+                                                     tile_avx512bf16_wide, sizeof(uint16_t), NULL,
+                                                     14, tile_avx512bf16_tall };

@@ -47,8 +47,11 @@ struct gemm_block {
 // Each ISA path provides one of these: its tile size and tile function, a narrower tile for the last
 // pixels of a product (N = 196 leaves 4 over a tile of 12), and where registers allow a tile one pixel wider
 // for a remainder of one (N = 49: 12 + 12 + 12 + 13), or NULL; the bytes of each weight and pixel value
-// it reads (4: f32, 2: bf16, 1: int8); and for int8, how it quantizes f32 values as gemm.c packs pixels and as
-// its tiles write a u8 result: the bytes of patch_put_u8 (csrc/patch_row.h), in the path's own vectors.
+// it reads (4: f32, 2: bf16, 1: int8); for int8, how it quantizes f32 values as gemm.c packs pixels and as
+// its tiles write a u8 result: the bytes of patch_put_u8 (csrc/patch_row.h), in the path's own vectors; and
+// where registers allow, a taller tile for products whose N it divides (0 and NULL otherwise): 14, since
+// ResNet's images are 7 x 7 to 56 x 56 (so 196 pixels are 14 tiles, none narrow, and from 14 x 14 up, each
+// tile lies along one output row, which int8's direct windows use: csrc/gemm.c, clip_rows).
 struct gemm_kernel {
     int mr, nr, nr_narrow;
     void (*tile)(const struct gemm_block * b);
@@ -56,6 +59,8 @@ struct gemm_kernel {
     void (*tile_wide)(const struct gemm_block * b);
     int es;
     patch_put put_u8;
+    int nr_tall;  // or 0
+    void (*tile_tall)(const struct gemm_block * b);
 };
 #define GEMM_MR_MAX 32  // the widest tile of channels
 #define GEMM_NR_MAX 16  // more than the tallest tile of pixels

@@ -202,12 +202,16 @@ def test_every_resnet101_conv(backend, path):
 # GEMM_C_BLOCK / (12 * 32) = 341). Then windows read from a padded copy of the image (csrc/gemm.c's direct
 # windows: channels a multiple of 4, an even output width): a batch of 3, stride 2 without padding, a 5x5 with
 # padding 2, window rows of 1280 values across cache blocks (K 3840); and one too big for the copy (packed).
+# Last, direct windows whose tiles of 14 each lie along one output row, so that with zero point 0 the kernel
+# rows in the padding are skipped (csrc/gemm.c, clip_rows): 3x3 over 14 x 14 (K across cache blocks), a 5x5 with
+# two rows in the padding, and stride 2 whose last output row also reaches into it.
 AWKWARD = [
     (1, 1, 1, 3, 1, 1, 1, 0), (1, 1, 13, 5, 17, 1, 1, 0), (1, 7, 7, 7, 33, 1, 1, 0), (1, 1, 1, 5, 40, 3, 1, 2),
     (2, 7, 9, 5, 20, 3, 2, 1), (1, 9, 7, 130, 31, 3, 2, 1), (3, 5, 3, 2, 48, 7, 2, 3), (1, 13, 1, 200, 16, 1, 1, 0),
     (2, 2, 3, 3, 1, 3, 1, 3), (1, 2, 1, 600, 24000, 1, 1, 0),
     (3, 6, 10, 8, 40, 3, 1, 1), (2, 9, 9, 12, 33, 3, 2, 0), (1, 6, 6, 4, 16, 5, 1, 2), (1, 3, 4, 256, 20, 5, 1, 2),
     (3, 40, 40, 200, 16, 3, 1, 1),
+    (2, 14, 14, 256, 40, 3, 1, 1), (1, 7, 28, 4, 33, 5, 1, 2), (1, 15, 27, 12, 32, 3, 2, 1),
 ]
 
 
