@@ -139,6 +139,7 @@ const struct gemm_kernel * gemm_kernel_for(int path) {
         case GEMM_AVX512_BF16: return &gemm_kernel_avx512bf16;
         case GEMM_INT8_AVX512_VNNI: return &gemm_kernel_int8_avx512vnni;
         case GEMM_INT8_AVX2: return &gemm_kernel_int8_avx2;
+        case GEMM_INT8_AVX_VNNI: return &gemm_kernel_int8_avxvnni;
     }
 #endif
     return path == GEMM_INT8_SCALAR ? &gemm_kernel_int8_scalar : NULL;
@@ -155,6 +156,8 @@ int gemm_path_supported(int path) {
             return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
                    && __builtin_cpu_supports("avx512vnni");
         case GEMM_INT8_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        case GEMM_INT8_AVX_VNNI:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avxvnni");
     }
 #endif
     return path == GEMM_INT8_SCALAR;

@@ -58,10 +58,10 @@ int64_t gemm_kc_bytes(void);
 int gemm_folds_broadcasts(void);
 void gemm_set_folds_broadcasts(int folded);
 
-// The int8 paths: AVX512-VNNI, AVX2, and portable C (every CPU).
+// The int8 paths: AVX512-VNNI, AVX2, portable C (every CPU), and AVX-VNNI (256 bits, without AVX-512).
 enum gemm_path {
     GEMM_AVX512 = 0, GEMM_AVX2 = 1, GEMM_AVX512_BF16 = 2,
-    GEMM_INT8_AVX512_VNNI = 3, GEMM_INT8_AVX2 = 4, GEMM_INT8_SCALAR = 5, GEMM_N_PATHS
+    GEMM_INT8_AVX512_VNNI = 3, GEMM_INT8_AVX2 = 4, GEMM_INT8_SCALAR = 5, GEMM_INT8_AVX_VNNI = 6, GEMM_N_PATHS
 };
 
 // Whether this CPU (and this build) can run `path`: checked at run time from cpuid.

@@ -76,4 +76,5 @@ extern const struct gemm_kernel gemm_kernel_avx2;
 extern const struct gemm_kernel gemm_kernel_avx512bf16;
 extern const struct gemm_kernel gemm_kernel_int8_avx512vnni;
 extern const struct gemm_kernel gemm_kernel_int8_avx2;
+extern const struct gemm_kernel gemm_kernel_int8_avxvnni;
 extern const struct gemm_kernel gemm_kernel_int8_scalar;

@@ -120,6 +120,7 @@ struct ggml_tensor * stack_batch(struct ggml_context * ctx, struct ggml_tensor *
 struct ggml_tensor * quantize_u8(struct ggml_context * ctx, struct ggml_tensor * x, float x_scale, int x_zero,
                                  int path);
 enum gemm_path { GEMM_AVX512, GEMM_AVX2, GEMM_AVX512_BF16, GEMM_INT8_AVX512_VNNI, GEMM_INT8_AVX2, GEMM_INT8_SCALAR,
+                 GEMM_INT8_AVX_VNNI,
                  ... };
 #define GEMM_INT8_K_MAX ...
 int gemm_path_supported(int path);

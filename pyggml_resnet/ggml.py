@@ -166,8 +166,8 @@ def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
 
 
 # The packed GEMM's int8 paths (csrc/gemm.h's gemm_int8), widest first: the last runs on every CPU.
-GEMM_INT8_PATHS = {"int8-avx512vnni": lib.GEMM_INT8_AVX512_VNNI, "int8-avx2": lib.GEMM_INT8_AVX2,
-                   "int8-scalar": lib.GEMM_INT8_SCALAR}
+GEMM_INT8_PATHS = {"int8-avx512vnni": lib.GEMM_INT8_AVX512_VNNI, "int8-avxvnni": lib.GEMM_INT8_AVX_VNNI,
+                   "int8-avx2": lib.GEMM_INT8_AVX2, "int8-scalar": lib.GEMM_INT8_SCALAR}
 
 
 def gemm_int8_paths() -> tuple[str, ...]:

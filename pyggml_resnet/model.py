@@ -376,7 +376,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, batchnorm: str 
     dtype: "f32", "f16", "bf16" or "q8_0" for the conv and fc weights (default: as stored in the file).
         "int8" (the default for them) only for a file converted with `--dtype int8 --calibration` (whose
         BatchNorm is folded: batchnorm="explicit" is refused), whose convs run on the packed GEMM's int8 path
-        ("int8-avx512vnni", "int8-avx2" or "int8-scalar", from the CPU, or named by `gemm`).
+        ("int8-avx512vnni", "int8-avxvnni", "int8-avx2" or "int8-scalar", from the CPU, or named by `gemm`).
     winograd: run f32 3x3 stride-1 convs as Winograd F(2x2,3x3) (16 multiplies per 2x2 outputs instead of
         36; as exact as the direct product, docs/benchmarks.md). With the packed GEMM the transformed weights
         are made from the packed ones as they are used, so memory is unchanged; by default (None) it runs

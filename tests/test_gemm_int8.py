@@ -294,7 +294,7 @@ def test_paths_batches_and_threads_agree_bit_for_bit(c, w):
 
 def test_paths():
     assert PATHS[-1] == "int8-scalar"
-    assert set(PATHS) <= {"int8-avx512vnni", "int8-avx2", "int8-scalar"}
+    assert set(PATHS) <= {"int8-avx512vnni", "int8-avxvnni", "int8-avx2", "int8-scalar"}
 
 
 def test_quantize_and_pack():

@@ -184,8 +184,8 @@ def test_impossible_requests_are_refused():
                 plan("resnet18", dtype=dtype, gemm="packed")
     with pytest.raises(InputError, match="cannot run the packed GEMM's int8-avx2 path for f32 weights"):
         plan("resnet18", gemm="int8-avx2")  # int8 paths are for int8 files only
-    assert GEMM_CHOICES == ("packed", "ggml", "avx512", "avx2", "avx512bf16", "int8-avx512vnni", "int8-avx2",
-                            "int8-scalar")
+    assert GEMM_CHOICES == ("packed", "ggml", "avx512", "avx2", "avx512bf16", "int8-avx512vnni", "int8-avxvnni",
+                            "int8-avx2", "int8-scalar")
 
 
 def test_the_cpu_query_knows_only_the_packed_paths():
