@@ -515,8 +515,8 @@ static void gemm_tiles(const struct gemm_problem * pr, int64_t m0, int64_t m1, i
     }
 }
 
-// Where the problem's pixel rows X come from (pr->geo, for Winograd pr->N and the products' steps too), and
-// whether they are read in place.
+// Where the problem's pixel rows X come from (pr->geo, for Winograd pr->N and the products' steps too), whether
+// they are read in place, and the tile height that suits them (pr->nr, pr->skip_rows: they need N and the geometry).
 static void set_pixels(struct gemm_problem * pr, const struct ggml_tensor * dst, int kh) {
     const struct ggml_tensor * x = dst->src[1];
     if (pr->wino) {  // 16 products of [M, C] x [C, T], one per slice of x and of the result
