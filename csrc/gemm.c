@@ -186,7 +186,7 @@ struct gemm_problem {
     int padded;             // windows copied from this thread's padded copy of the image (pad_image)...
     int direct;             // ... or (int8) read from it in place
     int nr;                 // pixels per tile: the kernel's nr, or its nr_tall where that divides N
-    int skip_rows;          // direct windows, zero point 0, tiles each along one output row: see clip_rows
+    int skip_rows;          // direct windows, zero point 0, tiles each along one output row: see clip_window
     int64_t pad_w, pad_h;   // its width and height
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
     const struct patch_quant * out_q;  // int8: how the result becomes u8, or NULL for an f32 result
@@ -296,9 +296,10 @@ static void window_rows(const struct gemm_problem * pr, struct gemm_block * b, i
 }
 
 // A direct tile's part of K block kb (b: the block's) where its pixels lie along one output row (skip_rows): only
-// the kernel rows that reach into the image, since the others multiply the padding's zeros (zero point 0) and
-// integer sums are the same bits without them; its first and last k are the epilogue's. Whether any is left.
-static int clip_rows(const struct gemm_problem * pr, struct gemm_block * b, int64_t n, int64_t kb) {
+// the kernel rows that reach into the image, and for its first and last pixels only the kernel columns that do
+// (cseg, lcols, rcols), since the others multiply the padding's zeros (zero point 0) and integer sums are the
+// same bits without them; its first and last k are the epilogue's. Whether any is left.
+static int clip_window(const struct gemm_problem * pr, struct gemm_block * b, int64_t n, int64_t kb) {
     const struct patch_geom * g = &pr->geo;
     const int64_t iy = (n / g->OW) % g->OH * g->stride - g->pad, krun = g->kw * g->C;
     const int64_t r0 = (iy < 0 ? -iy : 0) * krun, r1 = (g->H - iy < g->kh ? g->H - iy : g->kh) * krun;
@@ -309,6 +310,10 @@ static int clip_rows(const struct gemm_problem * pr, struct gemm_block * b, int6
     b->first = k0 == r0;
     b->last = k1 == r1;
     window_rows(pr, b, k0);
+    const int64_t ix0 = n % g->OW * g->stride - g->pad, ix1 = ix0 + (b->nr - 1) * g->stride;  // first, last pixel's
+    b->cseg = g->C;
+    b->lcols = ix0 < 0 ? (int) (-ix0 < g->kw ? -ix0 : g->kw) : 0;
+    b->rcols = ix1 + g->kw > g->W ? (int) (ix1 + g->kw - g->W < g->kw ? ix1 + g->kw - g->W : g->kw) : 0;
     return 1;
 }
 
@@ -401,7 +406,7 @@ static void run_tiles(const struct gemm_problem * pr, struct gemm_block * b, con
         struct gemm_block clipped;
         if (!pr->skip_rows) {
             tile(b);
-        } else if (clipped = *b, clip_rows(pr, &clipped, n, kb)) {
+        } else if (clipped = *b, clip_window(pr, &clipped, n, kb)) {
             tile(&clipped);
         }
         n += height;

@@ -26,6 +26,11 @@ struct gemm_block {
     // (Each of the tile's groups of pixel rows, XGROUP in csrc/gemm_tile.inc, has its rows ldx apart.)
     const int32_t * xoff;
     int64_t krest, krun, kjump;
+    // And where the tile's pixels lie along one output row (csrc/gemm.c, clip_window): each window row is kernel
+    // columns of cseg values, of which pixel 0 skips the first lcols and pixel nr - 1 the last rcols (the
+    // padding's, zeros); 0 and 0 where none is skipped.
+    int64_t cseg;
+    int lcols, rcols;
     int64_t kc;            // k values in this cache block (whole summation blocks, except at K's end)
     int nr, mr;            // valid pixels (<= GEMM_NR) and channels (<= GEMM_MR) in this tile
     float * c;             // partial sums of the tile's first pixel and channel, kept between K's cache blocks:
@@ -51,7 +56,7 @@ struct gemm_block {
 // its tiles write a u8 result: the bytes of patch_put_u8 (csrc/patch_row.h), in the path's own vectors; and
 // where registers allow, a taller tile for products whose N it divides (0 and NULL otherwise): 14, since
 // ResNet's images are 7 x 7 to 56 x 56 (so 196 pixels are 14 tiles, none narrow, and from 14 x 14 up, each
-// tile lies along one output row, which int8's direct windows use: csrc/gemm.c, clip_rows).
+// tile lies along one output row, which int8's direct windows use: csrc/gemm.c, clip_window).
 struct gemm_kernel {
     int mr, nr, nr_narrow;
     void (*tile)(const struct gemm_block * b);

@@ -203,8 +203,9 @@ def test_every_resnet101_conv(backend, path):
 # windows: channels a multiple of 4, an even output width): a batch of 3, stride 2 without padding, a 5x5 with
 # padding 2, window rows of 1280 values across cache blocks (K 3840); and one too big for the copy (packed).
 # Last, direct windows whose tiles of 14 each lie along one output row, so that with zero point 0 the kernel
-# rows in the padding are skipped (csrc/gemm.c, clip_rows): 3x3 over 14 x 14 (K across cache blocks), a 5x5 with
-# two rows in the padding, and stride 2 whose last output row also reaches into it.
+# rows in the padding are skipped, and the first and last pixels' kernel columns there (csrc/gemm.c,
+# clip_window): 3x3 over 14 x 14 (K across cache blocks), a 5x5 with two rows and columns in the padding, and
+# stride 2 whose last output row also reaches into it.
 AWKWARD = [
     (1, 1, 1, 3, 1, 1, 1, 0), (1, 1, 13, 5, 17, 1, 1, 0), (1, 7, 7, 7, 33, 1, 1, 0), (1, 1, 1, 5, 40, 3, 1, 2),
     (2, 7, 9, 5, 20, 3, 2, 1), (1, 9, 7, 130, 31, 3, 2, 1), (3, 5, 3, 2, 48, 7, 2, 3), (1, 13, 1, 200, 16, 1, 1, 0),
