@@ -317,14 +317,40 @@ static int clip_window(const struct gemm_problem * pr, struct gemm_block * b, in
     return 1;
 }
 
+// pack_padded's rows where they are whole windows of short rows (the stem's 7 of 21 u8 or 84 f32 values): per
+// pixel, kh moves of `move` bytes (32 or GEMM_COPY_SLACK, a constant in each inlined copy), each row's excess
+// overwritten by the next row's, then zeros up to Kp (times zero weights) in place of the last one's excess,
+// except for int8: whatever bytes are there (the excess, or the buffer's earlier ones) times zero weights is 0.
+static inline __attribute__((always_inline)) void pack_windows(char * dst, const struct gemm_problem * pr, int64_t n0,
+                                                               int64_t n1, size_t move) {
+    const struct patch_geom * g = &pr->geo;
+    const size_t es = pr->es, run = g->kw * g->C * es, row_bytes = pr->pad_w * g->C * es;
+    const size_t k_bytes = g->kh * run, kp_bytes = pr->Kp * es;
+    struct patch_at at = patch_at_of(g, n0, 0);
+    char * row = dst;
+    for (int64_t n = n0; n < n1; ++n, row += kp_bytes, patch_next(g, &at)) {
+        const char * win = (const char *) pr->sc->pbuf + window_offset(pr, &at) * es;
+        for (int64_t ky = 0; ky < g->kh; ++ky) memcpy(row + ky * run, win + ky * row_bytes, move);
+        if (es > 1 && k_bytes < kp_bytes) memset(row + k_bytes, 0, kp_bytes - k_bytes);  // bf16: one value
+    }
+    zero_tail_rows(row, pr, n0, n1, pr->Kp);
+}
+
 // pack_pixels's rows from the padded image, where the tiles cannot read it in place (set_pixels): each window
 // row's values in the block one run, copied without a test of the image's edges; whole windows of short rows
-// (the stem's 7 of 21 values) a move of 32 or GEMM_COPY_SLACK bytes a row, each the next one's excess.
+// by pack_windows.
 static void pack_padded(char * dst, const struct gemm_problem * pr, int64_t n0, int64_t n1, int64_t kb, int64_t kc) {
     const struct patch_geom * g = &pr->geo;
     const size_t es = pr->es;
     const int64_t krun = g->kw * g->C, row_bytes = pr->pad_w * g->C * es, k1 = kb + kc < pr->K ? kb + kc : pr->K;
-    const int short_rows = kb == 0 && k1 == pr->K && krun * es <= GEMM_COPY_SLACK;
+    if (kb == 0 && k1 == pr->K && krun * es <= GEMM_COPY_SLACK) {  // then kc is Kp
+        if (krun * es <= 32) {
+            pack_windows(dst, pr, n0, n1, 32);
+        } else {
+            pack_windows(dst, pr, n0, n1, GEMM_COPY_SLACK);
+        }
+        return;
+    }
     struct patch_at at = patch_at_of(g, n0, 0);
     char * row = dst;
     for (int64_t n = n0; n < n1; ++n, row += kc * es, patch_next(g, &at)) {
@@ -332,17 +358,11 @@ static void pack_padded(char * dst, const struct gemm_problem * pr, int64_t n0, 
         char * out = row;
         for (int64_t k = kb, ky = kb / krun, kk = kb % krun; k < k1; ++ky, kk = 0) {
             const int64_t run = krun - kk < k1 - k ? krun - kk : k1 - k;
-            if (short_rows && krun * es <= 32) {
-                memcpy(out, win + ky * row_bytes, 32);
-            } else if (short_rows) {
-                memcpy(out, win + ky * row_bytes, GEMM_COPY_SLACK);
-            } else {
-                patch_copy(out, win + ky * row_bytes + kk * es, run * es);
-            }
+            patch_copy(out, win + ky * row_bytes + kk * es, run * es);
             out += run * es;
             k += run;
         }
-        if (k1 - kb < kc) memset(out, 0, (kc - (k1 - kb)) * es);  // times zero weights (after any excess)
+        if (k1 - kb < kc) memset(out, 0, (kc - (k1 - kb)) * es);  // times zero weights
     }
     zero_tail_rows(row, pr, n0, n1, kc);
 }
