@@ -1,7 +1,7 @@
 // The int8 AVX512-VNNI path of csrc/gemm.h: u8 pixels x s8 weights, int32 sums; 32 channels (two panels, one zmm
-// each) x 12 pixels, 24 accumulators; 32 x 4 for the last pixels, 32 x 13 where one pixel would be left over, and
-// 32 x 14 where N is a multiple of 14. One vpdpbusd takes a group of 4 k: each lane adds its channel's 4 products
-// with the pixel's 4 bytes (broadcast to every lane) to its int32 sum, exactly.
+// each) x 12 pixels, 24 accumulators; 32 x 4 for the last pixels, 32 x 13 where one pixel would be left over,
+// 32 x 14 where N is a multiple of 14, and 32 x 7 for rows of 7 pixels. One vpdpbusd takes a group of 4 k: each
+// lane adds its channel's 4 products with the pixel's 4 bytes (broadcast to every lane) to its int32 sum, exactly.
 // Compiled with -mavx512f -mavx512bw -mavx512vnni; only called where the CPU has all three (gemm.c checks at run
 // time).
 #include <stdint.h>
@@ -114,6 +114,13 @@ static void put_u8(void * out, const void * in, int64_t n, const struct patch_qu
 #undef NR
 #undef TILE_FN
 
+// 14 accumulators: a row of 7 pixels (gemm_kernel's nr_row).
+#define NR 7
+#define TILE_FN tile_int8_avx512vnni_row
+#include "gemm_tile.inc"
+#undef NR
+#undef TILE_FN
+
 // 28 accumulators: 31 registers.
 #define NR 14
 #define TILE_FN tile_int8_avx512vnni_tall
@@ -121,5 +128,5 @@ static void put_u8(void * out, const void * in, int64_t n, const struct patch_qu
 
 const struct gemm_kernel gemm_kernel_int8_avx512vnni = {
     MV * VL, 12, 4, tile_int8_avx512vnni, tile_int8_avx512vnni_narrow, tile_int8_avx512vnni_wide, 1, put_u8,
-    14, tile_int8_avx512vnni_tall,
+    14, tile_int8_avx512vnni_tall, 7, tile_int8_avx512vnni_row,
 };

@@ -66,6 +66,10 @@ struct gemm_kernel {
     patch_put put_u8;
     int nr_tall;  // or 0
     void (*tile_tall)(const struct gemm_block * b);
+    // int8, where registers allow: a tile of 7 pixels, a row of ResNet's last stage (7 x 7), so that there too
+    // each tile lies along one output row (csrc/gemm.c, clip_window); 0 and NULL otherwise.
+    int nr_row;
+    void (*tile_row)(const struct gemm_block * b);
 };
 #define GEMM_MR_MAX 32  // the widest tile of channels
 #define GEMM_NR_MAX 16  // more than the tallest tile of pixels

@@ -205,7 +205,9 @@ def test_every_resnet101_conv(backend, path):
 # Last, direct windows whose tiles of 14 each lie along one output row, so that with zero point 0 the kernel
 # rows in the padding are skipped, and the first and last pixels' kernel columns there (csrc/gemm.c,
 # clip_window): 3x3 over 14 x 14 (K across cache blocks), a 5x5 with two rows and columns in the padding, and
-# stride 2 whose last output row also reaches into it.
+# stride 2 whose last output row also reaches into it. Then tiles of 7 (a path's nr_row, where the output is 7
+# or 21 wide), which do the same along each row: 3x3 over 7 x 7 (a batch of 2), over 21 x 21 (three tiles a
+# row, the middle one clear of the padding), a 5x5 over 7 x 7, and stride 2 onto 7 x 7 from 13 x 14.
 AWKWARD = [
     (1, 1, 1, 3, 1, 1, 1, 0), (1, 1, 13, 5, 17, 1, 1, 0), (1, 7, 7, 7, 33, 1, 1, 0), (1, 1, 1, 5, 40, 3, 1, 2),
     (2, 7, 9, 5, 20, 3, 2, 1), (1, 9, 7, 130, 31, 3, 2, 1), (3, 5, 3, 2, 48, 7, 2, 3), (1, 13, 1, 200, 16, 1, 1, 0),
@@ -213,6 +215,7 @@ AWKWARD = [
     (3, 6, 10, 8, 40, 3, 1, 1), (2, 9, 9, 12, 33, 3, 2, 0), (1, 6, 6, 4, 16, 5, 1, 2), (1, 3, 4, 256, 20, 5, 1, 2),
     (3, 40, 40, 200, 16, 3, 1, 1),
     (2, 14, 14, 256, 40, 3, 1, 1), (1, 7, 28, 4, 33, 5, 1, 2), (1, 15, 27, 12, 32, 3, 2, 1),
+    (2, 7, 7, 8, 40, 3, 1, 1), (1, 21, 21, 4, 33, 3, 1, 1), (1, 7, 7, 12, 32, 5, 1, 2), (1, 13, 14, 12, 32, 3, 2, 1),
 ]
 
 
