@@ -185,7 +185,7 @@ struct gemm_problem {
     int in_place;           // ... read whole tiles in place, not copied
     int padded;             // windows copied from this thread's padded copy of the image (pad_image)...
     int direct;             // ... or (int8) read from it in place
-    int nr;                 // pixels per tile: the kernel's nr, or its nr_tall where that divides N
+    int nr;                 // pixels per tile: the kernel's nr, its nr_tall where that divides N, or its nr_row
     int skip_rows;          // direct windows, zero point 0, tiles each along one output row: see clip_window
     int64_t pad_w, pad_h;   // its width and height
     const struct patch_quant * quant;  // int8: how pixels become u8 (else NULL), and the epilogue's terms
